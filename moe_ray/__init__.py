@@ -1,0 +1,13 @@
+"""moe-ray: look inside Mixture-of-Experts language models (arXiv 2406.18219), at full scale, on Ray.
+
+    import moe_ray
+    store = moe_ray.run({"model": "ckpt/", "analyses": ["static"], "store": "out.zarr"})
+    tree = moe_ray.open_results(store)   # xarray.DataTree: static, reorder/<mode>, dynamic/<input>
+"""
+__version__ = "0.1.0"
+
+from .api import run  # noqa: E402
+from .spec import Spec  # noqa: E402
+from .store import open_results  # noqa: E402
+
+__all__ = ["Spec", "__version__", "open_results", "run"]

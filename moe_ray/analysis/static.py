@@ -1,0 +1,223 @@
+"""Static analyses of expert weights (paper §4, App A–C; design §4 S1, S2, S3, S5, S6).
+
+Pure functions on tensors: no Ray, no Zarr, no checkpoint keys. Matrices are float32 tensors as read
+from a checkpoint; reductions over their (possibly 200M) elements are streamed in row chunks and
+accumulated in float64, so a layer's analysis never makes a second copy of its experts.
+
+Conventions
+- A *neuron* i of an expert is (W_up[i, :], W_gate[i, :], W_down[:, i]); each is a d_hid vector.
+- "Standardised" means scikit-learn's StandardScaler: per feature, subtract the mean, divide by the
+  population standard deviation (features with zero variance become 0).
+- PCA signs are fixed so results are reproducible: matrix PCA makes each component's
+  largest-magnitude score positive; neuron PCA makes each loading vector's largest-magnitude entry
+  positive.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # elements per streamed block (16 MiB of float32)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _row_blocks(mats: Sequence[torch.Tensor]):
+    """Yield aligned row blocks of equally shaped 2-D matrices, each block about CHUNK_ELEMENTS."""
+    rows, cols = mats[0].shape
+    step = max(1, CHUNK_ELEMENTS // max(1, cols * len(mats)))
+    for r0 in range(0, rows, step):
+        yield [m[r0:r0 + step] for m in mats]
+
+
+def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity from a Gram matrix of dot products (zero vectors give NaN)."""
+    norms = torch.sqrt(torch.diagonal(gram))
+    return gram / torch.outer(norms, norms)
+
+
+def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of the rows of `vectors` [n, d], in float64."""
+    v = vectors.double()
+    return cosine_from_gram(v @ v.T)
+
+
+def _fix_signs(columns: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive."""
+    idx = columns.abs().argmax(dim=0)
+    signs = torch.sign(columns[idx, torch.arange(columns.shape[1])])
+    signs[signs == 0] = 1
+    return columns * signs
+
+
+# ---- S1: matrix-level similarity (§4.1.1, Fig 1) -------------------------------------------------
+
+def gram_matrix(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Dot products <W_i, W_j> of flattened, equally shaped matrices, streamed, float64 [n, n]."""
+    n = len(mats)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for block in _row_blocks(mats):
+        flat = torch.stack([b.reshape(-1) for b in block])
+        gram += (flat @ flat.T).double()
+    return gram
+
+
+def matrix_similarity(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """S1: cosine similarity between the flattened matrices of every pair of experts, [n, n]."""
+    return cosine_from_gram(gram_matrix(mats))
+
+
+# ---- S2: PCA of flattened expert matrices (App A.1, Fig 6) --------------------------------------
+
+def standardized_gram(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Z Zᵀ where Z [n, D] is the flattened matrices standardised per feature across the n experts.
+
+    Standardisation is per element position and needs only that position's n values, so it is done
+    block by block in the same single pass that accumulates the Gram matrix.
+    """
+    n = len(mats)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for block in _row_blocks(mats):
+        flat = torch.stack([b.reshape(-1) for b in block])
+        centered = flat - flat.mean(dim=0, keepdim=True)
+        std = centered.pow(2).mean(dim=0, keepdim=True).sqrt()
+        z = centered / torch.where(std > 0, std, torch.ones_like(std))
+        gram += (z @ z.T).double()
+    return gram
+
+
+def pca_from_gram(gram: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA scores [n, c] and explained-variance ratios [c] of centred data given its Gram Z Zᵀ."""
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    c = min(n_components, gram.shape[0])
+    scores = _fix_signs(evecs[:, :c] * evals[:c].sqrt())
+    total = evals.sum()
+    ratio = evals[:c] / total if total > 0 else torch.full((c,), float("nan"), dtype=evals.dtype)
+    if c < n_components:  # fewer points than components: pad with NaN
+        pad = n_components - c
+        scores = torch.cat([scores, torch.full((scores.shape[0], pad), float("nan"), dtype=scores.dtype)], 1)
+        ratio = torch.cat([ratio, torch.full((pad,), float("nan"), dtype=ratio.dtype)])
+    return scores, ratio
+
+
+def matrix_pca(mats: Sequence[torch.Tensor], n_components: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """S2: PCA of the standardised flattened matrices; (scores [n, c], explained ratio [c])."""
+    return pca_from_gram(standardized_gram(mats), n_components)
+
+
+def dbscan_outliers(scores: np.ndarray, eps: float, min_samples: int = 5) -> np.ndarray:
+    """S2 option: experts that DBSCAN (the paper: eps = 50) marks as noise in PCA space, as a bool mask."""
+    from sklearn.cluster import DBSCAN
+
+    labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(np.asarray(scores, dtype=np.float64))
+    return labels == -1
+
+
+# ---- S3: neuron-level averaging (App B, Fig 8) ---------------------------------------------------
+
+def neuron_vectors(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    """The neurons of one expert matrix as rows [d_mid, d_hid]: rows of up/gate, columns of down."""
+    return matrix.T if name == "down" else matrix
+
+
+def neuron_average(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    """S3: mean over an expert's neurons -> one d_hid vector (float64)."""
+    return neuron_vectors(matrix, name).double().mean(dim=0)
+
+
+# ---- S5: PCA of neurons (App A.2, Fig 7) ---------------------------------------------------------
+
+def _neuron_blocks(points: Sequence[torch.Tensor]):
+    for p in points:
+        step = max(1, CHUNK_ELEMENTS // max(1, p.shape[1]))
+        for r0 in range(0, p.shape[0], step):
+            yield p[r0:r0 + step]
+
+
+def _neuron_moments(points: Sequence[torch.Tensor], full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Mean [d] and population std [d] of the neuron points, in one streamed pass;
+    with `full`, also their covariance matrix [d, d] (float64)."""
+    d = points[0].shape[1]
+    total = torch.zeros(d, dtype=torch.float64)
+    second = torch.zeros(d, d, dtype=torch.float64) if full else torch.zeros(d, dtype=torch.float64)
+    n = 0
+    for block in _neuron_blocks(points):
+        total += block.double().sum(0)
+        second += (block.T @ block).double() if full else block.double().pow(2).sum(0)
+        n += block.shape[0]
+    mean = total / n
+    cov = second / n - torch.outer(mean, mean) if full else None
+    var = torch.diagonal(cov) if full else second / n - mean * mean
+    return mean, var.clamp_min(0).sqrt(), cov, n
+
+
+def _randomized_components(points, mean, std, k, oversample=10, power_iters=4, seed=0):
+    """Top-k right singular vectors of the standardised neuron matrix Z (Halko et al.), [d, k]."""
+    d = mean.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    width = min(d, k + oversample)
+    m32, s32 = mean.float(), std.float()
+
+    def zt_z(mat: torch.Tensor) -> torch.Tensor:  # Zᵀ Z mat, streamed
+        acc = torch.zeros(d, mat.shape[1], dtype=torch.float64)
+        for block in _neuron_blocks(points):
+            z = (block - m32) / s32
+            acc += (z.T @ (z @ mat)).double()
+        return acc
+
+    q, _ = torch.linalg.qr(torch.randn(d, width, generator=gen, dtype=torch.float64))
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(zt_z(q.float()))
+    small = q.T @ zt_z(q.float())  # Qᵀ ZᵀZ Q, [width, width]
+    evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+    order = evals.argsort(descending=True)[:k]
+    return q @ evecs[:, order], evals[order]
+
+
+def neuron_pca(points: Sequence[torch.Tensor], n_components: int = 3, method: str = "covariance",
+               seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """S5: PCA of every neuron of every expert as one point, standardised per d_hid feature.
+
+    `points[i]` is expert i's neurons as rows [d_mid_i, d_hid] (see `neuron_vectors`). Returns each
+    expert's scores [d_mid_i, c] and the explained-variance ratios [c]. `method="covariance"` is
+    exact (d_hid x d_hid correlation matrix, one pass); `"randomized"` uses a randomised range finder
+    with power iterations (cheaper when d_hid is large; converges to the same components).
+    """
+    if method not in ("covariance", "randomized"):
+        raise ValueError(f"unknown neuron PCA method {method!r}")
+    mean, std, cov, n = _neuron_moments(points, full=method == "covariance")
+    live = std > 0
+    std = torch.where(live, std, torch.ones_like(std))  # zero-variance features standardise to 0
+    total_var = float(live.sum())  # trace of the correlation matrix
+    if method == "covariance":
+        evals, evecs = torch.linalg.eigh(cov / torch.outer(std, std))
+        evals, evecs = evals.flip(0)[:n_components], evecs.flip(1)[:, :n_components]
+    else:
+        evecs, evals = _randomized_components(points, mean, std, n_components, seed=seed)
+        evals = evals / n
+    loadings = _fix_signs(evecs)
+    weight = (loadings / std[:, None]).float()
+    offset = (mean / std) @ loadings
+    scores = [(p @ weight).double() - offset for p in points]
+    return scores, evals / total_var
+
+
+# ---- S6: gate embedding vs expert W_gate (§4.2, App C, Tab 3, Tab 4) ----------------------------
+
+def gate_embedding_similarity(router_weight: torch.Tensor) -> torch.Tensor:
+    """S6 X: cosine similarity between the router's rows (one embedding per expert), [E, E]."""
+    return cosine_matrix(router_weight)
+
+
+def upper_triangle_pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson R between the i<j entries of two square similarity matrices (NaN if undefined)."""
+    iu = torch.triu_indices(x.shape[0], x.shape[1], offset=1)
+    a, b = x[iu[0], iu[1]].double(), y[iu[0], iu[1]].double()
+    if a.numel() < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denom = torch.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")

@@ -1,0 +1,237 @@
+"""What every model family adapter provides, and the pieces most families share.
+
+A family adapter is data first: key templates, the activation, the routing rule and which layers
+are MoE. Everything family-specific lives in one adapter module; nothing else in moe-ray branches
+on the family name.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+MATRICES: tuple[str, ...] = ("up", "gate", "down")
+"""The three expert matrices, in the store's `matrix` coordinate order."""
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The numbers an analysis needs about a model, read from its config.json."""
+
+    family: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    d_hid: int
+    d_mid: int
+    shared_d_mid: int | None
+    dense_d_mid: int | None
+    activation: str
+    routing: str
+    vocab_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["moe_layers"] = list(self.moe_layers)
+        return d
+
+
+def config_value(config: dict, *keys: str, default: Any = None) -> Any:
+    """The first of `keys` present in `config` (real configs spell some facts several ways)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return default
+
+
+class Family:
+    """Base adapter. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    key_marker: ClassVar[str]  # a substring only this family's expert keys contain
+
+    router_key: ClassVar[str | None] = None  # e.g. "model.layers.{layer}.mlp.gate.weight"
+    expert_key: ClassVar[str | None] = None  # "...experts.{expert}.{proj}.weight"
+    expert_proj: ClassVar[dict[str, str]] = {"up": "up_proj", "gate": "gate_proj", "down": "down_proj"}
+    shared_key: ClassVar[str | None] = None  # "...shared_experts.{proj}.weight"
+    dense_key: ClassVar[str | None] = "model.layers.{layer}.mlp.{proj}.weight"
+    dense_proj: ClassVar[dict[str, str]] = {"up": "up_proj", "gate": "gate_proj", "down": "down_proj"}
+    activation: ClassVar[str] = "silu"
+    routing: ClassVar[str] = ""
+
+    # ---- facts -------------------------------------------------------------------------------
+    @classmethod
+    def num_experts(cls, config: dict) -> int:
+        return int(config_value(config, *EXPERT_COUNT_KEYS, default=0) or 0)
+
+    @classmethod
+    def top_k(cls, config: dict) -> int:
+        return int(config_value(config, "num_experts_per_tok", "moe_topk", default=0) or 0)
+
+    @classmethod
+    def expert_d_mid(cls, config: dict) -> int:
+        return int(config_value(config, "moe_intermediate_size", "intermediate_size"))
+
+    @classmethod
+    def shared_d_mid(cls, config: dict) -> int | None:
+        return None
+
+    @classmethod
+    def dense_d_mid(cls, config: dict) -> int | None:
+        return None
+
+    @classmethod
+    def is_moe_layer(cls, config: dict, layer: int) -> bool:
+        return True
+
+    @classmethod
+    def facts(cls, config: dict) -> ModelFacts:
+        n_layers = int(config["num_hidden_layers"])
+        return ModelFacts(
+            family=cls.name,
+            num_layers=n_layers,
+            moe_layers=tuple(l for l in range(n_layers) if cls.is_moe_layer(config, l)),
+            num_experts=cls.num_experts(config),
+            top_k=cls.top_k(config),
+            d_hid=int(config["hidden_size"]),
+            d_mid=cls.expert_d_mid(config),
+            shared_d_mid=cls.shared_d_mid(config),
+            dense_d_mid=cls.dense_d_mid(config),
+            activation=cls.activation,
+            routing=cls.routing,
+            vocab_size=int(config.get("vocab_size", 0)),
+        )
+
+    # ---- key names ---------------------------------------------------------------------------
+    @classmethod
+    def router_weight_key(cls, layer: int) -> str:
+        return cls.router_key.format(layer=layer)
+
+    @classmethod
+    def expert_keys(cls, layer: int, expert: int) -> dict[str, str]:
+        """Checkpoint keys of one routed expert's matrices, by matrix name (up, gate, down)."""
+        return {m: cls.expert_key.format(layer=layer, expert=expert, proj=p) for m, p in cls.expert_proj.items()}
+
+    @classmethod
+    def shared_expert_keys(cls, layer: int) -> dict[str, str] | None:
+        if cls.shared_key is None:
+            return None
+        return {m: cls.shared_key.format(layer=layer, proj=p) for m, p in cls.expert_proj.items()}
+
+    @classmethod
+    def dense_ffn_keys(cls, layer: int) -> dict[str, str]:
+        """Keys of a dense layer's MLP (a reference model's FFN, or an MoE model's dense layer)."""
+        return {m: cls.dense_key.format(layer=layer, proj=p) for m, p in cls.dense_proj.items()}
+
+    # ---- routing -----------------------------------------------------------------------------
+    @classmethod
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's own top-k rule: (weights [tokens, k], expert indices [tokens, k])."""
+        raise NotImplementedError(f"{cls.name} has no router")
+
+    # ---- full-model layout (make-tiny, plan, meta-device skeletons) --------------------------
+    @classmethod
+    def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the whole model, by hub key, with its shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_config(cls) -> dict:
+        """config.json of the tiny flavor that `make-tiny` builds."""
+        raise NotImplementedError
+
+    flavors: ClassVar[dict[str, dict]] = {}
+    """Published configs of real checkpoints (for `plan` and meta-device tests), by flavor name."""
+
+
+# ---- helpers shared by llama-style families --------------------------------------------------
+
+def softmax_then_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, keep the top-k probabilities (optionally renormalised to sum 1)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def llama_attention_shapes(config: dict, prefix: str, bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """q/k/v/o projections of a llama-style attention block under `prefix` (e.g. ...self_attn)."""
+    h = int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or h // n_heads)
+    shapes = {
+        f"{prefix}.q_proj.weight": (n_heads * head_dim, h),
+        f"{prefix}.k_proj.weight": (n_kv * head_dim, h),
+        f"{prefix}.v_proj.weight": (n_kv * head_dim, h),
+        f"{prefix}.o_proj.weight": (h, n_heads * head_dim),
+    }
+    if bias:
+        shapes[f"{prefix}.q_proj.bias"] = (n_heads * head_dim,)
+        shapes[f"{prefix}.k_proj.bias"] = (n_kv * head_dim,)
+        shapes[f"{prefix}.v_proj.bias"] = (n_kv * head_dim,)
+    return shapes
+
+
+def mlp_shapes(keys: dict[str, str], d_mid: int, d_hid: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one gated MLP given its keys by matrix name: W_up, W_gate [d_mid, d_hid], W_down [d_hid, d_mid]."""
+    return {keys["up"]: (d_mid, d_hid), keys["gate"]: (d_mid, d_hid), keys["down"]: (d_hid, d_mid)}
+
+
+def llama_model_shapes(family: type[Family], config: dict, attn_bias: bool = False,
+                       extra_layer: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    """The full tensor layout of a llama-style decoder whose MLPs follow `family`'s key tables."""
+    h, v = int(config["hidden_size"]), int(config["vocab_size"])
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    facts = family.facts(config)
+    for layer in range(facts.num_layers):
+        p = f"model.layers.{layer}"
+        shapes.update(llama_attention_shapes(config, f"{p}.self_attn", bias=attn_bias))
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        for key, shape in (extra_layer or {}).items():
+            shapes[key.format(layer=layer)] = shape
+        if layer in facts.moe_layers:
+            shapes[family.router_weight_key(layer)] = (facts.num_experts, h)
+            for e in range(facts.num_experts):
+                shapes.update(mlp_shapes(family.expert_keys(layer, e), facts.d_mid, h))
+            shared = family.shared_expert_keys(layer)
+            if shared is not None and facts.shared_d_mid:
+                shapes.update(mlp_shapes(shared, facts.shared_d_mid, h))
+        else:
+            d_dense = facts.dense_d_mid or int(config["intermediate_size"])
+            shapes.update(mlp_shapes(family.dense_ffn_keys(layer), d_dense, h))
+    shapes["model.norm.weight"] = (h,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def llama_tiny_base(**overrides: Any) -> dict:
+    """Common fields of every tiny llama-style config (small enough for a test, real in shape)."""
+    cfg = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 512,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg.update(overrides)
+    return cfg

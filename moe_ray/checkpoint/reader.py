@@ -1,0 +1,215 @@
+"""Lazy, validated access to a checkpoint: config.json plus safetensors shards (local or fsspec).
+
+Opening a checkpoint reads only config.json, the index and each shard's header, and checks them
+(missing shards, truncated files, keys the index promises but a shard lacks). Tensors are read one
+at a time, on demand, and returned as float32 (or float64) whatever their stored dtype.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+
+import fsspec
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from .families import Family, ModelFacts, detect_family
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_PATTERNS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
+
+DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard, dtype, shape and byte range inside the shard's data."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _is_local(location: str) -> bool:
+    return "://" not in location or location.startswith("file://")
+
+
+def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[str, TensorInfo]:
+    """Parse one safetensors header and check that the file is as long as the header says."""
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"corrupted safetensors file {name}: {len(head)} bytes, no header")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100_000_000):
+                raise CheckpointError(f"corrupted safetensors file {name}: header length {header_len} "
+                                      f"does not fit in a {size}-byte file")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupted safetensors file {name}: unreadable header ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read safetensors file {name}: {exc}") from None
+    base = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    data_end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = meta["data_offsets"]
+            infos[key] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"corrupted safetensors file {name}: bad entry for {key!r}") from None
+        data_end = max(data_end, end)
+    if base + data_end != size:
+        raise CheckpointError(
+            f"truncated or corrupted safetensors file {name}: its header describes {base + data_end} "
+            f"bytes, the file has {size}")
+    return infos
+
+
+class Checkpoint:
+    """A model checkpoint directory (or fsspec URL) holding config.json and safetensors shards."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location)
+        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        if not self.fs.isdir(self.root):
+            raise CheckpointError(f"checkpoint directory not found: {self.location}")
+        self.config = self._read_config()
+        self.tensors = self._index()
+        self.family: type[Family] = detect_family(self.config, self.tensors)
+        self.facts: ModelFacts = self.family.facts(self.config)
+        self._handles: dict[str, object] = {}
+
+    # ---- opening -------------------------------------------------------------------------
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def _read_config(self) -> dict:
+        path = self._path("config.json")
+        if not self.fs.exists(path):
+            raise CheckpointError(f"no config.json in {self.location}")
+        try:
+            with self.fs.open(path, "r") as f:
+                return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"config.json in {self.location} is not valid JSON: {exc}") from None
+
+    def _index(self) -> dict[str, TensorInfo]:
+        names = sorted(os.path.basename(p) for p in self.fs.ls(self.root, detail=False))
+        if INDEX_NAME in names:
+            with self.fs.open(self._path(INDEX_NAME), "r") as f:
+                try:
+                    weight_map: dict[str, str] = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise CheckpointError(f"{INDEX_NAME} in {self.location} is unreadable: {exc}") from None
+            shards = sorted(set(weight_map.values()))
+        else:
+            shards = [SINGLE_NAME] if SINGLE_NAME in names else [n for n in names if n.endswith(".safetensors")]
+            weight_map = None
+        if not shards:
+            if any(n.endswith(PICKLE_PATTERNS) for n in names):
+                raise CheckpointError(
+                    f"{self.location} holds only pickle weights (.bin/.pt); moe-ray reads safetensors only. "
+                    "Convert the checkpoint to safetensors (pickle files can run code when loaded)")
+            raise CheckpointError(f"no safetensors weights in {self.location}")
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            path = self._path(shard)
+            if not self.fs.exists(path):
+                where = f" (listed in {INDEX_NAME})" if weight_map else ""
+                raise CheckpointError(f"missing shard {shard}{where} in {self.location}")
+            tensors.update(_read_header(self.fs, path, shard))
+        if weight_map is not None:
+            for key, shard in weight_map.items():
+                info = tensors.get(key)
+                if info is None or os.path.basename(info.file) != shard:
+                    raise CheckpointError(f"tensor {key} is listed in {INDEX_NAME} under {shard}, "
+                                          f"but {shard} does not contain it")
+        return tensors
+
+    # ---- metadata ----------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise CheckpointError(f"tensor {key} is missing from the checkpoint {self.location}") from None
+
+    def require(self, keys: list[str], what: str = "") -> None:
+        """Fail with one clear message if any of `keys` is missing (checked before work starts)."""
+        missing = [k for k in keys if k not in self.tensors]
+        if missing:
+            extra = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+            for_what = f" needed for {what}" if what else ""
+            raise CheckpointError(f"tensor {missing[0]}{extra}{for_what} is missing from the checkpoint "
+                                  f"{self.location}")
+
+    def nbytes(self, keys: list[str] | None = None) -> int:
+        keys = self.tensors if keys is None else keys
+        return sum(self.info(k).nbytes for k in keys)
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """What identifies this checkpoint in a store: location, config and tensor layout."""
+        import hashlib
+        layout = json.dumps({k: [v.dtype, list(v.shape)] for k, v in sorted(self.tensors.items())})
+        return {
+            "location": self.location,
+            "config_sha256": hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest(),
+            "layout_sha256": hashlib.sha256(layout.encode()).hexdigest(),
+            "bytes": self.nbytes(),
+        }
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True) -> torch.Tensor:
+        """One tensor, converted to `dtype` (float32 by default, whatever it is stored as)."""
+        info = self.info(key)
+        if info.dtype not in DTYPES:
+            raise CheckpointError(f"tensor {key} has dtype {info.dtype}, which moe-ray cannot read")
+        if _is_local(self.location):
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
+            tensor = handle.get_tensor(key)
+        else:
+            raw = self.fs.cat_file(info.file, start=info.start, end=info.end)
+            tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape)
+        tensor = tensor.to(dtype)
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"tensor {key} in {self.location} has {bad} NaN/Inf values")
+        return tensor
+
+    def close(self) -> None:
+        """Drop open shard handles (and their memory maps); later reads reopen them."""
+        self._handles.clear()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+
+def open_checkpoint(location: str | os.PathLike) -> Checkpoint:
+    return Checkpoint(location)

@@ -1,0 +1,205 @@
+"""`make-tiny`: small checkpoints in the real hub layout, with planted truths for tests and the demo.
+
+Variants (deterministic by seed):
+- `scratch`: every expert drawn independently (the paper's "trained from scratch" extreme);
+- `upcycled`: every expert = one dense parent FFN + noise of relative size `sigma`; the parent is
+  written too, as a dense reference checkpoint in `OUT/dense-parent/` (the paper's Mistral "F");
+- `permuted`: odd experts are exact neuron permutations of the even expert before them (the same
+  permutation of up rows, gate rows and down columns, so the function is unchanged).
+
+What was planted is written to `OUT/moe_ray_tiny.json`. Shards are small so that the
+`model.safetensors.index.json` path is exercised like a real hub checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import MoeRayError
+from .families import Family, get_family
+from .families.dense import Dense
+
+VARIANTS = ("scratch", "upcycled", "permuted")
+PLANTED_NAME = "moe_ray_tiny.json"
+REFERENCE_DIR = "dense-parent"
+WEIGHT_STD = 0.02
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class TinyCheckpoint:
+    path: Path
+    reference: Path | None
+    planted: dict = field(default_factory=dict)
+
+
+class _ShardWriter:
+    """Writes tensors in order into shards of at most `shard_bytes`, then the index."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor]] = []
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (tmp, keys) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / tmp).rename(self.out / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, std: float = WEIGHT_STD) -> torch.Tensor:
+    return torch.randn(shape, generator=gen) * std
+
+
+def _plain_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A non-expert tensor: norms are ones, biases zeros, matrices small random."""
+    if len(shape) == 1 and ("norm" in key or key.endswith(".scale")):
+        return torch.ones(shape)
+    if key.endswith(".bias"):
+        return torch.zeros(shape)
+    return _randn(shape, gen)
+
+
+def _expert_tensors(family: type[Family], config: dict, layer: int, variant: str, sigma: float,
+                    gen: torch.Generator, planted: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Expert matrices of one MoE layer, and the dense parent FFN (upcycled only; else empty)."""
+    facts = family.facts(config)
+    d_mid, d_hid = facts.d_mid, facts.d_hid
+    shapes = {"up": (d_mid, d_hid), "gate": (d_mid, d_hid), "down": (d_hid, d_mid)}
+    parent = {m: _randn(s, gen) for m, s in shapes.items()} if variant == "upcycled" else {}
+    experts: list[dict[str, torch.Tensor]] = []
+    for e in range(facts.num_experts):
+        if variant == "upcycled":
+            experts.append({m: parent[m] + sigma * _randn(s, gen) for m, s in shapes.items()})
+        elif variant == "permuted" and e % 2 == 1:
+            perm = torch.randperm(d_mid, generator=gen)
+            src = experts[e - 1]
+            experts.append({"up": src["up"][perm], "gate": src["gate"][perm], "down": src["down"][:, perm]})
+            planted.setdefault(str(layer), {})[str(e)] = {"source": e - 1, "perm": perm.tolist()}
+        else:
+            experts.append({m: _randn(s, gen) for m, s in shapes.items()})
+    tensors = {}
+    for e, mats in enumerate(experts):
+        keys = family.expert_keys(layer, e)
+        tensors.update({keys[m]: mats[m] for m in mats})
+    parent_tensors = {}
+    if parent:
+        keys = Dense.dense_ffn_keys(layer)
+        parent_tensors = {keys[m]: parent[m] for m in parent}
+    return tensors, parent_tensors
+
+
+def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: float = 0.5,
+              dtype: str = "bfloat16", shard_bytes: int = 256 * 1024, config_overrides: dict | None = None,
+              overwrite: bool = False) -> TinyCheckpoint:
+    """Build a tiny checkpoint of `family` in the hub layout under `out` (see module docstring)."""
+    adapter = get_family(family)
+    if variant not in VARIANTS:
+        raise MoeRayError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if dtype not in DTYPES:
+        raise MoeRayError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    config = adapter.tiny_config()
+    config.update(config_overrides or {})
+    config["torch_dtype"] = dtype
+    facts = adapter.facts(config)
+    if not facts.moe_layers:
+        raise MoeRayError(f"family {family!r} has no MoE layers; make-tiny builds MoE models "
+                          "(dense references come with --variant upcycled)")
+    out = Path(out)
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise MoeRayError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    gen = torch.Generator().manual_seed(seed)
+    cast = DTYPES[dtype]
+    planted: dict = {}
+    writer = _ShardWriter(out, shard_bytes)
+    parent_layers: dict[int, dict[str, torch.Tensor]] = {}
+    shapes = adapter.tensor_shapes(config)
+    expert_keys = set()
+    for layer in facts.moe_layers:
+        for e in range(facts.num_experts):
+            expert_keys.update(adapter.expert_keys(layer, e).values())
+    plain_cache: dict[str, torch.Tensor] = {}
+    written_layers = set()
+    for key, shape in shapes.items():
+        if key in expert_keys:
+            layer = int(key.split(".")[2])
+            if layer in written_layers:
+                continue
+            written_layers.add(layer)
+            tensors, parent = _expert_tensors(adapter, config, layer, variant, sigma, gen, planted)
+            parent_layers[layer] = parent
+            for k, t in tensors.items():
+                writer.add(k, t.to(cast))
+        else:
+            tensor = _plain_tensor(key, shape, gen)
+            plain_cache[key] = tensor
+            writer.add(key, tensor.to(cast))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    reference = None
+    if variant == "upcycled":
+        reference = out / REFERENCE_DIR
+        _write_parent(adapter, config, reference, parent_layers, plain_cache, gen, cast, shard_bytes)
+    info = {"family": family, "variant": variant, "seed": seed, "sigma": sigma, "dtype": dtype,
+            "reference": REFERENCE_DIR if reference else None, "permuted": planted}
+    (out / PLANTED_NAME).write_text(json.dumps(info))
+    return TinyCheckpoint(out, reference, info)
+
+
+def _write_parent(adapter: type[Family], config: dict, out: Path, parent_layers: dict,
+                  plain: dict[str, torch.Tensor], gen: torch.Generator, cast: torch.dtype,
+                  shard_bytes: int) -> None:
+    """The dense model the upcycled MoE came from: same attention and embeddings, expert-sized FFNs."""
+    facts = adapter.facts(config)
+    dense_config = Dense.tiny_config()
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+              "bos_token_id", "eos_token_id", "torch_dtype"):
+        if k in config:
+            dense_config[k] = config[k]
+    dense_config["intermediate_size"] = facts.d_mid
+    out.mkdir(parents=True)
+    writer = _ShardWriter(out, shard_bytes)
+    for key, shape in Dense.tensor_shapes(dense_config).items():
+        layer = int(key.split(".")[2]) if key.startswith("model.layers.") else None
+        parent = parent_layers.get(layer, {})
+        tensor = parent.get(key)
+        if tensor is None:
+            tensor = plain[key] if key in plain and tuple(plain[key].shape) == shape else _plain_tensor(key, shape, gen)
+        writer.add(key, tensor.to(cast))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(dense_config, indent=2))

@@ -1,0 +1,123 @@
+"""The `moe-ray` console script: a thin layer over `moe_ray.api`.
+
+Every `run` flag is a spec field (generated from `moe_ray.spec.Spec`), so a TOML spec and the
+command line say the same things. Errors print as one line, `moe-ray: error: ...`, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Callable, Sequence
+
+from .errors import MoeRayError
+from .spec import Spec, set_path, spec_fields
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {}
+
+
+def command(name: str, help: str):
+    """Register a subcommand: the decorated function adds its arguments; `run` is its body."""
+    def wrap(add_args):
+        def register(body: Command) -> Command:
+            COMMANDS[name] = (add_args, body, help)
+            return body
+        return register
+    return wrap
+
+
+def _flag(dotted: str) -> str:
+    return "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`)."""
+    for dotted, hint, field in spec_fields():
+        flag = _flag(dotted)
+        help_text = field.metadata.get("help", "") + f" [spec: {dotted}]"
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if base[0] is bool:
+            parser.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=dotted, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(),
+                                help=help_text)
+
+
+def spec_from_args(args: argparse.Namespace) -> Spec:
+    """The spec file (if any) with every given flag applied on top."""
+    spec = Spec.from_toml(args.spec) if args.spec else Spec()
+    data = spec.to_dict()
+    for dotted, _, _ in spec_fields():
+        value = getattr(args, dotted, None)
+        if value is not None:
+            set_path(data, dotted, value)
+    return Spec.from_dict(data)
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec_file", nargs="?", help="job spec (TOML); flags override its fields")
+    p.add_argument("--spec", dest="spec_opt", help="job spec (TOML), same as the positional argument")
+    add_spec_flags(p)
+
+
+@command("run", "run analyses on a checkpoint into a Zarr store")(_add_run)
+def _run(args: argparse.Namespace) -> int:
+    from .api import run
+
+    args.spec = args.spec_opt or args.spec_file
+    run(spec_from_args(args))
+    return 0
+
+
+def _add_make_tiny(p: argparse.ArgumentParser) -> None:
+    from .checkpoint import FAMILIES
+    from .checkpoint.tiny import VARIANTS
+
+    p.add_argument("--family", required=True, choices=[f for f in FAMILIES if f != "dense"])
+    p.add_argument("--variant", required=True, choices=VARIANTS)
+    p.add_argument("--out", required=True, help="directory to write the checkpoint into")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=0.5, help="upcycled: relative noise added to the parent")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+@command("make-tiny", "build a tiny test checkpoint in the real hub layout")(_add_make_tiny)
+def _make_tiny(args: argparse.Namespace) -> int:
+    from .checkpoint.tiny import make_tiny
+
+    tiny = make_tiny(args.family, args.variant, args.out, seed=args.seed, sigma=args.sigma,
+                     dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.family} ({args.variant}) to {tiny.path}")
+    if tiny.reference:
+        print(f"wrote its dense parent to {tiny.reference} (use it as --reference)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, body, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_body=body)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._body(args)
+    except MoeRayError as exc:
+        print(f"moe-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

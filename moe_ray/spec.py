@@ -1,0 +1,188 @@
+"""The job spec: everything a run needs, as a dataclass with a default for every field.
+
+A spec comes from a TOML file, a dict, keyword arguments or CLI flags; all four map onto the same
+fields (every CLI flag is a spec field: `--dbscan-eps 50` is `[static] dbscan_eps = 50`).
+
+    model = "path/to/checkpoint"        # local directory or fsspec URL
+    reference = "path/to/dense"         # optional dense reference ("F")
+    analyses = ["static"]
+    store = "results.zarr"
+    [static]
+    dbscan_eps = 50.0
+    [resources]
+    num_cpus = 2
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+
+ANALYSES = ("static",)
+"""Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
+
+
+@dataclass
+class StaticOptions:
+    dbscan_eps: float | None = field(default=None, metadata={
+        "help": "mark matrix-PCA outliers with DBSCAN at this eps (the paper uses 50); off if unset"})
+    dbscan_min_samples: int = field(default=5, metadata={"help": "DBSCAN min_samples"})
+    neuron_pca_method: str = field(default="auto", metadata={
+        "help": "neuron PCA: covariance (exact), randomized, or auto (covariance up to d_hid 1024)"})
+    seed: int = field(default=0, metadata={"help": "seed of the randomised neuron PCA"})
+
+    def validate(self) -> None:
+        if self.neuron_pca_method not in ("auto", "covariance", "randomized"):
+            raise SpecError(f"neuron_pca_method must be auto, covariance or randomized, not {self.neuron_pca_method!r}")
+        if self.dbscan_eps is not None and self.dbscan_eps <= 0:
+            raise SpecError(f"dbscan_eps must be positive, not {self.dbscan_eps}")
+        if self.dbscan_min_samples < 1:
+            raise SpecError(f"dbscan_min_samples must be at least 1, not {self.dbscan_min_samples}")
+
+
+@dataclass
+class Resources:
+    num_cpus: int | None = field(default=None, metadata={
+        "help": "CPUs of a local Ray started by moe-ray (default: all); ignored when joining a cluster"})
+    cpus_per_task: int = field(default=1, metadata={"help": "CPUs each analysis task asks Ray for"})
+    memory_per_task_gb: float | None = field(default=None, metadata={
+        "help": "memory each task asks Ray for, GiB (default: sized from the layer's tensors)"})
+    object_store_memory_gb: float = field(default=1.0, metadata={
+        "help": "object store of a local Ray started by moe-ray, GiB"})
+
+
+@dataclass
+class Spec:
+    model: str = field(default="", metadata={"help": "MoE checkpoint: directory or fsspec URL (config.json + safetensors)"})
+    reference: str | None = field(default=None, metadata={"help": "dense reference checkpoint (the paper's F)"})
+    analyses: list[str] = field(default_factory=lambda: ["static"], metadata={
+        "help": f"analyses to run, comma-separated: {', '.join(ANALYSES)}"})
+    store: str = field(default="results.zarr", metadata={"help": "results store (Zarr v3): path or fsspec URL"})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to run on (default: start or join a local Ray)"})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "model layer indices to analyse, comma-separated (default: every MoE layer)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a store made from a different model/spec"})
+    progress: bool = field(default=True, metadata={"help": "show a live progress bar"})
+    static: StaticOptions = field(default_factory=StaticOptions)
+    resources: Resources = field(default_factory=Resources)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Spec":
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Spec":
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"spec file {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Spec":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Checks that need no checkpoint: fields present and values in range."""
+        if not self.model:
+            raise SpecError("no model given (--model DIR or `model = ...` in the spec)")
+        if not self.analyses:
+            raise SpecError("no analyses given")
+        unknown = [a for a in self.analyses if a not in ANALYSES]
+        if unknown:
+            raise SpecError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
+        if not self.store:
+            raise SpecError("no store given (--store PATH)")
+        if self.resources.cpus_per_task < 1:
+            raise SpecError("cpus_per_task must be at least 1")
+        self.static.validate()
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"spec section {where or 'root'} must be a table, not {type(data).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError(f"unknown spec field {where}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check a value against a field's type (int where float is expected is fine)."""
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise SpecError(f"spec field {name} may not be empty")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    target = args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else hint
+    origin = typing.get_origin(target)
+    if origin is list:
+        (item,) = typing.get_args(target)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise SpecError(f"spec field {name} must be a list")
+        return [_coerce(v, item, name) for v in value]
+    try:
+        if target is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"spec field {name} must be {target.__name__}, not {value!r}") from None
+    return value
+
+
+def spec_fields(cls: type = Spec, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    """Every leaf field as (dotted path, type hint, field): the CLI builds one flag per entry."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.extend(spec_fields(hint, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", hint, f))
+    return out
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict."""
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value

@@ -1,0 +1,231 @@
+"""The results store: one Zarr v3 store per job, the one contract between compute and plotting.
+
+Layout (design §5): `static/<quantity>`, `reorder/<mode>/<quantity>`, `dynamic/<input>/<quantity>`.
+Every array carries `dimension_names`; every dimension has a coordinate array of the same name
+(labels as variable-length UTF-8 strings), so `xarray.open_zarr(store, group="static")` gives named
+dimensions with no moe-ray code. Chunks follow work units (a layer, a layer x pair), so concurrent
+workers never write the same chunk. A unit writes its data, then sets its flag in the group's
+`unit_done` array; a resumed job skips units whose flag is set.
+
+The schema below is the single list of what each analysis group holds; writers and the plotting
+code both read it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+import zarr.storage
+
+from . import __version__
+from .errors import StoreError
+
+SCHEMA_VERSION = 1
+DONE = "unit_done"
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One stored array: its dimensions, dtype and what it means."""
+
+    dims: tuple[str, ...]
+    description: str
+    dtype: str = "float32"
+
+
+STATIC_SCHEMA: dict[str, Quantity] = {
+    "matrix_similarity": Quantity(
+        ("layer", "matrix", "expert_i", "expert_j"),
+        "S1 (paper §4.1.1, Fig 1): cosine similarity between the flattened weight matrices of two experts"),
+    "matrix_pca": Quantity(
+        ("layer", "matrix", "expert", "component"),
+        "S2 (App A.1, Fig 6): PCA scores of each expert's flattened matrix, standardised per element "
+        "across experts"),
+    "matrix_pca_explained": Quantity(
+        ("layer", "matrix", "component"), "S2: fraction of variance explained by each matrix-PCA component"),
+    "matrix_pca_outlier": Quantity(
+        ("layer", "matrix", "expert"),
+        "S2 option: 1 where DBSCAN marks the expert as an outlier in matrix-PCA space (paper: eps 50)",
+        "uint8"),
+    "neuron_avg_similarity": Quantity(
+        ("layer", "matrix", "expert_i", "expert_j"),
+        "S3 (App B, Fig 8): cosine similarity between experts' mean neuron vectors"),
+    "neuron_pca": Quantity(
+        ("layer", "matrix", "expert", "neuron", "component"),
+        "S5 (App A.2, Fig 7): PCA scores of every neuron (up/gate row, down column), standardised per "
+        "hidden feature across all neurons of the layer's experts; NaN past an expert's own d_mid"),
+    "neuron_pca_explained": Quantity(
+        ("layer", "matrix", "component"), "S5: fraction of variance explained by each neuron-PCA component"),
+    "gate_embedding_similarity": Quantity(
+        ("layer", "expert_i", "expert_j"),
+        "S6 X (§4.2, Fig 8): cosine similarity between router (gate embedding) rows; NaN for F and SE"),
+    "gate_weight_correlation": Quantity(
+        ("layer", "matrix"),
+        "S6 (Tab 4): Pearson R between the i<j entries of gate_embedding_similarity and of "
+        "neuron_avg_similarity among routed experts"),
+}
+STATIC_SUMMARY: dict[str, Quantity] = {
+    "gate_weight_r2_mean": Quantity(
+        ("matrix",), "S6 (Tab 3): the square of gate_weight_correlation averaged over layers"),
+}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _zarr_store(url: str, mode: str):
+    if "://" in url and not url.startswith("file://"):
+        return zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
+    return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=mode == "r")
+
+
+def _exists(url: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def _is_moe_ray_store(url: str) -> bool:
+    try:
+        root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+    except Exception:
+        return False
+    return "moe_ray" in root.attrs
+
+
+class ResultStore:
+    """A moe-ray store opened for writing (by the driver or a worker) or for reading."""
+
+    def __init__(self, url: str, mode: str = "r+"):
+        self.url = str(url)
+        try:
+            self.root = zarr.open_group(_zarr_store(self.url, mode), mode=mode, use_consolidated=False)
+        except Exception as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+        if "moe_ray" not in self.root.attrs:
+            raise StoreError(f"{self.url} is not a moe-ray store")
+
+    # ---- creating -----------------------------------------------------------------------------
+    @classmethod
+    def create_or_reuse(cls, url: str, identity: dict, spec: dict, overwrite: bool = False) -> "ResultStore":
+        """Create a store, or reuse one made for the same model and reference.
+
+        A path that exists and is not a moe-ray store is never touched. A moe-ray store made for a
+        different model is refused unless `overwrite`, which deletes it first.
+        """
+        url = str(url)
+        if _exists(url):
+            if not _is_moe_ray_store(url):
+                raise StoreError(f"{url} exists and is not a moe-ray store; choose another --store path "
+                                 "(moe-ray never deletes what it did not create)")
+            existing = cls(url)
+            if existing.root.attrs.get("identity") != _jsonable(identity) or overwrite:
+                if not overwrite:
+                    raise StoreError(
+                        f"{url} holds results for a different model or reference "
+                        f"({existing.root.attrs.get('identity', {}).get('model', {}).get('location')}); "
+                        "pass --overwrite to replace it, or choose another --store")
+                existing.delete()
+            else:
+                runs = list(existing.root.attrs.get("runs", []))
+                existing.root.attrs["runs"] = runs + [{"spec": _jsonable(spec), "started": _now()}]
+                return existing
+        root = zarr.open_group(_zarr_store(url, "w"), mode="w")
+        root.attrs.update({
+            "moe_ray": {"schema_version": SCHEMA_VERSION, "version": __version__},
+            "identity": _jsonable(identity),
+            "spec": _jsonable(spec),
+            "created": _now(),
+            "runs": [{"spec": _jsonable(spec), "started": _now()}],
+        })
+        return cls(url)
+
+    def delete(self) -> None:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.url)
+        fs.rm(path, recursive=True)
+
+    def group(self, path: str, params: dict | None = None, overwrite: bool = False) -> zarr.Group:
+        """An analysis group; reusing one computed with other parameters is refused."""
+        params = _jsonable(params or {})
+        if path in self.root:
+            group = self.root[path]
+            if group.attrs.get("params", {}) != params:
+                if not overwrite:
+                    raise StoreError(
+                        f"{self.url}/{path} was computed with other parameters "
+                        f"({group.attrs.get('params')} != {params}); pass --overwrite or choose another --store")
+                del self.root[path]
+            else:
+                return group
+        group = self.root.require_group(path)
+        group.attrs["params"] = params
+        return group
+
+    @staticmethod
+    def coord(group: zarr.Group, name: str, values) -> None:
+        """A 1-D coordinate array named after its dimension (strings as variable-length UTF-8)."""
+        values = np.asarray(values)
+        if name in group:
+            old = group[name][...]
+            if old.shape != values.shape or not np.array_equal(np.asarray(old, dtype=values.dtype), values):
+                raise StoreError(f"coordinate {group.path}/{name} in the store differs from this job's")
+            return
+        dtype = str if values.dtype.kind in "UOT" else values.dtype
+        arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
+        arr[...] = values
+
+    @staticmethod
+    def array(group: zarr.Group, name: str, quantity: Quantity, unit_dims: tuple[str, ...],
+              attrs: dict | None = None) -> zarr.Array:
+        """The array for `quantity`, sized from the group's coordinates, chunked 1 along unit dims."""
+        shape = tuple(group[d].shape[0] for d in quantity.dims)
+        if name in group:
+            arr = group[name]
+            if tuple(arr.shape) != shape:
+                raise StoreError(f"{group.path}/{name} has shape {arr.shape} in the store, this job needs {shape}")
+            return arr
+        chunks = tuple(1 if d in unit_dims else n for d, n in zip(quantity.dims, shape))
+        fill = np.nan if quantity.dtype.startswith("float") else 0
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=quantity.dtype, fill_value=fill,
+            dimension_names=list(quantity.dims),
+            attributes={"description": quantity.description, **(attrs or {})})
+
+    @staticmethod
+    def done_array(group: zarr.Group, unit_dims: tuple[str, ...]) -> zarr.Array:
+        return ResultStore.array(group, DONE, Quantity(
+            unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims)
+
+    # ---- reading --------------------------------------------------------------------------
+    def consolidate(self) -> None:
+        zarr.consolidate_metadata(self.root.store)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.root.attrs)
+
+
+def unit_done(group: zarr.Group) -> np.ndarray:
+    """The group's done flags as a bool array over its unit dimensions."""
+    return np.asarray(group[DONE][...]).astype(bool)
+
+
+def open_results(url: str) -> xr.DataTree:
+    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>)."""
+    url = str(url)
+    if not _exists(url) or not _is_moe_ray_store(url):
+        raise StoreError(f"{url} is not a moe-ray store")
+    return xr.open_datatree(url, engine="zarr", consolidated=None)

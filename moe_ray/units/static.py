@@ -1,0 +1,243 @@
+"""The static work unit: one MoE layer. Reads only that layer's tensors, computes S1, S2, S3, S5
+and S6 with `analysis.static`, writes the layer's chunks of `static/*`, then marks itself done.
+
+Memory: the layer is processed one matrix kind (up, gate, down) at a time, so at most one third of
+the layer's expert weights (plus F and SE) is held in float32, well inside twice the layer's size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..analysis import static as S
+from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
+from ..errors import CheckpointError, SpecError
+from ..spec import Spec, StaticOptions
+from ..store import STATIC_SCHEMA, STATIC_SUMMARY, ResultStore, unit_done
+
+GROUP = "static"
+UNIT_DIMS = ("layer",)
+N_COMPONENTS = 3
+COVARIANCE_MAX_D_HID = 1024
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """Everything a static unit needs, small and picklable (it travels to Ray workers)."""
+
+    model: str
+    reference: str | None
+    store: str
+    family: str
+    facts: ModelFacts
+    layers: tuple[int, ...]
+    labels: tuple[str, ...]
+    neuron_dim: int
+    neuron_pca_method: str
+    options: StaticOptions
+    absent: dict = field(default_factory=dict)
+
+    def label_keys(self, ckpt: Checkpoint, ref: Checkpoint | None, layer: int, matrix: str):
+        """(label, checkpoint, key) for every label of this layer and matrix kind."""
+        family = get_family(self.family)
+        out = [(str(e), ckpt, family.expert_keys(layer, e)[matrix]) for e in range(self.facts.num_experts)]
+        if "F" in self.labels:
+            out.append(("F", ref, ref.family.dense_ffn_keys(layer)[matrix]))
+        if "SE" in self.labels:
+            out.append(("SE", ckpt, family.shared_expert_keys(layer)[matrix]))
+        return out
+
+
+def plan_static(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tuple[int, ...]) -> StaticPlan:
+    """Validate everything a static run needs (tensors present, shapes) before any work starts."""
+    facts, family = ckpt.facts, ckpt.family
+    labels = [str(e) for e in range(facts.num_experts)]
+    absent: dict[str, dict[str, str]] = {"all": {}}
+    expert_shape = {"up": (facts.d_mid, facts.d_hid), "gate": (facts.d_mid, facts.d_hid),
+                    "down": (facts.d_hid, facts.d_mid)}
+    neuron_dim = facts.d_mid
+    for layer in layers:
+        keys = [family.router_weight_key(layer)]
+        for e in range(facts.num_experts):
+            keys += list(family.expert_keys(layer, e).values())
+        ckpt.require(keys, f"layer {layer}")
+        for m, key in family.expert_keys(layer, 0).items():
+            if ckpt.info(key).shape != expert_shape[m]:
+                raise CheckpointError(f"{key} has shape {ckpt.info(key).shape}, config.json implies "
+                                      f"{expert_shape[m]}")
+
+    def note_shape_mismatch(label: str, d_mid: int, what: str) -> None:
+        if d_mid != facts.d_mid:
+            reason = (f"{what} has d_mid {d_mid}, routed experts {facts.d_mid}: flattened matrices "
+                      "differ in length")
+            absent.setdefault("matrix_similarity", {})[label] = reason
+            absent.setdefault("matrix_pca", {})[label] = reason
+
+    if ref is not None:
+        rf = ref.facts
+        if rf.d_hid != facts.d_hid:
+            raise CheckpointError(f"reference {ref.location} has hidden size {rf.d_hid}, the model has "
+                                  f"{facts.d_hid}: shapes don't match")
+        missing_layers = [l for l in layers if l >= rf.num_layers]
+        if missing_layers:
+            raise CheckpointError(f"reference {ref.location} has {rf.num_layers} layers, the model's layer "
+                                  f"{missing_layers[0]} has no counterpart: shapes don't match")
+        if rf.moe_layers or ref.family.dense_key is None:
+            raise CheckpointError(f"reference {ref.location} is a {rf.family} MoE model; --reference takes "
+                                  "a dense model (mistral/llama)")
+        ref_d_mid = None
+        for layer in layers:
+            ref_keys = ref.family.dense_ffn_keys(layer)
+            ref.require(list(ref_keys.values()), f"reference layer {layer}")
+            up = ref.info(ref_keys["up"]).shape
+            if up[1] != facts.d_hid:
+                raise CheckpointError(f"reference {ref_keys['up']} has shape {up}: shapes don't match")
+            ref_d_mid = up[0]
+        labels.append("F")
+        note_shape_mismatch("F", ref_d_mid, "the dense reference F")
+        neuron_dim = max(neuron_dim, ref_d_mid)
+    else:
+        absent["all"]["F"] = "no dense reference given (--reference)"
+    if family.shared_key and facts.shared_d_mid:
+        for layer in layers:
+            ckpt.require(list(family.shared_expert_keys(layer).values()), f"layer {layer} shared expert")
+        labels.append("SE")
+        note_shape_mismatch("SE", facts.shared_d_mid, "the shared expert SE")
+        neuron_dim = max(neuron_dim, facts.shared_d_mid)
+    else:
+        absent["all"]["SE"] = f"{facts.family} has no shared expert"
+    absent["gate_embedding_similarity"] = {
+        lab: "no router row: F is a dense FFN, SE is always active" for lab in ("F", "SE") if lab in labels}
+    method = spec.static.neuron_pca_method
+    if method == "auto":
+        method = "covariance" if facts.d_hid <= COVARIANCE_MAX_D_HID else "randomized"
+    return StaticPlan(ckpt.location, ref.location if ref else None, spec.store, family.name, facts,
+                      tuple(layers), tuple(labels), neuron_dim, method, spec.static,
+                      {k: v for k, v in absent.items() if v})
+
+
+def group_params(plan: StaticPlan) -> dict:
+    """What the static group's results depend on (a rerun with other values is refused)."""
+    return {"labels": list(plan.labels), "neuron_pca_method": plan.neuron_pca_method,
+            "dbscan_eps": plan.options.dbscan_eps, "dbscan_min_samples": plan.options.dbscan_min_samples,
+            "seed": plan.options.seed}
+
+
+def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> list[int]:
+    """Create the static group's coordinates and arrays; return the layers still to do."""
+    group = store.group(GROUP, group_params(plan), overwrite=overwrite)
+    group.attrs["absent_labels"] = plan.absent
+    group.attrs["neuron_pca_method"] = plan.neuron_pca_method
+    store.coord(group, "layer", np.array(plan.layers, dtype=np.int64))
+    store.coord(group, "matrix", np.array(MATRICES))
+    for dim in ("expert", "expert_i", "expert_j"):
+        store.coord(group, dim, np.array(plan.labels))
+    store.coord(group, "component", np.arange(N_COMPONENTS, dtype=np.int64))
+    store.coord(group, "neuron", np.arange(plan.neuron_dim, dtype=np.int64))
+    for name, quantity in STATIC_SCHEMA.items():
+        if name == "matrix_pca_outlier" and plan.options.dbscan_eps is None:
+            continue
+        store.array(group, name, quantity, UNIT_DIMS)
+    store.done_array(group, UNIT_DIMS)
+    done = unit_done(group)
+    return [layer for i, layer in enumerate(plan.layers) if not done[i]]
+
+
+def layer_memory_bytes(plan: StaticPlan, ckpt: Checkpoint, layer: int) -> int:
+    """Memory a layer's unit may use: its matrices of one kind in float32, twice, plus slack."""
+    n_labels = len(plan.labels)
+    per_kind = n_labels * max(plan.facts.d_mid, plan.neuron_dim) * plan.facts.d_hid * 4
+    return 2 * per_kind + (plan.facts.d_hid ** 2) * 8 * 2 + 256 * 2**20
+
+
+# ---- the unit ----------------------------------------------------------------------------------
+
+def _embed(values: torch.Tensor, positions: list[int], size: int) -> np.ndarray:
+    """Place an [n, n] result for a subset of labels into an [L, L] NaN matrix."""
+    out = np.full((size, size), np.nan, dtype=np.float32)
+    idx = np.array(positions)
+    out[np.ix_(idx, idx)] = values.numpy()
+    return out
+
+
+def run_layer(plan: StaticPlan, layer: int) -> dict:
+    """Compute and store every static analysis for one layer (runs inside a Ray task)."""
+    started = time.monotonic()
+    ckpt = open_checkpoint(plan.model)
+    ref = open_checkpoint(plan.reference) if plan.reference else None
+    n_labels = len(plan.labels)
+    routed = list(range(plan.facts.num_experts))
+    results = {name: np.full(_shape(plan, q.dims), np.nan, dtype=np.float32)
+               for name, q in STATIC_SCHEMA.items() if q.dtype.startswith("float")}
+    outliers = np.zeros((len(MATRICES), n_labels), dtype=np.uint8)
+    averages: dict[str, torch.Tensor] = {}
+    for mi, matrix in enumerate(MATRICES):
+        mats: dict[str, torch.Tensor] = {}
+        for label, source, key in plan.label_keys(ckpt, ref, layer, matrix):
+            mats[label] = source.read(key)
+        comparable = [i for i, lab in enumerate(plan.labels)
+                      if lab not in plan.absent.get("matrix_similarity", {})]
+        comp_mats = [mats[plan.labels[i]] for i in comparable]
+        results["matrix_similarity"][mi] = _embed(S.matrix_similarity(comp_mats), comparable, n_labels)
+        scores, ratio = S.matrix_pca(comp_mats, N_COMPONENTS)
+        results["matrix_pca"][mi, comparable] = scores.numpy()
+        results["matrix_pca_explained"][mi] = ratio.numpy()
+        if plan.options.dbscan_eps is not None:
+            mask = S.dbscan_outliers(scores[:, :2].numpy(), plan.options.dbscan_eps, plan.options.dbscan_min_samples)
+            outliers[mi, comparable] = mask
+        avg = torch.stack([S.neuron_average(mats[lab], matrix) for lab in plan.labels])
+        averages[matrix] = avg
+        results["neuron_avg_similarity"][mi] = S.cosine_matrix(avg).numpy()
+        points = [S.neuron_vectors(mats[lab], matrix) for lab in plan.labels]
+        neuron_scores, neuron_ratio = S.neuron_pca(points, N_COMPONENTS, plan.neuron_pca_method, plan.options.seed)
+        for li, sc in enumerate(neuron_scores):
+            results["neuron_pca"][mi, li, : sc.shape[0]] = sc.numpy()
+        results["neuron_pca_explained"][mi] = neuron_ratio.numpy()
+        del mats, comp_mats, points
+        ckpt.close()
+        if ref is not None:
+            ref.close()
+    router = ckpt.read(get_family(plan.family).router_weight_key(layer))
+    gate_sim = S.gate_embedding_similarity(router)
+    results["gate_embedding_similarity"] = _embed(gate_sim, routed, n_labels)
+    for mi, matrix in enumerate(MATRICES):
+        y = S.cosine_matrix(averages[matrix][routed])
+        results["gate_weight_correlation"][mi] = S.upper_triangle_pearson(gate_sim, y)
+
+    store = ResultStore(plan.store)
+    group = store.root[GROUP]
+    li = plan.layers.index(layer)
+    for name, values in results.items():
+        group[name][li] = values
+    if plan.options.dbscan_eps is not None:
+        group["matrix_pca_outlier"][li] = outliers
+    group["unit_done"][li] = 1
+    offdiag = results["matrix_similarity"][:, routed][:, :, routed]
+    mean_sim = float(np.nanmean(offdiag[:, ~np.eye(len(routed), dtype=bool)])) if len(routed) > 1 else float("nan")
+    r_gate = results["gate_weight_correlation"][MATRICES.index("gate")]
+    return {"layer": layer, "seconds": time.monotonic() - started,
+            "log": f"mean expert similarity {mean_sim:+.3f}, R(X, Y_gate) {r_gate:+.3f}, "
+                   f"{time.monotonic() - started:.1f}s"}
+
+
+def _shape(plan: StaticPlan, dims: tuple[str, ...]) -> tuple[int, ...]:
+    """Shape of one layer's slab of an array with `dims` (the leading `layer` dropped)."""
+    sizes = {"matrix": len(MATRICES), "expert": len(plan.labels), "expert_i": len(plan.labels),
+             "expert_j": len(plan.labels), "component": N_COMPONENTS, "neuron": plan.neuron_dim}
+    return tuple(sizes[d] for d in dims if d != "layer")
+
+
+def finish(store: ResultStore, plan: StaticPlan) -> dict:
+    """Cross-layer summaries, once every layer is done: Tab 3's mean R² per matrix."""
+    group = store.root[GROUP]
+    r = np.asarray(group["gate_weight_correlation"][...], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        r2_mean = np.nanmean(r ** 2, axis=0) if np.isfinite(r).any() else np.full(len(MATRICES), np.nan)
+    arr = store.array(group, "gate_weight_r2_mean", STATIC_SUMMARY["gate_weight_r2_mean"], ())
+    arr[...] = r2_mean.astype(np.float32)
+    summary = {m: float(v) for m, v in zip(MATRICES, r2_mean)}
+    group.attrs["tab3_r2_mean"] = summary
+    return summary
