@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .distributed.cluster import connect
-from .distributed.fanout import Unit, check_fits, run_units
+from .distributed.fanout import check_fits
 from .errors import CheckpointError, SpecError
 from .spec import Spec
 from .store import ResultStore, open_results
 from .units import static as static_unit
+from .units.job import AnalysisJob
+
+Planner = Callable[[Spec, Checkpoint, "Checkpoint | None", tuple[int, ...]], AnalysisJob]
+PLANNERS: dict[str, Planner] = {
+    "static": static_unit.plan_job,
+}
+"""How each analysis named in a spec is planned (validated and split into units)."""
 
 
 def as_spec(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> Spec:
@@ -32,7 +40,8 @@ def as_spec(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> S
     return spec
 
 
-def _select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
+def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
+    """The MoE layers a run covers: the spec's `layers`, checked, or every MoE layer."""
     facts = ckpt.facts
     if not facts.moe_layers:
         raise CheckpointError(f"{ckpt.location} is a dense {facts.family} model with no MoE layers; "
@@ -46,6 +55,16 @@ def _select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
     return tuple(sorted(set(spec.layers)))
 
 
+def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
+    """Validate a spec against its checkpoints and split every analysis into units (no Ray, no store)."""
+    spec.validate()
+    ckpt = open_checkpoint(spec.model)
+    ref = open_checkpoint(spec.reference) if spec.reference else None
+    layers = select_layers(ckpt, spec)
+    jobs = [PLANNERS[name](spec, ckpt, ref, layers) for name in spec.analyses]
+    return ckpt, ref, jobs
+
+
 def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     """Run the spec's analyses and return the store's path.
 
@@ -53,44 +72,30 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     is touched. A rerun into a complete store does nothing; into a partial one it runs what is left.
     """
     spec = as_spec(spec, **overrides)
-    spec.validate()
-    ckpt = open_checkpoint(spec.model)
-    ref = open_checkpoint(spec.reference) if spec.reference else None
-    layers = _select_layers(ckpt, spec)
-    plan = static_unit.plan_static(ckpt, ref, spec, layers)
-
+    ckpt, ref, jobs = plan(spec)
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
-    units = [Unit(f"layer {layer}", (plan, layer), _memory(spec, static_unit.layer_memory_bytes(plan, ckpt, layer)))
-             for layer in layers]
-    check_fits(units, spec.resources.cpus_per_task)
+    check_fits([u for job in jobs for u in job.units()], spec.resources.cpus_per_task)
 
     identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
     store = ResultStore.create_or_reuse(spec.store, identity, spec.to_dict(), overwrite=spec.overwrite)
-    store.root.attrs.update({"model": ckpt.facts.to_dict(),
-                             "reference": ref.facts.to_dict() if ref else None})
-    pending = set(static_unit.prepare(store, plan, overwrite=spec.overwrite))
+    store.root.attrs.update({"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
+    pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
     store.consolidate()
 
-    todo = [u for u in units if u.args[1] in pending]
     started = time.monotonic()
-    if spec.progress:
-        print(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}, {len(todo)} of {len(units)} "
-              f"static layer units to run on {where}")
-    run_units(static_unit.run_layer, todo, what="static layers", cpus_per_task=spec.resources.cpus_per_task,
-              progress=spec.progress)
-    r2 = static_unit.finish(store, plan)
+    say = print if spec.progress else (lambda *a, **k: None)
+    total = sum(len(job.units()) for job in jobs)
+    todo = sum(len(p) for p in pending.values())
+    say(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
+        f"({', '.join(spec.analyses)}) on {where}")
+    summaries = []
+    for job in jobs:
+        job.execute(pending[job.name], spec)
+        summaries.append(job.finish(store))
     store.consolidate()
-    if spec.progress:
-        tab3 = ", ".join(f"{m} {v:.3f}" for m, v in r2.items())
-        print(f"moe-ray: done in {time.monotonic() - started:.1f}s: {len(todo)} layers computed, "
-              f"{len(units) - len(todo)} already done; Tab 3 mean R² (X, Y_m): {tab3}; store {spec.store}")
+    say(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
+        f"already done; {'; '.join(summaries)}; store {spec.store}")
     return spec.store
 
 
-def _memory(spec: Spec, estimate: int) -> int:
-    if spec.resources.memory_per_task_gb is not None:
-        return int(spec.resources.memory_per_task_gb * 2**30)
-    return estimate
-
-
-__all__ = ["as_spec", "open_results", "run"]
+__all__ = ["PLANNERS", "as_spec", "open_results", "plan", "run", "select_layers"]

@@ -16,7 +16,9 @@ from ..analysis import static as S
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
 from ..errors import CheckpointError, SpecError
 from ..spec import Spec, StaticOptions
+from ..distributed.fanout import Unit
 from ..store import STATIC_SCHEMA, STATIC_SUMMARY, ResultStore, unit_done
+from .job import AnalysisJob
 
 GROUP = "static"
 UNIT_DIMS = ("layer",)
@@ -241,3 +243,33 @@ def finish(store: ResultStore, plan: StaticPlan) -> dict:
     summary = {m: float(v) for m, v in zip(MATRICES, r2_mean)}
     group.attrs["tab3_r2_mean"] = summary
     return summary
+
+
+class StaticJob(AnalysisJob):
+    """The static analyses of a run: one unit per selected MoE layer."""
+
+    name = "static"
+
+    def __init__(self, plan: StaticPlan, ckpt: Checkpoint, memory_override: int | None = None):
+        self.plan = plan
+        self._units = [Unit(f"static layer {layer}", (plan, layer),
+                            memory_override or layer_memory_bytes(plan, ckpt, layer)) for layer in plan.layers]
+
+    def units(self) -> list[Unit]:
+        return self._units
+
+    def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
+        pending = set(prepare(store, self.plan, overwrite))
+        return [u for u in self._units if u.args[1] in pending]
+
+    def unit_function(self):
+        return run_layer
+
+    def finish(self, store: ResultStore) -> str:
+        r2 = finish(store, self.plan)
+        return "static: Tab 3 mean R² (X, Y_m): " + ", ".join(f"{m} {v:.3f}" for m, v in r2.items())
+
+
+def plan_job(spec: Spec, ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...]) -> StaticJob:
+    memory = int(spec.resources.memory_per_task_gb * 2**30) if spec.resources.memory_per_task_gb else None
+    return StaticJob(plan_static(ckpt, ref, spec, layers), ckpt, memory)

@@ -1,0 +1,39 @@
+"""What every analysis contributes to a run: its units, its store group, how to execute them.
+
+`api.run` plans every requested analysis first (all validation happens there, before the store is
+touched), then prepares each analysis's store group, executes the pending units and finishes.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..distributed.fanout import Unit, run_units
+from ..spec import Spec
+from ..store import ResultStore
+
+
+class AnalysisJob(ABC):
+    """One analysis of one run. Subclasses: `units.static.StaticJob`, ..."""
+
+    name: str
+
+    @abstractmethod
+    def units(self) -> list[Unit]:
+        """Every unit of this analysis (for resource checks and progress)."""
+
+    @abstractmethod
+    def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
+        """Create this analysis's group, coordinates and arrays; return the units not yet done."""
+
+    @abstractmethod
+    def unit_function(self):
+        """The function a Ray task runs for one unit: fn(*unit.args) -> summary dict."""
+
+    def execute(self, pending: list[Unit], spec: Spec) -> None:
+        """Run the pending units (default: one Ray task each)."""
+        run_units(self.unit_function(), pending, what=f"{self.name} units",
+                  cpus_per_task=spec.resources.cpus_per_task, progress=spec.progress)
+
+    @abstractmethod
+    def finish(self, store: ResultStore) -> str:
+        """Cross-unit summaries once every unit is done; returns a one-line summary."""
