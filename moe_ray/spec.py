@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ def _build(cls: type, data: dict[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise SpecError(f"unknown spec field {where}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+        raise SpecError(f"unknown spec field '{where}{unknown[0]}'; known: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -140,7 +141,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return None
         raise SpecError(f"spec field {name} may not be empty")
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    target = args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else hint
+    target = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     origin = typing.get_origin(target)
     if origin is list:
         (item,) = typing.get_args(target)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +212,11 @@ class ResultStore:
 
     # ---- reading --------------------------------------------------------------------------
     def consolidate(self) -> None:
-        zarr.consolidate_metadata(self.root.store)
+        """One metadata document for fast opening (xarray uses it); zarr 3 warns it is not in the v3
+        spec yet, which we accept: plain per-array metadata stays in place for other readers."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(self.root.store)
 
     @property
     def attrs(self) -> dict:

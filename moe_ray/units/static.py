@@ -239,7 +239,8 @@ def finish(store: ResultStore, plan: StaticPlan) -> dict:
     with np.errstate(all="ignore"):
         r2_mean = np.nanmean(r ** 2, axis=0) if np.isfinite(r).any() else np.full(len(MATRICES), np.nan)
     arr = store.array(group, "gate_weight_r2_mean", STATIC_SUMMARY["gate_weight_r2_mean"], ())
-    arr[...] = r2_mean.astype(np.float32)
+    if not np.array_equal(arr[...], r2_mean.astype(np.float32), equal_nan=True):  # reruns write nothing
+        arr[...] = r2_mean.astype(np.float32)
     summary = {m: float(v) for m, v in zip(MATRICES, r2_mean)}
     group.attrs["tab3_r2_mean"] = summary
     return summary
