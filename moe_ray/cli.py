@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args._body(args)
-    except MoeRayError as exc:
+    except (MoeRayError, OSError) as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,73 @@
+"""The `moe-ray` command line: make-tiny, run from flags and from a TOML spec, one-line errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from moe_ray.cli import main, spec_from_args, build_parser
+from moe_ray.spec import Spec, spec_fields
+
+
+def test_every_spec_field_has_a_flag():
+    parser = build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]
+    dests = {a.dest for a in run._actions}
+    assert {dotted for dotted, _, _ in spec_fields()} <= dests
+
+
+def test_flags_override_the_spec_file(tmp_path):
+    spec = tmp_path / "job.toml"
+    spec.write_text('model = "a"\nstore = "s.zarr"\n[static]\ndbscan_eps = 50\n[resources]\nnum_cpus = 2\n')
+    args = build_parser().parse_args(["run", str(spec), "--store", "t.zarr", "--layers", "1,3", "--no-progress"])
+    args.spec = args.spec_file
+    got = spec_from_args(args)
+    assert got == Spec.from_dict({"model": "a", "store": "t.zarr", "layers": [1, 3], "progress": False,
+                                  "static": {"dbscan_eps": 50.0}, "resources": {"num_cpus": 2}})
+
+
+def test_run_from_spec_in_process(ray_session, tiny, tmp_path, capsys):
+    ck = tiny("mixtral", "upcycled")
+    spec = tmp_path / "job.toml"
+    store = tmp_path / "out.zarr"
+    spec.write_text(f'model = "{ck.path}"\nreference = "{ck.reference}"\nstore = "{store}"\n')
+    assert main(["run", "--spec", str(spec), "--layers", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 units computed" in out and "Tab 3 mean R²" in out
+    ds = xr.open_zarr(store, group="static")
+    assert list(ds.layer.values) == [1, 2] and "F" in ds.expert_i.values
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--model", "/nonexistent/ckpt", "--store", "x.zarr"], "checkpoint directory not found: /nonexistent/ckpt"),
+    (["run", "--spec", "/nonexistent/job.toml"], "spec file not found"),
+    (["run", "--model", "m", "--analyses", "everything"], "unknown analysis 'everything'"),
+    (["run", "--model", "m", "--layers", "one"], "spec field layers must be int"),
+    (["make-tiny", "--family", "mixtral", "--variant", "scratch", "--out", "/proc/forbidden/x"], "/proc/forbidden"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moe-ray: error: ") and message in err and "\n" not in err
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed entry point, in a fresh process with its own local Ray: one command each."""
+    env = dict(os.environ, RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
+    exe = [sys.executable, "-m", "moe_ray.cli"]
+    subprocess.run(exe + ["make-tiny", "--family", "grok1", "--variant", "permuted", "--out", str(tmp_path / "g")],
+                   check=True, env=env, capture_output=True)
+    done = subprocess.run(exe + ["run", "--model", str(tmp_path / "g"), "--store", str(tmp_path / "g.zarr"),
+                                 "--num-cpus", "1", "--layers", "0", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ds = xr.open_zarr(tmp_path / "g.zarr", group="static")
+    np.testing.assert_allclose(ds.neuron_avg_similarity.sel(layer=0, expert_i="0", expert_j="1").values, 1, atol=1e-6)
+    bad = subprocess.run(exe + ["run", "--model", str(tmp_path / "g" / "dense-parent"), "--store", str(tmp_path / "b.zarr")],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("moe-ray: error: checkpoint directory not found")
