@@ -34,7 +34,7 @@ class StaticOptions:
         "help": "mark matrix-PCA outliers with DBSCAN at this eps (the paper uses 50); off if unset"})
     dbscan_min_samples: int = field(default=5, metadata={"help": "DBSCAN min_samples"})
     neuron_pca_method: str = field(default="auto", metadata={
-        "help": "neuron PCA: covariance (exact), randomized, or auto (covariance up to d_hid 1024)"})
+        "help": "neuron PCA: covariance (exact), randomized, or auto (covariance up to d_hid 128)"})
     seed: int = field(default=0, metadata={"help": "seed of the randomised neuron PCA"})
 
     def validate(self) -> None:

@@ -45,9 +45,9 @@ def test_matrix_pca_matches_standardised_svd(small_blocks):
     z = centered / np.where(std > 0, std, 1)
     u, s, _ = np.linalg.svd(z, full_matrices=False)
     expected = _fix_signs_np((u * s)[:, :3])
-    scores, ratio = S.matrix_pca(mats, 3)
-    np.testing.assert_allclose(scores.numpy(), expected, atol=1e-6)
-    np.testing.assert_allclose(ratio.numpy(), (s ** 2 / (s ** 2).sum())[:3], atol=1e-8)
+    scores, ratio = S.matrix_pca(mats, 3)  # standardised in float32: agreement to float32 precision
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ratio.numpy(), (s ** 2 / (s ** 2).sum())[:3], atol=1e-6)
 
 
 def test_matrix_pca_with_fewer_points_than_components_pads_nan():

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-CHUNK_ELEMENTS = 1 << 22  # elements per streamed block (16 MiB of float32)
+CHUNK_ELEMENTS = 1 << 24  # elements per streamed block (64 MiB of float32)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -71,21 +71,29 @@ def matrix_similarity(mats: Sequence[torch.Tensor]) -> torch.Tensor:
 
 # ---- S2: PCA of flattened expert matrices (App A.1, Fig 6) --------------------------------------
 
-def standardized_gram(mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Z Zᵀ where Z [n, D] is the flattened matrices standardised per feature across the n experts.
+def flattened_grams(mats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X Xᵀ, Z Zᵀ) for the flattened matrices X [n, D] and their standardised version Z, one pass.
 
-    Standardisation is per element position and needs only that position's n values, so it is done
-    block by block in the same single pass that accumulates the Gram matrix.
+    Z is X standardised per feature (element position) across the n experts. That needs only the
+    position's n values, so each streamed block is standardised in place right after its plain Gram
+    contribution: S1 and S2 together read the matrices once.
     """
     n = len(mats)
     gram = torch.zeros(n, n, dtype=torch.float64)
+    std_gram = torch.zeros(n, n, dtype=torch.float64)
     for block in _row_blocks(mats):
         flat = torch.stack([b.reshape(-1) for b in block])
-        centered = flat - flat.mean(dim=0, keepdim=True)
-        std = centered.pow(2).mean(dim=0, keepdim=True).sqrt()
-        z = centered / torch.where(std > 0, std, torch.ones_like(std))
-        gram += (z @ z.T).double()
-    return gram
+        gram += (flat @ flat.T).double()
+        flat -= flat.mean(dim=0, keepdim=True)
+        std = torch.linalg.vector_norm(flat, dim=0, keepdim=True) / n ** 0.5
+        flat /= torch.where(std > 0, std, torch.ones_like(std))
+        std_gram += (flat @ flat.T).double()
+    return gram, std_gram
+
+
+def standardized_gram(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Z Zᵀ where Z [n, D] is the flattened matrices standardised per feature across the n experts."""
+    return flattened_grams(mats)[1]
 
 
 def pca_from_gram(gram: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,24 +162,29 @@ def _neuron_moments(points: Sequence[torch.Tensor], full: bool) -> tuple[torch.T
     return mean, var.clamp_min(0).sqrt(), cov, n
 
 
-def _randomized_components(points, mean, std, k, oversample=10, power_iters=4, seed=0):
-    """Top-k right singular vectors of the standardised neuron matrix Z (Halko et al.), [d, k]."""
+def _randomized_components(points, mean, std, k, oversample=10, power_iters=3, seed=0):
+    """Top-k eigenvectors of Zᵀ Z for the standardised neuron matrix Z (Halko et al.), [d, k].
+
+    Z = (X - μ) / σ is never formed: Zᵀ Z M = (Xᵀ X (M/σ) - μ (μ/σ)ᵀ M n) / σ, streamed over X.
+    """
     d = mean.shape[0]
     gen = torch.Generator().manual_seed(seed)
     width = min(d, k + oversample)
-    m32, s32 = mean.float(), std.float()
 
-    def zt_z(mat: torch.Tensor) -> torch.Tensor:  # Zᵀ Z mat, streamed
+    def zt_z(mat: torch.Tensor) -> torch.Tensor:
+        scaled = (mat / std[:, None]).float()
         acc = torch.zeros(d, mat.shape[1], dtype=torch.float64)
+        n = 0
         for block in _neuron_blocks(points):
-            z = (block - m32) / s32
-            acc += (z.T @ (z @ mat)).double()
-        return acc
+            acc += (block.T @ (block @ scaled)).double()
+            n += block.shape[0]
+        acc -= n * torch.outer(mean, mean @ scaled.double())
+        return acc / std[:, None]
 
     q, _ = torch.linalg.qr(torch.randn(d, width, generator=gen, dtype=torch.float64))
     for _ in range(power_iters):
-        q, _ = torch.linalg.qr(zt_z(q.float()))
-    small = q.T @ zt_z(q.float())  # Qᵀ ZᵀZ Q, [width, width]
+        q, _ = torch.linalg.qr(zt_z(q))
+    small = q.T @ zt_z(q)  # Qᵀ ZᵀZ Q, [width, width]
     evals, evecs = torch.linalg.eigh((small + small.T) / 2)
     order = evals.argsort(descending=True)[:k]
     return q @ evecs[:, order], evals[order]

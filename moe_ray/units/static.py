@@ -23,7 +23,7 @@ from .job import AnalysisJob
 GROUP = "static"
 UNIT_DIMS = ("layer",)
 N_COMPONENTS = 3
-COVARIANCE_MAX_D_HID = 1024
+COVARIANCE_MAX_D_HID = 128  # above this, randomised neuron PCA is far cheaper (see README)
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,9 @@ def run_layer(plan: StaticPlan, layer: int) -> dict:
         comparable = [i for i, lab in enumerate(plan.labels)
                       if lab not in plan.absent.get("matrix_similarity", {})]
         comp_mats = [mats[plan.labels[i]] for i in comparable]
-        results["matrix_similarity"][mi] = _embed(S.matrix_similarity(comp_mats), comparable, n_labels)
-        scores, ratio = S.matrix_pca(comp_mats, N_COMPONENTS)
+        gram, std_gram = S.flattened_grams(comp_mats)
+        results["matrix_similarity"][mi] = _embed(S.cosine_from_gram(gram), comparable, n_labels)
+        scores, ratio = S.pca_from_gram(std_gram, N_COMPONENTS)
         results["matrix_pca"][mi, comparable] = scores.numpy()
         results["matrix_pca_explained"][mi] = ratio.numpy()
         if plan.options.dbscan_eps is not None:

@@ -1,0 +1,113 @@
+"""Static suite vs reading the checkpoint once, and peak memory per layer task (issue 2).
+
+    python -m benchmarks.bench_static [--layers 6] [--d-hid 1024] [--d-mid 3584]
+
+Builds a synthetic Mixtral-shaped checkpoint (default 1.06 GB of bf16 experts), then measures, in
+the same run and on a warm page cache:
+- read_bytes: reading every safetensors byte once (the floor of any analysis of these weights);
+- read_fp32: reading every expert tensor through moe-ray's reader, converted to float32;
+- static: the whole static suite through `moe_ray.run` on the local Ray (Ray start excluded);
+- peak RSS of one layer's task (a fresh process running the unit) vs that layer's tensor bytes.
+Prints one JSON line of results; the target is static / read_bytes <= 1.5 on a 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import moe_ray
+from moe_ray.checkpoint import open_checkpoint
+from moe_ray.checkpoint.tiny import make_tiny
+
+
+def _read_bytes(path: Path) -> float:
+    started = time.perf_counter()
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(64 << 20):
+                total += len(chunk)
+    return time.perf_counter() - started
+
+
+def _read_fp32(path: Path) -> float:
+    ckpt = open_checkpoint(path)
+    started = time.perf_counter()
+    for layer in ckpt.facts.moe_layers:
+        for e in range(ckpt.facts.num_experts):
+            for key in ckpt.family.expert_keys(layer, e).values():
+                ckpt.read(key, check_finite=False)
+    return time.perf_counter() - started
+
+
+_UNIT_RSS = """
+import resource, sys, pickle
+from moe_ray.units import static as S
+plan, layer = pickle.loads(bytes.fromhex(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+S.run_layer(plan, layer)
+print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-hid", type=int, default=1024)
+    parser.add_argument("--d-mid", type=int, default=3584)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-ray-bench-"))
+    overrides = {"hidden_size": args.d_hid, "intermediate_size": args.d_mid, "num_hidden_layers": args.layers,
+                 "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": args.d_hid // 8, "vocab_size": 512}
+    ckpt_dir = work / "ckpt"
+    if not (ckpt_dir / "config.json").exists():
+        make_tiny("mixtral", "scratch", ckpt_dir, seed=0, shard_bytes=1 << 30, config_overrides=overrides, overwrite=True)
+    ckpt = open_checkpoint(ckpt_dir)
+    expert_bytes = sum(ckpt.nbytes(list(ckpt.family.expert_keys(l, e).values()))
+                       for l in ckpt.facts.moe_layers for e in range(ckpt.facts.num_experts))
+    _read_bytes(ckpt_dir)  # warm the page cache: every measurement below reads from memory
+    read_bytes = min(_read_bytes(ckpt_dir) for _ in range(3))
+    read_fp32 = _read_fp32(ckpt_dir)
+
+    from moe_ray.distributed.cluster import connect
+    connect(num_cpus=2)
+    store = work / "static.zarr"
+    started = time.perf_counter()
+    moe_ray.run(model=str(ckpt_dir), store=str(store), overwrite=True, progress=False)
+    static = time.perf_counter() - started
+
+    import pickle
+    from moe_ray.api import plan as plan_run, as_spec
+    _, _, jobs = plan_run(as_spec(model=str(ckpt_dir), store=str(work / "rss.zarr"), overwrite=True))
+    moe_ray.run(model=str(ckpt_dir), store=str(work / "rss.zarr"), overwrite=True, progress=False, layers=[0])
+    job = jobs[0]
+    payload = pickle.dumps((job.plan.__class__(**{**job.plan.__dict__, "store": str(work / "rss.zarr")}), 0)).hex()
+    out = subprocess.run([sys.executable, "-c", _UNIT_RSS, payload], capture_output=True, text=True, check=True)
+    rss_before, rss_peak = map(int, out.stdout.split()[-2:])
+    layer_bytes = expert_bytes // len(ckpt.facts.moe_layers)
+    result = {
+        "checkpoint_expert_bytes": expert_bytes,
+        "read_bytes_s": round(read_bytes, 3),
+        "read_fp32_s": round(read_fp32, 3),
+        "static_s": round(static, 3),
+        "static_over_read_bytes": round(static / read_bytes, 2),
+        "static_over_read_fp32": round(static / read_fp32, 2),
+        "layer_bytes_bf16": layer_bytes,
+        "task_peak_rss_bytes": rss_peak,
+        "task_rss_growth_bytes": rss_peak - rss_before,
+        "task_rss_growth_over_layer_fp32": round((rss_peak - rss_before) / (2 * layer_bytes), 2),
+        "neuron_pca_method": job.plan.neuron_pca_method,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
