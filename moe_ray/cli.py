@@ -175,6 +175,22 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, config.json, or a flavor (mixtral:8x7B, deepseek_moe:16B, grok1:314B)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--nodes", type=int, default=None, help="nodes you have (checked against what is needed)")
+
+
+@command("plan", "size a model from its config alone: bytes, shards, GPUs, nodes, store, LAPs")(_add_plan)
+def _plan(args: argparse.Namespace) -> int:
+    from .planning import plan_model
+
+    print(plan_model(args.model, args.gpus_per_node, args.gpu_mem, args.nodes).report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
