@@ -138,3 +138,39 @@ def test_token_auth_refuses_without_the_token(head):
     assert out.returncode == 2
     errors = [l for l in out.stderr.splitlines() if l.startswith("moe-ray: error:")]
     assert len(errors) == 1 and "token authentication failed" in errors[0], out.stderr
+
+
+# ---- safe defaults: pickle checkpoints only when asked, and then only tensors -------------------
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_checkpoints_refused_unless_allowed(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from moe_ray.api import plan
+
+    src = tiny("mixtral", "upcycled").path
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((src / "config.json").read_text())
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(f))
+    torch.save(state, bin_dir / "pytorch_model.bin")
+
+    with pytest.raises(CheckpointError, match="only pickle weights.*--allow-pickle"):
+        plan(moe_ray.Spec(model=str(bin_dir), store=str(tmp_path / "s.zarr")))
+    _, _, (job,) = plan(moe_ray.Spec(model=str(bin_dir), store=str(tmp_path / "s.zarr"), allow_pickle=True))
+    assert [u.args[1] for u in job.units()] == [0, 1, 2, 3]
+    pickled, safe = open_checkpoint(bin_dir, allow_pickle=True), open_checkpoint(src)
+    key = safe.family.expert_keys(1, 3)["down"]
+    assert torch.equal(pickled.read(key), safe.read(key))
+    assert pickled.nbytes() == safe.nbytes()
+
+    torch.save({"x": _Payload()}, bin_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="cannot load pickle weights pytorch_model.bin safely"):
+        open_checkpoint(bin_dir, allow_pickle=True)
+    assert not (tmp_path / "s.zarr").exists()
