@@ -7,7 +7,8 @@
 __version__ = "0.1.0"
 
 from .api import run  # noqa: E402
+from .service import JobHandle, jobs, submit  # noqa: E402
 from .spec import Spec  # noqa: E402
 from .store import open_results  # noqa: E402
 
-__all__ = ["Spec", "__version__", "open_results", "run"]
+__all__ = ["JobHandle", "Spec", "__version__", "jobs", "open_results", "run", "submit"]

@@ -58,8 +58,8 @@ def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
 def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
     """Validate a spec against its checkpoints and split every analysis into units (no Ray, no store)."""
     spec.validate()
-    ckpt = open_checkpoint(spec.model)
-    ref = open_checkpoint(spec.reference) if spec.reference else None
+    ckpt = open_checkpoint(spec.model, spec.allow_pickle)
+    ref = open_checkpoint(spec.reference, spec.allow_pickle) if spec.reference else None
     layers = select_layers(ckpt, spec)
     jobs = [PLANNERS[name](spec, ckpt, ref, layers) for name in spec.analyses]
     return ckpt, ref, jobs

@@ -96,6 +96,101 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- Ray jobs: submit, status, logs, stop, list (moe_ray.service) ------------------------------
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray job server, http://HEAD:8265 (default: "
+                   "$RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, or http://127.0.0.1:8265)")
+
+
+def _add_submit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec_file", help="job spec (TOML); paths in it as the cluster sees them")
+    _add_address(p)
+    p.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip opening the checkpoints here (for paths only the cluster can read)")
+
+
+@command("submit", "submit a spec as a Ray job to a cluster's job server")(_add_submit)
+def _submit(args: argparse.Namespace) -> int:
+    from .service import submit
+
+    handle = submit(args.spec_file, args.address, check_checkpoint=args.check)
+    print(f"moe-ray: submitted job {handle.id} to {handle.address}")
+    if not args.wait:
+        print(f"moe-ray: follow it with `moe-ray logs {handle.id} --follow`")
+        return 0
+    handle.follow()
+    status = handle.wait()
+    print(f"moe-ray: {status.line()}")
+    return 0 if status.state == "SUCCEEDED" else 1
+
+
+def _add_job_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_id", help="the id `moe-ray submit` printed (raysubmit_...)")
+    _add_address(p)
+
+
+@command("status", "a submitted job's state and units done per analysis")(_add_job_id)
+def _status(args: argparse.Namespace) -> int:
+    from .service import JobHandle
+
+    print(JobHandle(args.job_id, args.address).status().line())
+    return 0
+
+
+def _add_logs(p: argparse.ArgumentParser) -> None:
+    _add_job_id(p)
+    p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+
+
+@command("logs", "a submitted job's log")(_add_logs)
+def _logs(args: argparse.Namespace) -> int:
+    from .service import JobHandle
+
+    handle = JobHandle(args.job_id, args.address)
+    if args.follow:
+        handle.follow()
+    else:
+        print(handle.logs(), end="")
+    return 0
+
+
+@command("stop", "stop a submitted job (finished units stay; resubmit to resume)")(_add_job_id)
+def _stop(args: argparse.Namespace) -> int:
+    from .service import JobHandle
+
+    handle = JobHandle(args.job_id, args.address)
+    stopped = handle.stop()
+    print(f"moe-ray: {'stopping' if stopped else 'already ended:'} {handle.status().line()}")
+    return 0
+
+
+@command("list", "the moe-ray jobs a cluster's job server knows")(_add_address)
+def _list(args: argparse.Namespace) -> int:
+    from .service import jobs
+
+    for status in jobs(args.address):
+        print(f"{status.line()}  store {status.store}")
+    return 0
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, config.json, or a flavor (mixtral:8x7B, deepseek_moe:16B, grok1:314B)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--nodes", type=int, default=None, help="nodes you have (checked against what is needed)")
+
+
+@command("plan", "size a model from its config alone: bytes, shards, GPUs, nodes, store, LAPs")(_add_plan)
+def _plan(args: argparse.Namespace) -> int:
+    from .planning import plan_model
+
+    print(plan_model(args.model, args.gpus_per_node, args.gpu_mem, args.nodes).report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -15,3 +15,7 @@ class SpecError(MoeRayError):
 
 class StoreError(MoeRayError):
     """A results store cannot be created, reused or read."""
+
+
+class JobError(MoeRayError):
+    """A Ray job could not be submitted, reached, or did not succeed."""

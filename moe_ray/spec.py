@@ -55,6 +55,10 @@ class Resources:
         "help": "memory each task asks Ray for, GiB (default: sized from the layer's tensors)"})
     object_store_memory_gb: float = field(default=1.0, metadata={
         "help": "object store of a local Ray started by moe-ray, GiB"})
+    entrypoint_num_cpus: float = field(default=0.5, metadata={
+        "help": "CPUs the driver of a submitted job (moe-ray submit) asks Ray for"})
+    entrypoint_memory_gb: float = field(default=1.0, metadata={
+        "help": "memory the driver of a submitted job asks Ray for, GiB"})
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Spec:
     overwrite: bool = field(default=False, metadata={
         "help": "replace a store made from a different model/spec"})
     progress: bool = field(default=True, metadata={"help": "show a live progress bar"})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "also read pickle weights (pytorch_model*.bin, loaded with weights_only=True); "
+                "off by default: pickle files can run code when loaded"})
     static: StaticOptions = field(default_factory=StaticOptions)
     resources: Resources = field(default_factory=Resources)
 
@@ -109,6 +116,8 @@ class Spec:
             raise SpecError("no store given (--store PATH)")
         if self.resources.cpus_per_task < 1:
             raise SpecError("cpus_per_task must be at least 1")
+        if self.resources.entrypoint_num_cpus < 0 or self.resources.entrypoint_memory_gb < 0:
+            raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
         self.static.validate()
 
 

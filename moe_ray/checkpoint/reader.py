@@ -88,8 +88,9 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
 class Checkpoint:
     """A model checkpoint directory (or fsspec URL) holding config.json and safetensors shards."""
 
-    def __init__(self, location: str | os.PathLike):
+    def __init__(self, location: str | os.PathLike, allow_pickle: bool = False):
         self.location = str(location)
+        self.allow_pickle = allow_pickle
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
         if not self.fs.isdir(self.root):
             raise CheckpointError(f"checkpoint directory not found: {self.location}")
@@ -126,10 +127,14 @@ class Checkpoint:
             shards = [SINGLE_NAME] if SINGLE_NAME in names else [n for n in names if n.endswith(".safetensors")]
             weight_map = None
         if not shards:
+            pickles = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+            if pickles and self.allow_pickle:
+                return self._index_pickles(pickles)
             if any(n.endswith(PICKLE_PATTERNS) for n in names):
                 raise CheckpointError(
                     f"{self.location} holds only pickle weights (.bin/.pt); moe-ray reads safetensors only. "
-                    "Convert the checkpoint to safetensors (pickle files can run code when loaded)")
+                    "Convert the checkpoint to safetensors (pickle files can run code when loaded), or "
+                    "pass --allow-pickle to load pytorch_model*.bin with torch.load(weights_only=True)")
             raise CheckpointError(f"no safetensors weights in {self.location}")
         tensors: dict[str, TensorInfo] = {}
         for shard in shards:
@@ -145,6 +150,30 @@ class Checkpoint:
                     raise CheckpointError(f"tensor {key} is listed in {INDEX_NAME} under {shard}, "
                                           f"but {shard} does not contain it")
         return tensors
+
+    def _index_pickles(self, files: list[str]) -> dict[str, TensorInfo]:
+        """pytorch_model*.bin shards (only with allow_pickle): loaded with `weights_only=True`, which
+        refuses arbitrary objects, and memory-mapped, so indexing reads no tensor data."""
+        if not _is_local(self.location):
+            raise CheckpointError(f"pickle weights are read only from a local directory, not {self.location}")
+        tensors: dict[str, TensorInfo] = {}
+        names = {v: k for k, v in DTYPES.items()}
+        for name in files:
+            path = self._path(name)
+            for key, t in self._load_pickle(path).items():
+                tensors[key] = TensorInfo(path, names.get(t.dtype, str(t.dtype)), tuple(t.shape), 0,
+                                          t.numel() * t.element_size())
+        return tensors
+
+    def _load_pickle(self, path: str) -> dict[str, torch.Tensor]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot load pickle weights {os.path.basename(path)} safely: "
+                                  f"{str(exc).strip().splitlines()[0]}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{os.path.basename(path)} is not a state dict of tensors")
+        return state
 
     # ---- metadata ----------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
@@ -187,7 +216,12 @@ class Checkpoint:
         info = self.info(key)
         if info.dtype not in DTYPES:
             raise CheckpointError(f"tensor {key} has dtype {info.dtype}, which moe-ray cannot read")
-        if _is_local(self.location):
+        if info.file.endswith(".bin"):
+            state = self._handles.get(info.file)
+            if state is None:
+                state = self._handles[info.file] = self._load_pickle(info.file)
+            tensor = state[key]
+        elif _is_local(self.location):
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = self._handles[info.file] = safe_open(info.file, framework="pt")
@@ -211,5 +245,5 @@ class Checkpoint:
         return state
 
 
-def open_checkpoint(location: str | os.PathLike) -> Checkpoint:
-    return Checkpoint(location)
+def open_checkpoint(location: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
+    return Checkpoint(location, allow_pickle)

@@ -41,6 +41,7 @@ class StaticPlan:
     neuron_pca_method: str
     options: StaticOptions
     absent: dict = field(default_factory=dict)
+    allow_pickle: bool = False
 
     def label_keys(self, ckpt: Checkpoint, ref: Checkpoint | None, layer: int, matrix: str):
         """(label, checkpoint, key) for every label of this layer and matrix kind."""
@@ -118,7 +119,7 @@ def plan_static(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tu
         method = "covariance" if facts.d_hid <= COVARIANCE_MAX_D_HID else "randomized"
     return StaticPlan(ckpt.location, ref.location if ref else None, spec.store, family.name, facts,
                       tuple(layers), tuple(labels), neuron_dim, method, spec.static,
-                      {k: v for k, v in absent.items() if v})
+                      {k: v for k, v in absent.items() if v}, spec.allow_pickle)
 
 
 def group_params(plan: StaticPlan) -> dict:
@@ -168,8 +169,8 @@ def _embed(values: torch.Tensor, positions: list[int], size: int) -> np.ndarray:
 def run_layer(plan: StaticPlan, layer: int) -> dict:
     """Compute and store every static analysis for one layer (runs inside a Ray task)."""
     started = time.monotonic()
-    ckpt = open_checkpoint(plan.model)
-    ref = open_checkpoint(plan.reference) if plan.reference else None
+    ckpt = open_checkpoint(plan.model, plan.allow_pickle)
+    ref = open_checkpoint(plan.reference, plan.allow_pickle) if plan.reference else None
     n_labels = len(plan.labels)
     routed = list(range(plan.facts.num_experts))
     results = {name: np.full(_shape(plan, q.dims), np.nan, dtype=np.float32)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Start a local Ray head for moe-ray: job server and dashboard on 127.0.0.1, token auth on.
+#
+#   cluster/local/start-head.sh [--dashboard-port 8265] [--temp-dir DIR] [any `ray start` flag...]
+#
+# Ray opens its GCS, raylet and worker ports on every interface whatever it is told, so the head
+# always runs with token authentication (RAY_AUTH_MODE=token). The token lives in a file only you
+# can read: $RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token, generated on first use. Clients on
+# this machine (moe-ray submit/status/logs, ray.init) use it when started with the same two
+# variables exported:
+#   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token
+# Stop this head with cluster/local/stop-head.sh (same --temp-dir).
+set -euo pipefail
+
+PYTHON="${PYTHON:-$(command -v python3)}"
+RAY="${RAY:-$(dirname "$PYTHON")/ray}"
+[ -x "$RAY" ] || RAY="$(command -v ray)"
+
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+    mkdir -p -m 700 "$(dirname "$RAY_AUTH_TOKEN_PATH")"
+    (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$RAY_AUTH_TOKEN_PATH")
+fi
+chmod 600 "$RAY_AUTH_TOKEN_PATH"
+
+# Job entrypoints run `python ...` on the head: make that the interpreter moe-ray is installed in.
+export PATH="$(dirname "$PYTHON"):$PATH"
+
+DASHBOARD_PORT=8265
+ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dashboard-port) DASHBOARD_PORT="$2"; shift 2 ;;
+        *) ARGS+=("$1"); shift ;;
+    esac
+done
+
+"$RAY" start --head --node-ip-address 127.0.0.1 \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --include-dashboard true \
+    --disable-usage-stats "${ARGS[@]}"
+echo "moe-ray: head up; submit with: moe-ray submit SPEC.toml --address http://127.0.0.1:$DASHBOARD_PORT"
+echo "moe-ray: clients need RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"

@@ -1,0 +1,35 @@
+"""Ray job entrypoint: run one moe-ray spec inside the cluster this job was submitted to.
+
+`moe-ray submit` (`moe_ray.submit`) runs `python jobs/analyze.py --spec '<spec as JSON>'`; a TOML
+path readable on the head works too. All the work is `moe_ray.run` (design §1, §6).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import moe_ray
+from moe_ray.errors import MoeRayError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a moe-ray spec as a Ray job.")
+    parser.add_argument("--spec", required=True, help="the spec as a JSON object, or a TOML file on the head")
+    args = parser.parse_args(argv)
+    try:
+        if args.spec.lstrip().startswith("{"):
+            spec = moe_ray.Spec.from_dict(json.loads(args.spec))
+        else:
+            spec = moe_ray.Spec.from_toml(args.spec)
+        store = moe_ray.run(spec)
+    except MoeRayError as exc:
+        print(f"moe-ray: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"moe-ray: results in {store}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

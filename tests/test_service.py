@@ -1,0 +1,176 @@
+"""Ray job service: a real local head (cluster/local/start-head.sh, token auth on, job server on
+127.0.0.1, private temp dir and ports), moe-ray specs submitted through `moe_ray.submit`."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import moe_ray
+from moe_ray.checkpoint import open_checkpoint
+from moe_ray.errors import CheckpointError, JobError, SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "cluster" / "local"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_range(n: int) -> int:
+    """The first of `n` consecutive ports that are all free now."""
+    for _ in range(100):
+        base = random.randrange(30000, 60000 - n)
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-authenticated local head for this module; stopped (by process id) at the end."""
+    from moe_ray.distributed.cluster import ensure_token_auth, token_path
+
+    temp = Path(tempfile.mkdtemp(prefix="mrs-", dir="/tmp"))
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(temp / "auth_token"))
+    ensure_token_auth()
+    env = dict(os.environ, PYTHON=sys.executable, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path()))
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    workers = _free_range(16)
+    ports = ["--port", _free_port(), "--ray-client-server-port", _free_port(),
+             "--node-manager-port", _free_port(), "--object-manager-port", _free_port(),
+             "--dashboard-agent-listen-port", _free_port(), "--dashboard-agent-grpc-port", _free_port(),
+             "--metrics-export-port", _free_port(), "--runtime-env-agent-port", _free_port(),
+             "--min-worker-port", workers, "--max-worker-port", workers + 15]
+    cmd = [str(SCRIPTS / "start-head.sh"), "--dashboard-port", str(dashboard), "--temp-dir", str(temp / "ray"),
+           "--num-cpus", "2", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
+        assert not Path("/tmp/ray/ray_current_cluster").exists() or \
+            Path("/tmp/ray/ray_current_cluster").read_text() != (temp / "ray" / "ray_current_cluster").read_text()
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([str(SCRIPTS / "stop-head.sh"), "--temp-dir", str(temp / "ray")], env=env,
+                       capture_output=True, timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_follow_wait_result(head, tiny, tmp_path):
+    ckpt = tiny("mixtral", "upcycled")
+    store = tmp_path / "job.zarr"
+    handle = moe_ray.submit({"model": str(ckpt.path), "store": str(store)}, head)
+    assert handle.id.startswith("raysubmit_")
+    lines: list[str] = []
+    handle.follow(lines.append)
+    status = handle.wait(timeout=120)
+    assert status.state == "SUCCEEDED", handle.logs()
+    assert status.progress == {"static": (4, 4)}
+    log = "".join(lines)
+    assert "static layer 3" in log and "moe-ray: results in" in log
+
+    tree = handle.result()
+    sim = tree["static"].to_dataset()["matrix_similarity"]
+    c = open_checkpoint(ckpt.path)
+    a = c.read(c.family.expert_keys(2, 0)["up"], dtype=torch.float64).numpy().ravel()
+    b = c.read(c.family.expert_keys(2, 5)["up"], dtype=torch.float64).numpy().ravel()
+    want = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    got = float(sim.sel(layer=2, matrix="up", expert_i="0", expert_j="5"))
+    assert got == pytest.approx(want, abs=1e-5)
+    assert np.asarray(zarr.open_group(str(store), mode="r")["static/unit_done"][...]).all()
+
+    listed = {s.id: s for s in moe_ray.jobs(head)}
+    assert listed[handle.id].state == "SUCCEEDED" and listed[handle.id].store == str(store)
+
+
+def test_stop_then_list(head, tiny, tmp_path):
+    ckpt = tiny("mixtral", "upcycled")
+    handle = moe_ray.submit({"model": str(ckpt.path), "store": str(tmp_path / "stopped.zarr")}, head)
+    handle.stop()
+    assert handle.wait(timeout=60).state == "STOPPED"
+    assert {s.id: s.state for s in moe_ray.jobs(head)}[handle.id] == "STOPPED"
+    with pytest.raises(JobError, match="stopped"):
+        handle.result()
+
+
+def test_bad_spec_rejected_before_submission(head, tiny, tmp_path):
+    before = len(moe_ray.jobs(head))
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        moe_ray.submit({"model": str(tmp_path / "nowhere"), "store": str(tmp_path / "x.zarr")}, head)
+    with pytest.raises(SpecError, match="unknown analysis 'nope'"):
+        moe_ray.submit({"model": str(tiny("mixtral", "upcycled").path), "analyses": ["nope"]}, head)
+    with pytest.raises(SpecError, match="not an MoE layer"):
+        moe_ray.submit({"model": str(tiny("mixtral", "upcycled").path), "layers": [7]}, head)
+    assert len(moe_ray.jobs(head)) == before
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_token_auth_refuses_without_the_token(head):
+    with pytest.raises(JobError, match="token authentication failed"):
+        moe_ray.jobs(head, headers={"Authorization": "Bearer not-the-token"})
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    out = subprocess.run([sys.executable, "-m", "moe_ray.cli", "list", "--address", head], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    errors = [l for l in out.stderr.splitlines() if l.startswith("moe-ray: error:")]
+    assert len(errors) == 1 and "token authentication failed" in errors[0], out.stderr
+
+
+# ---- safe defaults: pickle checkpoints only when asked, and then only tensors -------------------
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_checkpoints_refused_unless_allowed(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from moe_ray.api import plan
+
+    src = tiny("mixtral", "upcycled").path
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((src / "config.json").read_text())
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(f))
+    torch.save(state, bin_dir / "pytorch_model.bin")
+
+    with pytest.raises(CheckpointError, match="only pickle weights.*--allow-pickle"):
+        plan(moe_ray.Spec(model=str(bin_dir), store=str(tmp_path / "s.zarr")))
+    _, _, (job,) = plan(moe_ray.Spec(model=str(bin_dir), store=str(tmp_path / "s.zarr"), allow_pickle=True))
+    assert [u.args[1] for u in job.units()] == [0, 1, 2, 3]
+    pickled, safe = open_checkpoint(bin_dir, allow_pickle=True), open_checkpoint(src)
+    key = safe.family.expert_keys(1, 3)["down"]
+    assert torch.equal(pickled.read(key), safe.read(key))
+    assert pickled.nbytes() == safe.nbytes()
+
+    torch.save({"x": _Payload()}, bin_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="cannot load pickle weights pytorch_model.bin safely"):
+        open_checkpoint(bin_dir, allow_pickle=True)
+    assert not (tmp_path / "s.zarr").exists()
