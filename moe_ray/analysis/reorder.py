@@ -195,11 +195,12 @@ def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES),
                  chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Peak host memory of one `reorder_pair` at n neurons and hidden size d_hid.
 
-    The n×n float32 cost (lapjv works on it in place), lapjv's O(n) workspace, the two experts'
+    Twice the n×n float32 cost (benchmarks/bench_reorder.py measures the peak growing by about
+    1.7 × n²·4 bytes per pair: lapjv holds a copy of the cost while it solves), lapjv's O(n) workspace, the two experts'
     `n_matrices` matrices in float32 plus their row copies, one float64 certificate chunk and one torch
     chunk, and 256 MiB for the interpreter and libraries.
     """
-    cost = 4 * n * n
+    cost = 2 * 4 * n * n
     weights = 2 * 2 * n_matrices * n * d_hid * 4
     chunks = 2 * chunk_elements * 8 + 4 * chunk_elements
     solver = 64 * n
