@@ -13,12 +13,14 @@ from .distributed.fanout import check_fits
 from .errors import CheckpointError, SpecError
 from .spec import Spec
 from .store import ResultStore, open_results
+from .units import reorder as reorder_unit
 from .units import static as static_unit
 from .units.job import AnalysisJob
 
 Planner = Callable[[Spec, Checkpoint, "Checkpoint | None", tuple[int, ...]], AnalysisJob]
 PLANNERS: dict[str, Planner] = {
     "static": static_unit.plan_job,
+    "reorder": reorder_unit.plan_job,
 }
 """How each analysis named in a spec is planned (validated and split into units)."""
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import SpecError
 
-ANALYSES = ("static",)
+ANALYSES = ("static", "reorder")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
 
 
@@ -44,6 +44,35 @@ class StaticOptions:
             raise SpecError(f"dbscan_eps must be positive, not {self.dbscan_eps}")
         if self.dbscan_min_samples < 1:
             raise SpecError(f"dbscan_min_samples must be at least 1, not {self.dbscan_min_samples}")
+
+
+@dataclass
+class ReorderOptions:
+    reorder_mode: str = field(default="joint", metadata={
+        "help": "S4 neuron reordering: joint (one permutation per neuron over up, gate, down), "
+                "separate (the paper: one per matrix) or both"})
+    pairs: list[str] | None = field(default=None, metadata={
+        "help": "expert pairs to reorder, comma-separated like 0-1,2-3 (default: every pair i<j)"})
+
+    def validate(self) -> None:
+        if self.reorder_mode not in ("joint", "separate", "both"):
+            raise SpecError(f"reorder_mode must be joint, separate or both, not {self.reorder_mode!r}")
+        for text in self.pairs or []:
+            parse_pair(text)
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """An expert pair "i-j" as (min, max); the two experts must differ."""
+    parts = str(text).strip().split("-")
+    try:
+        i, j = (int(p) for p in parts)
+    except ValueError:
+        raise SpecError(f"an expert pair is written like 0-1, not {text!r}") from None
+    if i < 0 or j < 0:
+        raise SpecError(f"expert indices in pair {text!r} must be non-negative")
+    if i == j:
+        raise SpecError(f"pair {text!r} names one expert twice; a pair needs two experts")
+    return min(i, j), max(i, j)
 
 
 @dataclass
@@ -79,6 +108,7 @@ class Spec:
         "help": "also read pickle weights (pytorch_model*.bin, loaded with weights_only=True); "
                 "off by default: pickle files can run code when loaded"})
     static: StaticOptions = field(default_factory=StaticOptions)
+    reorder: ReorderOptions = field(default_factory=ReorderOptions)
     resources: Resources = field(default_factory=Resources)
 
     # ---- construction -------------------------------------------------------------------------
@@ -119,6 +149,7 @@ class Spec:
         if self.resources.entrypoint_num_cpus < 0 or self.resources.entrypoint_memory_gb < 0:
             raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
         self.static.validate()
+        self.reorder.validate()
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class Quantity:
     dims: tuple[str, ...]
     description: str
     dtype: str = "float32"
+    fill: float | int | None = None
+    """Value of unwritten elements (default: NaN for floats, 0 for integers)."""
 
 
 STATIC_SCHEMA: dict[str, Quantity] = {
@@ -74,6 +76,44 @@ STATIC_SUMMARY: dict[str, Quantity] = {
     "gate_weight_r2_mean": Quantity(
         ("matrix",), "S6 (Tab 3): the square of gate_weight_correlation averaged over layers"),
 }
+
+REORDER_SCHEMA: dict[str, Quantity] = {
+    "similarity_before": Quantity(
+        ("layer", "matrix", "expert_i", "expert_j"),
+        "S4 (§4.1.2, Tab 2): cosine between the flattened matrices of experts i and j as stored; "
+        "filled for i < j (separate mode: each matrix from its own unit; joint: all three)"),
+    "similarity_after": Quantity(
+        ("layer", "matrix", "expert_i", "expert_j"),
+        "S4: cosine between expert i's flattened matrix and expert j's with its neurons reordered by "
+        "the optimal permutation (permutation[..., k] is the neuron of j placed at k); i < j"),
+    "growth": Quantity(
+        ("layer", "matrix", "expert_i", "expert_j"),
+        "S4 (Tab 2 'order of growth'): similarity_after / similarity_before; i < j"),
+    "optimality_gap": Quantity(
+        ("layer", "matrix", "expert_i", "expert_j"),
+        "S4: upper bound on how far the assignment's total similarity (sum of the matrices' neuron "
+        "cosines it was solved on) is below the optimum, from lapjv's dual certificate; i < j"),
+    "kendall_tau": Quantity(
+        ("layer", "expert_i", "expert_j"),
+        "S4 (Tab 2 tau): Kendall's tau between the identity order and the permutation; i < j "
+        "(separate mode adds a matrix dimension)"),
+    "permutation": Quantity(
+        ("layer", "expert_i", "expert_j", "neuron"),
+        "S4: permutation[..., k] = the neuron of expert_j matched to neuron k of expert_i, so "
+        "W_j[permutation] lines up with W_i (rows of up/gate, columns of down); -1 where not computed "
+        "(separate mode adds a matrix dimension)", "int32", -1),
+}
+"""Arrays of `reorder/<mode>`; in separate mode `kendall_tau` and `permutation` gain a `matrix`
+dimension after `layer` (see `reorder_quantity`)."""
+
+
+def reorder_quantity(name: str, mode: str) -> Quantity:
+    """The REORDER_SCHEMA entry for `name` with the dims of `mode` (joint or separate)."""
+    q = REORDER_SCHEMA[name]
+    if mode == "separate" and "matrix" not in q.dims:
+        q = Quantity(("layer", "matrix") + q.dims[1:], q.description, q.dtype, q.fill)
+    return q
+
 
 
 def _now() -> str:
@@ -200,6 +240,8 @@ class ResultStore:
             return arr
         chunks = tuple(1 if d in unit_dims else n for d, n in zip(quantity.dims, shape))
         fill = np.nan if quantity.dtype.startswith("float") else 0
+        if quantity.fill is not None:
+            fill = quantity.fill
         return group.create_array(
             name, shape=shape, chunks=chunks, dtype=quantity.dtype, fill_value=fill,
             dimension_names=list(quantity.dims),

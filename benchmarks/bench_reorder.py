@@ -1,0 +1,158 @@
+"""Benchmark S4 reordering (paper §4.1.2): lapjv vs scipy, cost build, Ray scaling, memory, projection.
+
+    PYTHONPATH=. python benchmarks/bench_reorder.py --sizes 1408,4096 --d-hid 1024
+
+Prints one JSON line per measurement and a projection table. All timings are single-threaded
+(torch.set_num_threads(1)), like a Ray task with num_cpus=1. Ratios (lapjv / scipy, 2 / 1 workers)
+are measured in the same run, so they hold on a shared machine even when absolute times wobble.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from moe_ray.analysis import reorder as R
+
+MODELS = {"Mixtral 8x7B": (14336, 4096, 32, "upcycled"), "Grok-1": (32768, 6144, 64, "scratch")}
+"""n, d_hid, layers, and the cost kind closest to the paper's Tab 2 (Mixtral: tau 0.75; Grok: ~0)."""
+
+
+def experts(n: int, d_hid: int, kind: str, seed: int = 0) -> tuple[dict, dict]:
+    """Two experts: `upcycled` = one parent + 50% noise (near-identity costs), `scratch` = independent."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"up": (n, d_hid), "gate": (n, d_hid), "down": (d_hid, n)}
+    a = {m: torch.randn(s, generator=gen) for m, s in shapes.items()}
+    if kind == "upcycled":
+        b = {m: a[m] + 0.5 * torch.randn(s, generator=gen) for m, s in shapes.items()}
+    else:
+        b = {m: torch.randn(s, generator=gen) for m, s in shapes.items()}
+    return a, b
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_solve(n: int, d_hid: int, kind: str, scipy_too: bool) -> dict:
+    a, b = experts(n, d_hid, kind)
+    sim, t_build = timed(lambda: R.similarity_matrix(a, b, R.MATRICES))
+    flops = 2 * len(R.MATRICES) * n * n * d_hid
+    ref = sim.astype(np.float64)
+    res, t_lapjv = timed(lambda: R.solve_max(sim.copy()))
+    row = {"what": "solve", "n": n, "kind": kind, "build_s": float(f"{t_build:.4g}"),
+           "build_gflops": round(flops / t_build / 1e9, 2), "lapjv_s": float(f"{t_lapjv:.4g}"),
+           "gap_bound": res.gap_bound, "tau": round(R.kendall_tau(res.perm), 4)}
+    if scipy_too:
+        (rows, cols), t_scipy = timed(lambda: linear_sum_assignment(ref, maximize=True))
+        row.update(scipy_s=float(f"{t_scipy:.4g}"), speedup_vs_scipy=round(t_scipy / t_lapjv, 2),
+                   total_diff=float(ref[np.arange(n), res.perm].sum() - ref[rows, cols].sum()))
+    return row
+
+
+def bench_memory(n: int, d_hid: int) -> dict:
+    """Peak RSS of one reorder_pair in a fresh process, against n²·4 bytes and the declared memory."""
+    code = ("import threading,time,psutil,torch;torch.set_num_threads(1);"
+            "from benchmarks.bench_reorder import experts;from moe_ray.analysis import reorder as R;"
+            f"a,b=experts({n},{d_hid},'scratch');p=psutil.Process();base=p.memory_info().rss;peak=[base];"
+            "stop=threading.Event();"
+            "t=threading.Thread(target=lambda:[(peak.append(p.memory_info().rss),time.sleep(0.002)) "
+            "for _ in iter(stop.is_set,True)]);t.start();"
+            "R.reorder_pair(a,b,R.MATRICES);stop.set();t.join();"
+            "print(base//1024, max(peak)//1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    base_kb, peak_kb = map(int, out.stdout.split()[-2:])
+    return {"what": "memory", "n": n, "d_hid": d_hid, "peak_rss_gib": round(peak_kb / 2**20, 3),
+            "pair_extra_gib": round((peak_kb - base_kb) / 2**20, 3), "n2x4_gib": round(4 * n * n / 2**30, 3),
+            "weights_gib": round(2 * 3 * n * d_hid * 4 / 2**30, 3),
+            "declared_gib": round(R.memory_bytes(n, d_hid) / 2**30, 3)}
+
+
+def _ray_pair(n: int, d_hid: int, seed: int) -> float:
+    torch.set_num_threads(1)
+    a, b = experts(n, d_hid, "scratch", seed)
+    start = time.perf_counter()
+    R.reorder_pair(a, b, R.MATRICES)
+    return time.perf_counter() - start
+
+
+def bench_ray(n: int, d_hid: int, pairs: int) -> dict:
+    import ray
+
+    from moe_ray.distributed.cluster import connect
+
+    connect(num_cpus=2, object_store_memory_gb=0.5)
+    remote = ray.remote(_ray_pair)
+    row = {"what": "ray", "n": n, "pairs": pairs}
+    ray.get([remote.options(num_cpus=1).remote(64, 16, s) for s in range(2)])  # warm two workers
+    for workers in (1, 2):
+        start = time.perf_counter()
+        refs = [remote.options(num_cpus=2 // workers).remote(n, d_hid, s) for s in range(pairs)]
+        ray.get(refs)
+        row[f"workers_{workers}_s"] = round(time.perf_counter() - start, 2)
+    row["speedup_2_vs_1"] = round(row["workers_1_s"] / row["workers_2_s"], 2)
+    ray.shutdown()
+    return row
+
+
+def project(rows: list[dict]) -> list[dict]:
+    """Fit t = c·n^k per cost kind from the solve rows and project whole-model wall times."""
+    out = []
+    for (model, (n, d_hid, layers, _)), kind in ((m, k) for m in MODELS.items() for k in ("upcycled", "scratch")):
+        pts = [(r["n"], r["lapjv_s"] + r["build_s"] * (d_hid / r.get("d_hid", d_hid))) for r in rows
+               if r["what"] == "solve" and r["kind"] == kind]
+        if len(pts) < 2:
+            continue
+        ns, ts = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+        k, logc = np.polyfit(ns, ts, 1)
+        per_pair = float(np.exp(logc) * n ** k)
+        units = layers * 28
+        out.append({"what": "projection", "model": model, "n": n, "kind": kind, "exponent": round(float(k), 2),
+                    "per_pair_h": round(per_pair / 3600, 2), "units": units,
+                    **{f"wall_h_{c}_cores": round(units * per_pair / c / 3600, 1) for c in (16, 64, 256, 1024)},
+                    "mem_per_task_gib": round(R.memory_bytes(n, d_hid) / 2**30, 1)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1408,4096")
+    parser.add_argument("--scipy-max-n", type=int, default=4096)
+    parser.add_argument("--d-hid", type=int, default=1024, help="hidden size of the synthetic experts")
+    parser.add_argument("--ray-n", type=int, default=1408)
+    parser.add_argument("--ray-pairs", type=int, default=4)
+    parser.add_argument("--memory-n", default="4096,8192")
+    parser.add_argument("--memory-d-hid", type=int, default=128, help="small, so the n×n cost dominates")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for n in map(int, args.sizes.split(",")):
+        for kind in ("upcycled", "scratch"):
+            row = bench_solve(n, args.d_hid, kind, n <= args.scipy_max_n)
+            row["d_hid"] = args.d_hid
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for n in map(int, args.memory_n.split(",")):
+        rows.append(bench_memory(n, args.memory_d_hid))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.ray_pairs:
+        rows.append(bench_ray(args.ray_n, args.d_hid, args.ray_pairs))
+        print(json.dumps(rows[-1]), flush=True)
+    for row in project(rows):
+        print(json.dumps(row), flush=True)
+    print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""S4 neuron reordering (paper §4.1.2, Tab 2): planted permutations, optimality against scipy,
+joint vs separate, bad inputs, store round-trip and resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import kendalltau
+
+from moe_ray import api
+from moe_ray.analysis import reorder as R
+from moe_ray.checkpoint import MATRICES, get_family, open_checkpoint
+from moe_ray.errors import SpecError
+
+
+def _run(ckpt, store: Path, **reorder):
+    kwargs = {k: v for k, v in reorder.items() if k in ("layers", "resources")}
+    options = {k: v for k, v in reorder.items() if k not in kwargs}
+    return api.run(model=str(ckpt.path), analyses=["reorder"], store=str(store), reorder=options,
+                   progress=False, **kwargs)
+
+
+def _expert(path: Path, layer: int, e: int) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(path)
+    keys = get_family(ckpt.facts.family).expert_keys(layer, e)
+    return {m: ckpt.read(keys[m]) for m in MATRICES}
+
+
+# ---- pure math -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 3, 10, 257, 4096])
+def test_kendall_tau_matches_scipy(n):
+    perm = np.random.default_rng(n).permutation(n)
+    assert R.kendall_tau(perm) == pytest.approx(kendalltau(np.arange(n), perm).statistic, abs=1e-12)
+    assert R.kendall_tau(np.arange(n)) == 1.0
+    assert R.kendall_tau(np.arange(n)[::-1]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 300])
+@pytest.mark.parametrize("kind", ["random", "near_identity"])
+def test_solve_max_is_optimal(n, kind):
+    rng = np.random.default_rng(n)
+    sim = rng.standard_normal((n, n))
+    if kind == "near_identity":
+        sim = 0.05 * sim + np.eye(n)
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    best = sim[rows, cols].sum()
+    result = R.solve_max(sim.astype(np.float32))
+    assert sorted(result.perm.tolist()) == list(range(n))
+    assert sim[np.arange(n), result.perm].sum() == pytest.approx(best, abs=1e-4 * max(1, n) ** 0.5)
+    assert result.total == pytest.approx(best, abs=1e-3)
+    assert 0.0 <= result.gap_bound < 1e-3
+
+
+def test_similarity_matrix_matches_float64_reference():
+    gen = torch.Generator().manual_seed(0)
+    a = {m: torch.randn((40, 24) if m != "down" else (24, 40), generator=gen) for m in MATRICES}
+    b = {m: torch.randn((40, 24) if m != "down" else (24, 40), generator=gen) for m in MATRICES}
+    expected = np.zeros((40, 40))
+    for m in MATRICES:
+        ra, rb = R.neuron_rows(a[m], m).double().numpy(), R.neuron_rows(b[m], m).double().numpy()
+        expected += ra @ rb.T / (np.linalg.norm(ra) * np.linalg.norm(rb))
+    got = R.similarity_matrix(a, b, MATRICES, chunk_elements=7 * 40)  # several chunks
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_separate_and_joint_differ_when_matrices_disagree():
+    n, d = 24, 16
+    gen = torch.Generator().manual_seed(1)
+    a = {"up": torch.randn(n, d, generator=gen), "gate": torch.randn(n, d, generator=gen),
+         "down": torch.randn(d, n, generator=gen)}
+    planted = {m: torch.randperm(n, generator=gen) for m in MATRICES}
+    b = {"up": a["up"][planted["up"]], "gate": a["gate"][planted["gate"]], "down": a["down"][:, planted["down"]]}
+    joint = R.reorder_pair(a, b, MATRICES)
+    distinct = set()
+    for m in MATRICES:
+        sep = R.reorder_pair(a, b, (m,))
+        np.testing.assert_array_equal(sep.perm, np.argsort(planted[m].numpy()))
+        assert sep.similarity_after[m] == pytest.approx(1.0, abs=1e-6)
+        distinct.add(tuple(sep.perm))
+    assert len(distinct) == 3
+    assert tuple(joint.perm) not in distinct
+    assert min(joint.similarity_after.values()) < 0.9
+
+
+# ---- through the Ray job ---------------------------------------------------------------------------
+
+def test_permuted_planted_permutation_recovered(ray_session, tiny, tmp_path):
+    ckpt = tiny("mixtral", "permuted", dtype="float32")
+    layer = int(next(iter(ckpt.planted["permuted"])))
+    store = _run(ckpt, tmp_path / "s.zarr", layers=[layer], reorder_mode="both", pairs="0-1,2-3,1-2")
+    planted = ckpt.planted["permuted"][str(layer)]
+    for mode in ("joint", "separate"):
+        ds = xr.open_zarr(store, group=f"reorder/{mode}")
+        for e in ("1", "3"):
+            src, pi = str(planted[e]["source"]), np.array(planted[e]["perm"])
+            # W_e[r] = W_src[pi[r]]: neuron k of src is neuron argsort(pi)[k] of e.
+            pair = ds.sel(layer=layer, expert_i=src, expert_j=e)
+            perms = pair.permutation.values.reshape(-1, pi.size)
+            for p in perms:
+                np.testing.assert_array_equal(p, np.argsort(pi))
+            np.testing.assert_allclose(pair.similarity_after.values, 1.0, atol=1e-5)
+            np.testing.assert_allclose(pair.kendall_tau.values, kendalltau(np.arange(pi.size), pi).statistic,
+                                       atol=1e-6)
+        # pairs not asked for, and i >= j, stay empty
+        assert np.isnan(ds.growth.sel(layer=layer, expert_i="0", expert_j="2").values).all()
+        assert (ds.permutation.sel(layer=layer, expert_i="1", expert_j="0").values == -1).all()
+        assert "tab2" in ds.attrs and set(ds.attrs["tab2"]["growth_median"]) == set(MATRICES)
+
+
+def test_upcycled_small_noise_keeps_identity(ray_session, tiny, tmp_path):
+    ckpt = tiny("mixtral", "upcycled", sigma=0.05, dtype="float32")
+    store = _run(ckpt, tmp_path / "s.zarr", layers=[1], pairs="0-1,2-5")
+    ds = xr.open_zarr(store, group="reorder/joint")
+    for i, j in (("0", "1"), ("2", "5")):
+        pair = ds.sel(layer=1, expert_i=i, expert_j=j)
+        np.testing.assert_array_equal(pair.permutation.values, np.arange(ds.sizes["neuron"]))
+        assert float(pair.kendall_tau) == 1.0
+        np.testing.assert_allclose(pair.growth.values, 1.0, atol=1e-6)
+
+
+def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
+    ckpt = tiny("mixtral", "scratch", dtype="float32")
+    path = tmp_path / "s.zarr"
+    _run(ckpt, path, layers=[2], pairs="0-1", reorder_mode="separate")
+    a, b = _expert(ckpt.path, 2, 0), _expert(ckpt.path, 2, 1)
+    ds = xr.open_zarr(str(path), group="reorder/separate")
+    for m in MATRICES:
+        expected = R.reorder_pair(a, b, (m,))
+        got = ds.sel(layer=2, matrix=m, expert_i="0", expert_j="1")
+        np.testing.assert_array_equal(got.permutation.values, expected.perm)
+        assert float(got.similarity_before) == pytest.approx(expected.similarity_before[m], rel=1e-6)
+        assert float(got.similarity_after) == pytest.approx(expected.similarity_after[m], rel=1e-6)
+        assert float(got.growth) == pytest.approx(expected.growth[m], rel=1e-6)
+        assert float(got.kendall_tau) == pytest.approx(expected.kendall_tau, abs=1e-6)
+        assert float(got.similarity_after) > float(got.similarity_before)
+
+    # resume: a done unit is skipped (a sentinel written into its chunk survives), a new pair runs
+    import zarr
+    group = zarr.open_group(str(path), mode="r+", path="reorder/separate")
+    group["similarity_after"][0, 0, 0, 1] = 42.0
+    _run(ckpt, path, layers=[2], pairs="0-1,0-2", reorder_mode="separate")
+    ds = xr.open_zarr(str(path), group="reorder/separate", consolidated=False)
+    assert float(ds.similarity_after.sel(layer=2, matrix="up", expert_i="0", expert_j="1")) == 42.0
+    assert np.isfinite(ds.similarity_after.sel(layer=2, expert_i="0", expert_j="2").values).all()
+    assert ds.unit_done.sel(layer=2, expert_i="0", expert_j="2").values.all()
+
+
+# ---- bad inputs: one-line errors before the store exists --------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ({"pairs": "0-8"}, "out of range"),
+    ({"pairs": "3-3"}, "one expert twice"),
+    ({"pairs": "a-b"}, "written like 0-1"),
+    ({"reorder_mode": "both-ways"}, "reorder_mode"),
+    ({"layers": [99]}, "not an MoE layer"),
+    ({"resources": {"memory_per_task_gb": 0.01}}, "too small for reordering n="),
+])
+def test_bad_inputs(tiny, tmp_path, options, message):
+    ckpt = tiny("mixtral", "scratch", dtype="float32")
+    store = tmp_path / "s.zarr"
+    with pytest.raises(SpecError, match=message) as info:
+        _run(ckpt, store, **options)
+    assert "\n" not in str(info.value)
+    assert not store.exists()
+
+
+def test_cli_flags(tmp_path):
+    from moe_ray.cli import build_parser, spec_from_args
+
+    args = build_parser().parse_args(["run", "--model", "m", "--analyses", "reorder", "--reorder-mode",
+                                      "separate", "--pairs", "0-1,2-3"])
+    args.spec = None
+    spec = spec_from_args(args)
+    assert spec.analyses == ["reorder"]
+    assert spec.reorder.reorder_mode == "separate" and spec.reorder.pairs == ["0-1", "2-3"]
