@@ -14,12 +14,14 @@ from .errors import CheckpointError, SpecError
 from .spec import Spec
 from .store import ResultStore, open_results
 from .units import static as static_unit
+from .units import dynamic as dynamic_unit
 from .units.job import AnalysisJob
 
 Planner = Callable[[Spec, Checkpoint, "Checkpoint | None", tuple[int, ...]], AnalysisJob]
 PLANNERS: dict[str, Planner] = {
     "static": static_unit.plan_job,
 }
+PLANNERS["dynamic"] = dynamic_unit.plan_job
 """How each analysis named in a spec is planned (validated and split into units)."""
 
 

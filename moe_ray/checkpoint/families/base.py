@@ -172,9 +172,10 @@ class Family:
 
     @classmethod
     def hf_config(cls, config: dict):
-        """config.json as transformers' config object, with fp32 SDPA attention."""
+        """config.json as transformers' config object: SDPA attention, the eager (per-expert) MoE path."""
         hf = cls.hf_classes()["config"](**{k: v for k, v in config.items() if k != "torch_dtype"})
         hf._attn_implementation = "sdpa"
+        hf._experts_implementation = "eager"
         return hf
 
     @classmethod
