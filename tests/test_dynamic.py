@@ -126,3 +126,100 @@ def test_all_experts_and_router_equal_the_models_own(pair):
                 g, u = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
                 y = torch.nn.functional.linear(experts.act_fn(g) * u, experts.down_proj[e])
                 torch.testing.assert_close(cap.outputs[:, e], y, rtol=1e-4, atol=1e-6)
+
+
+# ---- planted truths, shards, bad inputs through api.run -------------------------------------------
+
+def _run(tmp_path, ckpt_path, name="st.zarr", **dynamic):
+    from moe_ray import api
+
+    store = tmp_path / name
+    dyn = {"inputs": ["short"], **dynamic}
+    api.run(model=str(ckpt_path), analyses=["dynamic"], store=str(store), dynamic=dyn, progress=False,
+            **({"reference": dynamic.pop("reference")} if "reference" in dynamic else {}))
+    return store
+
+
+def test_upcycled_experts_match_the_dense_parent(ray_session, tiny, tmp_path):
+    import xarray as xr
+
+    t = tiny("mixtral", "upcycled", sigma=0.02)
+    from moe_ray import api
+
+    store = tmp_path / "up.zarr"
+    api.run(model=str(t.path), reference=str(t.reference), analyses=["dynamic"], store=str(store),
+            dynamic={"inputs": ["short"]}, progress=False)
+    ds = xr.open_zarr(store, group="dynamic/short")
+    assert list(ds.expert.values) == [str(e) for e in range(8)] + ["F"]
+    sim = ds.expert_output_similarity.sel(expert_j="F").values[..., :8]
+    assert np.nanmin(sim) > 0.99  # every expert ≈ F for small sigma
+    assert np.isnan(ds.router_logits.sel(expert="F").values).all()
+    np.testing.assert_allclose(ds.gate_scores.values[..., :8].sum(-1), 1.0, rtol=1e-5)
+    assert ds.tokens.values[0] == "<s>" and ds.token_ids.values[0] == 1  # BOS
+    counts = ds.norm_score_rank_counts.values
+    assert (counts.sum(axis=(1, 2)) == 8 * ds.sizes["token"]).all()
+
+
+def test_two_shards_equal_one(ray_session, tiny, tmp_path):
+    import xarray as xr
+
+    t = tiny("mixtral", "scratch")
+    one = _run(tmp_path, t.path, "one.zarr", inputs=["short", "long"], shards=1, max_tokens=300)
+    two = _run(tmp_path, t.path, "two.zarr", inputs=["short", "long"], shards=2, max_tokens=300)
+    for inp in ("short", "long"):
+        a, b = xr.open_zarr(one, group=f"dynamic/{inp}"), xr.open_zarr(two, group=f"dynamic/{inp}")
+        assert (a.unit_done.values == 1).all()
+        assert list(a.tokens.values) == list(b.tokens.values)
+        for name in a.data_vars:
+            if name == "tokens":
+                continue
+            np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert xr.open_zarr(one, group="dynamic/long").sizes["token"] == 300
+
+
+def test_balance_layers_is_contiguous_and_balanced():
+    from moe_ray.distributed.pipeline import balance_layers
+
+    assert balance_layers([10, 1, 1, 1, 1, 10], 2) == [(0, 3), (3, 6)]
+    assert balance_layers([5, 5, 5, 5], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert balance_layers([1, 1, 1, 9], 2) == [(0, 3), (3, 4)]
+
+
+@pytest.mark.parametrize("case", ["empty", "not_utf8", "too_long", "no_tokenizer"])
+def test_bad_inputs_fail_cleanly_and_leave_no_store(ray_session, tiny, tmp_path, case):
+    import shutil
+
+    from moe_ray import api
+    from moe_ray.errors import MoeRayError
+
+    src = tiny("mixtral", "scratch").path
+    model, dyn = src, {"inputs": ["text"]}
+    text = tmp_path / "in.txt"
+    if case == "empty":
+        text.write_text("  \n")
+        message = "empty"
+    elif case == "not_utf8":
+        text.write_bytes(b"caf\xe9 \xff\xfe")
+        message = "not UTF-8"
+    elif case == "too_long":
+        text.write_text("As an open source alternative to " * 200)
+        dyn["max_tokens"] = None
+        model = tmp_path / "short-model"
+        shutil.copytree(src, model)
+        import json
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["max_position_embeddings"] = 64
+        (model / "config.json").write_text(json.dumps(cfg))
+        message = "max_position_embeddings"
+    else:
+        text.write_text("hello")
+        model = tmp_path / "no-tok"
+        shutil.copytree(src, model)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (model / f).unlink()
+        message = "no tokenizer"
+    store = tmp_path / "bad.zarr"
+    with pytest.raises(MoeRayError, match=message):
+        api.run(model=str(model), analyses=["dynamic"], store=str(store),
+                dynamic={**dyn, "text_file": str(text)}, progress=False)
+    assert not store.exists()
