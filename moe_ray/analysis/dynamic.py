@@ -49,20 +49,22 @@ class AllExpertResult:
 
 def all_expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                        act: Callable[[torch.Tensor], torch.Tensor], probe_tokens: int = 0,
-                       threshold: float = ACTIVE_THRESHOLD, chunk: int = 128) -> AllExpertResult:
+                       threshold: float = ACTIVE_THRESHOLD, chunk: int = 512) -> AllExpertResult:
     """Run all E experts on all T tokens (Topk = ALL, §5): batched over experts, in token blocks
-    of `chunk` so the [chunk, E, d_mid] intermediates bound the memory."""
+    of `chunk` so the [chunk, E, d_mid] intermediates bound the memory (no loop over experts or tokens)."""
     T = x.shape[0]
     E, d_mid, H = gate.shape
     outputs = x.new_empty((T, E, H))
     ratio = x.new_empty((T, E))
     probe = min(probe_tokens, T)
     intermediate = x.new_empty((probe, E, d_mid))
+    gate_flat, up_flat = gate.reshape(E * d_mid, H).T, up.reshape(E * d_mid, H).T  # one matmul for all experts
+    down_t = down.transpose(1, 2)  # [E, d_mid, H]
     for start in range(0, T, chunk):
         xs = x[start:start + chunk]
-        g = act(torch.einsum("th,emh->tem", xs, gate))
-        mid = g * torch.einsum("th,emh->tem", xs, up)
-        outputs[start:start + chunk] = torch.einsum("tem,ehm->teh", mid, down)
+        g = act(xs @ gate_flat).reshape(-1, E, d_mid)
+        mid = g * (xs @ up_flat).reshape(-1, E, d_mid)
+        outputs[start:start + chunk] = torch.bmm(mid.transpose(0, 1), down_t).transpose(0, 1)
         ratio[start:start + chunk] = (g.abs() > threshold).float().mean(dim=-1)
         if start < probe:
             intermediate[start:probe] = g[: probe - start]
