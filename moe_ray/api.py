@@ -15,6 +15,7 @@ from .spec import Spec
 from .store import ResultStore, open_results
 from .units import reorder as reorder_unit
 from .units import static as static_unit
+from .units import dynamic as dynamic_unit
 from .units.job import AnalysisJob
 
 Planner = Callable[[Spec, Checkpoint, "Checkpoint | None", tuple[int, ...]], AnalysisJob]
@@ -22,6 +23,7 @@ PLANNERS: dict[str, Planner] = {
     "static": static_unit.plan_job,
     "reorder": reorder_unit.plan_job,
 }
+PLANNERS["dynamic"] = dynamic_unit.plan_job
 """How each analysis named in a spec is planned (validated and split into units)."""
 
 

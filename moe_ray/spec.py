@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import SpecError
 
-ANALYSES = ("static", "reorder")
+ANALYSES = ("static", "reorder", "dynamic")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
 
 
@@ -76,6 +76,36 @@ def parse_pair(text: str) -> tuple[int, int]:
 
 
 @dataclass
+class DynamicOptions:
+    inputs: list[str] = field(default_factory=lambda: ["short", "long"], metadata={
+        "help": "dynamic inputs, comma-separated: short (the paper's prompt), long (~1,100 tokens), "
+                "text (the --text-file)"})
+    text_file: str | None = field(default=None, metadata={"help": "a UTF-8 text file, run as input 'text'"})
+    shards: int = field(default=1, metadata={"help": "layer-shard actors the model is split over"})
+    max_tokens: int | None = field(default=1100, metadata={
+        "help": "keep the first N tokens of each input (the paper's long input is ~1,100); unset: all"})
+    intermediate_tokens: int = field(default=4, metadata={
+        "help": "store the full act(W_gate x) vectors of this many first tokens"})
+    save_expert_outputs: bool = field(default=False, metadata={
+        "help": "also store every expert's raw output vectors (layer x token x expert x hidden)"})
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise SpecError("dynamic.inputs is empty; name short, long or text")
+        bad = [i for i in self.inputs if i not in ("short", "long", "text")]
+        if bad:
+            raise SpecError(f"unknown dynamic input {bad[0]!r}; choose short, long or text")
+        if "text" in self.inputs and not self.text_file:
+            raise SpecError("dynamic input 'text' needs --text-file PATH")
+        if self.shards < 1:
+            raise SpecError(f"shards must be at least 1, not {self.shards}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SpecError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if self.intermediate_tokens < 0:
+            raise SpecError(f"intermediate_tokens must be 0 or more, not {self.intermediate_tokens}")
+
+
+@dataclass
 class Resources:
     num_cpus: int | None = field(default=None, metadata={
         "help": "CPUs of a local Ray started by moe-ray (default: all); ignored when joining a cluster"})
@@ -109,6 +139,7 @@ class Spec:
                 "off by default: pickle files can run code when loaded"})
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
+    dynamic: DynamicOptions = field(default_factory=DynamicOptions)
     resources: Resources = field(default_factory=Resources)
 
     # ---- construction -------------------------------------------------------------------------
@@ -150,6 +181,8 @@ class Spec:
             raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
         self.static.validate()
         self.reorder.validate()
+        if "dynamic" in self.analyses:
+            self.dynamic.validate()
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -115,6 +115,40 @@ def reorder_quantity(name: str, mode: str) -> Quantity:
     return q
 
 
+DYNAMIC_SCHEMA: dict[str, Quantity] = {
+    "tokens": Quantity(("token",), "the input's tokens as the tokenizer spells them", "str"),
+    "token_ids": Quantity(("token",), "the input's token ids (BOS first where the tokenizer has one)", "int64"),
+    "router_logits": Quantity(
+        ("layer", "token", "expert"), "D3/D5: the router's logits (pre-softmax) at the MoE block's input; "
+        "NaN for F and SE"),
+    "gate_scores": Quantity(
+        ("layer", "token", "expert"), "D3 (§5.2, Fig 4): router scores, softmax over all experts; NaN for F and SE"),
+    "topk_experts": Quantity(("layer", "token", "k"), "D5 (App E, Fig 10): the experts the family's own rule picks",
+                             "int64"),
+    "topk_weights": Quantity(("layer", "token", "k"), "D5: the family's own top-k weights of those experts"),
+    "expert_output_norms": Quantity(
+        ("layer", "token", "expert"), "D3 (§5.2, Fig 4): L2 norm of every expert's output (Topk = ALL), F and SE"),
+    "expert_output_similarity": Quantity(
+        ("layer", "token", "expert_i", "expert_j"),
+        "D1 (§5.1, Fig 2): per token, cosine between the outputs of two experts (and F, SE)"),
+    "expert_output_angular_mean": Quantity(
+        ("layer", "expert_i", "expert_j"),
+        "D2 (§5.1, Fig 3): 1 - arccos(cosine)/π of two experts' outputs, averaged over the input's tokens"),
+    "norm_score_rank_counts": Quantity(
+        ("layer", "norm_rank", "score_rank"),
+        "D3 (App D, Fig 9): (token, routed expert) pairs whose output norm has rank norm_rank and "
+        "router score rank score_rank (0 = largest)", "int64"),
+    "activation_ratio": Quantity(
+        ("layer", "token", "expert"),
+        "D4 (§5.3, Fig 5): fraction of act(W_gate x) elements with |value| > 1e-3"),
+    "intermediate_states": Quantity(
+        ("layer", "probe_token", "expert", "neuron"),
+        "D4 (§5.3, Fig 5): act(W_gate x) of the first tokens; NaN past a label's own d_mid"),
+    "expert_outputs": Quantity(
+        ("layer", "token", "expert", "hidden"),
+        "optional (save_expert_outputs): every expert's raw output vector (Topk = ALL), F and SE"),
+}
+
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

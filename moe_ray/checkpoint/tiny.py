@@ -7,7 +7,9 @@ Variants (deterministic by seed):
 - `permuted`: odd experts are exact neuron permutations of the even expert before them (the same
   permutation of up rows, gate rows and down columns, so the function is unchanged).
 
-What was planted is written to `OUT/moe_ray_tiny.json`. Shards are small so that the
+Every checkpoint gets a small byte-level BPE tokenizer trained with `tokenizers` on the package's
+long input text (`tokenizer.json` + `tokenizer_config.json`, loadable by transformers'
+AutoTokenizer, BOS prepended like Mistral's). What was planted is written to `OUT/moe_ray_tiny.json`. Shards are small so that the
 `model.safetensors.index.json` path is exercised like a real hub checkpoint.
 """
 from __future__ import annotations
@@ -169,6 +171,7 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
             writer.add(key, tensor.to(cast))
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(out, int(config["vocab_size"]))
 
     reference = None
     if variant == "upcycled":
@@ -203,3 +206,27 @@ def _write_parent(adapter: type[Family], config: dict, out: Path, parent_layers:
         writer.add(key, tensor.to(cast))
     writer.close()
     (out / "config.json").write_text(json.dumps(dense_config, indent=2))
+
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+"""Ids 0, 1, 2: unk, BOS, EOS (the tiny configs' bos_token_id 1, eos_token_id 2)."""
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE tokenizer of `vocab_size` on the long input text and save it in the
+    transformers layout (tokenizer.json + tokenizer_config.json) under `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data import LONG_FILE, SHORT_TEXT
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([LONG_FILE.read_text(encoding="utf-8"), SHORT_TEXT], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(out))

@@ -149,6 +149,72 @@ class Family:
     flavors: ClassVar[dict[str, dict]] = {}
     """Published configs of real checkpoints (for `plan` and meta-device tests), by flavor name."""
 
+    # ---- dynamic passes: decoder layers built from transformers' own classes ------------------
+    hf_module: ClassVar[str | None] = None
+    """`transformers.models.<hf_module>.modeling_<hf_module>` holds the decoder classes (None: none)."""
+    hf_prefix: ClassVar[str] = ""
+    """Class-name prefix there, e.g. "Mixtral" for MixtralDecoderLayer, MixtralConfig."""
+    moe_hub_name: ClassVar[str] = "mlp"
+    """What the hub keys call a layer's MoE block (transformers' modules always call it `mlp`)."""
+
+    @classmethod
+    def hf_classes(cls) -> dict[str, type]:
+        """transformers' config, decoder layer, rotary embedding and RMSNorm classes of this family."""
+        import importlib
+
+        if cls.hf_module is None:
+            raise NotImplementedError(f"{cls.name} has no decoder layer for dynamic passes")
+        modeling = importlib.import_module(f"transformers.models.{cls.hf_module}.modeling_{cls.hf_module}")
+        config_mod = importlib.import_module(f"transformers.models.{cls.hf_module}.configuration_{cls.hf_module}")
+        p = cls.hf_prefix
+        return {"config": getattr(config_mod, f"{p}Config"), "layer": getattr(modeling, f"{p}DecoderLayer"),
+                "rotary": getattr(modeling, f"{p}RotaryEmbedding"), "norm": getattr(modeling, f"{p}RMSNorm")}
+
+    @classmethod
+    def hf_config(cls, config: dict):
+        """config.json as transformers' config object: SDPA attention, the eager (per-expert) MoE path."""
+        hf = cls.hf_classes()["config"](**{k: v for k, v in config.items() if k != "torch_dtype"})
+        hf._attn_implementation = "sdpa"
+        hf._experts_implementation = "eager"
+        return hf
+
+    @classmethod
+    def layer_state(cls, module_keys: list[str], layer: int, num_experts: int, read) -> dict[str, torch.Tensor]:
+        """A decoder layer's state dict from hub tensors (`read(key)`): per-expert W_gate/W_up/W_down
+        are fused into transformers' `mlp.experts.gate_up_proj` [E, 2·d_mid, H] (gate rows first) and
+        `mlp.experts.down_proj` [E, H, d_mid]; every other parameter keeps its hub name, with the
+        MoE block's `mlp.` spelled as the hub spells it."""
+        state: dict[str, torch.Tensor] = {}
+        experts = [cls.expert_keys(layer, e) for e in range(num_experts)]
+        for name in module_keys:
+            if name == "mlp.experts.gate_up_proj":
+                state[name] = torch.stack([torch.cat([read(k["gate"]), read(k["up"])]) for k in experts])
+            elif name == "mlp.experts.down_proj":
+                state[name] = torch.stack([read(k["down"]) for k in experts])
+            else:
+                hub = name
+                if num_experts and name.startswith("mlp."):
+                    hub = f"{cls.moe_hub_name}." + name[len("mlp."):]
+                state[name] = read(f"model.layers.{layer}.{hub}")
+        return state
+
+    @classmethod
+    def expert_stacks(cls, block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_gate, W_up [E, d_mid, H], W_down [E, H, d_mid]) of a built MoE block, views of its weights."""
+        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+        d_mid = down.shape[-1]
+        return gate_up[:, :d_mid], gate_up[:, d_mid:], down
+
+    @classmethod
+    def router_weight(cls, block: torch.nn.Module) -> torch.Tensor:
+        """The router matrix [E, H] of a built MoE block."""
+        return block.gate.weight
+
+    @classmethod
+    def shared_expert_stack(cls, block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(W_gate, W_up, W_down) of the block's shared expert as a one-expert stack, or None."""
+        return None
+
 
 # ---- helpers shared by llama-style families --------------------------------------------------
 

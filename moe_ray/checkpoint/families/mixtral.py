@@ -16,6 +16,9 @@ class Mixtral(Family):
     expert_proj = {"up": "w3", "gate": "w1", "down": "w2"}
     activation = "silu"
     routing = "top-k of the router logits, softmax over the k chosen"
+    hf_module = "mixtral"
+    hf_prefix = "Mixtral"
+    moe_hub_name = "block_sparse_moe"
 
     @classmethod
     def expert_d_mid(cls, config: dict) -> int:

@@ -1,0 +1,44 @@
+"""Built-in inputs of the dynamic analyses (paper §5): the paper's short prompt and a long
+public-domain text (the opening of the US Declaration of Independence, 1776), plus user text files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MoeRayError
+
+SHORT_TEXT = "As an open source alternative to"
+"""The paper's short input (§5), tokenised with BOS where the tokenizer adds one."""
+LONG_FILE = Path(__file__).with_name("declaration.txt")
+BUILTIN_INPUTS = ("short", "long")
+
+
+class InputError(MoeRayError):
+    """An input text cannot be used (missing, not UTF-8, empty)."""
+
+
+def read_text_file(path: str | Path) -> str:
+    """A user's text file as str; refuses missing, non-UTF-8 and empty files with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"text file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"text file {path} is not UTF-8 (byte {exc.start}: {exc.reason}); "
+                         "convert it to UTF-8") from None
+    if not text.strip():
+        raise InputError(f"text file {path} is empty")
+    return text
+
+
+def input_text(name: str, text_file: str | None = None) -> str:
+    """The text of input `name`: `short`, `long`, or `text` (the user's `text_file`)."""
+    if name == "short":
+        return SHORT_TEXT
+    if name == "long":
+        return LONG_FILE.read_text(encoding="utf-8")
+    if name == "text":
+        if not text_file:
+            raise InputError("input 'text' needs a text file (--text-file PATH)")
+        return read_text_file(text_file)
+    raise InputError(f"unknown input {name!r}; choose short, long or text (with --text-file)")

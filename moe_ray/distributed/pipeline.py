@@ -1,0 +1,92 @@
+"""Layer-shard pipelines on Ray (design §6): a placement group with one bundle per shard, one actor
+per bundle, and items flowing actor to actor as object refs, several in flight at once.
+
+Nothing here knows what a shard computes: the actor class and its constructor arguments come from
+the caller (`units.dynamic`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..errors import MoeRayError, SpecError
+from .fanout import _unwrap
+
+READY_TIMEOUT_S = 600
+
+
+def balance_layers(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
+    """Split layers 0..n-1 into `shards` contiguous [start, end) ranges minimising the largest
+    range's bytes (exact, by dynamic programming); `sizes[i]` is layer i's bytes."""
+    n = len(sizes)
+    if not 1 <= shards <= n:
+        raise SpecError(f"cannot split {n} layers over {shards} shards (1 to {n} shards)")
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(shards + 1)]
+    cut = [[0] * (n + 1) for _ in range(shards + 1)]
+    best[0][0] = 0
+    for k in range(1, shards + 1):
+        for end in range(k, n + 1):
+            for start in range(k - 1, end):
+                cost = max(best[k - 1][start], prefix[end] - prefix[start])
+                if cost < best[k][end]:
+                    best[k][end], cut[k][end] = cost, start
+    ranges, end = [], n
+    for k in range(shards, 0, -1):
+        start = cut[k][end]
+        ranges.append((start, end))
+        end = start
+    return ranges[::-1]
+
+
+def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[dict[str, float]],
+                 items: Sequence[tuple[str, Any]], method: str = "run") -> dict[str, Any]:
+    """Create one actor per shard in a placement group (STRICT_PACK is not required: shards may sit
+    on different nodes), push every item through the shards in order, return {name: last output}.
+
+    Each item is (name, first shard's input); shard i's `method(name, value)` output goes to shard
+    i+1 as an object ref, so all items are in flight at once and every shard stays busy.
+    """
+    if not items:
+        return {}
+    pg = placement_group(list(bundles), strategy="PACK")
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=READY_TIMEOUT_S)
+        if not ready:
+            raise SpecError(f"the cluster cannot place {len(bundles)} shard(s) of {bundles[0]} each; "
+                            "lower shards or add resources")
+        remote_cls = ray.remote(actor_cls)
+        actors = [remote_cls.options(
+            num_cpus=b.get("CPU", 1), memory=b.get("memory"), max_restarts=1, max_task_retries=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(*args) for i, (b, args) in enumerate(zip(bundles, ctor_args))]
+        finals = {}
+        for name, value in items:
+            ref = value
+            for actor in actors:
+                ref = getattr(actor, method).remote(name, ref)
+            finals[name] = ref
+        out = {}
+        try:
+            for name, ref in finals.items():
+                out[name] = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = _unwrap(exc)
+            if isinstance(cause, MoeRayError):
+                raise type(cause)(str(cause)) from None
+            raise MoeRayError(f"shard actor failed: {type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayError as exc:
+            raise MoeRayError(f"shard actor failed: {exc}") from None
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        return out
+    finally:
+        remove_placement_group(pg)

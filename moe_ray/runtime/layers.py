@@ -1,0 +1,154 @@
+"""A contiguous range of a model's decoder layers, materialised on CPU in float32 from per-layer
+safetensors reads, run with a forced all-expert capture (paper §5).
+
+The decoder layers are the family's own transformers classes, built on the meta device and filled
+with `load_state_dict(assign=True)` from the hub tensors (the family adapter fuses per-expert keys
+into transformers' 3-D expert tensors). Each MoE layer runs exactly as in the model (top-k) to give
+the next layer its input; a forward pre-hook on the MoE block keeps that block's input x, on which
+the capture then runs every expert (Topk = ALL), the dense reference FFN F of the same layer and the
+shared expert SE. The capture never changes the hidden states that flow on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..analysis import dynamic as D
+from ..checkpoint import Checkpoint
+from ..errors import MoeRayError
+
+Stack = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class SequenceError(MoeRayError):
+    """An input sequence the model cannot run (empty, longer than its positions)."""
+
+
+@dataclass
+class LayerCapture:
+    """Everything the dynamic analyses keep from one MoE layer for one sequence (float32, CPU)."""
+
+    layer: int
+    router_logits: torch.Tensor  # [T, E]
+    gate_scores: torch.Tensor  # [T, E] softmax over all experts
+    topk_weights: torch.Tensor  # [T, k] the family's own top-k weights
+    topk_experts: torch.Tensor  # [T, k]
+    outputs: torch.Tensor  # [T, L, H] over labels (experts, then F, SE)
+    activation_ratio: torch.Tensor  # [T, L]
+    intermediate: list[torch.Tensor]  # per label: [P, d_mid of that label]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return D.output_norms(self.outputs)
+
+    @property
+    def similarity(self) -> torch.Tensor:
+        return D.cosine_per_token(self.outputs)
+
+    @property
+    def rank_counts(self) -> torch.Tensor:
+        E = self.router_logits.shape[-1]
+        return D.norm_score_rank_counts(self.norms[:, :E], self.gate_scores)
+
+
+def layer_keys(ckpt: Checkpoint, layer: int) -> list[str]:
+    """Every hub key of one decoder layer (for byte-balanced sharding and presence checks)."""
+    prefix = f"model.layers.{layer}."
+    return [k for k in ckpt.tensors if k.startswith(prefix)]
+
+
+class LayerRange:
+    """Decoder layers [start, end) of `ckpt` (embeddings too when start is 0), ready to run."""
+
+    def __init__(self, ckpt: Checkpoint, start: int, end: int, reference: Checkpoint | None = None,
+                 capture_layers: tuple[int, ...] | None = None):
+        self.ckpt, self.start, self.end = ckpt, start, end
+        self.family = ckpt.family
+        self.facts = ckpt.facts
+        self.act = D.activation_fn(self.family.activation)
+        self.hf_config = self.family.hf_config(ckpt.config)
+        classes = self.family.hf_classes()
+        self.capture_layers = tuple(l for l in (capture_layers if capture_layers is not None else self.facts.moe_layers)
+                                    if start <= l < end)
+        self.rotary = classes["rotary"](config=self.hf_config)
+        self.embed_weight = ckpt.read("model.embed_tokens.weight") if start == 0 else None
+        self.layers: dict[int, torch.nn.Module] = {}
+        for layer in range(start, end):
+            with torch.device("meta"):
+                module = classes["layer"](self.hf_config, layer)
+            moe = layer in self.facts.moe_layers
+            state = self.family.layer_state(list(module.state_dict()), layer,
+                                            self.facts.num_experts if moe else 0, ckpt.read)
+            module.load_state_dict(state, strict=True, assign=True)
+            self.layers[layer] = module.eval()
+        ckpt.close()
+        self.reference: dict[int, Stack] = {}
+        if reference is not None:
+            for layer in self.capture_layers:
+                keys = reference.family.dense_ffn_keys(layer)
+                self.reference[layer] = tuple(reference.read(keys[m]).unsqueeze(0) for m in ("gate", "up", "down"))
+            reference.close()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> hidden states [1, T, H] (first shard only)."""
+        if self.embed_weight is None:
+            raise MoeRayError("embeddings live on the first shard")
+        check_sequence(input_ids, self.ckpt.config)
+        return torch.nn.functional.embedding(input_ids.long().unsqueeze(0), self.embed_weight)
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor, capture: bool = True, probe_tokens: int = 0
+                ) -> tuple[torch.Tensor, dict[int, LayerCapture]]:
+        """Run this range's layers on [1, T, H]; returns the output and the MoE layers' captures."""
+        from transformers.masking_utils import create_causal_mask
+
+        T = hidden.shape[1]
+        position_ids = torch.arange(T).unsqueeze(0)
+        mask = create_causal_mask(config=self.hf_config, inputs_embeds=hidden, attention_mask=None,
+                                  cache=None, position_ids=position_ids)
+        position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        captures: dict[int, LayerCapture] = {}
+        for layer, module in self.layers.items():
+            seen: list[torch.Tensor] = []
+            hook = None
+            if capture and layer in self.capture_layers:
+                hook = module.mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+            try:
+                hidden = module(hidden, position_embeddings=position_embeddings, attention_mask=mask,
+                                position_ids=position_ids)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if seen:
+                captures[layer] = self.capture(layer, seen[0].reshape(T, -1), probe_tokens)
+        return hidden, captures
+
+    def capture(self, layer: int, x: torch.Tensor, probe_tokens: int) -> LayerCapture:
+        """The forced all-expert pass on one MoE layer's input x [T, H] (D1-D5)."""
+        block = self.layers[layer].mlp
+        logits = x @ self.family.router_weight(block).T
+        weights, experts = self.family.route(logits, self.facts.top_k, self.ckpt.config)
+        routed = D.all_expert_forward(x, *self.family.expert_stacks(block), self.act, probe_tokens)
+        outputs, ratios = [routed.outputs], [routed.activation_ratio]
+        intermediate = list(routed.intermediate.unbind(1))
+        extras = [self.reference.get(layer), self.family.shared_expert_stack(block)]
+        for stack in extras:
+            if stack is None:
+                continue
+            res = D.all_expert_forward(x, *stack, self.act, probe_tokens)
+            outputs.append(res.outputs)
+            ratios.append(res.activation_ratio)
+            intermediate.append(res.intermediate[:, 0])
+        return LayerCapture(layer, logits, D.router_scores(logits), weights.float(), experts,
+                            torch.cat(outputs, dim=1), torch.cat(ratios, dim=1), intermediate)
+
+
+def check_sequence(input_ids: torch.Tensor, config: dict) -> None:
+    """Refuse sequences the model cannot run, with one clear line."""
+    if input_ids.numel() == 0:
+        raise SequenceError("the input has no tokens (empty text)")
+    limit = config.get("max_position_embeddings")
+    if limit and input_ids.numel() > int(limit):
+        raise SequenceError(f"the input has {input_ids.numel()} tokens, more than the model's "
+                            f"{limit} positions (max_position_embeddings)")

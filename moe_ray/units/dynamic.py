@@ -1,0 +1,263 @@
+"""The dynamic analyses (paper §5, App D, App E) as layer-shard actors.
+
+Planning (before the store is touched) tokenises every input, checks lengths, the tokenizer, the
+reference and the family's decoder layers, and splits the layers into contiguous shards balanced by
+bytes. Executing creates one actor per shard (`distributed.pipeline`); each materialises its layers
+on CPU (embeddings on the first), runs every input's hidden states through them with the forced
+all-expert capture (`runtime.LayerRange`), writes its own MoE layers' slabs of `dynamic/<input>/*`
+and marks them done; hidden states flow on to the next shard as object refs.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..analysis.dynamic import angular_mean
+from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
+from ..data import InputError, input_text
+from ..distributed.fanout import Unit
+from ..distributed.pipeline import balance_layers, run_pipeline
+from ..errors import CheckpointError
+from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
+from ..spec import DynamicOptions, Spec
+from ..store import DYNAMIC_SCHEMA, ResultStore, unit_done
+from .job import AnalysisJob
+
+GROUP = "dynamic"
+UNIT_DIMS = ("layer",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+ACTIVATION_SLACK = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class TokenizedInput:
+    name: str
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DynamicPlan:
+    """Everything a shard actor needs, small and picklable."""
+
+    model: str
+    reference: str | None
+    store: str
+    facts: ModelFacts
+    layers: tuple[int, ...]  # the MoE layers captured
+    labels: tuple[str, ...]
+    neuron_dim: int
+    shards: tuple[tuple[int, int], ...]
+    shard_memory: tuple[int, ...]
+    inputs: tuple[TokenizedInput, ...]
+    options: DynamicOptions
+
+
+def tokenize(ckpt: Checkpoint, names: list[str], options: DynamicOptions) -> tuple[TokenizedInput, ...]:
+    """Each named input as token ids with the checkpoint's own tokenizer (BOS where it adds one)."""
+    from transformers import AutoTokenizer
+
+    fs = ckpt.fs
+    if not any(fs.exists(f"{ckpt.root.rstrip('/')}/{f}") for f in TOKENIZER_FILES):
+        raise InputError(f"no tokenizer in {ckpt.location} (tokenizer.json or tokenizer.model); "
+                         "dynamic analyses need the checkpoint's tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.location)
+    out = []
+    for name in names:
+        text = input_text(name, options.text_file)
+        ids = tokenizer(text)["input_ids"]
+        if options.max_tokens is not None:
+            ids = ids[: options.max_tokens]
+        check_sequence(torch.tensor(ids, dtype=torch.long), ckpt.config)
+        out.append(TokenizedInput(name, tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)),
+                                  hashlib.sha256(text.encode()).hexdigest()))
+    return tuple(out)
+
+
+def _fp32_bytes(ckpt: Checkpoint, keys: list[str]) -> int:
+    return sum(int(np.prod(ckpt.info(k).shape)) * 4 for k in keys)
+
+
+def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tuple[int, ...]) -> DynamicPlan:
+    """Validate everything a dynamic run needs before any work starts."""
+    facts, family = ckpt.facts, ckpt.family
+    options = spec.dynamic
+    if family.hf_module is None:
+        raise CheckpointError(f"dynamic analyses do not support the {facts.family} family yet")
+    inputs = tokenize(ckpt, list(dict.fromkeys(options.inputs)), options)
+    n = facts.num_layers
+    for layer in range(n):
+        if not layer_keys(ckpt, layer):
+            raise CheckpointError(f"layer {layer} has no tensors in {ckpt.location}")
+    ckpt.require(["model.embed_tokens.weight"], "the embeddings")
+    labels = [str(e) for e in range(facts.num_experts)]
+    neuron_dim = facts.d_mid
+    ref_bytes = 0
+    if ref is not None:
+        if ref.facts.d_hid != facts.d_hid or ref.facts.num_layers < max(layers) + 1 or ref.facts.moe_layers:
+            raise CheckpointError(f"reference {ref.location} is not a dense model with this model's hidden "
+                                  "size and layers: shapes don't match")
+        for layer in layers:
+            ref.require(list(ref.family.dense_ffn_keys(layer).values()), f"reference layer {layer}")
+        ref_d_mid = ref.info(ref.family.dense_ffn_keys(layers[0])["up"]).shape[0]
+        labels.append("F")
+        neuron_dim = max(neuron_dim, ref_d_mid)
+        ref_bytes = 3 * ref_d_mid * facts.d_hid * 4
+    if facts.shared_d_mid and family.shared_key:
+        labels.append("SE")
+        neuron_dim = max(neuron_dim, facts.shared_d_mid)
+    sizes = [_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(n)]
+    sizes[0] += _fp32_bytes(ckpt, ["model.embed_tokens.weight"])
+    shards = balance_layers(sizes, options.shards)
+    longest = max(len(i.ids) for i in inputs)
+    act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK
+    memory = tuple(2 * sum(sizes[a:b]) + ref_bytes * sum(1 for l in layers if a <= l < b) + act_bytes
+                   for a, b in shards)
+    return DynamicPlan(ckpt.location, ref.location if ref else None, spec.store, facts, tuple(layers),
+                       tuple(labels), neuron_dim, tuple(shards), memory, inputs, options)
+
+
+def group_params(plan: DynamicPlan, item: TokenizedInput) -> dict:
+    """What one input's results depend on (a rerun with other values is refused)."""
+    return {"labels": list(plan.labels), "text_sha256": item.sha256, "tokens": len(item.ids),
+            "intermediate_tokens": plan.options.intermediate_tokens,
+            "save_expert_outputs": plan.options.save_expert_outputs}
+
+
+def prepare(store: ResultStore, plan: DynamicPlan, overwrite: bool = False) -> list[str]:
+    """Create every input's group, coordinates and arrays; return the inputs not yet complete."""
+    pending = []
+    for item in plan.inputs:
+        group = store.group(f"{GROUP}/{item.name}", group_params(plan, item), overwrite=overwrite)
+        T, P = len(item.ids), min(plan.options.intermediate_tokens, len(item.ids))
+        store.coord(group, "layer", np.array(plan.layers, dtype=np.int64))
+        store.coord(group, "token", np.arange(T, dtype=np.int64))
+        for dim in ("expert", "expert_i", "expert_j"):
+            store.coord(group, dim, np.array(plan.labels))
+        store.coord(group, "k", np.arange(plan.facts.top_k, dtype=np.int64))
+        store.coord(group, "norm_rank", np.arange(plan.facts.num_experts, dtype=np.int64))
+        store.coord(group, "score_rank", np.arange(plan.facts.num_experts, dtype=np.int64))
+        store.coord(group, "probe_token", np.arange(P, dtype=np.int64))
+        store.coord(group, "neuron", np.arange(plan.neuron_dim, dtype=np.int64))
+        if plan.options.save_expert_outputs:
+            store.coord(group, "hidden", np.arange(plan.facts.d_hid, dtype=np.int64))
+        for name, quantity in DYNAMIC_SCHEMA.items():
+            if name in ("tokens", "token_ids"):
+                continue
+            if name == "expert_outputs" and not plan.options.save_expert_outputs:
+                continue
+            store.array(group, name, quantity, UNIT_DIMS)
+        _write_tokens(group, item)
+        store.done_array(group, UNIT_DIMS)
+        if not unit_done(group).all():
+            pending.append(item.name)
+    return pending
+
+
+def _write_tokens(group, item: TokenizedInput) -> None:
+    for name, values in (("tokens", np.array(item.tokens, dtype=object)), ("token_ids", np.array(item.ids))):
+        if name in group:
+            continue
+        q = DYNAMIC_SCHEMA[name]
+        arr = group.create_array(name, shape=values.shape, dtype=str if q.dtype == "str" else q.dtype,
+                                 dimension_names=list(q.dims), attributes={"description": q.description})
+        arr[...] = values
+
+
+def capture_arrays(plan: DynamicPlan, cap: LayerCapture) -> dict[str, np.ndarray]:
+    """One layer's slabs of every stored quantity, from its capture."""
+    E, L = plan.facts.num_experts, len(plan.labels)
+    T = cap.router_logits.shape[0]
+    routed_pad = np.full((T, L), np.nan, dtype=np.float32)
+    logits, scores = routed_pad.copy(), routed_pad.copy()
+    logits[:, :E] = cap.router_logits.numpy()
+    scores[:, :E] = cap.gate_scores.numpy()
+    cos = cap.similarity
+    P = min(plan.options.intermediate_tokens, T)
+    inter = np.full((P, L, plan.neuron_dim), np.nan, dtype=np.float32)
+    for li, vec in enumerate(cap.intermediate):
+        inter[:, li, : vec.shape[-1]] = vec.numpy()
+    out = {
+        "router_logits": logits, "gate_scores": scores,
+        "topk_experts": cap.topk_experts.numpy().astype(np.int64),
+        "topk_weights": cap.topk_weights.numpy().astype(np.float32),
+        "expert_output_norms": cap.norms.numpy().astype(np.float32),
+        "expert_output_similarity": cos.numpy().astype(np.float32),
+        "expert_output_angular_mean": angular_mean(cos).numpy().astype(np.float32),
+        "norm_score_rank_counts": cap.rank_counts.numpy().astype(np.int64),
+        "activation_ratio": cap.activation_ratio.numpy().astype(np.float32),
+        "intermediate_states": inter,
+    }
+    if plan.options.save_expert_outputs:
+        out["expert_outputs"] = cap.outputs.numpy().astype(np.float32)
+    return out
+
+
+class ShardWorker:
+    """A Ray actor holding layers [start, end) of the model; `run` pushes one input through them."""
+
+    def __init__(self, plan: DynamicPlan, shard: int):
+        self.plan = plan
+        start, end = plan.shards[shard]
+        ref = open_checkpoint(plan.reference) if plan.reference else None
+        self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers)
+        self.store = ResultStore(plan.store)
+
+    def run(self, name: str, value) -> torch.Tensor:
+        """Token ids (first shard) or hidden states in; hidden states out; this shard's layers stored."""
+        hidden = self.runner.embed(torch.tensor(value, dtype=torch.long)) if self.runner.start == 0 else value
+        hidden, captures = self.runner.forward(hidden, probe_tokens=self.plan.options.intermediate_tokens)
+        group = self.store.root[f"{GROUP}/{name}"]
+        for layer, cap in captures.items():
+            li = self.plan.layers.index(layer)
+            for key, values in capture_arrays(self.plan, cap).items():
+                group[key][li] = values
+            group["unit_done"][li] = 1
+        return hidden
+
+
+class DynamicJob(AnalysisJob):
+    """The dynamic analyses of a run: one pipeline pass per input through the layer-shard actors."""
+
+    name = "dynamic"
+
+    def __init__(self, plan: DynamicPlan, cpus_per_shard: int = 1):
+        self.plan = plan
+        self.cpus = cpus_per_shard
+        memory = max(plan.shard_memory)
+        self._units = [Unit(f"dynamic {item.name}", (item.name,), memory) for item in plan.inputs]
+
+    def units(self) -> list[Unit]:
+        return self._units
+
+    def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
+        pending = set(prepare(store, self.plan, overwrite))
+        return [u for u in self._units if u.args[0] in pending]
+
+    def unit_function(self):
+        return ShardWorker.run
+
+    def execute(self, pending: list[Unit], spec: Spec) -> None:
+        """Push every pending input through the shard actors (all inputs in flight at once)."""
+        names = {u.args[0] for u in pending}
+        items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
+        bundles = [{"CPU": self.cpus, "memory": m} for m in self.plan.shard_memory]
+        ctor = [(self.plan, s) for s in range(len(self.plan.shards))]
+        run_pipeline(ShardWorker, ctor, bundles, items)
+
+    def finish(self, store: ResultStore) -> str:
+        E = self.plan.facts.num_experts
+        parts = []
+        for item in self.plan.inputs:
+            ang = np.asarray(store.root[f"{GROUP}/{item.name}/expert_output_angular_mean"][...], dtype=np.float64)
+            off = ang[:, :E, :E][:, ~np.eye(E, dtype=bool)]
+            parts.append(f"{item.name} ({len(item.ids)} tokens) mean angular similarity {np.nanmean(off):.3f}")
+        return "dynamic: " + ", ".join(parts)
+
+
+def plan_job(spec: Spec, ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...]) -> DynamicJob:
+    return DynamicJob(plan_dynamic(ckpt, ref, spec, layers), spec.resources.cpus_per_task)

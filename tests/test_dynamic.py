@@ -1,0 +1,225 @@
+"""Dynamic analyses (paper §5, App D, App E): capture math, the layer runtime against transformers'
+own model, planted truths on tiny checkpoints, sharded actors, and bad inputs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moe_ray.analysis import dynamic as D
+from moe_ray.checkpoint import open_checkpoint
+from moe_ray.runtime import LayerRange
+
+FAMILIES = ["mixtral"]
+
+
+def _silu64(a: np.ndarray) -> np.ndarray:
+    return a / (1.0 + np.exp(-a))
+
+
+# ---- pure math -----------------------------------------------------------------------------------
+
+def test_all_expert_forward_matches_float64_loop():
+    gen = torch.Generator().manual_seed(0)
+    T, E, H, M = 7, 3, 5, 4
+    x = torch.randn(T, H, generator=gen)
+    gate, up = torch.randn(E, M, H, generator=gen), torch.randn(E, M, H, generator=gen)
+    down = torch.randn(E, H, M, generator=gen)
+    res = D.all_expert_forward(x, gate, up, down, D.activation_fn("silu"), probe_tokens=2, chunk=3)
+    xn, gn, un, dn = (t.double().numpy() for t in (x, gate, up, down))
+    for t in range(T):
+        for e in range(E):
+            g = _silu64(gn[e] @ xn[t])
+            np.testing.assert_allclose(res.outputs[t, e].numpy(), dn[e] @ (g * (un[e] @ xn[t])), rtol=1e-5, atol=1e-5)
+            assert res.activation_ratio[t, e].item() == pytest.approx(np.mean(np.abs(g) > 1e-3))
+            if t < 2:
+                np.testing.assert_allclose(res.intermediate[t, e].numpy(), g, rtol=1e-5, atol=1e-6)
+    assert res.intermediate.shape == (2, E, M)
+
+
+def test_cosine_and_angular_mean_match_float64():
+    gen = torch.Generator().manual_seed(1)
+    out = torch.randn(6, 4, 9, generator=gen)
+    out[:, 1] = 2.5 * out[:, 0]  # parallel outputs: cos 1, angular 1
+    cos = D.cosine_per_token(out)
+    o = out.double().numpy()
+    u = o / np.linalg.norm(o, axis=-1, keepdims=True)
+    ref = np.einsum("tih,tjh->tij", u, u)
+    np.testing.assert_allclose(cos.numpy(), ref, atol=1e-6)
+    ang = D.angular_mean(cos).numpy()
+    np.testing.assert_allclose(ang, np.mean(1 - np.arccos(np.clip(ref, -1, 1)) / math.pi, axis=0), atol=1e-5)
+    assert ang[0, 1] == pytest.approx(1.0, abs=1e-3)
+    assert D.angular_similarity(torch.tensor(0.0)).item() == pytest.approx(0.5)
+
+
+def test_router_preferring_largest_norm_gives_diagonal_rank_counts():
+    gen = torch.Generator().manual_seed(2)
+    T, E = 50, 8
+    norms = torch.rand(T, E, generator=gen) + 0.1
+    scores = torch.softmax(3.0 * norms.log(), dim=-1)  # monotone in the norm: the planted router
+    counts = D.norm_score_rank_counts(norms, scores).numpy()
+    np.testing.assert_array_equal(counts, np.eye(E, dtype=np.int64) * T)
+    reversed_counts = D.norm_score_rank_counts(norms, -scores).numpy()
+    np.testing.assert_array_equal(reversed_counts, np.fliplr(np.eye(E, dtype=np.int64)) * T)
+
+
+# ---- the runtime against transformers' own model -------------------------------------------------
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tiny):
+    ckpt = tiny(request.param, "scratch")
+    return open_checkpoint(ckpt.path), _hf_model(ckpt.path)
+
+
+def _ids(n: int = 23) -> torch.Tensor:
+    return (torch.arange(n) * 37 + 5) % 500 + 3
+
+
+def test_capture_changes_nothing(pair):
+    ckpt, model = pair
+    ids = _ids()
+    runner = LayerRange(ckpt, 0, ckpt.facts.num_layers)
+    hidden, captures = runner.forward(runner.embed(ids), probe_tokens=2)
+    assert set(captures) == set(ckpt.facts.moe_layers)
+    with torch.no_grad():
+        ref = model.model(input_ids=ids.unsqueeze(0)).last_hidden_state
+        ours = model.model.norm(hidden)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _block_inputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model.model(input_ids=ids.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_all_experts_and_router_equal_the_models_own(pair):
+    ckpt, model = pair
+    ids = _ids()
+    runner = LayerRange(ckpt, 0, ckpt.facts.num_layers)
+    _, captures = runner.forward(runner.embed(ids))
+    inputs = _block_inputs(model, ids)
+    for layer, cap in captures.items():
+        x = inputs[layer]
+        block = model.model.layers[layer].mlp
+        with torch.no_grad():
+            logits, top_w, top_i = block.gate(x)
+            torch.testing.assert_close(cap.router_logits, logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cap.topk_weights, top_w, rtol=1e-5, atol=1e-6)
+            assert torch.equal(cap.topk_experts, top_i)
+            torch.testing.assert_close(cap.gate_scores, torch.softmax(logits, -1), rtol=1e-5, atol=1e-6)
+            experts = block.experts
+            for e in range(ckpt.facts.num_experts):
+                g, u = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                y = torch.nn.functional.linear(experts.act_fn(g) * u, experts.down_proj[e])
+                torch.testing.assert_close(cap.outputs[:, e], y, rtol=1e-4, atol=1e-6)
+
+
+# ---- planted truths, shards, bad inputs through api.run -------------------------------------------
+
+def _run(tmp_path, ckpt_path, name="st.zarr", **dynamic):
+    from moe_ray import api
+
+    store = tmp_path / name
+    dyn = {"inputs": ["short"], **dynamic}
+    api.run(model=str(ckpt_path), analyses=["dynamic"], store=str(store), dynamic=dyn, progress=False,
+            **({"reference": dynamic.pop("reference")} if "reference" in dynamic else {}))
+    return store
+
+
+def test_upcycled_experts_match_the_dense_parent(ray_session, tiny, tmp_path):
+    import xarray as xr
+
+    t = tiny("mixtral", "upcycled", sigma=0.02)
+    from moe_ray import api
+
+    store = tmp_path / "up.zarr"
+    api.run(model=str(t.path), reference=str(t.reference), analyses=["dynamic"], store=str(store),
+            dynamic={"inputs": ["short"]}, progress=False)
+    ds = xr.open_zarr(store, group="dynamic/short")
+    assert list(ds.expert.values) == [str(e) for e in range(8)] + ["F"]
+    sim = ds.expert_output_similarity.sel(expert_j="F").values[..., :8]
+    assert np.nanmin(sim) > 0.99  # every expert ≈ F for small sigma
+    assert np.isnan(ds.router_logits.sel(expert="F").values).all()
+    np.testing.assert_allclose(ds.gate_scores.values[..., :8].sum(-1), 1.0, rtol=1e-5)
+    assert ds.tokens.values[0] == "<s>" and ds.token_ids.values[0] == 1  # BOS
+    counts = ds.norm_score_rank_counts.values
+    assert (counts.sum(axis=(1, 2)) == 8 * ds.sizes["token"]).all()
+
+
+def test_two_shards_equal_one(ray_session, tiny, tmp_path):
+    import xarray as xr
+
+    t = tiny("mixtral", "scratch")
+    one = _run(tmp_path, t.path, "one.zarr", inputs=["short", "long"], shards=1, max_tokens=300)
+    two = _run(tmp_path, t.path, "two.zarr", inputs=["short", "long"], shards=2, max_tokens=300)
+    for inp in ("short", "long"):
+        a, b = xr.open_zarr(one, group=f"dynamic/{inp}"), xr.open_zarr(two, group=f"dynamic/{inp}")
+        assert (a.unit_done.values == 1).all()
+        assert list(a.tokens.values) == list(b.tokens.values)
+        for name in a.data_vars:
+            if name == "tokens":
+                continue
+            np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert xr.open_zarr(one, group="dynamic/long").sizes["token"] == 300
+
+
+def test_balance_layers_is_contiguous_and_balanced():
+    from moe_ray.distributed.pipeline import balance_layers
+
+    assert balance_layers([10, 1, 1, 1, 1, 10], 2) == [(0, 3), (3, 6)]
+    assert balance_layers([5, 5, 5, 5], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert balance_layers([1, 1, 1, 9], 2) == [(0, 3), (3, 4)]
+
+
+@pytest.mark.parametrize("case", ["empty", "not_utf8", "too_long", "no_tokenizer"])
+def test_bad_inputs_fail_cleanly_and_leave_no_store(ray_session, tiny, tmp_path, case):
+    import shutil
+
+    from moe_ray import api
+    from moe_ray.errors import MoeRayError
+
+    src = tiny("mixtral", "scratch").path
+    model, dyn = src, {"inputs": ["text"]}
+    text = tmp_path / "in.txt"
+    if case == "empty":
+        text.write_text("  \n")
+        message = "empty"
+    elif case == "not_utf8":
+        text.write_bytes(b"caf\xe9 \xff\xfe")
+        message = "not UTF-8"
+    elif case == "too_long":
+        text.write_text("As an open source alternative to " * 200)
+        dyn["max_tokens"] = None
+        model = tmp_path / "short-model"
+        shutil.copytree(src, model)
+        import json
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["max_position_embeddings"] = 64
+        (model / "config.json").write_text(json.dumps(cfg))
+        message = "max_position_embeddings"
+    else:
+        text.write_text("hello")
+        model = tmp_path / "no-tok"
+        shutil.copytree(src, model)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (model / f).unlink()
+        message = "no tokenizer"
+    store = tmp_path / "bad.zarr"
+    with pytest.raises(MoeRayError, match=message):
+        api.run(model=str(model), analyses=["dynamic"], store=str(store),
+                dynamic={**dyn, "text_file": str(text)}, progress=False)
+    assert not store.exists()
