@@ -19,18 +19,21 @@ from .api import run
 from .checkpoint.tiny import make_tiny
 from .errors import MoeRayError
 
-MODELS = {  # store name -> (family, variant, seed)
-    "results": ("mixtral", "upcycled", 0),
-    "results-scratch": ("mixtral", "scratch", 1),
-    "results-deepseek": ("deepseek_moe", "scratch", 2),
+MODELS = {  # store name -> (family, variant, seed, analyses)
+    "results": ("mixtral", "upcycled", 0, ["static", "reorder", "dynamic"]),
+    "results-scratch": ("mixtral", "scratch", 1, ["static", "reorder", "dynamic"]),
+    "results-deepseek": ("deepseek_moe", "scratch", 2, ["static"]),
 }
 
 
-def _spec_toml(model: Path, reference: Path | None, store: Path) -> str:
+def _spec_toml(model: Path, reference: Path | None, store: Path, analyses: list[str]) -> str:
     lines = [f'model = "{model}"']
     if reference:
         lines.append(f'reference = "{reference}"')
-    lines += [f'store = "{store}"', 'analyses = ["static"]', "", "[static]", "dbscan_eps = 50.0"]
+    lines += [f'store = "{store}"', f"analyses = {analyses!r}".replace("'", '"'), "",
+              "[static]", "dbscan_eps = 50.0"]
+    if "dynamic" in analyses:
+        lines += ["", "[dynamic]", 'inputs = ["short", "long"]', "shards = 2"]
     return "\n".join(lines) + "\n"
 
 
@@ -50,6 +53,12 @@ def summarize(store: str) -> str:
             ef = ds.matrix_similarity.sel(layer=layer, expert_i=experts, expert_j="F").values
             text += f"; vs F {np.nanmean(ef):+.3f}"
         lines.append(text)
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    if "reorder/joint" in group:
+        tab2 = group["reorder/joint"].attrs.get("tab2", {})
+        lines.append(f"  Tab 2 (joint reordering): {tab2}")
     return "\n".join(lines)
 
 
@@ -60,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     try:
         stores = []
-        for name, (family, variant, seed) in MODELS.items():
+        for name, (family, variant, seed, analyses) in MODELS.items():
             ckpt = make_tiny(family, variant, out / "checkpoints" / f"{family}-{variant}", seed=seed, overwrite=True)
             store = out / f"{name}.zarr"
-            spec_text = _spec_toml(ckpt.path, ckpt.reference, store)
+            spec_text = _spec_toml(ckpt.path, ckpt.reference, store, analyses)
             spec_path = out / ("spec.toml" if name == "results" else f"spec-{name}.toml")
             spec_path.write_text(spec_text)
             print(f"\n== {family} ({variant}) -> {store}")
