@@ -11,3 +11,12 @@ from .spec import Spec  # noqa: E402
 from .store import open_results  # noqa: E402
 
 __all__ = ["Spec", "__version__", "open_results", "run"]
+__all__ += ["plot"]
+
+
+def plot(stores: "str | list[str]", out: str = "report") -> "Path":
+    """Figures and tables of the paper from one or several stores -> path of `out/index.html`
+    (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib)."""
+    from .plotting import plot as _plot
+
+    return _plot(stores, out)

@@ -96,6 +96,19 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", help="results stores (several: side by side, shared colour scales)")
+    p.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
+
+
+@command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
+def _plot(args: argparse.Namespace) -> int:
+    from .plotting import plot
+
+    print(f"wrote {plot(args.stores, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)

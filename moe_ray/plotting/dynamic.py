@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, Figure, StoreView, heatmap, new_figure, page_name, pages, save, shared_range)
+from .common import (CMAPS, Figure, colorbar, StoreView, heatmap, new_figure, page_name, pages, save, shared_range)
 from .static import Column, layers_of, square_pages, static_square
 
 MAX_TOKENS = 8
@@ -71,7 +71,7 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                 labels = [str(x) for x in da["expert_i"].values]
                 topk = _topk(v, inp, page, n_tok)
                 lo, hi = shared_range([values[r, t] for r in range(len(page)) for t in range(n_tok)])
-                fig, axes = new_figure(len(page), n_tok, panel=(2.4, 2.5), layout="constrained")
+                fig, axes = new_figure(len(page), n_tok, panel=(2.4, 2.5))
                 data = {("range",): (lo, hi)}
                 for r, layer in enumerate(page):
                     for t in range(n_tok):
@@ -82,7 +82,7 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                         data[(v.label, layer, t)] = values[r, t]
                         if topk is not None:
                             data[("topk", v.label, layer, t)] = [int(e) for e in topk[r, t]]
-                fig.colorbar(im, ax=list(axes.ravel()), shrink=0.5, label="cosine similarity of outputs")
+                colorbar(fig, im, "cosine similarity of outputs")
                 path = out / f"fig2_output_similarity_{inp}_{_slug(v.label)}_{page_name(page)}.png"
                 title = f"Fig 2: expert-output similarity per token ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
                 save(fig, path, title)
@@ -106,8 +106,10 @@ def fig3_angular(views: list[StoreView], out: Path) -> list[Figure]:
         def static_layers(view: StoreView) -> list[int]:
             return layers_of(view, "static") if view.has("static") else []
 
-        cols = [Column(f"output angular sim ({inp})", read, "ang", CMAPS["angular"])]
-        cols += [Column(f"matrix sim W_{m}", _maybe_static(m), "sim", CMAPS["similarity"]) for m in ("up", "gate", "down")]
+        cols = [Column(f"output angular sim ({inp})", read, "ang", CMAPS["angular"],
+                       layers=lambda v, inp=inp: _layers(v, inp))]
+        cols += [Column(f"matrix sim W_{m}", static_square("matrix_similarity", m), "sim", CMAPS["similarity"],
+                        layers=static_layers) for m in ("up", "gate", "down")]
         have = [v for v in views if "expert_output_angular_mean" in v.dataset(group(inp))]
         figures += square_pages(
             have, out, f"fig3_angular_{inp}", f"Fig 3: averaged angular similarity of expert outputs ({inp} input) "
@@ -115,25 +117,6 @@ def fig3_angular(views: list[StoreView], out: Path) -> list[Figure]:
             lambda v, inp=inp: sorted(set(_layers(v, inp)) | set(static_layers(v))),
             {"ang": "angular similarity (mean over tokens)", "sim": "cosine similarity of weights"})
     return figures
-
-
-def _maybe_static(matrix: str):
-    read_static = static_square("matrix_similarity", matrix)
-
-    def read(view: StoreView, layers: list[int]):
-        if not view.has("static"):
-            return np.full((len(layers), 1, 1), np.nan), ["-"], ["-"]
-        done = set(layers_of(view, "static"))
-        ok = [l for l in layers if l in done]
-        if not ok:
-            return np.full((len(layers), 1, 1), np.nan), ["-"], ["-"]
-        values, rows, cols = read_static(view, ok)
-        full = np.full((len(layers),) + values.shape[1:], np.nan)
-        for i, l in enumerate(layers):
-            if l in done:
-                full[i] = values[ok.index(l)]
-        return full, rows, cols
-    return read
 
 
 def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
@@ -161,7 +144,7 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                     if topk is not None:
                         data[("topk", v.label, l)] = topk[i]
             n_range = shared_range([m for k, m in data.items() if k[-1] == "norm"], exclude_diagonal=False)
-            fig, axes = new_figure(len(page), 2 * len(have), panel=(3.2, 3.0), layout="constrained")
+            fig, axes = new_figure(len(page), 2 * len(have), panel=(3.2, 3.0))
             im_n = im_s = None
             for r, layer in enumerate(page):
                 for s, v in enumerate(have):
@@ -185,8 +168,8 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                                            fontsize=6)
                             sec.set_ylabel("top-k", fontsize=7)
             if im_n is not None:
-                fig.colorbar(im_n, ax=list(axes[:, 0::2].ravel()), shrink=0.5, label="L2 norm of expert output")
-                fig.colorbar(im_s, ax=list(axes[:, 1::2].ravel()), shrink=0.5, label="gate score (softmax over all)")
+                colorbar(fig, im_n, "L2 norm of expert output", 0, 2)
+                colorbar(fig, im_s, "gate score (softmax over all)", 1, 2)
             data[("range", "norm")] = n_range
             path = out / f"fig4_norms_scores_{inp}_{page_name(page)}.png"
             title = f"Fig 4: expert output norms and gate scores ({inp} input) — layers {page[0]}–{page[-1]}"
@@ -229,7 +212,7 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
                 values = np.abs(np.asarray(da.values, dtype=np.float64))
                 labels = [str(x) for x in da["expert"].values]
                 hi = float(np.nanpercentile(values, 99)) if np.isfinite(values).any() else 1.0
-                fig, axes = new_figure(len(page), n_tok, panel=(3.4, 2.2), layout="constrained")
+                fig, axes = new_figure(len(page), n_tok, panel=(3.4, 2.2))
                 data: dict = {("range",): (0.0, hi)}
                 topk = _topk(v, inp, page, ds.sizes["token"])
                 for r, layer in enumerate(page):
@@ -248,7 +231,7 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
                                   else " top-k: " + ",".join(str(int(e)) for e in topk[r, pos]))
                         ax.set_title(f"L{layer} · token {pos} '{_short(text)}'\n{chosen}", fontsize=7)
                         data[(v.label, layer, pos)] = values[r, t]
-                fig.colorbar(im, ax=list(axes.ravel()), shrink=0.5, label="|act(W_gate x)| (clipped at 99th pct)")
+                colorbar(fig, im, "|act(W_gate x)| (clipped at 99th pct)")
                 path = out / f"fig5_intermediate_{inp}_{_slug(v.label)}_{page_name(page)}.png"
                 title = f"Fig 5: intermediate-state magnitudes ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
                 save(fig, path, title)
@@ -261,7 +244,7 @@ def activation_ratio_summary(views: list[StoreView], out: Path) -> list[Figure]:
     figures = []
     for inp in _inputs_with(views, "activation_ratio"):
         have = [v for v in views if "activation_ratio" in v.dataset(group(inp))]
-        fig, axes = new_figure(1, len(have), panel=(4.2, 3.4), layout="constrained")
+        fig, axes = new_figure(1, len(have), panel=(4.2, 3.4))
         data: dict = {}
         for s, v in enumerate(have):
             da = v.dataset(group(inp))["activation_ratio"].sel(layer=_layers(v, inp))
@@ -271,7 +254,7 @@ def activation_ratio_summary(views: list[StoreView], out: Path) -> list[Figure]:
             im = heatmap(axes[0, s], mean, labels, layers, CMAPS["ratio"], 0.0, 1.0, ylabel="layer")
             axes[0, s].set_title(f"{v.label}\nmean activation ratio {np.nanmean(mean):.3f}", fontsize=8)
             data[v.label] = mean
-        fig.colorbar(im, ax=list(axes.ravel()), shrink=0.7, label="fraction |act| > 1e-3 (mean over tokens)")
+        colorbar(fig, im, "fraction |act| > 1e-3 (mean over tokens)")
         path = out / f"activation_ratio_{inp}.png"
         title = f"Activation ratio per layer and expert ({inp} input)"
         save(fig, path, title)
@@ -286,7 +269,7 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
         have = [v for v in views if {"topk_experts", "gate_scores"} <= set(v.dataset(group(inp)))]
         all_layers = sorted({l for v in have for l in _layers(v, inp)})
         for page in pages(all_layers):
-            fig, axes = new_figure(len(page), len(have), panel=(4.0, 3.0), layout="constrained")
+            fig, axes = new_figure(len(page), len(have), panel=(4.0, 3.0))
             data: dict = {}
             im = None
             for s, v in enumerate(have):
@@ -312,7 +295,7 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
                 if not ax.has_data():
                     ax.set_axis_off()
             if im is not None:
-                fig.colorbar(im, ax=list(axes.ravel()), shrink=0.5, label="gate score of a top-k expert")
+                colorbar(fig, im, "gate score of a top-k expert")
             path = out / f"fig10_routing_{inp}_{page_name(page)}.png"
             title = f"Fig 10: routing pattern ({inp} input) — layers {page[0]}–{page[-1]}"
             save(fig, path, title)

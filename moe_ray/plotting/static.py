@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, Figure, StoreView, heatmap, new_figure, nonempty_labels, page_name, pages, save,
+from .common import (CMAPS, Figure, colorbar, StoreView, heatmap, new_figure, nonempty_labels, page_name, pages, save,
                      shared_range)
 
 MATRICES = ("up", "gate", "down")
@@ -29,6 +29,8 @@ class Column:
     cmap: str
     xlabel: str = "expert"
     ylabel: str = "expert"
+    layers: Callable[[StoreView], list[int]] | None = None
+    """The layers this column has in a store, when fewer than the figure's (blank panels elsewhere)."""
 
 
 def layers_of(view: StoreView, group: str) -> list[int]:
@@ -51,7 +53,8 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
         for v in views:
             have = set(layers_for(v))
             for col in columns:
-                sel = [l for l in page if l in have]
+                col_have = set(col.layers(v)) if col.layers is not None else have
+                sel = [l for l in page if l in have and l in col_have]
                 if not sel:
                     continue
                 values, rows, cols = col.read(v, sel)
@@ -64,7 +67,7 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
             ranges.setdefault(col.group, []).extend(mats)
         ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
         ncols = len(views) * len(columns)
-        fig, axes = new_figure(len(page), ncols, layout="constrained")
+        fig, axes = new_figure(len(page), ncols)
         images: dict[str, tuple] = {}
         for r, layer in enumerate(page):
             for s, v in enumerate(views):
@@ -73,7 +76,7 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
                     k = (v.label, layer, col.title)
                     if k not in drawn:
                         ax.set_axis_off()
-                        ax.text(0.5, 0.5, f"layer {layer}\nnot in this store", ha="center", va="center",
+                        ax.text(0.5, 0.5, f"{v.label}\nlayer {layer} · {col.title}\nnot in this store", ha="center", va="center",
                                 fontsize=8, transform=ax.transAxes)
                         continue
                     rows, cols = drawn[("labels", v.label, layer, col.title)]
@@ -81,8 +84,8 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
                     im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel)
                     images.setdefault(col.group, (im, []))[1].append(ax)
                     ax.set_title(f"{v.label}\nlayer {layer} · {col.title}", fontsize=8)
-        for group, (im, axs) in images.items():
-            fig.colorbar(im, ax=axs, shrink=0.6, label=groups_label.get(group, group))
+        for slot, (group, (im, _)) in enumerate(images.items()):
+            colorbar(fig, im, groups_label.get(group, group), slot, len(images))
         path = out / f"{key}_{page_name(page)}.png"
         full = f"{title} — layers {page[0]}–{page[-1]}"
         save(fig, path, full)
@@ -137,7 +140,7 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
     all_layers = sorted({l for v in views for l in layers_of(v, "static")})
     figures = []
     for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, layout="constrained")
+        fig, axes = new_figure(len(page), len(views) * 3)
         data: dict = {}
         for s, v in enumerate(views):
             ds = v.dataset("static")
@@ -188,7 +191,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
     """Fig 7 (App A.2): every neuron as a point in 2-D (or 3-D) PCA space, coloured by expert."""
     all_layers = sorted({l for v in views for l in layers_of(v, "static")})
     figures = []
-    kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {"layout": "constrained"}
+    kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {}
     for page in pages(all_layers):
         fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), **kw)
         data: dict = {}
@@ -209,15 +212,16 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                 r = page.index(layer)
                 for mi, m in enumerate(MATRICES):
                     ax = axes[r, s * 3 + mi]
-                    drawn = {}
+                    drawn, all_pts, all_colors = {}, [], []
                     for e, lab in enumerate(labels):
                         pts = scores[li, mi, e]
                         pts = pts[np.isfinite(pts).all(axis=1)]
-                        if not len(pts):
-                            continue
-                        ax.scatter(*pts.T, s=2, color=colors[e], label=lab if len(labels) <= 10 else None,
-                                   rasterized=True, alpha=0.6)
-                        drawn[lab] = pts
+                        if len(pts):
+                            drawn[lab] = pts
+                            all_pts.append(pts)
+                            all_colors += [colors[e]] * len(pts)
+                    if all_pts:
+                        ax.scatter(*np.concatenate(all_pts).T, s=2, c=all_colors, rasterized=True, alpha=0.6)
                     ev = explained[li, mi]
                     ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=7)
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=7)
@@ -226,8 +230,12 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     ax.tick_params(labelsize=5)
                     ax.set_title(f"{v.label}\nlayer {layer} · W_{m}", fontsize=8)
                     if len(labels) <= 10 and r == 0 and mi == 2:
-                        ax.legend(title="expert", fontsize=6, title_fontsize=6, markerscale=4,
-                                  loc="upper left", bbox_to_anchor=(1.0, 1.0))
+                        from matplotlib.lines import Line2D
+
+                        handles = [Line2D([], [], marker="o", ls="", color=colors[e], label=lab)
+                                   for e, lab in enumerate(labels) if lab in drawn]
+                        ax.legend(handles=handles, title="expert", fontsize=6, title_fontsize=6,
+                                  loc="upper left", bbox_to_anchor=(1.02, 1.0))
                     data[(v.label, layer, m)] = drawn
             if len(labels) > 10:
                 import matplotlib
@@ -235,8 +243,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
 
                 sm = ScalarMappable(cmap=matplotlib.colormaps["turbo"],
                                     norm=matplotlib.colors.Normalize(0, len(labels) - 1))
-                cb = fig.colorbar(sm, ax=list(axes[:, s * 3:(s + 1) * 3].ravel()), shrink=0.6,
-                                  label=f"expert ({v.label})")
+                cb = colorbar(fig, sm, f"expert ({v.label})", s, len(views))
                 ticks = [0, len(labels) // 2, len(labels) - 1]
                 cb.set_ticks(ticks, labels=[labels[t] for t in ticks])
         for ax in axes.ravel():
