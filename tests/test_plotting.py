@@ -4,6 +4,7 @@ Figures are checked through the data each figure function returns, tables agains
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -139,6 +140,10 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
     """Reorder and dynamic groups with the schema's names and dims, written by this test."""
     mix, _ = stores
     store = _copy(mix, tmp_path / "full.zarr")
+    meta = Path(store) / "zarr.json"
+    root_meta = json.loads(meta.read_text())
+    root_meta.pop("consolidated_metadata", None)  # writers add groups, then consolidate (as the pipeline does)
+    meta.write_text(json.dumps(root_meta))
     rng = np.random.default_rng(0)
     layers, E, T, N, k = [0, 1], 4, 5, 6, 2
     ex = [str(e) for e in range(E)]
@@ -171,6 +176,7 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
         coords={"layer": layers, "token": np.arange(T), "expert": ex, "expert_i": ex, "expert_j": ex,
                 "k": np.arange(k), "norm_rank": np.arange(E), "score_rank": np.arange(E), "neuron": np.arange(N)}))
 
+    zarr.consolidate_metadata(store)
     report = render([store], tmp_path / "rep")
     keys = {f.key for f in report.figures}
     assert {"fig2_output_similarity", "fig3_angular_short", "fig4_norms_scores", "fig9_rank_counts_short",
