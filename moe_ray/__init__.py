@@ -12,3 +12,12 @@ from .spec import Spec  # noqa: E402
 from .store import open_results  # noqa: E402
 
 __all__ = ["JobHandle", "Spec", "__version__", "jobs", "open_results", "run", "submit"]
+__all__ += ["plot"]
+
+
+def plot(stores: "str | list[str]", out: str = "report") -> "Path":
+    """Figures and tables of the paper from one or several stores -> path of `out/index.html`
+    (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib)."""
+    from .plotting import plot as _plot
+
+    return _plot(stores, out)

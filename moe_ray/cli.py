@@ -188,6 +188,18 @@ def _plan(args: argparse.Namespace) -> int:
     from .planning import plan_model
 
     print(plan_model(args.model, args.gpus_per_node, args.gpu_mem, args.nodes).report())
+
+
+def _add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", help="results stores (several: side by side, shared colour scales)")
+    p.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
+
+
+@command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
+def _plot(args: argparse.Namespace) -> int:
+    from .plotting import plot
+
+    print(f"wrote {plot(args.stores, args.out)}")
     return 0
 
 

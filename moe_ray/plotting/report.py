@@ -1,0 +1,214 @@
+"""The report: every figure and table the stores hold, in paper order, in `OUT/index.html` with each
+store's provenance (model, reference, spec, moe-ray version, creation date) and, for every section, a
+plain statement of which store lacks it and how to compute it.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MoeRayError
+from . import dynamic as D
+from . import static as S
+from . import tables as T
+from .common import Figure, StoreView, Table, unique_labels
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the report: what it needs from a store and the function that draws it."""
+
+    key: str
+    title: str
+    caption: str
+    parent: str            # "static", "reorder" or "dynamic"
+    array: str | None      # an array the group must hold (any input/mode for reorder and dynamic)
+    draw: Callable[[list[StoreView], Path], list[Figure]] | None = None
+    table: Callable[[list[StoreView]], Table] | None = None
+
+
+HOW = {"static": "analyses = [\"static\"]", "reorder": "analyses = [\"reorder\"]",
+       "dynamic": "analyses = [\"dynamic\"]"}
+
+SECTIONS = [
+    Section("fig1", "Fig 1: matrix-level similarity", "Cosine similarity between flattened W_up, W_gate, "
+            "W_down of every expert pair per layer (§4.1.1); F = dense reference FFN. Colour range shared "
+            "across the models of an image (diagonal excluded).", "static", "matrix_similarity",
+            draw=S.fig1_matrix_similarity),
+    Section("fig6", "Fig 6: PCA of expert matrices", "Flattened matrices standardised and projected to 2 "
+            "components (App A.1); DBSCAN outliers, when computed, are removed and listed in the title.",
+            "static", "matrix_pca", draw=S.fig6_matrix_pca),
+    Section("fig7", "Fig 7: PCA of expert neurons", "Every neuron (row of W_up/W_gate, column of W_down) as a "
+            f"point, coloured by expert (App A.2), 2-D then 3-D; at most {S.MAX_NEURONS_PER_EXPERT} neurons "
+            "per expert are drawn (evenly strided).", "static", "neuron_pca",
+            draw=lambda v, o: S.fig7_neuron_pca(v, o, 2) + S.fig7_neuron_pca(v, o, 3)),
+    Section("fig8", "Fig 8: gate embedding and neuron averaging", "Cosine similarity of router rows X "
+            "(leftmost) beside the similarity of experts' mean neurons Y_up, Y_gate, Y_down (§4.2, App B).",
+            "static", "gate_embedding_similarity", draw=S.fig8_gate_and_neuron_avg),
+    Section("tab2", "Tab 2: neuron reordering", "Similarity before/after the optimal neuron permutation "
+            "(Jonker-Volgenant), its growth and Kendall's tau (§4.1.2).", "reorder", "growth", table=T.tab2_reorder),
+    Section("tab3", "Tab 3: mean R²", "R² between the i<j entries of X and Y_m, averaged over layers (§4.2).",
+            "static", "gate_weight_r2_mean", table=T.tab3_r2),
+    Section("tab4", "Tab 4: R per layer", "Pearson R between X and Y_m per layer (App C).", "static",
+            "gate_weight_correlation", table=T.tab4_r_per_layer),
+    Section("comparison", "Comparison across models", "Headline numbers side by side.", "static",
+            "matrix_similarity", table=T.comparison),
+    Section("fig2", "Fig 2: expert-output similarity per token", "Cosine similarity between all experts' "
+            f"outputs for each token (§5.1); each token's top-k above its map; first {D.MAX_TOKENS} tokens.",
+            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity),
+    Section("fig3", "Fig 3: averaged angular similarity", "1 - arccos(cos)/π averaged over the input's tokens "
+            "(§5.1), beside the matrix-level similarity of the same layer.", "dynamic",
+            "expert_output_angular_mean", draw=D.fig3_angular),
+    Section("fig4", "Fig 4: output norms and gate scores", "L2 norm of every expert's output and its gate "
+            "score per token (§5.2); top-k per token at the right.", "dynamic", "expert_output_norms",
+            draw=D.fig4_norms_scores),
+    Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (norm rank, gate-score rank) over tokens "
+            "(App D).", "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts),
+    Section("fig5", "Fig 5: intermediate states", "|act(W_gate x)| per expert and neuron for the stored tokens "
+            "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate),
+    Section("activation", "Activation ratio", "Fraction of intermediate elements with |value| > 1e-3, mean "
+            "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary),
+    Section("fig10", "Fig 10: routing pattern", "Gate scores of each token's top-k experts across layers "
+            "(App E); other experts blank.", "dynamic", "topk_experts", draw=D.fig10_routing),
+]
+
+
+def _has(view: StoreView, section: Section) -> tuple[bool, str]:
+    """(whether the store can give this section, why not)."""
+    if section.parent == "static":
+        if not view.has("static"):
+            return False, f"no static analyses (run with {HOW['static']})"
+        ds = view.dataset("static")
+        if section.array not in ds:
+            return False, f"static/{section.array} not in the store"
+        if "layer" in ds[section.array].dims and not view.done_layers("static")[0]:
+            return False, "no static layer finished yet (resume the run)"
+        return True, ""
+    subs = view.groups(section.parent)
+    if not subs:
+        return False, f"no {section.parent} analyses (run with {HOW[section.parent]})"
+    if not any(section.array in view.dataset(f"{section.parent}/{s}") for s in subs):
+        return False, f"{section.array} not in any {section.parent} group ({', '.join(subs)})"
+    return True, ""
+
+
+@dataclass
+class Report:
+    """What `render` produced: the index page, every figure (with the data it drew) and table."""
+
+    index: Path
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def render(stores: list[str | Path], out: str | Path) -> Report:
+    """Render every figure and table the stores hold into `out` and write `out/index.html`."""
+    started = time.monotonic()
+    if not stores:
+        raise MoeRayError("no store given: moe-ray plot STORE [STORE ...] --out DIR")
+    views = [StoreView(s) for s in stores]
+    unique_labels(views)
+    out = Path(out)
+    fig_dir, tab_dir = out / "figures", out / "tables"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    tab_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(out / "index.html")
+    body = []
+    for section in SECTIONS:
+        status = {v.label: _has(v, section) for v in views}
+        have = [v for v in views if status[v.label][0]]
+        notes = [f"{label}: {why}" for label, (ok, why) in status.items() if not ok]
+        for v in have:
+            if section.parent == "static":
+                missing_layers = v.done_layers("static")[1]
+                if missing_layers:
+                    notes.append(f"{v.label}: static layers {missing_layers} not finished (not drawn)")
+                absent = (v.dataset("static").attrs.get("absent_labels") or {})
+                for scope in ("all", section.array):
+                    for lab, why in (absent.get(scope) or {}).items():
+                        notes.append(f"{v.label}: {lab} not shown: {why}")
+        report.missing[section.key] = notes
+        items = []
+        if have and section.draw is not None:
+            figs = section.draw(have, fig_dir)
+            report.figures += figs
+            items += [f'<figure><a href="figures/{f.path.name}"><img src="figures/{f.path.name}" '
+                      f'alt="{html.escape(f.title)}" loading="lazy"></a><figcaption>{html.escape(f.title)}'
+                      "</figcaption></figure>" for f in figs]
+        if have and section.table is not None:
+            table = section.table(have)
+            T.write_csv(table, tab_dir)
+            report.tables.append(table)
+            items.append(_table_html(table))
+        note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        if not have:
+            items.append('<p class="missing">Not in any store.</p>')
+        body.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>'
+                    f"<p>{html.escape(section.caption)}</p>"
+                    + (f'<ul class="missing">{note_html}</ul>' if notes else "") + "".join(items) + "</section>")
+    report.seconds = time.monotonic() - started
+    report.index.write_text(_page(views, body, report))
+    return report
+
+
+def plot(stores: list[str | Path] | str | Path, out: str | Path = "report") -> Path:
+    """Render the report for one or several stores (side by side); return the path of index.html."""
+    if isinstance(stores, (str, Path)):
+        stores = [stores]
+    return render(list(stores), out).index
+
+
+def _table_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(T.fmt(x))}</td>" for x in row) + "</tr>" for row in table.rows)
+    note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
+    return (f"<h3>{html.escape(table.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            f"{note}<p><a href='tables/{table.csv.name}'>{table.csv.name}</a> (full precision)</p>")
+
+
+def _provenance(view: StoreView) -> str:
+    a = view.attrs
+    model, ref = view.model, view.reference
+    identity = a.get("identity") or {}
+    groups = (["static"] if view.has("static") else []) + [f"reorder/{m}" for m in view.groups("reorder")] \
+        + [f"dynamic/{i}" for i in view.groups("dynamic")]
+    rows = [
+        ("store", view.url),
+        ("model", f"{(identity.get('model') or {}).get('location', '?')} — {model.get('family', '?')}, "
+                  f"{model.get('num_layers', '?')} layers ({len(model.get('moe_layers', []))} MoE), "
+                  f"{model.get('num_experts', '?')} experts, top-{model.get('top_k', '?')}, "
+                  f"d_hid {model.get('d_hid', '?')}, d_mid {model.get('d_mid', '?')}"),
+        ("reference (F)", (f"{(identity.get('reference') or {}).get('location')} — {ref.get('family')}"
+                           if ref else "none")),
+        ("routing", model.get("routing", "?")),
+        ("moe-ray", (a.get("moe_ray") or {}).get("version", "?")
+         + f" (schema {(a.get('moe_ray') or {}).get('schema_version', '?')})"),
+        ("created", a.get("created", "?")),
+        ("analyses in store", ", ".join(groups) or "none"),
+    ]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    spec = html.escape(json.dumps(a.get("spec", {}), indent=2))
+    return (f"<h3>{html.escape(view.label)}</h3><table class='prov'>{cells}</table>"
+            f"<details><summary>spec</summary><pre>{spec}</pre></details>")
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1800px}img{max-width:100%;border:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:right}
+th{background:#f4f4f4}.prov th,.prov td{text-align:left}.missing{color:#a33}figure{margin:1em 0}nav a{margin-right:1em}"""
+
+
+def _page(views: list[StoreView], body: list[str], report: Report) -> str:
+    nav = "".join(f'<a href="#{s.key}">{html.escape(s.title.split(":")[0])}</a>' for s in SECTIONS)
+    prov = "".join(_provenance(v) for v in views)
+    title = "moe-ray report: " + ", ".join(v.label for v in views)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            "<p>Figures and tables of <i>A Closer Look into Mixture-of-Experts in Large Language Models</i> "
+            f"(arXiv 2406.18219); {len(report.figures)} figures, {len(report.tables)} tables, rendered in "
+            f"{report.seconds:.1f}s.</p><nav>{nav}</nav><h2>Stores</h2>{prov}{''.join(body)}</body></html>")

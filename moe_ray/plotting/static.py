@@ -1,0 +1,257 @@
+"""Figures of the static (weight) analyses: Fig 1 matrix-level similarity, Fig 6 matrix PCA, Fig 7
+neuron PCA (2-D and 3-D), Fig 8 gate embedding beside neuron averaging (paper §4.1, §4.2, App A-C).
+
+`square_pages` is the shared engine for every "expert x expert map per layer" figure; the dynamic
+figures reuse it. Several stores go side by side in one image, colour range shared per quantity.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import (CMAPS, Figure, colorbar, StoreView, heatmap, new_figure, nonempty_labels, page_name, pages, save,
+                     shared_range)
+
+MATRICES = ("up", "gate", "down")
+Getter = Callable[[StoreView, list[int]], "tuple[np.ndarray, list[str], list[str]]"]
+
+
+@dataclass
+class Column:
+    """One heat-map column per store: a title, how to read [layers, rows, cols] and its colour group."""
+
+    title: str
+    read: Getter
+    group: str
+    cmap: str
+    xlabel: str = "expert"
+    ylabel: str = "expert"
+    layers: Callable[[StoreView], list[int]] | None = None
+    """The layers this column has in a store, when fewer than the figure's (blank panels elsewhere)."""
+
+
+def layers_of(view: StoreView, group: str) -> list[int]:
+    return view.done_layers(group)[0]
+
+
+def square_pages(views: list[StoreView], out: Path, key: str, title: str, columns: list[Column],
+                 layers_for: Callable[[StoreView], list[int]], groups_label: dict[str, str],
+                 exclude_diagonal: bool = True) -> list[Figure]:
+    """Heat maps per layer (rows) x column per store, one image per page of layers.
+
+    Each colour group shares one range over every store and layer of the page (one colour bar).
+    `Figure.data[(store label, layer, column title)]` is the matrix drawn, `data[("labels", ...)]`
+    its (row, column) labels and `data[("range", group)]` the colour range.
+    """
+    all_layers = sorted({l for v in views for l in layers_for(v)})
+    figures = []
+    for page in pages(all_layers):
+        drawn: dict = {}
+        for v in views:
+            have = set(layers_for(v))
+            for col in columns:
+                col_have = set(col.layers(v)) if col.layers is not None else have
+                sel = [l for l in page if l in have and l in col_have]
+                if not sel:
+                    continue
+                values, rows, cols = col.read(v, sel)
+                for l, m in zip(sel, values):
+                    drawn[(v.label, l, col.title)] = m
+                    drawn[("labels", v.label, l, col.title)] = (rows, cols)
+        ranges = {}
+        for col in columns:
+            mats = [m for k, m in drawn.items() if k[0] != "labels" and k[2] == col.title]
+            ranges.setdefault(col.group, []).extend(mats)
+        ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
+        ncols = len(views) * len(columns)
+        fig, axes = new_figure(len(page), ncols)
+        images: dict[str, tuple] = {}
+        for r, layer in enumerate(page):
+            for s, v in enumerate(views):
+                for c, col in enumerate(columns):
+                    ax = axes[r, s * len(columns) + c]
+                    k = (v.label, layer, col.title)
+                    if k not in drawn:
+                        ax.set_axis_off()
+                        ax.text(0.5, 0.5, f"{v.label}\nlayer {layer} · {col.title}\nnot in this store", ha="center", va="center",
+                                fontsize=8, transform=ax.transAxes)
+                        continue
+                    rows, cols = drawn[("labels", v.label, layer, col.title)]
+                    lo, hi = ranges[col.group]
+                    im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel)
+                    images.setdefault(col.group, (im, []))[1].append(ax)
+                    ax.set_title(f"{v.label}\nlayer {layer} · {col.title}", fontsize=8)
+        for slot, (group, (im, _)) in enumerate(images.items()):
+            colorbar(fig, im, groups_label.get(group, group), slot, len(images))
+        path = out / f"{key}_{page_name(page)}.png"
+        full = f"{title} — layers {page[0]}–{page[-1]}"
+        save(fig, path, full)
+        drawn.update({("range", g): r for g, r in ranges.items()})
+        figures.append(Figure(key, path, full, drawn))
+    return figures
+
+
+def static_square(name: str, matrix: str | None) -> Getter:
+    """Read `static/<name>` for some layers (one matrix), dropping labels with no values (F/SE absent)."""
+    def read(view: StoreView, layers: list[int]):
+        da = view.dataset("static")[name].sel(layer=layers)
+        if matrix is not None:
+            da = da.sel(matrix=matrix)
+        values = np.asarray(da.values, dtype=np.float64)
+        labels = [str(x) for x in da["expert_i"].values]
+        keep = nonempty_labels(values, labels)
+        values = values[:, keep][:, :, keep]
+        kept = [labels[i] for i in keep]
+        return values, kept, kept
+    return read
+
+
+def fig1_matrix_similarity(views: list[StoreView], out: Path) -> list[Figure]:
+    """Fig 1 (§4.1.1): cosine similarity of flattened W_up, W_gate, W_down per layer (F row/column)."""
+    cols = [Column(f"W_{m}", static_square("matrix_similarity", m), "sim", CMAPS["similarity"]) for m in MATRICES]
+    return square_pages(views, out, "fig1_matrix_similarity", "Fig 1: matrix-level similarity of expert weights",
+                        cols, lambda v: layers_of(v, "static"), {"sim": "cosine similarity"})
+
+
+def fig8_gate_and_neuron_avg(views: list[StoreView], out: Path) -> list[Figure]:
+    """Fig 8 (§4.2, App B/C): gate-embedding similarity X beside neuron-averaging similarity Y_m."""
+    cols = [Column("gate embedding X", static_square("gate_embedding_similarity", None), "x", CMAPS["similarity"])]
+    cols += [Column(f"avg W_{m} (Y_{m})", static_square("neuron_avg_similarity", m), "y", CMAPS["similarity"])
+             for m in MATRICES]
+    return square_pages(views, out, "fig8_gate_neuron_avg",
+                        "Fig 8: gate embedding (left) and neuron-averaged similarity", cols,
+                        lambda v: layers_of(v, "static"),
+                        {"x": "cosine (gate embedding)", "y": "cosine (neuron average)"})
+
+
+def _expert_colors(labels: list[str]):
+    import matplotlib
+
+    n = len(labels)
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "turbo"]
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
+    """Fig 6 (App A.1): experts' flattened matrices in 2-D PCA space; DBSCAN outliers removed and listed."""
+    all_layers = sorted({l for v in views for l in layers_of(v, "static")})
+    figures = []
+    for page in pages(all_layers):
+        fig, axes = new_figure(len(page), len(views) * 3)
+        data: dict = {}
+        for s, v in enumerate(views):
+            ds = v.dataset("static")
+            have = [l for l in page if l in layers_of(v, "static")]
+            if not have:
+                continue
+            scores = np.asarray(ds["matrix_pca"].sel(layer=have).values, dtype=np.float64)
+            explained = np.asarray(ds["matrix_pca_explained"].sel(layer=have).values, dtype=np.float64)
+            outl = (np.asarray(ds["matrix_pca_outlier"].sel(layer=have).values).astype(bool)
+                    if "matrix_pca_outlier" in ds else np.zeros(scores.shape[:3], dtype=bool))
+            labels = [str(x) for x in ds["expert"].values]
+            for li, layer in enumerate(have):
+                r = page.index(layer)
+                for mi, m in enumerate(MATRICES):
+                    ax = axes[r, s * 3 + mi]
+                    pts = scores[li, mi, :, :2]
+                    present = np.isfinite(pts).all(axis=1)
+                    removed = [labels[i] for i in np.flatnonzero(present & outl[li, mi])]
+                    keep = np.flatnonzero(present & ~outl[li, mi])
+                    colors = _expert_colors(labels)
+                    ax.scatter(pts[keep, 0], pts[keep, 1], c=[colors[i] for i in keep], s=18)
+                    if len(keep) <= 24:
+                        for i in keep:
+                            ax.annotate(labels[i], pts[i], fontsize=6, xytext=(2, 2), textcoords="offset points")
+                    ev = explained[li, mi]
+                    ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=8)
+                    ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=8)
+                    ax.tick_params(labelsize=6)
+                    note = f"\nremoved: {', '.join(removed)}" if removed else ""
+                    ax.set_title(f"{v.label}\nlayer {layer} · W_{m}{note}", fontsize=8)
+                    data[(v.label, layer, m)] = {"labels": [labels[i] for i in keep], "xy": pts[keep],
+                                                 "removed": removed}
+        for ax in axes.ravel():
+            if not ax.has_data():
+                ax.set_axis_off()
+        path = out / f"fig6_matrix_pca_{page_name(page)}.png"
+        title = f"Fig 6: PCA of expert weight matrices — layers {page[0]}–{page[-1]}"
+        save(fig, path, title)
+        figures.append(Figure("fig6_matrix_pca", path, title, data))
+    return figures
+
+
+MAX_NEURONS_PER_EXPERT = 2000
+"""Neurons drawn per expert in Fig 7 (evenly strided beyond that; the caption says so)."""
+
+
+def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Figure]:
+    """Fig 7 (App A.2): every neuron as a point in 2-D (or 3-D) PCA space, coloured by expert."""
+    all_layers = sorted({l for v in views for l in layers_of(v, "static")})
+    figures = []
+    kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {}
+    for page in pages(all_layers):
+        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), **kw)
+        data: dict = {}
+        for s, v in enumerate(views):
+            ds = v.dataset("static")
+            have = [l for l in page if l in layers_of(v, "static")]
+            if not have:
+                continue
+            n_neuron = ds.sizes["neuron"]
+            stride = max(1, -(-n_neuron // MAX_NEURONS_PER_EXPERT))
+            da = ds["neuron_pca"].sel(layer=have).isel(neuron=slice(None, None, stride),
+                                                       component=slice(0, dims))
+            scores = np.asarray(da.values, dtype=np.float64)
+            explained = np.asarray(ds["neuron_pca_explained"].sel(layer=have).values, dtype=np.float64)
+            labels = [str(x) for x in ds["expert"].values]
+            colors = _expert_colors(labels)
+            for li, layer in enumerate(have):
+                r = page.index(layer)
+                for mi, m in enumerate(MATRICES):
+                    ax = axes[r, s * 3 + mi]
+                    drawn, all_pts, all_colors = {}, [], []
+                    for e, lab in enumerate(labels):
+                        pts = scores[li, mi, e]
+                        pts = pts[np.isfinite(pts).all(axis=1)]
+                        if len(pts):
+                            drawn[lab] = pts
+                            all_pts.append(pts)
+                            all_colors += [colors[e]] * len(pts)
+                    if all_pts:
+                        ax.scatter(*np.concatenate(all_pts).T, s=2, c=all_colors, rasterized=True, alpha=0.6)
+                    ev = explained[li, mi]
+                    ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=7)
+                    ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=7)
+                    if dims == 3:
+                        ax.set_zlabel(f"PC3 ({ev[2]:.0%})", fontsize=7)
+                    ax.tick_params(labelsize=5)
+                    ax.set_title(f"{v.label}\nlayer {layer} · W_{m}", fontsize=8)
+                    if len(labels) <= 10 and r == 0 and mi == 2:
+                        from matplotlib.lines import Line2D
+
+                        handles = [Line2D([], [], marker="o", ls="", color=colors[e], label=lab)
+                                   for e, lab in enumerate(labels) if lab in drawn]
+                        ax.legend(handles=handles, title="expert", fontsize=6, title_fontsize=6,
+                                  loc="upper left", bbox_to_anchor=(1.02, 1.0))
+                    data[(v.label, layer, m)] = drawn
+            if len(labels) > 10:
+                import matplotlib
+                from matplotlib.cm import ScalarMappable
+
+                sm = ScalarMappable(cmap=matplotlib.colormaps["turbo"],
+                                    norm=matplotlib.colors.Normalize(0, len(labels) - 1))
+                cb = colorbar(fig, sm, f"expert ({v.label})", s, len(views))
+                ticks = [0, len(labels) // 2, len(labels) - 1]
+                cb.set_ticks(ticks, labels=[labels[t] for t in ticks])
+        for ax in axes.ravel():
+            if not ax.has_data():
+                ax.set_axis_off()
+        suffix = "3d" if dims == 3 else "2d"
+        path = out / f"fig7_neuron_pca_{suffix}_{page_name(page)}.png"
+        title = f"Fig 7: PCA of expert neurons ({dims}-D) — layers {page[0]}–{page[-1]}"
+        save(fig, path, title)
+        figures.append(Figure(f"fig7_neuron_pca_{suffix}", path, title, data))
+    return figures

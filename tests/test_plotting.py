@@ -1,0 +1,210 @@
+"""The plotting job and report (issue 5): real-pipeline stores (mixtral upcycled with its reference,
+deepseek_moe scratch with SE and 64 experts), synthetic reorder/dynamic groups, partial and empty stores.
+Figures are checked through the data each figure function returns, tables against the store."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import moe_ray
+from moe_ray.cli import main as cli_main
+from moe_ray.errors import MoeRayError
+from moe_ray.plotting import render
+from moe_ray.plotting.common import StoreView
+from moe_ray.plotting.static import fig1_matrix_similarity
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def stores(ray_session, tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("plot-stores")
+    mix = tiny("mixtral", "upcycled")
+    ds = tiny("deepseek_moe", "scratch")
+    a = moe_ray.run({"model": str(mix.path), "reference": str(mix.reference), "store": str(root / "mix.zarr"),
+                     "static": {"dbscan_eps": 50.0, "dbscan_min_samples": 2}, "progress": False})
+    b = moe_ray.run({"model": str(ds.path), "store": str(root / "ds.zarr"), "progress": False})
+    return a, b
+
+
+def _png_ok(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert 300 <= width <= 6000 and 200 <= height <= 6000, (path.name, width, height)
+
+
+def _links_resolve(index: Path) -> list[str]:
+    text = index.read_text()
+    links = re.findall(r'(?:href|src)="([^"#][^"]*)"', text) + re.findall(r"href='([^']*)'", text)
+    for link in links:
+        assert (index.parent / link).is_file(), link
+    return links
+
+
+def test_report_two_real_stores(stores, tmp_path):
+    mix, ds = stores
+    report = render([mix, ds], tmp_path / "rep")
+    keys = {f.key for f in report.figures}
+    assert {"fig1_matrix_similarity", "fig6_matrix_pca", "fig7_neuron_pca_2d", "fig7_neuron_pca_3d",
+            "fig8_gate_neuron_avg"} <= keys
+    for f in report.figures:
+        _png_ok(f.path)
+    links = _links_resolve(report.index)
+    assert len([l for l in links if l.endswith(".png")]) >= len(report.figures)
+    text = report.index.read_text()
+    assert "0.1.0" in text and "mixtral" in text and "deepseek_moe" in text and "dense-parent" in text
+    assert "no reorder analyses" in text and "no dynamic analyses" in text
+
+    # Fig 1 draws exactly the store's matrices, F included for mixtral, SE dropped for deepseek.
+    fig1 = next(f for f in report.figures if f.key == "fig1_matrix_similarity")
+    sm = xr.open_zarr(mix, group="static")["matrix_similarity"]
+    mix_label = next(k[0] for k in fig1.data if k[0] not in ("labels", "range") and k[0].startswith("mixtral"))
+    np.testing.assert_allclose(fig1.data[(mix_label, 2, "W_gate")], sm.sel(layer=2, matrix="gate").values)
+    assert fig1.data[("labels", mix_label, 2, "W_gate")][0][-1] == "F"
+    ds_label = next(k[0] for k in fig1.data if k[0] not in ("labels", "range") and k[0].startswith("deepseek"))
+    rows, _ = fig1.data[("labels", ds_label, 1, "W_up")]
+    assert len(rows) == 64 and "SE" not in rows
+    lo, hi = fig1.data[("range", "sim")]
+    assert lo < 0.2 < 0.5 < hi  # shared scale spans scratch (near 0) and upcycled (high) similarity
+
+    # Fig 8 keeps SE in the neuron-average maps of deepseek, and the gate map has routed experts only.
+    fig8 = next(f for f in report.figures if f.key == "fig8_gate_neuron_avg")
+    assert fig8.data[("labels", ds_label, 1, "avg W_up (Y_up)")][0][-1] == "SE"
+    assert len(fig8.data[("labels", ds_label, 1, "gate embedding X")][0]) == 64
+
+    # Fig 6 lists DBSCAN-removed experts exactly as the store marks them.
+    fig6 = next(f for f in report.figures if f.key == "fig6_matrix_pca")
+    out = xr.open_zarr(mix, group="static")["matrix_pca_outlier"].sel(layer=0, matrix="up").values
+    labels = [str(x) for x in xr.open_zarr(mix, group="static")["expert"].values]
+    assert fig6.data[(mix_label, 0, "up")]["removed"] == [labels[i] for i in np.flatnonzero(out)]
+
+    # Tables equal the store's values.
+    tab3 = next(t for t in report.tables if t.key == "tab3_r2_mean")
+    r2 = xr.open_zarr(ds, group="static")["gate_weight_r2_mean"].values
+    row = next(r for r in tab3.rows if r[0] == ds_label)
+    np.testing.assert_allclose(row[1:], r2)
+    with tab3.csv.open() as f:
+        csv_rows = list(csv.reader(f))
+    np.testing.assert_allclose([float(x) for x in csv_rows[2][1:]], r2)
+    tab4 = next(t for t in report.tables if t.key == "tab4_r_per_layer")
+    r = xr.open_zarr(mix, group="static")["gate_weight_correlation"]
+    layer3 = next(r_ for r_ in tab4.rows if r_[0] == 3)
+    np.testing.assert_allclose(layer3[1:4], r.sel(layer=3).values)
+    assert next(r_ for r_ in tab4.rows if r_[0] == 0)[4:] == [None, None, None]  # deepseek layer 0 is dense
+
+
+def _copy(src: str, dst: Path) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_partial_and_empty_store_api_and_cli(stores, tmp_path, capsys):
+    mix, _ = stores
+    partial = _copy(mix, tmp_path / "partial.zarr")
+    zarr.open_group(partial, mode="r+")["static/unit_done"][1] = 0
+    index = moe_ray.plot(partial, tmp_path / "p")
+    assert index == tmp_path / "p" / "index.html"
+    _links_resolve(index)
+    assert "static layers [1] not finished" in index.read_text()
+    fig1 = fig1_matrix_similarity([StoreView(partial)], tmp_path)[0]
+    assert {k[1] for k in fig1.data if k[0] not in ("labels", "range")} == {0, 2, 3}
+
+    empty = _copy(mix, tmp_path / "empty.zarr")
+    del zarr.open_group(empty, mode="r+")["static"]
+    assert cli_main(["plot", empty, "--out", str(tmp_path / "e")]) == 0
+    text = (tmp_path / "e" / "index.html").read_text()
+    assert "no static analyses" in text and "Not in any store" in text
+    assert not list((tmp_path / "e" / "figures").iterdir())
+
+    with pytest.raises(MoeRayError, match="not a moe-ray store"):
+        render([str(tmp_path / "p")], tmp_path / "x")
+    assert cli_main(["plot", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "y")]) == 2
+    assert "store not found" in capsys.readouterr().err
+
+
+def _write(store: str, path: str, data: xr.Dataset) -> None:
+    data.to_zarr(store, group=path, mode="w", zarr_format=3, consolidated=False)
+
+
+def test_synthetic_reorder_and_dynamic(stores, tmp_path):
+    """Reorder and dynamic groups with the schema's names and dims, written by this test."""
+    mix, _ = stores
+    store = _copy(mix, tmp_path / "full.zarr")
+    meta = Path(store) / "zarr.json"
+    root_meta = json.loads(meta.read_text())
+    root_meta.pop("consolidated_metadata", None)  # writers add groups, then consolidate (as the pipeline does)
+    meta.write_text(json.dumps(root_meta))
+    rng = np.random.default_rng(0)
+    layers, E, T, N, k = [0, 1], 4, 5, 6, 2
+    ex = [str(e) for e in range(E)]
+    mats = ["up", "gate", "down"]
+    before = rng.uniform(0, 0.1, (2, 3, E, E))
+    after = before * 2
+    for mode, tau_dims in (("joint", ("layer", "expert_i", "expert_j")),
+                           ("separate", ("layer", "matrix", "expert_i", "expert_j"))):
+        tau = rng.uniform(-1, 1, (2, E, E) if mode == "joint" else (2, 3, E, E))
+        _write(store, f"reorder/{mode}", xr.Dataset(
+            {"similarity_before": (("layer", "matrix", "expert_i", "expert_j"), before),
+             "similarity_after": (("layer", "matrix", "expert_i", "expert_j"), after),
+             "growth": (("layer", "matrix", "expert_i", "expert_j"), after / before),
+             "kendall_tau": (tau_dims, tau)},
+            coords={"layer": layers, "matrix": mats, "expert_i": ex, "expert_j": ex}))
+    scores = rng.dirichlet(np.ones(E), (2, T))
+    topk = np.argsort(-scores, axis=-1)[..., :k]
+    counts = rng.integers(0, 5, (2, E, E))
+    _write(store, "dynamic/short", xr.Dataset(
+        {"tokens": (("token",), np.array(["<s>", "As", "an", "open", "source"], dtype=object)),
+         "router_logits": (("layer", "token", "expert"), np.log(scores)),
+         "gate_scores": (("layer", "token", "expert"), scores),
+         "topk_experts": (("layer", "token", "k"), topk),
+         "expert_output_norms": (("layer", "token", "expert"), rng.uniform(0, 3, (2, T, E))),
+         "expert_output_similarity": (("layer", "token", "expert_i", "expert_j"), rng.uniform(-1, 1, (2, T, E, E))),
+         "expert_output_angular_mean": (("layer", "expert_i", "expert_j"), rng.uniform(0, 1, (2, E, E))),
+         "norm_score_rank_counts": (("layer", "norm_rank", "score_rank"), counts),
+         "activation_ratio": (("layer", "token", "expert"), rng.uniform(0.9, 1, (2, T, E))),
+         "intermediate_states": (("layer", "token", "expert", "neuron"), rng.normal(size=(2, T, E, N)))},
+        coords={"layer": layers, "token": np.arange(T), "expert": ex, "expert_i": ex, "expert_j": ex,
+                "k": np.arange(k), "norm_rank": np.arange(E), "score_rank": np.arange(E), "neuron": np.arange(N)}))
+
+    zarr.consolidate_metadata(store)
+    report = render([store], tmp_path / "rep")
+    keys = {f.key for f in report.figures}
+    assert {"fig2_output_similarity", "fig3_angular_short", "fig4_norms_scores", "fig9_rank_counts_short",
+            "fig5_intermediate", "activation_ratio", "fig10_routing"} <= keys
+    for f in report.figures:
+        _png_ok(f.path)
+    _links_resolve(report.index)
+    label = next(iter(report.figures[0].data))[0]
+
+    tab2 = next(t for t in report.tables if t.key == "tab2_reorder")
+    off = ~np.eye(E, dtype=bool)
+    row = next(r for r in tab2.rows if r[1] == "separate" and r[2] == "gate")
+    assert row[3] == pytest.approx(before[:, 1][:, off].mean())
+    assert row[5] == pytest.approx(2.0)
+    assert row[6] == pytest.approx(xr.open_zarr(store, group="reorder/separate")["kendall_tau"]
+                                   .sel(matrix="gate").values[:, off].mean())
+    joint = [r for r in tab2.rows if r[1] == "joint"]
+    assert len({r[6] for r in joint}) == 1
+
+    fig2 = next(f for f in report.figures if f.key == "fig2_output_similarity")
+    assert fig2.data[("topk", label, 1, 3)] == list(topk[1, 3])
+    fig10 = next(f for f in report.figures if f.key == "fig10_routing")
+    shown = fig10.data[(label, 0)]
+    assert np.isfinite(shown).sum() == T * k
+    np.testing.assert_allclose(shown[2, topk[0, 2]], scores[0, 2, topk[0, 2]])
+    fig9 = next(f for f in report.figures if f.key == "fig9_rank_counts_short")
+    np.testing.assert_array_equal(fig9.data[(label, 1, "rank counts (short)")], counts[1])
+    act = next(f for f in report.figures if f.key == "activation_ratio")
+    assert act.data[label].shape == (2, E)
+    fig3 = next(f for f in report.figures if f.key == "fig3_angular_short")
+    assert (label, 3, "matrix sim W_up") in fig3.data  # static layers beside the dynamic ones
