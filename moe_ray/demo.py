@@ -4,7 +4,8 @@
 
 Writes `demo/checkpoints/*` (tiny models in the real hub layout), `demo/spec.toml` (rerun it with
 `moe-ray run demo/spec.toml`), `demo/results.zarr` (an upcycled Mixtral-style model with its dense
-parent as F) and `demo/results-<name>.zarr` for the comparison models.
+parent as F: static, reorder and dynamic analyses), `demo/results-<name>.zarr` for the comparison
+models, and `demo/report/index.html` with the paper's figures and tables for all of them.
 """
 from __future__ import annotations
 
@@ -79,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             run(spec_path, overwrite=True)
             print(summarize(str(store)))
             stores.append(store)
+        from .plotting import plot
+
+        print(f"\n== report: figures and tables of every store, side by side")
+        index = plot([str(s) for s in stores], out / "report")
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2
-    print(f"\nDone. Rerun one with `moe-ray run {out / 'spec.toml'}`; read results with "
+    print(f"\nDone. Report: {index}. Rerun one with `moe-ray run {out / 'spec.toml'}`; read results with "
           f"moe_ray.open_results('{stores[0]}').")
     return 0
 

@@ -172,8 +172,8 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
          "expert_output_angular_mean": (("layer", "expert_i", "expert_j"), rng.uniform(0, 1, (2, E, E))),
          "norm_score_rank_counts": (("layer", "norm_rank", "score_rank"), counts),
          "activation_ratio": (("layer", "token", "expert"), rng.uniform(0.9, 1, (2, T, E))),
-         "intermediate_states": (("layer", "token", "expert", "neuron"), rng.normal(size=(2, T, E, N)))},
-        coords={"layer": layers, "token": np.arange(T), "expert": ex, "expert_i": ex, "expert_j": ex,
+         "intermediate_states": (("layer", "probe_token", "expert", "neuron"), rng.normal(size=(2, 2, E, N)))},
+        coords={"layer": layers, "token": np.arange(T), "probe_token": np.arange(2), "expert": ex, "expert_i": ex, "expert_j": ex,
                 "k": np.arange(k), "norm_rank": np.arange(E), "score_rank": np.arange(E), "neuron": np.arange(N)}))
 
     zarr.consolidate_metadata(store)

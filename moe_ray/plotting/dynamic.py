@@ -204,11 +204,13 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
             if "intermediate_states" not in ds:
                 continue
             da_all = ds["intermediate_states"]
-            n_tok = min(da_all.sizes["token"], MAX_TOKENS)
-            tok_idx = [int(t) for t in da_all["token"].values[:n_tok]]
+            # the store keeps the first few tokens on their own `probe_token` axis (positions 0..n-1)
+            tdim = "probe_token" if "probe_token" in da_all.dims else "token"
+            n_tok = min(da_all.sizes[tdim], MAX_TOKENS)
+            tok_idx = [int(t) for t in da_all[tdim].values[:n_tok]]
             texts = token_texts(v, inp)
             for page in pages(_layers(v, inp)):
-                da = da_all.sel(layer=page).isel(token=slice(0, n_tok))
+                da = da_all.sel(layer=page).isel({tdim: slice(0, n_tok)})
                 values = np.abs(np.asarray(da.values, dtype=np.float64))
                 labels = [str(x) for x in da["expert"].values]
                 hi = float(np.nanpercentile(values, 99)) if np.isfinite(values).any() else 1.0
