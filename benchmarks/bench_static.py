@@ -46,14 +46,42 @@ def _read_fp32(path: Path) -> float:
     return time.perf_counter() - started
 
 
+# VmHWM (peak RSS) of a fresh process: ru_maxrss would inherit the parent's peak across fork.
 _UNIT_RSS = """
-import resource, sys, pickle
+import sys, pickle
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 from moe_ray.units import static as S
 plan, layer = pickle.loads(bytes.fromhex(sys.argv[1]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 S.run_layer(plan, layer)
-print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(before, hwm())
 """
+
+
+def _breakdown(path: Path) -> dict:
+    """Seconds per analysis for layer 0, in this process (one thread per Ray task is what runs)."""
+    import torch
+
+    from moe_ray.analysis import static as S
+    ckpt = open_checkpoint(path)
+    times = {"read": 0.0, "s1_s2": 0.0, "s3": 0.0, "s5": 0.0}
+    for matrix in ("up", "gate", "down"):
+        t = time.perf_counter()
+        mats = [ckpt.read(ckpt.family.expert_keys(0, e)[matrix]) for e in range(ckpt.facts.num_experts)]
+        times["read"] += time.perf_counter() - t
+        t = time.perf_counter()
+        S.flattened_grams(mats)
+        times["s1_s2"] += time.perf_counter() - t
+        t = time.perf_counter()
+        torch.stack([S.neuron_average(m, matrix) for m in mats])
+        times["s3"] += time.perf_counter() - t
+        t = time.perf_counter()
+        S.neuron_pca([S.neuron_vectors(m, matrix) for m in mats], 3, "randomized")
+        times["s5"] += time.perf_counter() - t
+    return {k: round(v, 3) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--d-hid", type=int, default=1024)
     parser.add_argument("--d-mid", type=int, default=3584)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the in-process breakdown")
     args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-ray-bench-"))
     overrides = {"hidden_size": args.d_hid, "intermediate_size": args.d_mid, "num_hidden_layers": args.layers,
                  "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": args.d_hid // 8, "vocab_size": 512}
@@ -103,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
         "task_peak_rss_bytes": rss_peak,
         "task_rss_growth_bytes": rss_peak - rss_before,
         "task_rss_growth_over_layer_fp32": round((rss_peak - rss_before) / (2 * layer_bytes), 2),
+        "read_fp32_over_read_bytes": round(read_fp32 / read_bytes, 2),
         "neuron_pca_method": job.plan.neuron_pca_method,
+        "layer0_seconds_1_thread": _breakdown(ckpt_dir),
     }
     print(json.dumps(result))
     return result
