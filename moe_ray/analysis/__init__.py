@@ -1,5 +1,8 @@
 """Pure analysis math: tensors in, tensors out. Nothing here knows about Ray, Zarr or checkpoints.
 
-- `static.py`: S1 matrix similarity, S2 matrix PCA (+ DBSCAN), S3 neuron averaging, S5 neuron PCA,
-  S6 gate-embedding similarity and its correlation with W_gate (paper §4, App A–C).
+- `static.py`:  S1 matrix similarity, S2 matrix PCA (+ DBSCAN), S3 neuron averaging, S5 neuron PCA,
+  S6 gate-embedding similarity and its correlation with W_gate (paper §4.1.1, §4.2, App A–C);
+- `reorder.py`: S4 neuron reordering as an exact linear assignment (lapjv), Kendall's tau (§4.1.2, Tab 2);
+- `dynamic.py`: D1–D5 on captured expert outputs: per-token cosine, angular mean, norms vs router
+  scores and their rank counts, activation ratios, top-k (paper §5, App D, App E).
 """
