@@ -238,9 +238,6 @@ class DynamicJob(AnalysisJob):
         pending = set(prepare(store, self.plan, overwrite))
         return [u for u in self._units if u.args[0] in pending]
 
-    def unit_function(self):
-        return ShardWorker.run
-
     def execute(self, pending: list[Unit], spec: Spec) -> None:
         """Push every pending input through the shard actors (all inputs in flight at once)."""
         names = {u.args[0] for u in pending}

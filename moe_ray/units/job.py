@@ -13,7 +13,8 @@ from ..store import ResultStore
 
 
 class AnalysisJob(ABC):
-    """One analysis of one run. Subclasses: `units.static.StaticJob`, ..."""
+    """One analysis of one run: `units.static.StaticJob`, `units.reorder.ReorderJob` (tasks) and
+    `units.dynamic.DynamicJob` (shard actors)."""
 
     name: str
 
@@ -26,14 +27,21 @@ class AnalysisJob(ABC):
         """Create this analysis's group, coordinates and arrays; return the units not yet done."""
 
     @abstractmethod
-    def unit_function(self):
-        """The function a Ray task runs for one unit: fn(*unit.args) -> summary dict."""
-
     def execute(self, pending: list[Unit], spec: Spec) -> None:
-        """Run the pending units (default: one Ray task each)."""
-        run_units(self.unit_function(), pending, what=f"{self.name} units",
-                  cpus_per_task=spec.resources.cpus_per_task, progress=spec.progress)
+        """Run the pending units."""
 
     @abstractmethod
     def finish(self, store: ResultStore) -> str:
         """Cross-unit summaries once every unit is done; returns a one-line summary."""
+
+
+class TaskJob(AnalysisJob):
+    """An analysis whose units are independent Ray tasks (static, reorder)."""
+
+    @abstractmethod
+    def unit_function(self):
+        """The function a Ray task runs for one unit: fn(*unit.args) -> summary dict."""
+
+    def execute(self, pending: list[Unit], spec: Spec) -> None:
+        run_units(self.unit_function(), pending, what=f"{self.name} units",
+                  cpus_per_task=spec.resources.cpus_per_task, progress=spec.progress)

@@ -22,7 +22,7 @@ from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
 from ..spec import Spec, parse_pair
 from ..store import ResultStore, reorder_quantity, REORDER_SCHEMA, unit_done
-from .job import AnalysisJob
+from .job import TaskJob
 
 GROUP = "reorder"
 UNIT_DIMS = {"joint": ("layer", "expert_i", "expert_j"),
@@ -173,7 +173,7 @@ def finish(store: ResultStore, plan: ReorderPlan, mode: str) -> dict:
     return summary
 
 
-class ReorderJob(AnalysisJob):
+class ReorderJob(TaskJob):
     """S4 of a run: one unit per (layer, pair) in joint mode, per (layer, pair, matrix) in separate."""
 
     name = "reorder"

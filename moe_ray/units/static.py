@@ -18,7 +18,7 @@ from ..errors import CheckpointError, SpecError
 from ..spec import Spec, StaticOptions
 from ..distributed.fanout import Unit
 from ..store import STATIC_SCHEMA, STATIC_SUMMARY, ResultStore, unit_done
-from .job import AnalysisJob
+from .job import TaskJob
 
 GROUP = "static"
 UNIT_DIMS = ("layer",)
@@ -248,7 +248,7 @@ def finish(store: ResultStore, plan: StaticPlan) -> dict:
     return summary
 
 
-class StaticJob(AnalysisJob):
+class StaticJob(TaskJob):
     """The static analyses of a run: one unit per selected MoE layer."""
 
     name = "static"
