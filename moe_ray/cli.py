@@ -188,6 +188,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .planning import plan_model
 
     print(plan_model(args.model, args.gpus_per_node, args.gpu_mem, args.nodes).report())
+    return 0
 
 
 def _add_plot(p: argparse.ArgumentParser) -> None:
