@@ -86,6 +86,8 @@ class DynamicOptions:
         "help": "keep the first N tokens of each input (the paper's long input is ~1,100); unset: all"})
     intermediate_tokens: int = field(default=4, metadata={
         "help": "store the full act(W_gate x) vectors of this many first tokens"})
+    placement: str = field(default="PACK", metadata={
+        "help": "placement group strategy of the shards: PACK, SPREAD or STRICT_SPREAD (one node each)"})
     save_expert_outputs: bool = field(default=False, metadata={
         "help": "also store every expert's raw output vectors (layer x token x expert x hidden)"})
 
@@ -99,6 +101,8 @@ class DynamicOptions:
             raise SpecError("dynamic input 'text' needs --text-file PATH")
         if self.shards < 1:
             raise SpecError(f"shards must be at least 1, not {self.shards}")
+        if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+            raise SpecError(f"placement must be PACK, SPREAD or STRICT_SPREAD, not {self.placement!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SpecError(f"max_tokens must be at least 1, not {self.max_tokens}")
         if self.intermediate_tokens < 0:

@@ -47,16 +47,17 @@ def balance_layers(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
 
 
 def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[dict[str, float]],
-                 items: Sequence[tuple[str, Any]], method: str = "run") -> dict[str, Any]:
-    """Create one actor per shard in a placement group (STRICT_PACK is not required: shards may sit
-    on different nodes), push every item through the shards in order, return {name: last output}.
+                 items: Sequence[tuple[str, Any]], method: str = "run", strategy: str = "PACK") -> dict[str, Any]:
+    """Create one actor per shard in a placement group with `strategy` (PACK: as few nodes as fit;
+    STRICT_SPREAD: one node per shard), push every item through the shards in order, return
+    {name: last output}.
 
     Each item is (name, first shard's input); shard i's `method(name, value)` output goes to shard
     i+1 as an object ref, so all items are in flight at once and every shard stays busy.
     """
     if not items:
         return {}
-    pg = placement_group(list(bundles), strategy="PACK")
+    pg = placement_group(list(bundles), strategy=strategy)
     try:
         ready, _ = ray.wait([pg.ready()], timeout=READY_TIMEOUT_S)
         if not ready:

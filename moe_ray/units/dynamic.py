@@ -244,7 +244,7 @@ class DynamicJob(AnalysisJob):
         items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
         bundles = [{"CPU": self.cpus, "memory": m} for m in self.plan.shard_memory]
         ctor = [(self.plan, s) for s in range(len(self.plan.shards))]
-        run_pipeline(ShardWorker, ctor, bundles, items)
+        run_pipeline(ShardWorker, ctor, bundles, items, strategy=self.plan.options.placement)
 
     def finish(self, store: ResultStore) -> str:
         E = self.plan.facts.num_experts
