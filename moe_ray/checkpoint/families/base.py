@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...errors import CheckpointError
+
 MATRICES: tuple[str, ...] = ("up", "gate", "down")
 """The three expert matrices, in the store's `matrix` coordinate order."""
 
@@ -133,18 +135,18 @@ class Family:
     @classmethod
     def route(cls, router_logits: torch.Tensor, top_k: int, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's own top-k rule: (weights [tokens, k], expert indices [tokens, k])."""
-        raise NotImplementedError(f"{cls.name} has no router")
+        raise CheckpointError(f"{cls.name} models have no router")
 
     # ---- full-model layout (make-tiny, plan, meta-device skeletons) --------------------------
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the whole model, by hub key, with its shape."""
-        raise NotImplementedError
+        """Every tensor of the whole model, by hub key, with its shape (each family defines it)."""
+        raise TypeError(f"{cls.__name__} does not define its tensor layout")
 
     @classmethod
     def tiny_config(cls) -> dict:
-        """config.json of the tiny flavor that `make-tiny` builds."""
-        raise NotImplementedError
+        """config.json of the tiny flavor that `make-tiny` builds (each family defines it)."""
+        raise TypeError(f"{cls.__name__} does not define a tiny flavor")
 
     flavors: ClassVar[dict[str, dict]] = {}
     """Published configs of real checkpoints (for `plan` and meta-device tests), by flavor name."""
@@ -163,7 +165,7 @@ class Family:
         import importlib
 
         if cls.hf_module is None:
-            raise NotImplementedError(f"{cls.name} has no decoder layer for dynamic passes")
+            raise CheckpointError(f"dynamic passes are not available for {cls.name} models yet")
         modeling = importlib.import_module(f"transformers.models.{cls.hf_module}.modeling_{cls.hf_module}")
         config_mod = importlib.import_module(f"transformers.models.{cls.hf_module}.configuration_{cls.hf_module}")
         p = cls.hf_prefix
