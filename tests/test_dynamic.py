@@ -12,7 +12,7 @@ from moe_ray.analysis import dynamic as D
 from moe_ray.checkpoint import open_checkpoint
 from moe_ray.runtime import LayerRange
 
-FAMILIES = ["mixtral"]
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 
 
 def _silu64(a: np.ndarray) -> np.ndarray:
@@ -126,6 +126,9 @@ def test_all_experts_and_router_equal_the_models_own(pair):
                 g, u = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
                 y = torch.nn.functional.linear(experts.act_fn(g) * u, experts.down_proj[e])
                 torch.testing.assert_close(cap.outputs[:, e], y, rtol=1e-4, atol=1e-6)
+            if hasattr(block, "shared_expert"):  # qwen2_moe: SE is the last label, before its sigmoid gate
+                assert cap.outputs.shape[1] == ckpt.facts.num_experts + 1
+                torch.testing.assert_close(cap.outputs[:, -1], block.shared_expert(x), rtol=1e-4, atol=1e-6)
 
 
 # ---- planted truths, shards, bad inputs through api.run -------------------------------------------

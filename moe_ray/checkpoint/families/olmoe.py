@@ -16,6 +16,8 @@ class Olmoe(Family):
     expert_key = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     activation = "silu"
     routing = "softmax over all experts, then top-k (renormalised if norm_topk_prob)"
+    hf_module = "olmoe"
+    hf_prefix = "Olmoe"
 
     @classmethod
     def expert_d_mid(cls, config: dict) -> int:

@@ -18,6 +18,14 @@ class Qwen2Moe(Family):
     activation = "silu"
     routing = "softmax over all experts, then top-k (renormalised if norm_topk_prob)"
     attention_bias = True
+    hf_module = "qwen2_moe"
+    hf_prefix = "Qwen2Moe"
+
+    @classmethod
+    def shared_expert_stack(cls, block):
+        """The shared expert (`mlp.shared_expert`, before its sigmoid gate) as a one-expert stack."""
+        shared = block.shared_expert
+        return shared.gate_proj.weight[None], shared.up_proj.weight[None], shared.down_proj.weight[None]
 
     @classmethod
     def shared_d_mid(cls, config: dict) -> int | None:
@@ -75,6 +83,12 @@ class Qwen3Moe(Qwen2Moe):
     key_marker = "\0qwen3"  # same keys as other `mlp.experts` families: detected by config only
     shared_key = None
     attention_bias = False
+    hf_module = "qwen3_moe"
+    hf_prefix = "Qwen3Moe"
+
+    @classmethod
+    def shared_expert_stack(cls, block):
+        return None
 
     @classmethod
     def shared_d_mid(cls, config: dict) -> int | None:
