@@ -23,7 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_static
+	PYTHONPATH=. $(PY) benchmarks/bench_reorder.py --sizes 1408,4096,8192 --scipy-max-n 8192
+	PYTHONPATH=. $(PY) benchmarks/bench_dynamic.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
