@@ -131,6 +131,27 @@ def test_all_experts_and_router_equal_the_models_own(pair):
                 torch.testing.assert_close(cap.outputs[:, -1], block.shared_expert(x), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family, overrides", [
+    ("mixtral", {"sliding_window": 6}),  # every layer windowed
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 3}),  # per-layer types
+])
+def test_sliding_window_layers_equal_transformers(family, overrides, tmp_path):
+    from moe_ray.checkpoint.tiny import make_tiny
+
+    t = make_tiny(family, "scratch", tmp_path / "ckpt", config_overrides=overrides)
+    ckpt, model = open_checkpoint(t.path), _hf_model(t.path)
+    ids = _ids(23)
+    runner = LayerRange(ckpt, 0, ckpt.facts.num_layers)
+    hidden, _ = runner.forward(runner.embed(ids))
+    with torch.no_grad():
+        ref = model.model(input_ids=ids.unsqueeze(0)).last_hidden_state
+        full = LayerRange(ckpt, 0, ckpt.facts.num_layers)
+        full.hf_config.sliding_window, full.hf_config.layer_types = None, None
+        unwindowed, _ = full.forward(full.embed(ids))
+    torch.testing.assert_close(model.model.norm(hidden), ref, rtol=1e-5, atol=1e-5)
+    assert (model.model.norm(unwindowed) - ref).abs().max() > 1e-3  # the window really changes the result
+
+
 # ---- planted truths, shards, bad inputs through api.run -------------------------------------------
 
 def _run(tmp_path, ckpt_path, name="st.zarr", **dynamic):
@@ -178,6 +199,27 @@ def test_two_shards_equal_one(ray_session, tiny, tmp_path):
                 continue
             np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-6, atol=1e-6, err_msg=name)
     assert xr.open_zarr(one, group="dynamic/long").sizes["token"] == 300
+
+
+@pytest.mark.parametrize("family", ["grok1", "deepseek_moe"])
+def test_own_decoders_run_end_to_end_on_two_shards(ray_session, tiny, tmp_path, family):
+    """Grok-1 and DeepSeekMoE v1 through the whole job: 2 shard actors, store with their labels."""
+    import xarray as xr
+
+    t = tiny(family, "scratch")
+    ckpt = open_checkpoint(t.path)
+    store = _run(tmp_path, t.path, shards=2)
+    ds = xr.open_zarr(store, group="dynamic/short")
+    assert (ds.unit_done.values == 1).all()
+    assert list(ds.layer.values) == list(ckpt.facts.moe_layers)
+    labels = [str(e) for e in range(ckpt.facts.num_experts)] + (["SE"] if ckpt.facts.shared_d_mid else [])
+    assert list(ds.expert.values) == labels
+    runner = LayerRange(ckpt, 0, ckpt.facts.num_layers)
+    ids = torch.tensor(ds.token_ids.values)
+    _, captures = runner.forward(runner.embed(ids))
+    for i, layer in enumerate(ds.layer.values):
+        np.testing.assert_allclose(ds.expert_output_norms.values[i], captures[int(layer)].norms.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(ds.topk_weights.values[i], captures[int(layer)].topk_weights.numpy(), rtol=1e-5)
 
 
 def test_balance_layers_is_contiguous_and_balanced():

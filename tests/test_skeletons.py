@@ -8,9 +8,15 @@ import torch
 
 from moe_ray.checkpoint import get_family
 
-# family, flavor, parameters of one MoE decoder layer (published architecture arithmetic)
+# family, flavor, parameters of one MoE decoder layer (published architecture arithmetic: attention
+# q/k/v/o, norms, router, experts, shared experts), expert parameters, whole-model parameters
 CASES = [
-    ("mixtral", "8x7B", 4096 * (4096 + 1024 + 1024 + 4096) + 2 * 4096 + 8 * 4096 + 8 * 3 * 14336 * 4096),
+    ("mixtral", "8x7B", 4096 * (4096 + 1024 + 1024 + 4096) + 2 * 4096 + 8 * 4096 + 8 * 3 * 14336 * 4096,
+     8 * 3 * 14336 * 4096, 46.7e9),
+    ("deepseek_moe", "16B", 4 * 2048 * 2048 + 2 * 2048 + 64 * 2048 + 64 * 3 * 1408 * 2048 + 3 * 2816 * 2048,
+     64 * 3 * 1408 * 2048 + 3 * 2816 * 2048, 16.4e9),
+    ("grok1", "314B", 6144 * (6144 + 1024 + 1024 + 6144) + 4 * 6144 + 8 * 6144 + 8 * 3 * 32768 * 6144,
+     8 * 3 * 32768 * 6144, 314e9),
 ]
 
 
@@ -19,20 +25,21 @@ def _layer_params_from_adapter(family, config, layer: int) -> int:
     return sum(int(torch.Size(s).numel()) for k, s in family.tensor_shapes(config).items() if k.startswith(prefix))
 
 
-@pytest.mark.parametrize("name, flavor, expected", CASES)
-def test_full_size_layer_skeleton_on_meta(name, flavor, expected):
+@pytest.mark.parametrize("name, flavor, expected, expert_params, model_params", CASES)
+def test_full_size_layer_skeleton_on_meta(name, flavor, expected, expert_params, model_params):
     family = get_family(name)
     config = family.flavors[flavor]
     rss_before = psutil.Process().memory_info().rss
-    hf_config = family.hf_config(config)
+    hf_config = family.decoder_config(config)
     with torch.device("meta"):
-        layer = family.hf_classes()["layer"](hf_config, 1)
+        layer = family.decoder_classes()["layer"](hf_config, 1)
     params = dict(layer.named_parameters())
     assert all(p.is_meta for p in params.values())
     n_params = sum(p.numel() for p in params.values())
     assert n_params == expected == _layer_params_from_adapter(family, config, 1)
     experts = [p for n, p in params.items() if "experts" in n]
-    assert sum(p.numel() for p in experts) == 8 * 3 * 14336 * 4096  # 1.41e9 expert weights per layer
-    assert n_params * 2 == pytest.approx(2.90e9, rel=0.01)  # 2.9 GB of bf16 per layer
-    # nothing was allocated: the layer alone would be 5.6 GB in float32
+    assert sum(p.numel() for p in experts) == expert_params
+    whole = sum(int(torch.Size(s).numel()) for s in family.tensor_shapes(config).values())
+    assert whole == pytest.approx(model_params, rel=0.01)  # the published model size
+    # nothing was allocated: a layer is GBs in float32 (5.6 GB Mixtral, 19 GB Grok-1)
     assert psutil.Process().memory_info().rss - rss_before < 200 * 2**20

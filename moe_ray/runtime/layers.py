@@ -1,7 +1,8 @@
 """A contiguous range of a model's decoder layers, materialised on CPU in float32 from per-layer
 safetensors reads, run with a forced all-expert capture (paper §5).
 
-The decoder layers are the family's own transformers classes, built on the meta device and filled
+The decoder layers are the family's own transformers classes (or, for Grok-1 and DeepSeekMoE v1,
+the compact ones in `moe_ray.models`), built on the meta device and filled
 with `load_state_dict(assign=True)` from the hub tensors (the family adapter fuses per-expert keys
 into transformers' 3-D expert tensors). Each MoE layer runs exactly as in the model (top-k) to give
 the next layer its input; a forward pre-hook on the MoE block keeps that block's input x, on which
@@ -67,12 +68,13 @@ class LayerRange:
         self.family = ckpt.family
         self.facts = ckpt.facts
         self.act = D.activation_fn(self.family.activation)
-        self.hf_config = self.family.hf_config(ckpt.config)
-        classes = self.family.hf_classes()
+        self.hf_config = self.family.decoder_config(ckpt.config)
+        classes = self.family.decoder_classes()
         self.capture_layers = tuple(l for l in (capture_layers if capture_layers is not None else self.facts.moe_layers)
                                     if start <= l < end)
         self.rotary = classes["rotary"](config=self.hf_config)
         self.embed_weight = ckpt.read("model.embed_tokens.weight") if start == 0 else None
+        self.embed_scale = self.family.embedding_scale(ckpt.config)
         self.layers: dict[int, torch.nn.Module] = {}
         for layer in range(start, end):
             with torch.device("meta"):
@@ -95,18 +97,16 @@ class LayerRange:
         if self.embed_weight is None:
             raise MoeRayError("embeddings live on the first shard")
         check_sequence(input_ids, self.ckpt.config)
-        return torch.nn.functional.embedding(input_ids.long().unsqueeze(0), self.embed_weight)
+        hidden = torch.nn.functional.embedding(input_ids.long().unsqueeze(0), self.embed_weight)
+        return hidden * self.embed_scale if self.embed_scale != 1.0 else hidden
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, capture: bool = True, probe_tokens: int = 0
                 ) -> tuple[torch.Tensor, dict[int, LayerCapture]]:
         """Run this range's layers on [1, T, H]; returns the output and the MoE layers' captures."""
-        from transformers.masking_utils import create_causal_mask
-
         T = hidden.shape[1]
         position_ids = torch.arange(T).unsqueeze(0)
-        mask = create_causal_mask(config=self.hf_config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=None, position_ids=position_ids)
+        masks = attention_masks(self.hf_config, hidden, position_ids)
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
         captures: dict[int, LayerCapture] = {}
         for layer, module in self.layers.items():
@@ -115,6 +115,7 @@ class LayerRange:
             if capture and layer in self.capture_layers:
                 hook = module.mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
             try:
+                mask = masks[layer_attention_type(self.hf_config, layer)]
                 hidden = module(hidden, position_embeddings=position_embeddings, attention_mask=mask,
                                 position_ids=position_ids)
             finally:
@@ -142,6 +143,26 @@ class LayerRange:
             intermediate.append(res.intermediate[:, 0])
         return LayerCapture(layer, logits, D.router_scores(logits), weights.float(), experts,
                             torch.cat(outputs, dim=1), torch.cat(ratios, dim=1), intermediate)
+
+
+def layer_attention_type(hf_config, layer: int) -> str:
+    """"full_attention" or "sliding_attention": the config's per-layer `layer_types` where it has
+    them (Qwen2-MoE), else sliding everywhere when it sets a `sliding_window` (Mixtral, Mistral)."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return layer_types[layer]
+    return "sliding_attention" if getattr(hf_config, "sliding_window", None) else "full_attention"
+
+
+def attention_masks(hf_config, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The causal masks the layers need, by attention type, built as the transformers model does."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    kwargs = dict(config=hf_config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if getattr(hf_config, "sliding_window", None):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    return masks
 
 
 def check_sequence(input_ids: torch.Tensor, config: dict) -> None:

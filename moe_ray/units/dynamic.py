@@ -86,7 +86,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     """Validate everything a dynamic run needs before any work starts."""
     facts, family = ckpt.facts, ckpt.family
     options = spec.dynamic
-    if family.hf_module is None:
+    if family.decoder_classes() is None:
         raise CheckpointError(f"dynamic analyses do not support the {facts.family} family yet")
     inputs = tokenize(ckpt, list(dict.fromkeys(options.inputs)), options)
     n = facts.num_layers

@@ -151,34 +151,50 @@ class Family:
     flavors: ClassVar[dict[str, dict]] = {}
     """Published configs of real checkpoints (for `plan` and meta-device tests), by flavor name."""
 
-    # ---- dynamic passes: decoder layers built from transformers' own classes ------------------
+    # ---- dynamic passes: decoder layers (transformers' own classes, or moe_ray.models) -------
     hf_module: ClassVar[str | None] = None
     """`transformers.models.<hf_module>.modeling_<hf_module>` holds the decoder classes (None: none)."""
     hf_prefix: ClassVar[str] = ""
     """Class-name prefix there, e.g. "Mixtral" for MixtralDecoderLayer, MixtralConfig."""
+    own_module: ClassVar[str | None] = None
+    """`moe_ray.models.<own_module>` holds our compact decoder layer where transformers has none."""
     moe_hub_name: ClassVar[str] = "mlp"
-    """What the hub keys call a layer's MoE block (transformers' modules always call it `mlp`)."""
+    """What the hub keys call a layer's MoE block (the decoder modules always call it `mlp`)."""
 
     @classmethod
-    def hf_classes(cls) -> dict[str, type]:
-        """transformers' config, decoder layer, rotary embedding and RMSNorm classes of this family."""
+    def decoder_classes(cls) -> dict[str, type] | None:
+        """The config, decoder-layer and rotary-embedding classes dynamic passes build this family
+        from, or None where moe-ray has no decoder for it."""
         import importlib
 
+        if cls.own_module is not None:
+            own = importlib.import_module(f"moe_ray.models.{cls.own_module}")
+            return {"config": own.Config, "layer": own.DecoderLayer, "rotary": own.RotaryEmbedding}
         if cls.hf_module is None:
-            raise CheckpointError(f"dynamic passes are not available for {cls.name} models yet")
+            return None
         modeling = importlib.import_module(f"transformers.models.{cls.hf_module}.modeling_{cls.hf_module}")
         config_mod = importlib.import_module(f"transformers.models.{cls.hf_module}.configuration_{cls.hf_module}")
         p = cls.hf_prefix
         return {"config": getattr(config_mod, f"{p}Config"), "layer": getattr(modeling, f"{p}DecoderLayer"),
-                "rotary": getattr(modeling, f"{p}RotaryEmbedding"), "norm": getattr(modeling, f"{p}RMSNorm")}
+                "rotary": getattr(modeling, f"{p}RotaryEmbedding")}
 
     @classmethod
-    def hf_config(cls, config: dict):
-        """config.json as transformers' config object: SDPA attention, the eager (per-expert) MoE path."""
-        hf = cls.hf_classes()["config"](**{k: v for k, v in config.items() if k != "torch_dtype"})
+    def decoder_config(cls, config: dict):
+        """config.json as the decoder's config object: SDPA attention, the eager (per-expert) MoE
+        path, and `moe_layers` (this adapter's rule) for decoders that need to be told."""
+        classes = cls.decoder_classes()
+        if classes is None:
+            raise CheckpointError(f"dynamic passes are not available for {cls.name} models")
+        hf = classes["config"](**{k: v for k, v in config.items() if k != "torch_dtype"})
         hf._attn_implementation = "sdpa"
         hf._experts_implementation = "eager"
+        hf.moe_layers = list(cls.facts(config).moe_layers)
         return hf
+
+    @classmethod
+    def embedding_scale(cls, config: dict) -> float:
+        """What the token embeddings are multiplied by before the first layer (1 for most models)."""
+        return 1.0
 
     @classmethod
     def layer_state(cls, module_keys: list[str], layer: int, num_experts: int, read) -> dict[str, torch.Tensor]:
@@ -219,6 +235,11 @@ class Family:
 
 
 # ---- helpers shared by llama-style families --------------------------------------------------
+
+def mlp_as_stack(mlp: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated MLP module (gate_proj, up_proj, down_proj) as a one-expert (W_gate, W_up, W_down) stack."""
+    return mlp.gate_proj.weight[None], mlp.up_proj.weight[None], mlp.down_proj.weight[None]
+
 
 def softmax_then_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts, keep the top-k probabilities (optionally renormalised to sum 1)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_model_shapes, llama_tiny_base, softmax_then_topk
+from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base, softmax_then_topk
 
 
 class DeepseekMoe(Family):
@@ -16,7 +16,14 @@ class DeepseekMoe(Family):
     expert_key = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     shared_key = "model.layers.{layer}.mlp.shared_experts.{proj}.weight"
     activation = "silu"
+    own_module = "deepseek_moe"
     routing = "softmax over all experts, then top-k of the probabilities, no renormalisation"
+
+    @classmethod
+    def shared_expert_stack(cls, block):
+        """The shared experts (one wider MLP, added unweighted) as a one-expert stack."""
+        shared = getattr(block, "shared_experts", None)
+        return None if shared is None else mlp_as_stack(shared)
 
     @classmethod
     def shared_d_mid(cls, config: dict) -> int | None:

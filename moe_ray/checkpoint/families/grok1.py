@@ -34,11 +34,17 @@ class Grok1(Family):
     expert_proj = {"up": "linear_v", "gate": "linear", "down": "linear_1"}
     dense_key = None
     activation = "gelu"
+    own_module = "grok1"
+    moe_hub_name = "moe_block"
     routing = "softmax over all experts, then top-k of the probabilities, no renormalisation"
 
     @classmethod
     def expert_d_mid(cls, config: dict) -> int:
         return int(config["intermediate_size"])
+
+    @classmethod
+    def embedding_scale(cls, config: dict) -> float:
+        return float(config.get("embedding_multiplier_scale", 1.0))
 
     @classmethod
     def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_model_shapes, llama_tiny_base, softmax_then_topk
+from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base, softmax_then_topk
 
 
 class Qwen2Moe(Family):
@@ -24,8 +24,7 @@ class Qwen2Moe(Family):
     @classmethod
     def shared_expert_stack(cls, block):
         """The shared expert (`mlp.shared_expert`, before its sigmoid gate) as a one-expert stack."""
-        shared = block.shared_expert
-        return shared.gate_proj.weight[None], shared.up_proj.weight[None], shared.down_proj.weight[None]
+        return mlp_as_stack(block.shared_expert)
 
     @classmethod
     def shared_d_mid(cls, config: dict) -> int | None:
