@@ -1,7 +1,9 @@
 """Dynamic capture speed (paper §5), as ratios against baselines measured in the same run:
 - capture pass (forced all-expert, batched over experts) vs the plain transformers forward;
 - vs naive capture: per-expert Python loop over the fused weights, called from a forward hook;
-- `api.run` with 1 vs 2 layer-shard actors (end to end, includes actor start-up).
+- `api.run` with 1 vs 2 layer-shard actors (end to end, includes actor start-up);
+- peak memory of one shard (what a shard actor does: build its layers, push the long input through)
+  vs its layers' float32 bytes and the memory the plan declares for it, in a fresh process each.
 
     PYTHONPATH=. python benchmarks/bench_dynamic.py [--tokens 1100] [--repeat 3]
 """
@@ -27,6 +29,56 @@ def best(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def _shard_peak(path: str, start: int, end: int, tokens: int, queue) -> None:
+    """In a fresh process: peak RSS growth while a shard builds its layers and runs one input."""
+    import resource
+
+    import psutil
+
+    from moe_ray.runtime.layers import LayerRange as Range
+
+    torch.set_num_threads(1)
+    ids = (torch.arange(tokens) * 37 + 5) % 500 + 3
+    ckpt = open_checkpoint(path)
+    ckpt.family.decoder_classes()  # imports (transformers' modeling code) are a fixed cost, not the shard's
+    import transformers.masking_utils  # noqa: F401
+    base = psutil.Process().memory_info().rss
+    runner = Range(ckpt, start, end)
+    hidden = runner.embed(ids) if start == 0 else torch.randn(1, tokens, ckpt.facts.d_hid)
+    runner.forward(hidden, probe_tokens=4)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def shard_memory(path: str, shards: int, tokens: int) -> list[tuple[tuple[int, int], int, int, int]]:
+    """Per shard: (layer range, measured peak growth, layers' fp32 bytes, plan's declared bytes)."""
+    import multiprocessing as mp
+
+    from moe_ray.spec import Spec
+    from moe_ray.units.dynamic import plan_dynamic
+
+    ckpt = open_checkpoint(path)
+    spec = Spec.from_dict({"model": path, "store": "unused.zarr", "analyses": ["dynamic"],
+                           "dynamic": {"inputs": ["long"], "shards": shards, "max_tokens": tokens}})
+    plan = plan_dynamic(ckpt, None, spec, ckpt.facts.moe_layers)
+    from moe_ray.runtime.layers import layer_keys
+    from moe_ray.units.dynamic import _fp32_bytes
+
+    out = []
+    ctx = mp.get_context("spawn")
+    declared_bytes = [b["memory"] for b in plan.bundles(cpus=1)]
+    for (a, b), declared in zip(plan.shards, declared_bytes):
+        layer_bytes = sum(_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(a, b))
+        if a == 0:
+            layer_bytes += _fp32_bytes(ckpt, ["model.embed_tokens.weight"])
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_shard_peak, args=(path, a, b, tokens, queue))
+        proc.start()
+        peak = queue.get(timeout=600)
+        proc.join()
+        out.append(((a, b), peak, layer_bytes, declared))
+    return out
 
 
 def main() -> None:
@@ -86,6 +138,11 @@ def main() -> None:
         print(f"api.run, {shards} shard actor(s), short+long: {time.perf_counter() - t:.1f}s end to end")
     import ray
     ray.shutdown()
+    for shards in (1, 2):
+        for (a, b), peak, layer_bytes, declared in shard_memory(str(tiny.path), shards, T):
+            print(f"{shards} shard(s), layers [{a}, {b}): peak RSS growth {peak / 2**20:6.1f} MiB = "
+                  f"{peak / layer_bytes:.2f}x its layers' fp32 bytes ({layer_bytes / 2**20:.1f} MiB); "
+                  f"plan declares {declared / 2**20:.1f} MiB")
     shutil.rmtree(work)
 
 

@@ -90,8 +90,18 @@ class DynamicOptions:
         "help": "placement group strategy of the shards: PACK, SPREAD or STRICT_SPREAD (one node each)"})
     save_expert_outputs: bool = field(default=False, metadata={
         "help": "also store every expert's raw output vectors (layer x token x expert x hidden)"})
+    device: str = field(default="auto", metadata={
+        "help": "where shard layers run: cuda (one GPU per shard actor), cpu, or auto (cuda when the "
+                "cluster has a GPU for every shard)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
+                "float32 on CPU); captures are stored in float32 either way"})
 
     def validate(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise SpecError(f"dynamic.device must be auto, cuda or cpu, not {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SpecError(f"dynamic.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not self.inputs:
             raise SpecError("dynamic.inputs is empty; name short, long or text")
         bad = [i for i in self.inputs if i not in ("short", "long", "text")]

@@ -268,3 +268,30 @@ def test_bad_inputs_fail_cleanly_and_leave_no_store(ray_session, tiny, tmp_path,
         api.run(model=str(model), analyses=["dynamic"], store=str(store),
                 dynamic={**dyn, "text_file": str(text)}, progress=False)
     assert not store.exists()
+
+
+def test_bfloat16_shards_store_float32_captures_close_to_float32(ray_session, tiny, tmp_path):
+    """dtype = bfloat16 (what GPUs run by default) on CPU: the same path, captures stored in float32."""
+    import xarray as xr
+
+    t = tiny("deepseek_moe", "scratch")
+    full = xr.open_zarr(_run(tmp_path, t.path, "f32.zarr", dtype="float32"), group="dynamic/short")
+    half = xr.open_zarr(_run(tmp_path, t.path, "bf16.zarr", dtype="bfloat16", shards=2), group="dynamic/short")
+    assert half.expert_output_norms.dtype == np.float32
+    rel = np.abs(half.expert_output_norms.values - full.expert_output_norms.values) / full.expert_output_norms.values
+    assert 0 < rel.max() < 0.05  # bf16 rounding: different, but close
+    assert (half.topk_experts.values == full.topk_experts.values).mean() > 0.9
+
+
+def test_cuda_requested_without_gpus_is_refused_before_the_store(ray_session, tiny, tmp_path):
+    from moe_ray import api
+    from moe_ray.errors import SpecError
+
+    store = tmp_path / "gpu.zarr"
+    with pytest.raises(SpecError, match="needs a GPU for each of the 2 shard"):
+        api.run(model=str(tiny("mixtral", "scratch").path), analyses=["dynamic"], store=str(store),
+                dynamic={"inputs": ["short"], "device": "cuda", "shards": 2}, progress=False)
+    assert not store.exists()
+    with pytest.raises(SpecError, match="dynamic.dtype must be"):
+        api.run(model=str(tiny("mixtral", "scratch").path), analyses=["dynamic"], store=str(store),
+                dynamic={"inputs": ["short"], "dtype": "fp8"}, progress=False)

@@ -65,7 +65,8 @@ def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[
                             "lower shards or add resources")
         remote_cls = ray.remote(actor_cls)
         actors = [remote_cls.options(
-            num_cpus=b.get("CPU", 1), memory=b.get("memory"), max_restarts=1, max_task_retries=1,
+            num_cpus=b.get("CPU", 1), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
+            max_restarts=1, max_task_retries=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
         ).remote(*args) for i, (b, args) in enumerate(zip(bundles, ctor_args))]
         finals = {}

@@ -1,5 +1,5 @@
-"""A contiguous range of a model's decoder layers, materialised on CPU in float32 from per-layer
-safetensors reads, run with a forced all-expert capture (paper §5).
+"""A contiguous range of a model's decoder layers, materialised from per-tensor safetensors reads on
+its device (a GPU, or the CPU) in its dtype, run with a forced all-expert capture (paper §5).
 
 The decoder layers are the family's own transformers classes (or, for Grok-1 and DeepSeekMoE v1,
 the compact ones in `moe_ray.models`), built on the meta device and filled
@@ -28,7 +28,8 @@ class SequenceError(MoeRayError):
 
 @dataclass
 class LayerCapture:
-    """Everything the dynamic analyses keep from one MoE layer for one sequence (float32, CPU)."""
+    """Everything the dynamic analyses keep from one MoE layer for one sequence (float32, on the CPU
+    whatever device the layers run on)."""
 
     layer: int
     router_logits: torch.Tensor  # [T, E]
@@ -63,8 +64,14 @@ class LayerRange:
     """Decoder layers [start, end) of `ckpt` (embeddings too when start is 0), ready to run."""
 
     def __init__(self, ckpt: Checkpoint, start: int, end: int, reference: Checkpoint | None = None,
-                 capture_layers: tuple[int, ...] | None = None):
+                 capture_layers: tuple[int, ...] | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         self.ckpt, self.start, self.end = ckpt, start, end
+        self.device, self.dtype = torch.device(device), dtype
+
+        def read(key: str, source: Checkpoint = ckpt) -> torch.Tensor:
+            return source.read(key).to(device=self.device, dtype=dtype)
+
         self.family = ckpt.family
         self.facts = ckpt.facts
         self.act = D.activation_fn(self.family.activation)
@@ -72,8 +79,8 @@ class LayerRange:
         classes = self.family.decoder_classes()
         self.capture_layers = tuple(l for l in (capture_layers if capture_layers is not None else self.facts.moe_layers)
                                     if start <= l < end)
-        self.rotary = classes["rotary"](config=self.hf_config)
-        self.embed_weight = ckpt.read("model.embed_tokens.weight") if start == 0 else None
+        self.rotary = classes["rotary"](config=self.hf_config).to(self.device)
+        self.embed_weight = read("model.embed_tokens.weight") if start == 0 else None
         self.embed_scale = self.family.embedding_scale(ckpt.config)
         self.layers: dict[int, torch.nn.Module] = {}
         for layer in range(start, end):
@@ -81,7 +88,7 @@ class LayerRange:
                 module = classes["layer"](self.hf_config, layer)
             moe = layer in self.facts.moe_layers
             state = self.family.layer_state(list(module.state_dict()), layer,
-                                            self.facts.num_experts if moe else 0, ckpt.read)
+                                            self.facts.num_experts if moe else 0, read)
             module.load_state_dict(state, strict=True, assign=True)
             self.layers[layer] = module.eval()
         ckpt.close()
@@ -89,23 +96,26 @@ class LayerRange:
         if reference is not None:
             for layer in self.capture_layers:
                 keys = reference.family.dense_ffn_keys(layer)
-                self.reference[layer] = tuple(reference.read(keys[m]).unsqueeze(0) for m in ("gate", "up", "down"))
+                self.reference[layer] = tuple(read(keys[m], reference).unsqueeze(0) for m in ("gate", "up", "down"))
             reference.close()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [T] -> hidden states [1, T, H] (first shard only)."""
+        """Token ids [T] -> hidden states [1, T, H] on this range's device (first shard only)."""
         if self.embed_weight is None:
             raise MoeRayError("embeddings live on the first shard")
         check_sequence(input_ids, self.ckpt.config)
-        hidden = torch.nn.functional.embedding(input_ids.long().unsqueeze(0), self.embed_weight)
+        ids = input_ids.long().unsqueeze(0).to(self.device)
+        hidden = torch.nn.functional.embedding(ids, self.embed_weight)
         return hidden * self.embed_scale if self.embed_scale != 1.0 else hidden
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, capture: bool = True, probe_tokens: int = 0
                 ) -> tuple[torch.Tensor, dict[int, LayerCapture]]:
-        """Run this range's layers on [1, T, H]; returns the output and the MoE layers' captures."""
+        """Run this range's layers on [1, T, H] (moved to this range's device and dtype); returns the
+        output (on that device) and the MoE layers' captures."""
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
         T = hidden.shape[1]
-        position_ids = torch.arange(T).unsqueeze(0)
+        position_ids = torch.arange(T, device=self.device).unsqueeze(0)
         masks = attention_masks(self.hf_config, hidden, position_ids)
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
         captures: dict[int, LayerCapture] = {}
@@ -141,8 +151,12 @@ class LayerRange:
             outputs.append(res.outputs)
             ratios.append(res.activation_ratio)
             intermediate.append(res.intermediate[:, 0])
-        return LayerCapture(layer, logits, D.router_scores(logits), weights.float(), experts,
-                            torch.cat(outputs, dim=1), torch.cat(ratios, dim=1), intermediate)
+        outputs = torch.cat(outputs, dim=1).float()
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+        return LayerCapture(layer, host(logits), host(D.router_scores(logits)), host(weights), host(experts),
+                            host(outputs), host(torch.cat(ratios, dim=1)), [host(t) for t in intermediate])
 
 
 def layer_attention_type(hf_config, layer: int) -> str:

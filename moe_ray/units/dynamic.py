@@ -20,7 +20,7 @@ from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
 from ..data import InputError, input_text
 from ..distributed.fanout import Unit
 from ..distributed.pipeline import balance_layers, run_pipeline
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
 from ..store import DYNAMIC_SCHEMA, ResultStore, unit_done
@@ -52,9 +52,40 @@ class DynamicPlan:
     labels: tuple[str, ...]
     neuron_dim: int
     shards: tuple[tuple[int, int], ...]
-    shard_memory: tuple[int, ...]
+    shard_weight_bytes: tuple[int, ...]  # float32 bytes of each shard's layers (+ reference FFNs)
+    largest_layer_bytes: int  # float32: what a shard holds in flight while loading
+    activation_bytes: int  # host memory of one input's activations and captures
     inputs: tuple[TokenizedInput, ...]
     options: DynamicOptions
+
+    def placement(self) -> tuple[str, torch.dtype]:
+        """(device, dtype) the shards run with: `auto` is a GPU per shard when the connected
+        cluster has that many (CPU otherwise), bfloat16 on GPU and float32 on CPU."""
+        device, gpus = self.options.device, _cluster_gpus()
+        if device == "auto":
+            device = "cuda" if (gpus or 0) >= len(self.shards) else "cpu"
+        elif device == "cuda" and gpus is not None and gpus < len(self.shards):
+            raise SpecError(f"dynamic.device = cuda needs a GPU for each of the {len(self.shards)} "
+                            f"shard(s); the cluster has {gpus:g}")
+        name = self.options.dtype if self.options.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return device, getattr(torch, name)
+
+    def bundles(self, cpus: int) -> list[dict[str, float]]:
+        """One placement-group bundle per shard: a GPU each on cuda (host memory: one layer in
+        flight plus activations), else host memory for the weights in their dtype too."""
+        device, dtype = self.placement()
+        scale = torch.empty((), dtype=dtype).element_size() / 4
+        transient = self.largest_layer_bytes + self.activation_bytes
+        if device == "cuda":
+            return [{"CPU": cpus, "GPU": 1, "memory": transient} for _ in self.shards]
+        return [{"CPU": cpus, "memory": int(w * scale) + transient} for w in self.shard_weight_bytes]
+
+
+def _cluster_gpus() -> float | None:
+    """GPUs in the connected Ray cluster; None when not connected (planning offline)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else None
 
 
 def tokenize(ckpt: Checkpoint, names: list[str], options: DynamicOptions) -> tuple[TokenizedInput, ...]:
@@ -115,10 +146,9 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     shards = balance_layers(sizes, options.shards)
     longest = max(len(i.ids) for i in inputs)
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK
-    memory = tuple(2 * sum(sizes[a:b]) + ref_bytes * sum(1 for l in layers if a <= l < b) + act_bytes
-                   for a, b in shards)
+    weights = tuple(sum(sizes[a:b]) + ref_bytes * sum(1 for l in layers if a <= l < b) for a, b in shards)
     return DynamicPlan(ckpt.location, ref.location if ref else None, spec.store, facts, tuple(layers),
-                       tuple(labels), neuron_dim, tuple(shards), memory, inputs, options)
+                       tuple(labels), neuron_dim, tuple(shards), weights, max(sizes), act_bytes, inputs, options)
 
 
 def group_params(plan: DynamicPlan, item: TokenizedInput) -> dict:
@@ -200,11 +230,11 @@ def capture_arrays(plan: DynamicPlan, cap: LayerCapture) -> dict[str, np.ndarray
 class ShardWorker:
     """A Ray actor holding layers [start, end) of the model; `run` pushes one input through them."""
 
-    def __init__(self, plan: DynamicPlan, shard: int):
+    def __init__(self, plan: DynamicPlan, shard: int, device: str, dtype: torch.dtype):
         self.plan = plan
         start, end = plan.shards[shard]
         ref = open_checkpoint(plan.reference) if plan.reference else None
-        self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers)
+        self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device, dtype)
         self.store = ResultStore(plan.store)
 
     def run(self, name: str, value) -> torch.Tensor:
@@ -217,7 +247,7 @@ class ShardWorker:
             for key, values in capture_arrays(self.plan, cap).items():
                 group[key][li] = values
             group["unit_done"][li] = 1
-        return hidden
+        return hidden.cpu()  # the next shard may sit on another GPU or node
 
 
 class DynamicJob(AnalysisJob):
@@ -228,22 +258,22 @@ class DynamicJob(AnalysisJob):
     def __init__(self, plan: DynamicPlan, cpus_per_shard: int = 1):
         self.plan = plan
         self.cpus = cpus_per_shard
-        memory = max(plan.shard_memory)
-        self._units = [Unit(f"dynamic {item.name}", (item.name,), memory) for item in plan.inputs]
 
     def units(self) -> list[Unit]:
-        return self._units
+        memory = max(b["memory"] for b in self.plan.bundles(self.cpus))
+        return [Unit(f"dynamic {item.name}", (item.name,), memory) for item in self.plan.inputs]
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
         pending = set(prepare(store, self.plan, overwrite))
-        return [u for u in self._units if u.args[0] in pending]
+        return [u for u in self.units() if u.args[0] in pending]
 
     def execute(self, pending: list[Unit], spec: Spec) -> None:
         """Push every pending input through the shard actors (all inputs in flight at once)."""
         names = {u.args[0] for u in pending}
         items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
-        bundles = [{"CPU": self.cpus, "memory": m} for m in self.plan.shard_memory]
-        ctor = [(self.plan, s) for s in range(len(self.plan.shards))]
+        device, dtype = self.plan.placement()
+        ctor = [(self.plan, s, device, dtype) for s in range(len(self.plan.shards))]
+        bundles = self.plan.bundles(self.cpus)
         run_pipeline(ShardWorker, ctor, bundles, items, strategy=self.plan.options.placement)
 
     def finish(self, store: ResultStore) -> str:

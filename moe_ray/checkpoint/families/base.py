@@ -206,9 +206,9 @@ class Family:
         experts = [cls.expert_keys(layer, e) for e in range(num_experts)]
         for name in module_keys:
             if name == "mlp.experts.gate_up_proj":
-                state[name] = torch.stack([torch.cat([read(k["gate"]), read(k["up"])]) for k in experts])
+                state[name] = fill_stack([(k["gate"], k["up"]) for k in experts], read)
             elif name == "mlp.experts.down_proj":
-                state[name] = torch.stack([read(k["down"]) for k in experts])
+                state[name] = fill_stack([(k["down"],) for k in experts], read)
             else:
                 hub = name
                 if num_experts and name.startswith("mlp."):
@@ -235,6 +235,21 @@ class Family:
 
 
 # ---- helpers shared by llama-style families --------------------------------------------------
+
+def fill_stack(keys: list[tuple[str, ...]], read) -> torch.Tensor:
+    """[len(keys), rows, cols]: entry i is the tensors named by keys[i] concatenated along rows.
+    Filled in place, one tensor read at a time, so a layer never exists twice in memory."""
+    first = read(keys[0][0])
+    rows = first.shape[0] * len(keys[0])
+    stack = first.new_empty((len(keys), rows, first.shape[1]))
+    for i, names in enumerate(keys):
+        at = 0
+        for name in names:
+            t = first if (i, at) == (0, 0) else read(name)
+            stack[i, at:at + t.shape[0]] = t
+            at += t.shape[0]
+    return stack
+
 
 def mlp_as_stack(mlp: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A gated MLP module (gate_proj, up_proj, down_proj) as a one-expert (W_gate, W_up, W_down) stack."""
