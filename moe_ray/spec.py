@@ -79,8 +79,12 @@ def parse_pair(text: str) -> tuple[int, int]:
 class DynamicOptions:
     inputs: list[str] = field(default_factory=lambda: ["short", "long"], metadata={
         "help": "dynamic inputs, comma-separated: short (the paper's prompt), long (~1,100 tokens), "
-                "text (the --text-file)"})
+                "text (the --text-file), corpus (the --corpus-file's sequences)"})
     text_file: str | None = field(default=None, metadata={"help": "a UTF-8 text file, run as input 'text'"})
+    corpus_file: str | None = field(default=None, metadata={
+        "help": "many sequences, run as input 'corpus': a .jsonl file (a \"text\" field per line) or "
+                "one sequence per line; each is stored as dynamic/corpus/<n>, their token-weighted "
+                "aggregates in dynamic/corpus"})
     shards: int = field(default=1, metadata={"help": "layer-shard actors the model is split over"})
     max_tokens: int | None = field(default=1100, metadata={
         "help": "keep the first N tokens of each input (the paper's long input is ~1,100); unset: all"})
@@ -104,11 +108,13 @@ class DynamicOptions:
             raise SpecError(f"dynamic.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not self.inputs:
             raise SpecError("dynamic.inputs is empty; name short, long or text")
-        bad = [i for i in self.inputs if i not in ("short", "long", "text")]
+        bad = [i for i in self.inputs if i not in ("short", "long", "text", "corpus")]
         if bad:
-            raise SpecError(f"unknown dynamic input {bad[0]!r}; choose short, long or text")
+            raise SpecError(f"unknown dynamic input {bad[0]!r}; choose short, long, text or corpus")
         if "text" in self.inputs and not self.text_file:
             raise SpecError("dynamic input 'text' needs --text-file PATH")
+        if "corpus" in self.inputs and not self.corpus_file:
+            raise SpecError("dynamic input 'corpus' needs --corpus-file PATH")
         if self.shards < 1:
             raise SpecError(f"shards must be at least 1, not {self.shards}")
         if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):

@@ -295,3 +295,43 @@ def test_cuda_requested_without_gpus_is_refused_before_the_store(ray_session, ti
     with pytest.raises(SpecError, match="dynamic.dtype must be"):
         api.run(model=str(tiny("mixtral", "scratch").path), analyses=["dynamic"], store=str(store),
                 dynamic={"inputs": ["short"], "dtype": "fp8"}, progress=False)
+
+
+def test_corpus_sequences_each_stored_and_aggregated_by_tokens(ray_session, tiny, tmp_path):
+    """A .jsonl corpus: every sequence equals the same text run alone, and the corpus group's D2/D3
+    aggregates equal the token-weighted mean / sum over the sequences."""
+    import json
+
+    import xarray as xr
+
+    t = tiny("mixtral", "scratch")
+    texts = ["As an open source alternative to", "We hold these truths to be self-evident, that all men",
+             "When in the Course of human events"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": x}) for x in texts) + "\n\n")
+    store = _run(tmp_path, t.path, "corpus.zarr", inputs=["corpus", "short"], corpus_file=str(corpus), shards=2)
+    seqs = [xr.open_zarr(store, group=f"dynamic/corpus/{k}") for k in range(3)]
+    alone = xr.open_zarr(store, group="dynamic/short")
+    np.testing.assert_array_equal(seqs[0].expert_output_norms.values, alone.expert_output_norms.values)
+    agg = xr.open_zarr(store, group="dynamic/corpus")
+    n = np.array([s.sizes["token"] for s in seqs], dtype=np.float64)
+    expected = sum(w * s.expert_output_angular_mean.values.astype(np.float64) for w, s in zip(n, seqs)) / n.sum()
+    np.testing.assert_allclose(agg.expert_output_angular_mean.values, expected, rtol=1e-6)
+    np.testing.assert_array_equal(agg.norm_score_rank_counts.values, sum(s.norm_score_rank_counts.values for s in seqs))
+    assert agg.attrs["tokens"] == n.sum() and agg.attrs["sequences"] == 3
+    assert (agg.norm_score_rank_counts.values.sum(axis=(1, 2)) == 8 * n.sum()).all()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"text\": \"ok\"}\nnot json\n", "line 2 is not JSON"),
+    ("{\"txt\": \"ok\"}\n", 'no string "text" field'),
+    ("\n\n", "is empty"),
+])
+def test_bad_corpus_is_refused_before_the_store(ray_session, tiny, tmp_path, content, message):
+    from moe_ray.errors import MoeRayError
+
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text(content)
+    with pytest.raises(MoeRayError, match=message):
+        _run(tmp_path, tiny("mixtral", "scratch").path, "bad.zarr", inputs=["corpus"], corpus_file=str(corpus))
+    assert not (tmp_path / "bad.zarr").exists()

@@ -1,7 +1,9 @@
 """Built-in inputs of the dynamic analyses (paper §5): the paper's short prompt and a long
-public-domain text (the opening of the US Declaration of Independence, 1776), plus user text files."""
+public-domain text (the opening of the US Declaration of Independence, 1776), plus user text files
+and corpora of many sequences."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import MoeRayError
@@ -29,6 +31,29 @@ def read_text_file(path: str | Path) -> str:
     if not text.strip():
         raise InputError(f"text file {path} is empty")
     return text
+
+
+def corpus_texts(path: str | Path) -> list[str]:
+    """A corpus file's sequences: a `.jsonl` file's "text" fields (one JSON object per line), or any
+    other UTF-8 file's non-empty lines. Refuses files with no sequence or a malformed line."""
+    path = Path(path)
+    text = read_text_file(path)
+    sequences = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"corpus {path} line {number} is not JSON: {exc.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(f'corpus {path} line {number} has no string "text" field')
+            line = record["text"]
+            if not line.strip():
+                raise InputError(f"corpus {path} line {number} has an empty text")
+        sequences.append(line)
+    return sequences
 
 
 def input_text(name: str, text_file: str | None = None) -> str:

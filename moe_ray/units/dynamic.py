@@ -17,7 +17,7 @@ import torch
 
 from ..analysis.dynamic import angular_mean
 from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
-from ..data import InputError, input_text
+from ..data import InputError, corpus_texts, input_text
 from ..distributed.fanout import Unit
 from ..distributed.pipeline import balance_layers, run_pipeline
 from ..errors import CheckpointError, SpecError
@@ -30,6 +30,9 @@ GROUP = "dynamic"
 UNIT_DIMS = ("layer",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 ACTIVATION_SLACK = 512 * 2**20
+CORPUS = "corpus"
+"""The input whose sequences are stored one group each, `dynamic/corpus/<n>`, with their token-weighted
+aggregates (D2 angular mean, D3 rank counts) in `dynamic/corpus` itself."""
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,16 @@ def tokenize(ckpt: Checkpoint, names: list[str], options: DynamicOptions) -> tup
         raise InputError(f"no tokenizer in {ckpt.location} (tokenizer.json or tokenizer.model); "
                          "dynamic analyses need the checkpoint's tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(ckpt.location)
-    out = []
+    texts: list[tuple[str, str]] = []
     for name in names:
-        text = input_text(name, options.text_file)
+        if name == CORPUS:
+            sequences = corpus_texts(options.corpus_file)
+            width = len(str(len(sequences) - 1))
+            texts += [(f"{CORPUS}/{k:0{width}d}", text) for k, text in enumerate(sequences)]
+        else:
+            texts.append((name, input_text(name, options.text_file)))
+    out = []
+    for name, text in texts:
         ids = tokenizer(text)["input_ids"]
         if options.max_tokens is not None:
             ids = ids[: options.max_tokens]
@@ -161,6 +171,11 @@ def group_params(plan: DynamicPlan, item: TokenizedInput) -> dict:
 def prepare(store: ResultStore, plan: DynamicPlan, overwrite: bool = False) -> list[str]:
     """Create every input's group, coordinates and arrays; return the inputs not yet complete."""
     pending = []
+    sequences = [i for i in plan.inputs if i.name.startswith(f"{CORPUS}/")]
+    if sequences:  # the corpus as a whole: another corpus in the same store is refused (or replaced)
+        digest = hashlib.sha256("".join(i.sha256 for i in sequences).encode()).hexdigest()
+        store.group(f"{GROUP}/{CORPUS}", {"sequences": len(sequences), "corpus_sha256": digest,
+                                          "labels": list(plan.labels)}, overwrite=overwrite)
     for item in plan.inputs:
         group = store.group(f"{GROUP}/{item.name}", group_params(plan, item), overwrite=overwrite)
         T, P = len(item.ids), min(plan.options.intermediate_tokens, len(item.ids))
@@ -279,11 +294,43 @@ class DynamicJob(AnalysisJob):
     def finish(self, store: ResultStore) -> str:
         E = self.plan.facts.num_experts
         parts = []
+        sequences = [i for i in self.plan.inputs if i.name.startswith(f"{CORPUS}/")]
+        if sequences:
+            tokens = write_corpus_aggregates(store, self.plan, sequences)
+            ang = np.asarray(store.root[f"{GROUP}/{CORPUS}/expert_output_angular_mean"][...], dtype=np.float64)
+            off = ang[:, :E, :E][:, ~np.eye(E, dtype=bool)]
+            parts.append(f"corpus ({len(sequences)} sequences, {tokens} tokens) mean angular similarity "
+                         f"{np.nanmean(off):.3f}")
         for item in self.plan.inputs:
+            if item in sequences:
+                continue
             ang = np.asarray(store.root[f"{GROUP}/{item.name}/expert_output_angular_mean"][...], dtype=np.float64)
             off = ang[:, :E, :E][:, ~np.eye(E, dtype=bool)]
             parts.append(f"{item.name} ({len(item.ids)} tokens) mean angular similarity {np.nanmean(off):.3f}")
         return "dynamic: " + ", ".join(parts)
+
+
+def write_corpus_aggregates(store: ResultStore, plan: DynamicPlan, sequences: list[TokenizedInput]) -> int:
+    """`dynamic/corpus`: D2's angular mean over every token of every sequence (each sequence's mean
+    weighted by its tokens) and D3's rank counts summed; returns the corpus's token count."""
+    group = store.root[f"{GROUP}/{CORPUS}"]
+    store.coord(group, "layer", np.array(plan.layers, dtype=np.int64))
+    for dim in ("expert_i", "expert_j"):
+        store.coord(group, dim, np.array(plan.labels))
+    store.coord(group, "norm_rank", np.arange(plan.facts.num_experts, dtype=np.int64))
+    store.coord(group, "score_rank", np.arange(plan.facts.num_experts, dtype=np.int64))
+    tokens = sum(len(s.ids) for s in sequences)
+    angular, counts = 0.0, 0
+    for item in sequences:
+        seq = store.root[f"{GROUP}/{item.name}"]
+        angular = angular + np.asarray(seq["expert_output_angular_mean"][...], dtype=np.float64) * len(item.ids)
+        counts = counts + np.asarray(seq["norm_score_rank_counts"][...])
+    for name, values in (("expert_output_angular_mean", angular / tokens), ("norm_score_rank_counts", counts)):
+        q = DYNAMIC_SCHEMA[name]
+        arr = store.array(group, name, q, ("layer",), attrs={"sequences": len(sequences), "tokens": tokens})
+        arr[...] = values.astype(q.dtype)
+    group.attrs.update({"sequences": len(sequences), "tokens": tokens})
+    return tokens
 
 
 def plan_job(spec: Spec, ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...]) -> DynamicJob:
