@@ -99,7 +99,14 @@ def tokenize(ckpt: Checkpoint, names: list[str], options: DynamicOptions) -> tup
     if not any(fs.exists(f"{ckpt.root.rstrip('/')}/{f}") for f in TOKENIZER_FILES):
         raise InputError(f"no tokenizer in {ckpt.location} (tokenizer.json or tokenizer.model); "
                          "dynamic analyses need the checkpoint's tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.location)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config.json model types transformers lacks (deepseek, grok) are expected
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt.location)
+    finally:
+        hf_logging.set_verbosity(level)
     texts: list[tuple[str, str]] = []
     for name in names:
         if name == CORPUS:
