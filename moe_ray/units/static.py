@@ -149,7 +149,7 @@ def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> li
     return [layer for i, layer in enumerate(plan.layers) if not done[i]]
 
 
-def layer_memory_bytes(plan: StaticPlan, ckpt: Checkpoint, layer: int) -> int:
+def layer_memory_bytes(plan: StaticPlan) -> int:
     """Memory a layer's unit may use: its matrices of one kind in float32, twice, plus slack."""
     n_labels = len(plan.labels)
     per_kind = n_labels * max(plan.facts.d_mid, plan.neuron_dim) * plan.facts.d_hid * 4
@@ -256,7 +256,7 @@ class StaticJob(TaskJob):
     def __init__(self, plan: StaticPlan, ckpt: Checkpoint, memory_override: int | None = None):
         self.plan = plan
         self._units = [Unit(f"static layer {layer}", (plan, layer),
-                            memory_override or layer_memory_bytes(plan, ckpt, layer)) for layer in plan.layers]
+                            memory_override or layer_memory_bytes(plan)) for layer in plan.layers]
 
     def units(self) -> list[Unit]:
         return self._units
