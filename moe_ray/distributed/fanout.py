@@ -40,6 +40,12 @@ def check_fits(units: Sequence[Unit], cpus_per_task: int) -> None:
         raise SpecError(f"cpus_per_task={cpus_per_task} exceeds the largest node's {largest_node_cpus()} CPUs")
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (Ray's carry tracebacks and hints on later lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
@@ -78,7 +84,7 @@ def run_units(fn: Callable[..., dict], units: Sequence[Unit], *, what: str, cpus
                         raise type(cause)(f"{unit.label}: {cause}") from None
                     raise MoeRayError(f"{unit.label} failed: {type(cause).__name__}: {cause}") from None
                 except ray.exceptions.RayError as exc:
-                    raise MoeRayError(f"{unit.label} failed after {max_retries} retries: {exc}") from None
+                    raise MoeRayError(f"{unit.label} failed after {max_retries} retries: {first_line(exc)}") from None
                 results[refs[ref]] = summary
                 bar.update(1)
                 if progress:

@@ -249,18 +249,39 @@ def capture_arrays(plan: DynamicPlan, cap: LayerCapture) -> dict[str, np.ndarray
     return out
 
 
+def shard_label(plan: DynamicPlan, shard: int) -> str:
+    start, end = plan.shards[shard]
+    return f"dynamic shard {shard} of {len(plan.shards)} (layers {start}-{end - 1})"
+
+
 class ShardWorker:
-    """A Ray actor holding layers [start, end) of the model; `run` pushes one input through them."""
+    """A Ray actor holding layers [start, end) of the model; `run` pushes one input through them.
+
+    Its layers are loaded in the constructor, so a restarted actor (its process died) reloads them
+    before its unfinished calls are retried. An error while loading (a checkpoint that went bad
+    since planning) is kept and raised by `run`, so the job fails with that error at once instead
+    of a restart that cannot help.
+    """
 
     def __init__(self, plan: DynamicPlan, shard: int, device: str, dtype: torch.dtype):
         self.plan = plan
+        self.label = shard_label(plan, shard)
+        self.load_error: Exception | None = None
         start, end = plan.shards[shard]
-        ref = open_checkpoint(plan.reference) if plan.reference else None
-        self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device, dtype)
+        try:
+            ref = open_checkpoint(plan.reference) if plan.reference else None
+            self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device, dtype)
+        except Exception as exc:  # re-raised by run(), with its type, as the job's error
+            self.load_error = exc
         self.store = ResultStore(plan.store)
+
+    def __repr__(self) -> str:  # names the shard in Ray's log prefixes and state API (repr_name)
+        return self.label
 
     def run(self, name: str, value) -> torch.Tensor:
         """Token ids (first shard) or hidden states in; hidden states out; this shard's layers stored."""
+        if self.load_error is not None:
+            raise self.load_error
         hidden = self.runner.embed(torch.tensor(value, dtype=torch.long)) if self.runner.start == 0 else value
         hidden, captures = self.runner.forward(hidden, probe_tokens=self.plan.options.intermediate_tokens)
         group = self.store.root[f"{GROUP}/{name}"]
@@ -294,9 +315,9 @@ class DynamicJob(AnalysisJob):
         names = {u.args[0] for u in pending}
         items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
         device, dtype = self.plan.placement()
-        ctor = [(self.plan, s, device, dtype) for s in range(len(self.plan.shards))]
-        bundles = self.plan.bundles(self.cpus)
-        run_pipeline(ShardWorker, ctor, bundles, items, strategy=self.plan.options.placement)
+        shards = range(len(self.plan.shards))
+        run_pipeline(ShardWorker, [(self.plan, s, device, dtype) for s in shards], self.plan.bundles(self.cpus),
+                     items, strategy=self.plan.options.placement, labels=[shard_label(self.plan, s) for s in shards])
 
     def finish(self, store: ResultStore) -> str:
         E = self.plan.facts.num_experts
