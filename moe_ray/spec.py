@@ -122,6 +122,12 @@ class Resources:
         "help": "CPUs the driver of a submitted job (moe-ray submit) asks Ray for"})
     entrypoint_memory_gb: float = field(default=1.0, metadata={
         "help": "memory the driver of a submitted job asks Ray for, GiB"})
+    gpus_per_shard: float = field(default=0.0, metadata={
+        "help": "GPUs each dynamic shard actor reserves on its node (placement: one shard per GPU); "
+                "the capture itself computes on CPU"})
+    check_fit: bool = field(default=True, metadata={
+        "help": "refuse, before it starts (at submission too), work that no node of the cluster as it "
+                "is now could hold; turn off for clusters that add nodes on demand"})
 
 
 @dataclass
@@ -183,6 +189,8 @@ class Spec:
             raise SpecError("cpus_per_task must be at least 1")
         if self.resources.entrypoint_num_cpus < 0 or self.resources.entrypoint_memory_gb < 0:
             raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
+        if self.resources.gpus_per_shard < 0:
+            raise SpecError(f"gpus_per_shard may not be negative, not {self.resources.gpus_per_shard:g}")
         self.static.validate()
         self.reorder.validate()
         if "dynamic" in self.analyses:

@@ -1,5 +1,6 @@
 """Ray job service: a real local head (cluster/local/start-head.sh, token auth on, job server on
-127.0.0.1, private temp dir and ports), moe-ray specs submitted through `moe_ray.submit`."""
+127.0.0.1, private temp dir and ports, 2 CPUs and one declared GPU so that GPU placement is checked
+on any machine), moe-ray specs submitted through `moe_ray.submit`."""
 from __future__ import annotations
 
 import os
@@ -67,7 +68,7 @@ def head():
              "--metrics-export-port", _free_port(), "--runtime-env-agent-port", _free_port(),
              "--min-worker-port", workers, "--max-worker-port", workers + 15]
     cmd = [str(SCRIPTS / "start-head.sh"), "--dashboard-port", str(dashboard), "--temp-dir", str(temp / "ray"),
-           "--num-cpus", "2", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
+           "--num-cpus", "2", "--num-gpus", "1", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
         assert not Path("/tmp/ray/ray_current_cluster").exists() or \
@@ -126,6 +127,44 @@ def test_bad_spec_rejected_before_submission(head, tiny, tmp_path):
         moe_ray.submit({"model": str(tiny("mixtral", "upcycled").path), "layers": [7]}, head)
     assert len(moe_ray.jobs(head)) == before
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_job_that_cannot_fit_the_cluster_is_refused_at_submission(head, tiny, tmp_path):
+    """The plan's resources against the head's (2 CPUs, 1 GPU, its memory), before anything is sent:
+    a shard needing more GPUs than any node, more GPUs in all than the cluster, a task needing more
+    memory than any node. Nothing is submitted and no store is created."""
+    before = len(moe_ray.jobs(head))
+    model = str(tiny("mixtral", "scratch").path)
+
+    def dynamic(shards: int, gpus: int) -> dict:  # a driver without CPUs: only the GPUs fall short
+        return {"model": model, "store": str(tmp_path / f"dyn{shards}.zarr"), "analyses": ["dynamic"],
+                "dynamic": {"inputs": ["short"], "shards": shards},
+                "resources": {"gpus_per_shard": gpus, "entrypoint_num_cpus": 0}}
+
+    with pytest.raises(SpecError, match=rf"^dynamic shard 0 of 1 \(layers 0-3\) needs 1 CPU, 2 GPU, [0-9.]+ GiB of "
+                                        rf"memory on one node, but no node of the cluster has 2 GPU: the most one "
+                                        rf"node offers is 1 GPU\. It cannot run on the cluster at {head}: "):
+        moe_ray.submit(dynamic(1, 2), head)
+    with pytest.raises(SpecError, match=r"^dynamic \(2 shards, PACK\) needs 2 GPU at once \(2 bundles together with "
+                                        r"the job's driver\), but the whole cluster has 1 GPU\."):
+        moe_ray.submit(dynamic(2, 1), head)
+    with pytest.raises(SpecError, match=r"^static layer 0 needs 1 CPU, 100000.0 GiB of memory on one node, but no node "
+                                        r"of the cluster has 100000.0 GiB of memory: the most one node offers is "):
+        moe_ray.submit({"model": model, "store": str(tmp_path / "static.zarr"),
+                        "resources": {"memory_per_task_gb": 100000}}, head)
+
+    spec = tmp_path / "gpus.toml"
+    spec.write_text(f'model = "{model}"\nstore = "{tmp_path / "cli.zarr"}"\nanalyses = ["dynamic"]\n'
+                    '[dynamic]\ninputs = ["short"]\nshards = 1\n[resources]\ngpus_per_shard = 4\n')
+    out = subprocess.run([sys.executable, "-m", "moe_ray.cli", "submit", str(spec), "--address", head],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [l for l in out.stderr.splitlines() if l.startswith("moe-ray: error:")]
+    assert len(errors) == 1 and "no node of the cluster has 4 GPU: the most one node offers is 1 GPU" in errors[0], out.stderr
+    assert "submitted" not in out.stdout
+
+    assert len(moe_ray.jobs(head)) == before
+    assert not list(tmp_path.glob("*.zarr"))
 
 
 def test_token_auth_refuses_without_the_token(head):

@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
 from ..data import InputError, input_text
 from ..distributed.fanout import Unit
 from ..distributed.pipeline import balance_layers, run_pipeline
+from ..distributed.placement import Demand
 from ..errors import CheckpointError
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
@@ -246,14 +247,25 @@ class DynamicJob(AnalysisJob):
 
     name = "dynamic"
 
-    def __init__(self, plan: DynamicPlan, cpus_per_shard: int = 1):
+    def __init__(self, plan: DynamicPlan, cpus_per_shard: int = 1, gpus_per_shard: float = 0.0):
         self.plan = plan
         self.cpus = cpus_per_shard
+        self.gpus = gpus_per_shard
         memory = max(plan.shard_memory)
         self._units = [Unit(f"dynamic {item.name}", (item.name,), memory) for item in plan.inputs]
 
     def units(self) -> list[Unit]:
         return self._units
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per shard: its CPUs, GPUs and the memory its layers need."""
+        gpus = {"GPU": self.gpus} if self.gpus else {}
+        return [{"CPU": self.cpus, **gpus, "memory": m} for m in self.plan.shard_memory]
+
+    def demand(self, spec: Spec) -> Demand:
+        labels = [shard_label(self.plan, s) for s in range(len(self.plan.shards))]
+        return Demand(f"dynamic ({len(labels)} shards, {self.plan.options.placement})",
+                      tuple(zip(labels, self.bundles())), self.plan.options.placement)
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
         pending = set(prepare(store, self.plan, overwrite))
@@ -263,9 +275,8 @@ class DynamicJob(AnalysisJob):
         """Push every pending input through the shard actors (all inputs in flight at once)."""
         names = {u.args[0] for u in pending}
         items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
-        bundles = [{"CPU": self.cpus, "memory": m} for m in self.plan.shard_memory]
         shards = range(len(self.plan.shards))
-        run_pipeline(ShardWorker, [(self.plan, s) for s in shards], bundles, items,
+        run_pipeline(ShardWorker, [(self.plan, s) for s in shards], self.bundles(), items,
                      strategy=self.plan.options.placement, labels=[shard_label(self.plan, s) for s in shards])
 
     def finish(self, store: ResultStore) -> str:
@@ -279,4 +290,5 @@ class DynamicJob(AnalysisJob):
 
 
 def plan_job(spec: Spec, ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...]) -> DynamicJob:
-    return DynamicJob(plan_dynamic(ckpt, ref, spec, layers), spec.resources.cpus_per_task)
+    return DynamicJob(plan_dynamic(ckpt, ref, spec, layers), spec.resources.cpus_per_task,
+                      spec.resources.gpus_per_shard)
