@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 
 import moe_ray
 from moe_ray.checkpoint import open_checkpoint
+from moe_ray.checkpoint.tiny import make_tiny
+from moe_ray.service import store_progress
 from moe_ray.errors import CheckpointError, JobError, SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +120,42 @@ def test_stop_then_list(head, tiny, tmp_path):
     assert {s.id: s.state for s in moe_ray.jobs(head)}[handle.id] == "STOPPED"
     with pytest.raises(JobError, match="stopped"):
         handle.result()
+
+
+# Layers big enough (~1 s of static work each) that a job is caught half-way.
+BIG = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 4,
+       "num_key_value_heads": 4, "head_dim": 128}
+
+
+def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path):
+    """Stop a running job through the job server once some of its units are done, resubmit the same
+    spec: the new job runs exactly the units not yet done, and the store equals an uninterrupted
+    job's (submitted alongside the resumed one)."""
+    model = str(make_tiny("mixtral", "scratch", tmp_path / "big", seed=11, config_overrides=BIG).path)
+    spec = {"model": model, "store": str(tmp_path / "stopped.zarr")}
+    first = moe_ray.submit(spec, head)
+    while (done := store_progress(spec["store"]).get("static", (0, 4))[0]) < 1:
+        assert not first.status().terminal, first.logs()
+        time.sleep(0.1)
+    first.stop()
+    assert first.wait(timeout=60, poll=0.2).state == "STOPPED"
+    flags = np.asarray(zarr.open_group(spec["store"], mode="r")["static/unit_done"][...])  # one per layer 0..3
+    unfinished = [str(layer) for layer, flag in enumerate(flags) if not flag]
+    assert 1 <= len(unfinished) < 4, "the job was not stopped half-way"
+
+    resumed = moe_ray.submit(spec, head)
+    clean = moe_ray.submit({"model": model, "store": str(tmp_path / "clean.zarr")}, head)
+    assert resumed.wait(timeout=120).state == "SUCCEEDED", resumed.logs()
+    assert clean.wait(timeout=120).state == "SUCCEEDED", clean.logs()
+    log = resumed.logs()
+    todo = int(re.search(r"(\d+) of 4 units to run", log).group(1))
+    ran = sorted(set(re.findall(r"^\s*static layer (\d+): ", log, flags=re.M)))
+    assert todo == len(unfinished) and ran == unfinished, log
+    assert f"{todo} units computed, {4 - todo} already done" in log
+    a, b = xr.open_zarr(clean.status().store, group="static"), xr.open_zarr(spec["store"], group="static")
+    assert set(a.data_vars) == set(b.data_vars) and b.unit_done.values.all()
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
 def test_bad_spec_rejected_before_submission(head, tiny, tmp_path):
