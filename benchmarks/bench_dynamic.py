@@ -67,7 +67,7 @@ def shard_memory(path: str, shards: int, tokens: int) -> list[tuple[tuple[int, i
 
     out = []
     ctx = mp.get_context("spawn")
-    declared_bytes = [b["memory"] for b in plan.bundles(cpus=1)]
+    declared_bytes = [b["memory"] for b in plan.bundles(1, None)]
     for (a, b), declared in zip(plan.shards, declared_bytes):
         layer_bytes = sum(_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(a, b))
         if a == 0:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .distributed.cluster import connect
-from .distributed.fanout import check_fits
+from .distributed.cluster import alive_nodes, connect
+from .distributed.placement import check_placement
 from .errors import CheckpointError, SpecError
 from .spec import Spec
 from .store import ResultStore, open_results
@@ -78,7 +78,8 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     spec = as_spec(spec, **overrides)
     ckpt, ref, jobs = plan(spec)
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
-    check_fits([u for job in jobs for u in job.units()], spec.resources.cpus_per_task)
+    if spec.resources.check_fit:
+        check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
 
     identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
     store = ResultStore.create_or_reuse(spec.store, identity, spec.to_dict(), overwrite=spec.overwrite)

@@ -109,13 +109,18 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip opening the checkpoints here (for paths only the cluster can read)")
+    p.add_argument("--no-check-fit", dest="check_fit", action="store_false",
+                   help="submit even if no node of the cluster as it is now could hold the work "
+                        "(for clusters that add nodes on demand) [spec: resources.check_fit]")
 
 
 @command("submit", "submit a spec as a Ray job to a cluster's job server")(_add_submit)
 def _submit(args: argparse.Namespace) -> int:
     from .service import submit
 
-    handle = submit(args.spec_file, args.address, check_checkpoint=args.check)
+    spec = Spec.from_toml(args.spec_file)
+    spec.resources.check_fit = spec.resources.check_fit and args.check_fit
+    handle = submit(spec, args.address, check_checkpoint=args.check)
     print(f"moe-ray: submitted job {handle.id} to {handle.address}")
     if not args.wait:
         print(f"moe-ray: follow it with `moe-ray logs {handle.id} --follow`")

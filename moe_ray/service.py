@@ -25,14 +25,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .api import as_spec, plan
+from .distributed.fanout import first_line
+from .distributed.placement import Demand, check_placement
 from .errors import JobError
 from .spec import Spec
 from .store import DONE, open_results
+from .units.job import AnalysisJob
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINT = Path(__file__).resolve().parent.parent / "jobs" / "analyze.py"
@@ -209,23 +212,62 @@ class JobHandle:
         return open_results(status.store)
 
 
+def cluster_nodes(address: str | None = None, headers: dict[str, str] | None = None) -> list[dict[str, float]]:
+    """The total resources (CPU, GPU, memory in bytes, ...) of every alive node of the cluster behind
+    the job server at `address`, from Ray's state API."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+    from ray.util.state.exception import RayStateApiException
+
+    address = job_server_address(address)
+    options = ListApiOptions(detail=True, filters=[("state", "=", "ALIVE")])
+    with _job_server(address, "list its nodes"):
+        try:
+            nodes = StateApiClient(address, headers=headers).list(StateResource.NODES, options=options,
+                                                                  raise_on_missing_output=False)
+        except RayStateApiException as exc:
+            raise JobError(f"the Ray job server at {address} could not list its nodes: {first_line(exc)}") from None
+    return [dict(node.resources_total or {}) for node in nodes]
+
+
+def driver_resources(spec: Spec) -> dict[str, float]:
+    """What a submitted job's driver (the entrypoint) holds for as long as the job runs."""
+    return {"CPU": spec.resources.entrypoint_num_cpus, "memory": spec.resources.entrypoint_memory_gb * 2**30}
+
+
+def check_fits_cluster(jobs: list[AnalysisJob], spec: Spec, address: str,
+                       headers: dict[str, str] | None = None) -> None:
+    """Refuse, before submission, a job whose driver or analyses no placement on the cluster's nodes
+    could ever hold (`distributed.placement`), with the plan's numbers and the cluster's."""
+    nodes = cluster_nodes(address, headers)
+    driver = driver_resources(spec)
+    demands = [Demand("the job's driver", (("the job's driver (entrypoint_num_cpus, entrypoint_memory_gb)", driver),))]
+    demands += [replace(job.demand(spec, nodes), alongside=driver) for job in jobs]
+    check_placement(demands, nodes, f"the cluster at {address}")
+
+
 def submit(spec: Spec | dict | str | Path | None = None, address: str | None = None, *,
            check_checkpoint: bool = True, headers: dict[str, str] | None = None,
            **overrides: Any) -> JobHandle:
     """Validate `spec` and submit it as a Ray job to the job server at `address`; returns its handle.
 
     With `check_checkpoint` (default) the checkpoints are opened and every analysis planned here
-    first (they must be readable from this machine too); without it only the spec's own fields are
-    checked, for checkpoints the cluster alone can see.
+    first (they must be readable from this machine too), and, unless the spec's `check_fit` is off,
+    a job that the cluster's nodes could never hold is refused before it is sent; without it only
+    the spec's own fields are checked, for checkpoints the cluster alone can see (the job then checks
+    the fit itself when it starts).
     """
     spec = as_spec(spec, **overrides)
     if check_checkpoint:
-        plan(spec)
+        _, _, jobs = plan(spec)
     else:
         spec.validate()
+        jobs = []
     spec = job_spec(spec)
     address = job_server_address(address)
     client = _client(address, headers)
+    if check_checkpoint and spec.resources.check_fit:
+        check_fits_cluster(jobs, spec, address, headers)
     entrypoint = "python jobs/analyze.py --spec " + shlex.quote(json.dumps(spec.to_dict()))
     staging = Path(tempfile.mkdtemp(prefix="moe-ray-job-"))
     try:
@@ -258,4 +300,4 @@ def jobs(address: str | None = None, headers: dict[str, str] | None = None) -> l
     return out
 
 
-__all__ = ["JobHandle", "JobStatus", "job_server_address", "jobs", "store_progress", "submit"]
+__all__ = ["JobHandle", "JobStatus", "cluster_nodes", "job_server_address", "jobs", "store_progress", "submit"]

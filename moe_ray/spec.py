@@ -138,6 +138,9 @@ class Resources:
         "help": "CPUs the driver of a submitted job (moe-ray submit) asks Ray for"})
     entrypoint_memory_gb: float = field(default=1.0, metadata={
         "help": "memory the driver of a submitted job asks Ray for, GiB"})
+    check_fit: bool = field(default=True, metadata={
+        "help": "refuse, before it starts (at submission too), work that no node of the cluster as it "
+                "is now could hold; turn off for clusters that add nodes on demand"})
 
 
 @dataclass

@@ -1,23 +1,29 @@
 """Ray job service: a real local head (cluster/local/start-head.sh, token auth on, job server on
-127.0.0.1, private temp dir and ports), moe-ray specs submitted through `moe_ray.submit`."""
+127.0.0.1, private temp dir and ports, 2 CPUs and one declared GPU so that GPU placement is checked
+on any machine), moe-ray specs submitted through `moe_ray.submit`."""
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 
 import moe_ray
 from moe_ray.checkpoint import open_checkpoint
+from moe_ray.checkpoint.tiny import make_tiny
+from moe_ray.service import store_progress
 from moe_ray.errors import CheckpointError, JobError, SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +73,7 @@ def head():
              "--metrics-export-port", _free_port(), "--runtime-env-agent-port", _free_port(),
              "--min-worker-port", workers, "--max-worker-port", workers + 15]
     cmd = [str(SCRIPTS / "start-head.sh"), "--dashboard-port", str(dashboard), "--temp-dir", str(temp / "ray"),
-           "--num-cpus", "2", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
+           "--num-cpus", "2", "--num-gpus", "1", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
         assert not Path("/tmp/ray/ray_current_cluster").exists() or \
@@ -116,6 +122,42 @@ def test_stop_then_list(head, tiny, tmp_path):
         handle.result()
 
 
+# Layers big enough (~1 s of static work each) that a job is caught half-way.
+BIG = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 4,
+       "num_key_value_heads": 4, "head_dim": 128}
+
+
+def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path):
+    """Stop a running job through the job server once some of its units are done, resubmit the same
+    spec: the new job runs exactly the units not yet done, and the store equals an uninterrupted
+    job's (submitted alongside the resumed one)."""
+    model = str(make_tiny("mixtral", "scratch", tmp_path / "big", seed=11, config_overrides=BIG).path)
+    spec = {"model": model, "store": str(tmp_path / "stopped.zarr")}
+    first = moe_ray.submit(spec, head)
+    while (done := store_progress(spec["store"]).get("static", (0, 4))[0]) < 1:
+        assert not first.status().terminal, first.logs()
+        time.sleep(0.1)
+    first.stop()
+    assert first.wait(timeout=60, poll=0.2).state == "STOPPED"
+    flags = np.asarray(zarr.open_group(spec["store"], mode="r")["static/unit_done"][...])  # one per layer 0..3
+    unfinished = [str(layer) for layer, flag in enumerate(flags) if not flag]
+    assert 1 <= len(unfinished) < 4, "the job was not stopped half-way"
+
+    resumed = moe_ray.submit(spec, head)
+    clean = moe_ray.submit({"model": model, "store": str(tmp_path / "clean.zarr")}, head)
+    assert resumed.wait(timeout=120).state == "SUCCEEDED", resumed.logs()
+    assert clean.wait(timeout=120).state == "SUCCEEDED", clean.logs()
+    log = resumed.logs()
+    todo = int(re.search(r"(\d+) of 4 units to run", log).group(1))
+    ran = sorted(set(re.findall(r"^\s*static layer (\d+): ", log, flags=re.M)))
+    assert todo == len(unfinished) and ran == unfinished, log
+    assert f"{todo} units computed, {4 - todo} already done" in log
+    a, b = xr.open_zarr(clean.status().store, group="static"), xr.open_zarr(spec["store"], group="static")
+    assert set(a.data_vars) == set(b.data_vars) and b.unit_done.values.all()
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
 def test_bad_spec_rejected_before_submission(head, tiny, tmp_path):
     before = len(moe_ray.jobs(head))
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
@@ -126,6 +168,40 @@ def test_bad_spec_rejected_before_submission(head, tiny, tmp_path):
         moe_ray.submit({"model": str(tiny("mixtral", "upcycled").path), "layers": [7]}, head)
     assert len(moe_ray.jobs(head)) == before
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_job_that_cannot_fit_the_cluster_is_refused_at_submission(head, tiny, tmp_path):
+    """The plan's resources against the head's (2 CPUs, 1 GPU, its memory), before anything is sent:
+    GPU shards (dynamic.device = cuda) needing more GPUs in all than the cluster, a task needing more
+    memory than any node. Nothing is submitted and no store is created."""
+    before = len(moe_ray.jobs(head))
+    model = str(tiny("mixtral", "scratch").path)
+
+    def dynamic(shards: int) -> dict:  # a driver without CPUs: only the GPUs fall short
+        return {"model": model, "store": str(tmp_path / f"dyn{shards}.zarr"), "analyses": ["dynamic"],
+                "dynamic": {"inputs": ["short"], "shards": shards, "device": "cuda"},
+                "resources": {"entrypoint_num_cpus": 0}}
+
+    with pytest.raises(SpecError, match=r"^dynamic \(2 shards on cuda, PACK\) needs 2 GPU at once \(2 bundles together "
+                                        r"with the job's driver\), but the whole cluster has 1 GPU\."):
+        moe_ray.submit(dynamic(2), head)
+    with pytest.raises(SpecError, match=r"^static layer 0 needs 1 CPU, 100000.0 GiB of memory on one node, but no node "
+                                        r"of the cluster has 100000.0 GiB of memory: the most one node offers is "):
+        moe_ray.submit({"model": model, "store": str(tmp_path / "static.zarr"),
+                        "resources": {"memory_per_task_gb": 100000}}, head)
+
+    spec = tmp_path / "gpus.toml"
+    spec.write_text(f'model = "{model}"\nstore = "{tmp_path / "cli.zarr"}"\nanalyses = ["dynamic"]\n'
+                    '[dynamic]\ninputs = ["short"]\nshards = 3\ndevice = "cuda"\n')
+    out = subprocess.run([sys.executable, "-m", "moe_ray.cli", "submit", str(spec), "--address", head],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [l for l in out.stderr.splitlines() if l.startswith("moe-ray: error:")]
+    assert len(errors) == 1 and "needs 3 GPU at once" in errors[0] and "whole cluster has 1 GPU" in errors[0], out.stderr
+    assert "submitted" not in out.stdout
+
+    assert len(moe_ray.jobs(head)) == before
+    assert not list(tmp_path.glob("*.zarr"))
 
 
 def test_token_auth_refuses_without_the_token(head):

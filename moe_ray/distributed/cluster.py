@@ -84,10 +84,6 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     return where
 
 
-def largest_node_memory() -> int:
-    """Bytes of schedulable memory on the largest alive node."""
-    return int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0))
-
-
-def largest_node_cpus() -> int:
-    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+def alive_nodes() -> list[dict[str, float]]:
+    """The total resources of every alive node of the cluster this process is connected to."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]

@@ -13,8 +13,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
-from ..errors import MoeRayError, SpecError
-from .cluster import largest_node_cpus, largest_node_memory
+from ..errors import MoeRayError
 
 
 @dataclass(frozen=True)
@@ -24,20 +23,6 @@ class Unit:
     label: str
     args: tuple
     memory_bytes: int
-
-
-def check_fits(units: Sequence[Unit], cpus_per_task: int) -> None:
-    """Refuse, before any work starts, units that no node of the cluster could ever run."""
-    if not units:
-        return
-    need = max(u.memory_bytes for u in units)
-    have = largest_node_memory()
-    if need > have:
-        worst = max(units, key=lambda u: u.memory_bytes)
-        raise SpecError(f"{worst.label} needs {need / 2**30:.1f} GiB of memory, but the largest Ray node "
-                        f"offers {have / 2**30:.1f} GiB; add memory or nodes, or lower memory_per_task_gb")
-    if cpus_per_task > largest_node_cpus():
-        raise SpecError(f"cpus_per_task={cpus_per_task} exceeds the largest node's {largest_node_cpus()} CPUs")
 
 
 def first_line(exc: BaseException) -> str:

@@ -101,7 +101,7 @@ def shard_failure(exc: ray.exceptions.RayError, shard_of: dict[str, str]) -> Moe
         cause = _unwrap(exc)
         if isinstance(cause, MoeRayError):
             return type(cause)(str(cause))
-        return MoeRayError(f"shard actor failed: {type(cause).__name__}: {cause}")
+        return MoeRayError(f"shard actor failed: {type(cause).__name__}: {first_line(cause)}")
     if isinstance(exc, ray.exceptions.RayActorError):
         shard = shard_of.get(exc.actor_id or "", "a shard actor")
         return MoeRayError(

@@ -10,6 +10,7 @@ and marks them done; hidden states flow on to the next shard as object refs.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
 from ..data import InputError, corpus_texts, input_text
 from ..distributed.fanout import Unit
 from ..distributed.pipeline import balance_layers, run_pipeline
+from ..distributed.placement import Demand, Resources
 from ..errors import CheckpointError, SpecError
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
@@ -61,23 +63,23 @@ class DynamicPlan:
     inputs: tuple[TokenizedInput, ...]
     options: DynamicOptions
 
-    def placement(self) -> tuple[str, torch.dtype]:
-        """(device, dtype) the shards run with: `auto` is a GPU per shard when the connected
-        cluster has that many (CPU otherwise), bfloat16 on GPU and float32 on CPU."""
-        device, gpus = self.options.device, _cluster_gpus()
-        if device == "auto":
-            device = "cuda" if (gpus or 0) >= len(self.shards) else "cpu"
-        elif device == "cuda" and gpus is not None and gpus < len(self.shards):
-            raise SpecError(f"dynamic.device = cuda needs a GPU for each of the {len(self.shards)} "
-                            f"shard(s); the cluster has {gpus:g}")
-        name = self.options.dtype if self.options.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-        return device, getattr(torch, name)
+    def device_for(self, gpus: float | None) -> str:
+        """The device shards are placed for on a cluster with `gpus` GPUs (None: not known): `auto`
+        is a GPU per shard when there are that many, else the CPU."""
+        if self.options.device == "auto":
+            return "cuda" if (gpus or 0) >= len(self.shards) else "cpu"
+        return self.options.device
 
-    def bundles(self, cpus: int) -> list[dict[str, float]]:
+    def dtype_for(self, device: str) -> torch.dtype:
+        """`auto`: bfloat16 on GPU, float32 on CPU."""
+        name = self.options.dtype if self.options.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return getattr(torch, name)
+
+    def bundles(self, cpus: int, gpus: float | None) -> list[dict[str, float]]:
         """One placement-group bundle per shard: a GPU each on cuda (host memory: one layer in
         flight plus activations), else host memory for the weights in their dtype too."""
-        device, dtype = self.placement()
-        scale = torch.empty((), dtype=dtype).element_size() / 4
+        device = self.device_for(gpus)
+        scale = torch.empty((), dtype=self.dtype_for(device)).element_size() / 4
         transient = self.largest_layer_bytes + self.activation_bytes
         if device == "cuda":
             return [{"CPU": cpus, "GPU": 1, "memory": transient} for _ in self.shards]
@@ -263,14 +265,19 @@ class ShardWorker:
     of a restart that cannot help.
     """
 
-    def __init__(self, plan: DynamicPlan, shard: int, device: str, dtype: torch.dtype):
+    def __init__(self, plan: DynamicPlan, shard: int, device: str):
         self.plan = plan
         self.label = shard_label(plan, shard)
         self.load_error: Exception | None = None
         start, end = plan.shards[shard]
         try:
+            if device == "cuda" and not torch.cuda.is_available():
+                if plan.options.device == "cuda":
+                    raise SpecError(f"{self.label} was given a GPU by Ray but torch sees no CUDA device")
+                device = "cpu"  # `auto` on a cluster whose GPUs torch cannot use
             ref = open_checkpoint(plan.reference) if plan.reference else None
-            self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device, dtype)
+            self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device,
+                                     plan.dtype_for(device))
         except Exception as exc:  # re-raised by run(), with its type, as the job's error
             self.load_error = exc
         self.store = ResultStore(plan.store)
@@ -303,8 +310,16 @@ class DynamicJob(AnalysisJob):
         self.cpus = cpus_per_shard
 
     def units(self) -> list[Unit]:
-        memory = max(b["memory"] for b in self.plan.bundles(self.cpus))
+        memory = max(b["memory"] for b in self.plan.bundles(self.cpus, _cluster_gpus()))
         return [Unit(f"dynamic {item.name}", (item.name,), memory) for item in self.plan.inputs]
+
+    def demand(self, spec: Spec, nodes: Sequence[Resources] = ()) -> Demand:
+        """The shards' placement group, for the device `auto` resolves to on these nodes."""
+        gpus = sum(node.get("GPU", 0) for node in nodes) if nodes else _cluster_gpus()
+        labels = [shard_label(self.plan, s) for s in range(len(self.plan.shards))]
+        device = self.plan.device_for(gpus)
+        return Demand(f"dynamic ({len(labels)} shards on {device}, {self.plan.options.placement})",
+                      tuple(zip(labels, self.plan.bundles(self.cpus, gpus))), self.plan.options.placement)
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
         pending = set(prepare(store, self.plan, overwrite))
@@ -314,9 +329,10 @@ class DynamicJob(AnalysisJob):
         """Push every pending input through the shard actors (all inputs in flight at once)."""
         names = {u.args[0] for u in pending}
         items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
-        device, dtype = self.plan.placement()
+        gpus = _cluster_gpus()
+        device = self.plan.device_for(gpus)
         shards = range(len(self.plan.shards))
-        run_pipeline(ShardWorker, [(self.plan, s, device, dtype) for s in shards], self.plan.bundles(self.cpus),
+        run_pipeline(ShardWorker, [(self.plan, s, device) for s in shards], self.plan.bundles(self.cpus, gpus),
                      items, strategy=self.plan.options.placement, labels=[shard_label(self.plan, s) for s in shards])
 
     def finish(self, store: ResultStore) -> str:

@@ -6,8 +6,10 @@ touched), then prepares each analysis's store group, executes the pending units 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from ..distributed.fanout import Unit, run_units
+from ..distributed.placement import Demand, Resources
 from ..spec import Spec
 from ..store import ResultStore
 
@@ -21,6 +23,11 @@ class AnalysisJob(ABC):
     @abstractmethod
     def units(self) -> list[Unit]:
         """Every unit of this analysis (for resource checks and progress)."""
+
+    @abstractmethod
+    def demand(self, spec: Spec, nodes: Sequence[Resources] = ()) -> Demand:
+        """What this analysis asks of the cluster (checked against its nodes before anything runs);
+        `nodes`, the cluster's nodes where known, for analyses whose needs depend on them."""
 
     @abstractmethod
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
@@ -41,6 +48,11 @@ class TaskJob(AnalysisJob):
     @abstractmethod
     def unit_function(self):
         """The function a Ray task runs for one unit: fn(*unit.args) -> summary dict."""
+
+    def demand(self, spec: Spec, nodes: Sequence[Resources] = ()) -> Demand:
+        """One task per unit, each asking for `cpus_per_task` and its own memory."""
+        return Demand(self.name, tuple(
+            (u.label, {"CPU": spec.resources.cpus_per_task, "memory": max(1, u.memory_bytes)}) for u in self.units()))
 
     def execute(self, pending: list[Unit], spec: Spec) -> None:
         run_units(self.unit_function(), pending, what=f"{self.name} units",

@@ -1,0 +1,138 @@
+"""Will the work fit the cluster? Every analysis states what it asks of Ray (a `Demand`: the resources
+of its tasks, or of its placement group's bundles); before anything runs, and before a job is even
+submitted, the demands are compared with the resources of the cluster's nodes, and work that no
+placement could ever hold is refused with the numbers.
+
+Only necessary conditions are checked, so nothing placeable is refused: a bundle that no single node
+holds, more resources at once than the whole cluster has, and STRICT_SPREAD bundles that cannot each
+get a node of their own. The nodes are the cluster's as it is now: a cluster that adds nodes on demand
+(an autoscaler with workers at zero) must be submitted to with the check off (`check_fit = false`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import SpecError
+
+Resources = dict[str, float]
+"""Ray resources by name (CPU, GPU, memory in bytes, custom ones), as a bundle or a node's total."""
+EACH = "EACH"
+"""Strategy of independent tasks: each bundle needs one node that holds it, not all at once."""
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one analysis asks of the cluster.
+
+    `bundles` are (label, resources); with strategy `EACH` they are independent tasks (one at a time
+    is enough to make progress), with PACK, SPREAD or STRICT_SPREAD one placement group holding all
+    of them at once. `alongside` is what holds resources for as long as the work runs (a submitted
+    job's driver).
+    """
+
+    what: str
+    bundles: tuple[tuple[str, Resources], ...]
+    strategy: str = EACH
+    alongside: Resources = field(default_factory=dict)
+
+
+def _amount(name: str, amount: float) -> str:
+    return f"{amount / GIB:.1f} GiB of memory" if name == "memory" else f"{amount:g} {name}"
+
+
+def describe(resources: Resources, keep_zero: bool = False) -> str:
+    """'1 CPU, 2 GPU, 3.5 GiB of memory': resources as a person reads them (zero ones left out unless
+    `keep_zero`)."""
+    ordered = sorted(resources.items(), key=lambda kv: (kv[0] == "memory", kv[0]))
+    return ", ".join(_amount(n, a) for n, a in ordered if a > 0 or keep_zero) or "nothing"
+
+
+def _holds(node: Resources, bundle: Resources) -> bool:
+    return all(node.get(name, 0) >= amount for name, amount in bundle.items() if amount > 0)
+
+
+def _bundle_refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
+    """A bundle that no single node of the cluster can hold."""
+    for label, bundle in demand.bundles:
+        if any(_holds(node, bundle) for node in nodes):
+            continue
+        most = {name: max((node.get(name, 0) for node in nodes), default=0) for name in bundle}
+        short = {name: amount for name, amount in bundle.items() if amount > most[name]}
+        if short:
+            return (f"{label} needs {describe(bundle)} on one node, but no node of the cluster has "
+                    f"{describe(short)}: the most one node offers is "
+                    f"{describe({name: most[name] for name in short}, keep_zero=True)}")
+        return (f"{label} needs {describe(bundle)} on one node, but no node of the cluster has all of "
+                f"that at once ({len(nodes)} nodes)")
+    return None
+
+
+def _at_once(demand: Demand) -> Resources:
+    """What must be held at one time, per resource: every bundle of a placement group, or any one of
+    independent tasks (so the most any of them asks), plus what runs alongside."""
+    combine = max if demand.strategy == EACH else sum
+    names = {name for _, bundle in demand.bundles for name in bundle} | set(demand.alongside)
+    return {name: combine(b.get(name, 0) for _, b in demand.bundles) + demand.alongside.get(name, 0)
+            for name in names} if demand.bundles else dict(demand.alongside)
+
+
+def _total_refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
+    """More of a resource at once than the whole cluster has."""
+    need = _at_once(demand)
+    have = {name: sum(node.get(name, 0) for node in nodes) for name in need}
+    short = {name: amount for name, amount in need.items() if amount > have[name]}
+    if not short:
+        return None
+    parts = f"{len(demand.bundles)} bundles together" if demand.strategy != EACH else "its largest task"
+    with_driver = " with the job's driver" if demand.alongside else ""
+    return (f"{demand.what} needs {describe(short)} at once ({parts}{with_driver}), but the whole "
+            f"cluster has {describe({name: have[name] for name in short}, keep_zero=True)}")
+
+
+def _distinct_nodes(bundles: Sequence[Resources], nodes: Sequence[Resources]) -> int:
+    """How many of the bundles can sit on distinct nodes at once (maximum bipartite matching)."""
+    holder: dict[int, int] = {}  # node index -> bundle index
+
+    def place(b: int, tried: set[int]) -> bool:
+        for n, node in enumerate(nodes):
+            if n in tried or not _holds(node, bundles[b]):
+                continue
+            tried.add(n)
+            if n not in holder or place(holder[n], tried):
+                holder[n] = b
+                return True
+        return False
+
+    return sum(place(b, set()) for b in range(len(bundles)))
+
+
+def _spread_refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
+    """STRICT_SPREAD bundles that cannot each have a node of their own."""
+    if demand.strategy != "STRICT_SPREAD":
+        return None
+    bundles = [b for _, b in demand.bundles]
+    placed = _distinct_nodes(bundles, nodes)
+    if placed >= len(bundles):
+        return None
+    return (f"{demand.what} puts each of its {len(bundles)} bundles on a node of its own (STRICT_SPREAD), "
+            f"but only {placed} of the cluster's {len(nodes)} nodes can hold one at the same time")
+
+
+def refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
+    """Why `demand` can never be placed on `nodes` (their total resources), or None if it may be."""
+    return _bundle_refusal(demand, nodes) or _spread_refusal(demand, nodes) or _total_refusal(demand, nodes)
+
+
+def check_placement(demands: Sequence[Demand], nodes: Sequence[Resources], where: str = "the cluster") -> None:
+    """Refuse, with the numbers, the first demand that can never be placed on `nodes`."""
+    for demand in demands:
+        reason = refusal(demand, nodes)
+        if reason:
+            raise SpecError(f"{reason}. It cannot run on {where}: change the spec's resources (or shards), "
+                            "add nodes, or, if the cluster adds nodes on demand, set check_fit = false "
+                            "(--no-check-fit)")
+
+
+__all__ = ["EACH", "Demand", "Resources", "check_placement", "describe", "refusal"]
