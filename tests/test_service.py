@@ -197,7 +197,7 @@ def test_job_that_cannot_fit_the_cluster_is_refused_at_submission(head, tiny, tm
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     errors = [l for l in out.stderr.splitlines() if l.startswith("moe-ray: error:")]
-    assert len(errors) == 1 and "needs 3 GPU at once" in errors[0] and "whole cluster has 1 GPU" in errors[0], out.stderr
+    assert len(errors) == 1 and "3 GPU at once" in errors[0] and "whole cluster has 2 CPU, 1 GPU" in errors[0], out.stderr
     assert "submitted" not in out.stdout
 
     assert len(moe_ray.jobs(head)) == before
