@@ -70,9 +70,10 @@ class Table:
 class StoreView:
     """A moe-ray store opened read-only for plotting: provenance, which groups exist, lazy datasets."""
 
-    def __init__(self, url: str | Path, label: str | None = None, inputs: list[str] | None = None):
-        """`label` replaces the default one (family and checkpoint name); `inputs` restricts the view to
-        those dynamic inputs (a parallel task that draws one input's figures)."""
+    def __init__(self, url: str | Path, label: str | None = None, inputs: list[str] | None = None,
+                 layers: list[int] | None = None):
+        """`label` replaces the default one (family and checkpoint name); `inputs` and `layers` restrict
+        the view to those dynamic inputs and layers (a drawing task: one input, one page of layers)."""
         # absolute, so a worker with another working directory (a Ray task) opens the same store
         self.url = str(url) if "://" in str(url) else str(Path(url).resolve())
         if not _exists(self.url):
@@ -85,6 +86,7 @@ class StoreView:
         self.reference = self.attrs.get("reference")
         self.label = label or self._default_label()
         self.inputs = None if inputs is None else list(inputs)
+        self.layers = None if layers is None else {int(l) for l in layers}
         self._datasets: dict[str, xr.Dataset] = {}
 
     def _default_label(self) -> str:
@@ -113,13 +115,16 @@ class StoreView:
         return self._datasets[group]
 
     def done_layers(self, group: str) -> tuple[list[int], list[int]]:
-        """(layers whose unit is done, layers not done) for a group with a per-layer `unit_done`."""
+        """(layers whose unit is done, layers not done) for a group with a per-layer `unit_done`, among
+        the view's layers."""
         ds = self.dataset(group)
         layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
-        if DONE not in ds or ds[DONE].dims != ("layer",):
-            return layers, []
-        flags = np.asarray(ds[DONE].values).astype(bool)
-        return ([l for l, f in zip(layers, flags) if f], [l for l, f in zip(layers, flags) if not f])
+        if DONE in ds and ds[DONE].dims == ("layer",):
+            flags = np.asarray(ds[DONE].values).astype(bool)
+        else:
+            flags = np.ones(len(layers), dtype=bool)
+        mine = [(l, f) for l, f in zip(layers, flags) if self.layers is None or l in self.layers]
+        return [l for l, f in mine if f], [l for l, f in mine if not f]
 
 
 def unique_labels(views: list[StoreView]) -> None:

@@ -16,6 +16,9 @@ from .static import Column, layers_of, square_pages, static_square
 
 MAX_TOKENS = 8
 """Tokens drawn per image in the per-token figures (Fig 2, Fig 5); longer inputs show the first ones."""
+TOKEN_GRID_GAP = (0.35, 0.6)
+"""Gaps (inches) of the per-token grids (Fig 2, Fig 5): tick labels only on the outer panels, so inner
+gaps hold just the two-line panel titles."""
 MAX_ROUTING_TOKENS = 64
 """Tokens drawn in Fig 4 and Fig 10 (the short input has fewer; a long one shows its first ones)."""
 
@@ -67,7 +70,7 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                 labels = [str(x) for x in da["expert_i"].values]
                 topk = _topk(v, inp, page, n_tok)
                 lo, hi = shared_range([values[r, t] for r in range(len(page)) for t in range(n_tok)])
-                fig, axes = new_figure(len(page), n_tok, panel=(2.4, 2.5))
+                fig, axes = new_figure(len(page), n_tok, panel=(2.0, 2.1), gap=TOKEN_GRID_GAP)
                 data = {("range",): (lo, hi)}
                 for r, layer in enumerate(page):
                     for t in range(n_tok):
@@ -249,7 +252,7 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
                 values = np.abs(np.asarray(da.values, dtype=np.float64))
                 labels = [str(x) for x in da["expert"].values]
                 hi = float(np.nanpercentile(values, 99)) if np.isfinite(values).any() else 1.0
-                fig, axes = new_figure(len(page), n_tok, panel=(3.4, 2.2))
+                fig, axes = new_figure(len(page), n_tok, panel=(3.0, 2.0), gap=TOKEN_GRID_GAP)
                 data: dict = {("range",): (0.0, hi)}
                 topk = _topk(v, inp, page, max(tok_idx) + 1)
                 for r, layer in enumerate(page):
@@ -336,10 +339,12 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
                 shown, labels, what = routing_weights(v, inp, sel, v_tok)
                 toks = [token_label(t, 8) for t in token_texts(v, inp, v_tok)]
                 whats.add(what)
+                data[("quantity", v.label)] = what
                 for i, layer in enumerate(sel):
                     data[(v.label, layer)] = shown[i]
                     data[("labels", v.label, layer)] = (labels, toks)
-            hi = shared_range([m for k, m in data.items() if k[0] != "labels"], exclude_diagonal=False)[1]
+            hi = shared_range([m for k, m in data.items() if k[0] not in ("labels", "quantity")],
+                              exclude_diagonal=False)[1]
             fig, axes = new_figure(len(page), len(have), panel=panel, bottom=1.0)
             im = None
             for s, v in enumerate(have):

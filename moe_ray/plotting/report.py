@@ -18,7 +18,7 @@ from ..errors import MoeRayError
 from . import dynamic as D
 from . import static as S
 from . import tables as T
-from .common import Figure, StoreView, Table, unique_labels
+from .common import Figure, StoreView, Table, pages, unique_labels
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Section:
     draw: Callable[[list[StoreView], Path], list[Figure]] | None = None
     table: Callable[[list[StoreView]], Table] | None = None
     per_store: bool = False  # one image per store (nothing shared across stores): drawn store by store
+    paged_by: tuple[str, ...] | None = ("static",)
+    """Groups ("{input}" for each dynamic input) whose layers the section pages over, one drawing task per
+    page of layers; None: one image of every layer."""
 
 
 HOW = {"static": "analyses = [\"static\"]", "reorder": "analyses = [\"reorder\"]",
@@ -64,21 +67,26 @@ SECTIONS = [
             "matrix_similarity", table=T.comparison),
     Section("fig2", "Fig 2: expert-output similarity per token", "Cosine similarity between all experts' "
             f"outputs for each token (§5.1); each token's top-k above its map; first {D.MAX_TOKENS} tokens.",
-            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity, per_store=True),
+            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity, per_store=True,
+            paged_by=("dynamic/{input}",)),
     Section("fig3", "Fig 3: averaged angular similarity", "1 - arccos(cos)/π averaged over the input's tokens "
             "(§5.1), beside the matrix-level similarity of the same layer.", "dynamic",
-            "expert_output_angular_mean", draw=D.fig3_angular),
+            "expert_output_angular_mean", draw=D.fig3_angular, paged_by=("dynamic/{input}", "static")),
     Section("fig4", "Fig 4: output norms and gate scores", "L2 norm of every expert's output and its gate "
             "score per token (§5.2); top-k per token at the right.", "dynamic", "expert_output_norms",
-            draw=D.fig4_norms_scores),
+            draw=D.fig4_norms_scores, paged_by=("dynamic/{input}",)),
     Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (norm rank, gate-score rank) over tokens "
-            "(App D).", "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts),
+            "(App D).", "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts,
+            paged_by=("dynamic/{input}",)),
     Section("fig5", "Fig 5: intermediate states", "|act(W_gate x)| per expert and neuron for the stored tokens "
-            "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate, per_store=True),
+            "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate, per_store=True,
+            paged_by=("dynamic/{input}",)),
     Section("activation", "Activation ratio", "Fraction of intermediate elements with |value| > 1e-3, mean "
-            "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary),
+            "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary,
+            paged_by=None),
     Section("fig10", "Fig 10: routing pattern", "Gate scores of each token's top-k experts across layers "
-            "(App E); other experts blank.", "dynamic", "topk_experts", draw=D.fig10_routing),
+            "(App E); other experts blank.", "dynamic", "topk_experts", draw=D.fig10_routing,
+            paged_by=("dynamic/{input}",)),
 ]
 
 
@@ -120,28 +128,46 @@ PARALLEL = ("auto", "ray", "processes", "none")
 SECTION_BY_KEY = {s.key: s for s in SECTIONS}
 
 
-StoreRef = tuple[str, str, "tuple[str, ...] | None"]
-"""What a drawing task gets of a store: (url, label, the dynamic inputs it draws or None for all)."""
+StoreRef = tuple[str, str, "tuple[str, ...] | None", "list[int] | None"]
+"""What a drawing task gets of a store: (url, label, the dynamic inputs and the layers it draws, None
+for all)."""
 Task = tuple[str, "list[StoreRef]"]
 """One unit of drawing: a section key and the stores it draws side by side."""
 
 
 def section_tasks(section: Section, views: list[StoreView]) -> list[Task]:
-    """A section split into independent drawing tasks: one per dynamic input (its images share nothing
-    across inputs) and, for per-store sections, one per store; the order is the report's order."""
+    """A section split into independent drawing tasks, in the report's order: one per dynamic input,
+    per page of layers and, for per-store sections, per store (no image shares anything across them)."""
+    inputs = sorted({i for v in views for i in v.groups("dynamic")}) if section.parent == "dynamic" else [None]
     groups = [[v] for v in views] if section.per_store else [views]
-    if section.parent != "dynamic":
-        return [(section.key, [(v.url, v.label, None) for v in g]) for g in groups]
-    inputs = sorted({i for v in views for i in v.groups("dynamic")})
-    tasks = [(section.key, [(v.url, v.label, (inp,)) for v in g if inp in v.groups("dynamic")])
-             for inp in inputs for g in groups]
-    return [t for t in tasks if t[1]]
+    tasks = []
+    for inp in inputs:
+        for group in groups:
+            group = [v for v in group if inp is None or _input_has(v, inp, section.array)]
+            for page in _task_pages(section, group, inp):
+                tasks.append((section.key, [(v.url, v.label, None if inp is None else (inp,), page) for v in group]))
+    return tasks
+
+
+def _input_has(view: StoreView, inp: str, array: str | None) -> bool:
+    return inp in view.groups("dynamic") and (array is None or array in view.dataset(f"dynamic/{inp}"))
+
+
+def _task_pages(section: Section, views: list[StoreView], inp: str | None) -> list[list[int] | None]:
+    """The pages of layers the section draws for these stores (pages of the union of their done layers)."""
+    if not views:
+        return []
+    if section.paged_by is None:
+        return [None]
+    names = [name.format(input=inp) for name in section.paged_by]
+    layers = sorted({l for v in views for name in names if v.has(name) for l in v.done_layers(name)[0]})
+    return pages(layers) or [None]
 
 
 def draw_section(key: str, stores: list[StoreRef]) -> list[tuple[Figure, bytes]]:
     """Draw one section for `stores` into a scratch directory: its figures and their PNG bytes, so a
     worker needs no access to the report directory (a Ray task may run on another node)."""
-    views = [StoreView(url, label, inputs) for url, label, inputs in stores]
+    views = [StoreView(url, label, inputs, layers) for url, label, inputs, layers in stores]
     with tempfile.TemporaryDirectory(prefix="moe-ray-plot-") as scratch:
         figures = SECTION_BY_KEY[key].draw(views, Path(scratch))
         return [(f, f.path.read_bytes()) for f in figures]
