@@ -14,6 +14,7 @@ import xarray as xr
 import zarr
 
 import moe_ray
+from moe_ray.checkpoint.tiny import make_tiny
 from moe_ray.cli import main as cli_main
 from moe_ray.errors import MoeRayError
 from moe_ray.plotting import render
@@ -272,3 +273,43 @@ def test_parallel_modes_draw_the_same(synthetic, ray_session):
                         np.testing.assert_array_equal(a.data[key], b.data[key])
                     else:
                         assert a.data[key] == b.data[key]
+
+
+@pytest.fixture(scope="module")
+def deep_store(ray_session, tmp_path_factory):
+    """A real 6-layer model (static analyses and the short dynamic input): more layers than one image holds."""
+    root = tmp_path_factory.mktemp("deep")
+    ckpt = make_tiny("mixtral", "upcycled", root / "ckpt", config_overrides={"num_hidden_layers": 6})
+    return moe_ray.run({"model": str(ckpt.path), "reference": str(ckpt.reference), "store": str(root / "deep.zarr"),
+                        "analyses": ["static", "dynamic"], "dynamic": {"inputs": ["short"]}, "progress": False})
+
+
+PAGED = ("fig1_matrix_similarity", "fig6_matrix_pca", "fig7_neuron_pca_2d", "fig7_neuron_pca_3d",
+         "fig8_gate_neuron_avg", "fig2_output_similarity", "fig3_angular_short", "fig4_norms_scores",
+         "fig9_rank_counts_short", "fig5_intermediate", "fig10_routing")
+
+
+def test_deep_model_pages(deep_store, tmp_path):
+    """Six layers: every per-layer figure is two labelled images, layers 0-3 and 4-5, each drawing
+    exactly its layers; the activation-ratio summary keeps all layers in one image."""
+    report = render([deep_store], tmp_path / "rep")
+    label = StoreView(deep_store).label
+    for key in PAGED:
+        figures = [f for f in report.figures if f.key == key]
+        assert [f.path.name.rsplit("_", 1)[1] for f in figures] == ["L0-3.png", "L4-5.png"], key
+        assert "layers 0–3" in figures[0].title and "layers 4–5" in figures[1].title, key
+        assert [sorted({k[1] for k in f.data if k[0] == label}) for f in figures] == [[0, 1, 2, 3], [4, 5]], key
+        for f in figures:
+            _png_ok(f.path)
+    act = next(f for f in report.figures if f.key == "activation_ratio")
+    assert act.data[label].shape == (6, 9)  # 6 layers x (8 experts + F)
+
+    fig1 = [f for f in report.figures if f.key == "fig1_matrix_similarity"]
+    sim = xr.open_zarr(deep_store, group="static")["matrix_similarity"]
+    np.testing.assert_allclose(fig1[1].data[(label, 5, "W_down")], sim.sel(layer=5, matrix="down").values)
+    fig10 = [f for f in report.figures if f.key == "fig10_routing"]
+    dyn = xr.open_zarr(deep_store, group="dynamic/short")
+    shown, topk = fig10[1].data[(label, 4)], dyn["topk_experts"].sel(layer=4).values
+    np.testing.assert_allclose(np.take_along_axis(shown, topk, axis=-1), dyn["topk_weights"].sel(layer=4).values,
+                               rtol=1e-6)
+    assert fig10[1].data[("labels", label, 4)][0] == [str(e) for e in range(8)]  # no F row
