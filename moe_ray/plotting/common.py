@@ -204,6 +204,15 @@ def panel_title(ax, text: str, fontsize: float = 8) -> None:
     ax.set_title(text, fontsize=fontsize, y=1.0, pad=3)
 
 
+def store_headers(fig, axes, spans: list[tuple[str, int, int]]) -> None:
+    """Name each store once, above its columns (`spans`: label, first column, last column), under the
+    figure title, instead of in every panel title; the figure's top margin must leave HEADER_ROOM."""
+    y = 1 - 0.36 / fig.get_size_inches()[1]
+    for label, first, last in spans:
+        left, right = axes[0, first].get_position().x0, axes[0, last].get_position().x1
+        fig.text((left + right) / 2, y, label, ha="center", va="top", fontsize=9, fontweight="bold")
+
+
 def grid_labels(present: dict[tuple[int, int], tuple]) -> dict[tuple[int, int], tuple[bool, bool]]:
     """Which panels of a grid label their axes: `present[(row, col)]` = (row labels, column labels).
 
@@ -239,6 +248,10 @@ def shared_range(arrays: list[np.ndarray], exclude_diagonal: bool = True,
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     return lo, hi
+
+
+HEADER_ROOM = 0.85
+"""Top margin (inches) that holds the figure title, the store headers and one-line panel titles."""
 
 
 def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), gap: tuple[float, float] = (0.95, 1.1),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, TICK_FONT, Figure, StoreView, colorbar, fitting_ticks, heatmap, new_figure, page_name, pages,
-                     panel_title, save, shared_range, token_label)
+from .common import (CMAPS, HEADER_ROOM, TICK_FONT, Figure, StoreView, colorbar, fitting_ticks, heatmap, new_figure,
+                     page_name, pages, panel_title, save, shared_range, store_headers, token_label)
 from .static import Column, layers_of, square_pages, static_square
 
 MAX_TOKENS = 8
@@ -177,7 +177,8 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                         data[("topk", v.label, l)] = topk[i]
             n_range = shared_range([m for k, m in data.items() if k[-1] == "norm"], exclude_diagonal=False)
             s_range = (0.0, shared_range([m for k, m in data.items() if k[-1] == "score"], exclude_diagonal=False)[1])
-            fig, axes = new_figure(len(page), 2 * len(have), panel=panel)
+            fig, axes = new_figure(len(page), 2 * len(have), panel=panel, top=HEADER_ROOM)
+            store_headers(fig, axes, [(v.label, 2 * s, 2 * s + 1) for s, v in enumerate(have)])
             im_n = im_s = None
             max_tok_ticks = fitting_ticks(panel[1] * 0.8)
             for r, layer in enumerate(page):
@@ -193,8 +194,8 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                                    ylabel="token", show_x=bottom, max_yticks=max_tok_ticks)
                     im_s = heatmap(asc, data[(v.label, layer, "score")], sl, ylab, CMAPS["score"], *s_range,
                                    ylabel="token", show_x=bottom, show_y=False)
-                    panel_title(an, f"{v.label}\nlayer {layer} · output L2 norm")
-                    panel_title(asc, f"{v.label}\nlayer {layer} · gate score")
+                    panel_title(an, f"layer {layer} · output L2 norm")
+                    panel_title(asc, f"layer {layer} · gate score")
                     topk = data.get(("topk", v.label, layer))
                     if topk is not None:
                         _mark_topk(an, topk, nl)
@@ -345,7 +346,8 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
                     data[("labels", v.label, layer)] = (labels, toks)
             hi = shared_range([m for k, m in data.items() if k[0] not in ("labels", "quantity")],
                               exclude_diagonal=False)[1]
-            fig, axes = new_figure(len(page), len(have), panel=panel, bottom=1.0)
+            fig, axes = new_figure(len(page), len(have), panel=panel, top=HEADER_ROOM, bottom=1.0)
+            store_headers(fig, axes, [(v.label, s, s) for s, v in enumerate(have)])
             im = None
             for s, v in enumerate(have):
                 for r, layer in enumerate(page):
@@ -357,7 +359,7 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
                     bottom = r == len(page) - 1 or (v.label, page[r + 1]) not in data
                     im = heatmap(ax, data[(v.label, layer)].T, toks, labels, chosen_cmap(), 0.0, hi, xlabel="token",
                                  show_x=bottom, max_xticks=fitting_ticks(panel[0] * 0.85))
-                    panel_title(ax, f"{v.label}\nlayer {layer} · top-k experts")
+                    panel_title(ax, f"layer {layer} · top-k experts")
             if im is not None:
                 colorbar(fig, im, " / ".join(sorted(whats)) + " (blank: not chosen)")
             data[("range",)] = (0.0, hi)

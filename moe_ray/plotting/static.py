@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, Figure, StoreView, colorbar, grid_labels, heatmap, new_figure, nonempty_labels, page_name,
-                     pages, panel_title, save, shared_range)
+from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, heatmap, new_figure, nonempty_labels,
+                     page_name, pages, panel_title, save, shared_range, store_headers)
 
 MATRICES = ("up", "gate", "down")
 Getter = Callable[[StoreView, list[int]], "tuple[np.ndarray, list[str], list[str]]"]
@@ -67,7 +67,8 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
             ranges.setdefault(col.group, []).extend(mats)
         ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
         ncols = len(views) * len(columns)
-        fig, axes = new_figure(len(page), ncols)
+        fig, axes = new_figure(len(page), ncols, top=HEADER_ROOM)
+        store_headers(fig, axes, [(v.label, s * len(columns), (s + 1) * len(columns) - 1) for s, v in enumerate(views)])
         panels = {(r, s * len(columns) + c): (v, layer, col)
                   for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
                   if (v.label, layer, col.title) in drawn}
@@ -80,7 +81,7 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
                     k = (v.label, layer, col.title)
                     if k not in drawn:
                         ax.set_axis_off()
-                        ax.text(0.5, 0.5, f"{v.label}\nlayer {layer} · {col.title}\nnot in this store", ha="center", va="center",
+                        ax.text(0.5, 0.5, f"layer {layer} · {col.title}\nnot in this store", ha="center", va="center",
                                 fontsize=8, transform=ax.transAxes)
                         continue
                     rows, cols = drawn[("labels", v.label, layer, col.title)]
@@ -88,7 +89,7 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
                     show_x, show_y = shown[(r, s * len(columns) + c)]
                     im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel, show_x, show_y)
                     images.setdefault(col.group, (im, []))[1].append(ax)
-                    panel_title(ax, f"{v.label}\nlayer {layer} · {col.title}")
+                    panel_title(ax, f"layer {layer} · {col.title}")
         for slot, (group, (im, _)) in enumerate(images.items()):
             colorbar(fig, im, groups_label.get(group, group), slot, len(images))
         path = out / f"{key}_{page_name(page)}.png"
@@ -183,7 +184,8 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
     all_layers = sorted({l for v in views for l in layers_of(v, "static")})
     figures = []
     for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, top=0.95)
+        fig, axes = new_figure(len(page), len(views) * 3, top=HEADER_ROOM + 0.15)
+        store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
         legends = []
         for s, v in enumerate(views):
@@ -209,7 +211,7 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
                     ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=8)
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=8)
                     note = f"\noutliers (grey ×): {', '.join(drawn['removed'])}" if drawn["removed"] else ""
-                    panel_title(ax, f"{v.label}\nlayer {layer} · W_{m}{note}")
+                    panel_title(ax, f"layer {layer} · W_{m}{note}")
                     data[(v.label, layer, m)] = drawn
         for slot, (labels, store_label) in enumerate(legends):
             _expert_legend(fig, labels, store_label, slot, len(legends))
@@ -233,7 +235,8 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
     figures = []
     kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {}
     for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), **kw)
+        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), top=HEADER_ROOM, **kw)
+        store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
         for s, v in enumerate(views):
             ds = v.dataset("static")
@@ -267,9 +270,11 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=7)
                     if dims == 3:
                         ax.set_zlabel(f"PC3 ({ev[2]:.0%})", fontsize=7)
-                    ax.locator_params(nbins=4)
+                    ax.locator_params(nbins=4 if dims == 2 else 3)
                     ax.tick_params(labelsize=5)
-                    panel_title(ax, f"{v.label}\nlayer {layer} · W_{m}")
+                    if dims == 3:
+                        ax.grid(False)  # the panes give depth; 3-D grid lines cost a third of the drawing
+                    panel_title(ax, f"layer {layer} · W_{m}")
                     if len(labels) <= 10 and r == 0 and mi == 2:
                         from matplotlib.lines import Line2D
 
