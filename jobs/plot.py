@@ -1,23 +1,35 @@
 """Ray job entrypoint: render the report for one or several stores.
 
     ray job submit --working-dir . -- python jobs/plot.py STORE [STORE ...] --out DIR
+
+Inside a Ray job (RAY_ADDRESS set) the figures are drawn as Ray tasks on the cluster and their PNGs
+come back to this process, which writes the report; stores must be readable from the workers
+(shared storage or an fsspec URL).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from moe_ray.errors import MoeRayError
 from moe_ray.plotting import plot
+from moe_ray.plotting.report import PARALLEL
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="figures and tables of the paper from moe-ray stores")
     parser.add_argument("stores", nargs="+", help="results stores (several: side by side)")
     parser.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
+    parser.add_argument("--parallel", choices=PARALLEL, default="auto",
+                        help="auto: Ray tasks inside a Ray job, else a process pool")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {plot(args.stores, args.out)}")
+        if args.parallel == "ray" or (args.parallel == "auto" and os.environ.get("RAY_ADDRESS")):
+            from moe_ray.distributed.cluster import connect
+
+            print(f"drawing on {connect()}")
+        print(f"wrote {plot(args.stores, args.out, args.parallel)}")
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2

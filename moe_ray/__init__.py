@@ -15,9 +15,11 @@ __all__ = ["JobHandle", "Spec", "__version__", "jobs", "open_results", "run", "s
 __all__ += ["plot"]
 
 
-def plot(stores: "str | list[str]", out: str = "report") -> "Path":
+def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto") -> "Path":
     """Figures and tables of the paper from one or several stores -> path of `out/index.html`
-    (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib)."""
+    (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib). `parallel`:
+    "auto" (Ray tasks when this process has a Ray session, else a process pool), "ray",
+    "processes" or "none"."""
     from .plotting import plot as _plot
 
-    return _plot(stores, out)
+    return _plot(stores, out, parallel)

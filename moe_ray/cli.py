@@ -196,16 +196,23 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_PARALLEL = ("auto", "ray", "processes", "none")
+"""moe_ray.plotting.report.PARALLEL, spelled out so the CLI does not import matplotlib to build its parser."""
+
+
 def _add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", help="results stores (several: side by side, shared colour scales)")
     p.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
+    p.add_argument("--parallel", choices=PLOT_PARALLEL, default="auto",
+                   help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray when this "
+                        "process has a session, else processes when there is more than one CPU)")
 
 
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
 def _plot(args: argparse.Namespace) -> int:
     from .plotting import plot
 
-    print(f"wrote {plot(args.stores, args.out)}")
+    print(f"wrote {plot(args.stores, args.out, args.parallel)}")
     return 0
 
 

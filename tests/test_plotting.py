@@ -14,10 +14,12 @@ import xarray as xr
 import zarr
 
 import moe_ray
+from moe_ray.checkpoint.tiny import make_tiny
 from moe_ray.cli import main as cli_main
 from moe_ray.errors import MoeRayError
 from moe_ray.plotting import render
 from moe_ray.plotting.common import StoreView
+from moe_ray.plotting.report import SECTIONS, section_tasks, start_drawing
 from moe_ray.plotting.static import fig1_matrix_similarity
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -136,10 +138,12 @@ def _write(store: str, path: str, data: xr.Dataset) -> None:
     data.to_zarr(store, group=path, mode="w", zarr_format=3, consolidated=False)
 
 
-def test_synthetic_reorder_and_dynamic(stores, tmp_path):
-    """Reorder and dynamic groups with the schema's names and dims, written by this test."""
+@pytest.fixture(scope="module")
+def synthetic(stores, tmp_path_factory):
+    """The mixtral store plus reorder and dynamic groups with the schema's names and dims, written here:
+    (store, the values written). Dynamic labels are the routed experts and F (no router score)."""
     mix, _ = stores
-    store = _copy(mix, tmp_path / "full.zarr")
+    store = _copy(mix, tmp_path_factory.mktemp("synthetic") / "full.zarr")
     meta = Path(store) / "zarr.json"
     root_meta = json.loads(meta.read_text())
     root_meta.pop("consolidated_metadata", None)  # writers add groups, then consolidate (as the pipeline does)
@@ -147,6 +151,8 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
     rng = np.random.default_rng(0)
     layers, E, T, N, k = [0, 1], 4, 5, 6, 2
     ex = [str(e) for e in range(E)]
+    labels = ex + ["F"]
+    L = len(labels)
     mats = ["up", "gate", "down"]
     before = rng.uniform(0, 0.1, (2, 3, E, E))
     after = before * 2
@@ -161,22 +167,40 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
             coords={"layer": layers, "matrix": mats, "expert_i": ex, "expert_j": ex}))
     scores = rng.dirichlet(np.ones(E), (2, T))
     topk = np.argsort(-scores, axis=-1)[..., :k]
+    weights = np.take_along_axis(scores, topk, axis=-1)
+    weights /= weights.sum(axis=-1, keepdims=True)  # renormalised over the top k, as Mixtral does
+    scores_all = np.concatenate([scores, np.full((2, T, 1), np.nan)], axis=-1)  # F has no router score
     counts = rng.integers(0, 5, (2, E, E))
+    coords = {"layer": layers, "token": np.arange(T), "probe_token": np.arange(2), "expert": labels,
+              "expert_i": labels, "expert_j": labels, "k": np.arange(k), "norm_rank": np.arange(E),
+              "score_rank": np.arange(E), "neuron": np.arange(N)}
+    tokens = (("token",), np.array(["<s>", "As", "Ġan", "Ġopen", "Ġsource"], dtype=object))
     _write(store, "dynamic/short", xr.Dataset(
-        {"tokens": (("token",), np.array(["<s>", "As", "an", "open", "source"], dtype=object)),
-         "router_logits": (("layer", "token", "expert"), np.log(scores)),
-         "gate_scores": (("layer", "token", "expert"), scores),
+        {"tokens": tokens,
+         "router_logits": (("layer", "token", "expert"), np.log(scores_all)),
+         "gate_scores": (("layer", "token", "expert"), scores_all),
          "topk_experts": (("layer", "token", "k"), topk),
-         "expert_output_norms": (("layer", "token", "expert"), rng.uniform(0, 3, (2, T, E))),
-         "expert_output_similarity": (("layer", "token", "expert_i", "expert_j"), rng.uniform(-1, 1, (2, T, E, E))),
-         "expert_output_angular_mean": (("layer", "expert_i", "expert_j"), rng.uniform(0, 1, (2, E, E))),
+         "topk_weights": (("layer", "token", "k"), weights),
+         "expert_output_norms": (("layer", "token", "expert"), rng.uniform(0, 3, (2, T, L))),
+         "expert_output_similarity": (("layer", "token", "expert_i", "expert_j"), rng.uniform(-1, 1, (2, T, L, L))),
+         "expert_output_angular_mean": (("layer", "expert_i", "expert_j"), rng.uniform(0, 1, (2, L, L))),
          "norm_score_rank_counts": (("layer", "norm_rank", "score_rank"), counts),
-         "activation_ratio": (("layer", "token", "expert"), rng.uniform(0.9, 1, (2, T, E))),
-         "intermediate_states": (("layer", "probe_token", "expert", "neuron"), rng.normal(size=(2, 2, E, N)))},
-        coords={"layer": layers, "token": np.arange(T), "probe_token": np.arange(2), "expert": ex, "expert_i": ex, "expert_j": ex,
-                "k": np.arange(k), "norm_rank": np.arange(E), "score_rank": np.arange(E), "neuron": np.arange(N)}))
-
+         "activation_ratio": (("layer", "token", "expert"), rng.uniform(0.9, 1, (2, T, L))),
+         "intermediate_states": (("layer", "probe_token", "expert", "neuron"), rng.normal(size=(2, 2, L, N)))},
+        coords=coords))
+    # an input whose store has no top-k weights: Fig 10 falls back to the softmax scores of the top k
+    _write(store, "dynamic/text", xr.Dataset(
+        {"tokens": tokens, "gate_scores": (("layer", "token", "expert"), scores_all),
+         "topk_experts": (("layer", "token", "k"), topk)},
+        coords={n: coords[n] for n in ("layer", "token", "expert", "k")}))
     zarr.consolidate_metadata(store)
+    return store, {"E": E, "T": T, "k": k, "labels": labels, "before": before, "scores": scores, "topk": topk,
+                   "weights": weights, "counts": counts}
+
+
+def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
+    store, w = synthetic
+    E, T, k, topk, scores, weights = w["E"], w["T"], w["k"], w["topk"], w["scores"], w["weights"]
     report = render([store], tmp_path / "rep")
     keys = {f.key for f in report.figures}
     assert {"fig2_output_similarity", "fig3_angular_short", "fig4_norms_scores", "fig9_rank_counts_short",
@@ -189,7 +213,7 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
     tab2 = next(t for t in report.tables if t.key == "tab2_reorder")
     off = ~np.eye(E, dtype=bool)
     row = next(r for r in tab2.rows if r[1] == "separate" and r[2] == "gate")
-    assert row[3] == pytest.approx(before[:, 1][:, off].mean())
+    assert row[3] == pytest.approx(w["before"][:, 1][:, off].mean())
     assert row[5] == pytest.approx(2.0)
     assert row[6] == pytest.approx(xr.open_zarr(store, group="reorder/separate")["kendall_tau"]
                                    .sel(matrix="gate").values[:, off].mean())
@@ -198,13 +222,94 @@ def test_synthetic_reorder_and_dynamic(stores, tmp_path):
 
     fig2 = next(f for f in report.figures if f.key == "fig2_output_similarity")
     assert fig2.data[("topk", label, 1, 3)] == list(topk[1, 3])
-    fig10 = next(f for f in report.figures if f.key == "fig10_routing")
-    shown = fig10.data[(label, 0)]
-    assert np.isfinite(shown).sum() == T * k
-    np.testing.assert_allclose(shown[2, topk[0, 2]], scores[0, 2, topk[0, 2]])
+
+    # Fig 10: the routed experts only (no F row), each token's top-k routing weights, others blank,
+    # coloured from 0 to the largest weight of the page.
+    fig10 = [f for f in report.figures if f.key == "fig10_routing"]
+    short = next(f for f in fig10 if "short input" in f.title)
+    shown = short.data[(label, 0)]
+    assert short.data[("labels", label, 0)][0] == w["labels"][:E]
+    assert shown.shape == (T, E) and np.isfinite(shown).sum() == T * k
+    np.testing.assert_allclose(shown[2, topk[0, 2]], weights[0, 2])
+    assert short.data[("quantity", label)] == "top-k routing weight"
+    assert short.data[("range",)] == pytest.approx((0.0, weights.max()))
+    assert short.data[("labels", label, 0)][1][2] == "␣an"  # byte-level BPE's space marker, readable
+    text = next(f for f in fig10 if "text input" in f.title)
+    assert text.data[("quantity", label)] == "gate score of a top-k expert"
+    np.testing.assert_allclose(text.data[(label, 1)][4, topk[1, 4]], scores[1, 4, topk[1, 4]])
+
+    # Fig 4: norms of every label (F too), gate scores of the routed experts, colour from 0 to their max.
+    fig4 = next(f for f in report.figures if f.key == "fig4_norms_scores")
+    norm_labels, score_labels, _ = fig4.data[("labels", label, 1)]
+    assert norm_labels == w["labels"] and score_labels == w["labels"][:E]
+    np.testing.assert_allclose(fig4.data[(label, 1, "score")], scores[1])
+    assert fig4.data[("range", "score")] == pytest.approx((0.0, scores.max()))
+
     fig9 = next(f for f in report.figures if f.key == "fig9_rank_counts_short")
-    np.testing.assert_array_equal(fig9.data[(label, 1, "rank counts (short)")], counts[1])
+    np.testing.assert_array_equal(fig9.data[(label, 1, "rank counts (short)")], w["counts"][1])
     act = next(f for f in report.figures if f.key == "activation_ratio")
-    assert act.data[label].shape == (2, E)
+    assert act.data[label].shape == (2, len(w["labels"]))
     fig3 = next(f for f in report.figures if f.key == "fig3_angular_short")
     assert (label, 3, "matrix sim W_up") in fig3.data  # static layers beside the dynamic ones
+
+
+def test_parallel_modes_draw_the_same(synthetic, ray_session):
+    """Ray tasks, the forked process pool and drawing in this process give the same images and data."""
+    store, _ = synthetic
+    views = [StoreView(store)]
+    tasks = [t for s in SECTIONS if s.key in ("fig9", "fig10", "fig1") for t in section_tasks(s, views)]
+    assert [(key, refs[0][2], refs[0][3]) for key, refs in tasks] == [
+        ("fig1", None, [0, 1, 2, 3]), ("fig9", ("short",), [0, 1]),
+        ("fig10", ("short",), [0, 1]), ("fig10", ("text",), [0, 1])]
+    drawn = {mode: start_drawing(tasks, mode)() for mode in ("none", "processes", "ray")}
+    for mode in ("processes", "ray"):
+        for here, there in zip(drawn["none"], drawn[mode]):
+            assert [f.path.name for f, _ in here] == [f.path.name for f, _ in there]
+            assert [png for _, png in here] == [png for _, png in there]
+            for (a, _), (b, _) in zip(here, there):
+                assert a.data.keys() == b.data.keys()
+                for key in a.data:
+                    if isinstance(a.data[key], np.ndarray):
+                        np.testing.assert_array_equal(a.data[key], b.data[key])
+                    else:
+                        assert a.data[key] == b.data[key]
+
+
+@pytest.fixture(scope="module")
+def deep_store(ray_session, tmp_path_factory):
+    """A real 6-layer model (static analyses and the short dynamic input): more layers than one image holds."""
+    root = tmp_path_factory.mktemp("deep")
+    ckpt = make_tiny("mixtral", "upcycled", root / "ckpt", config_overrides={"num_hidden_layers": 6})
+    return moe_ray.run({"model": str(ckpt.path), "reference": str(ckpt.reference), "store": str(root / "deep.zarr"),
+                        "analyses": ["static", "dynamic"], "dynamic": {"inputs": ["short"]}, "progress": False})
+
+
+PAGED = ("fig1_matrix_similarity", "fig6_matrix_pca", "fig7_neuron_pca_2d", "fig7_neuron_pca_3d",
+         "fig8_gate_neuron_avg", "fig2_output_similarity", "fig3_angular_short", "fig4_norms_scores",
+         "fig9_rank_counts_short", "fig5_intermediate", "fig10_routing")
+
+
+def test_deep_model_pages(deep_store, tmp_path):
+    """Six layers: every per-layer figure is two labelled images, layers 0-3 and 4-5, each drawing
+    exactly its layers; the activation-ratio summary keeps all layers in one image."""
+    report = render([deep_store], tmp_path / "rep")
+    label = StoreView(deep_store).label
+    for key in PAGED:
+        figures = [f for f in report.figures if f.key == key]
+        assert [f.path.name.rsplit("_", 1)[1] for f in figures] == ["L0-3.png", "L4-5.png"], key
+        assert "layers 0–3" in figures[0].title and "layers 4–5" in figures[1].title, key
+        assert [sorted({k[1] for k in f.data if k[0] == label}) for f in figures] == [[0, 1, 2, 3], [4, 5]], key
+        for f in figures:
+            _png_ok(f.path)
+    act = next(f for f in report.figures if f.key == "activation_ratio")
+    assert act.data[label].shape == (6, 9)  # 6 layers x (8 experts + F)
+
+    fig1 = [f for f in report.figures if f.key == "fig1_matrix_similarity"]
+    sim = xr.open_zarr(deep_store, group="static")["matrix_similarity"]
+    np.testing.assert_allclose(fig1[1].data[(label, 5, "W_down")], sim.sel(layer=5, matrix="down").values)
+    fig10 = [f for f in report.figures if f.key == "fig10_routing"]
+    dyn = xr.open_zarr(deep_store, group="dynamic/short")
+    shown, topk = fig10[1].data[(label, 4)], dyn["topk_experts"].sel(layer=4).values
+    np.testing.assert_allclose(np.take_along_axis(shown, topk, axis=-1), dyn["topk_weights"].sel(layer=4).values,
+                               rtol=1e-6)
+    assert fig10[1].data[("labels", label, 4)][0] == [str(e) for e in range(8)]  # no F row

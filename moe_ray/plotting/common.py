@@ -29,6 +29,9 @@ LAYERS_PER_PAGE = 4
 MAX_TICKS = 17
 """At most this many expert tick labels per axis; F and SE are always labelled."""
 DPI = 110
+TICK_FONT = 7
+SPECIAL_LABELS = ("F", "SE")
+"""Labels that are not routed experts: the dense reference FFN and the shared expert."""
 
 CMAPS = {
     "similarity": "viridis",      # cosine similarity of weights or outputs
@@ -67,8 +70,12 @@ class Table:
 class StoreView:
     """A moe-ray store opened read-only for plotting: provenance, which groups exist, lazy datasets."""
 
-    def __init__(self, url: str | Path):
-        self.url = str(url)
+    def __init__(self, url: str | Path, label: str | None = None, inputs: list[str] | None = None,
+                 layers: list[int] | None = None):
+        """`label` replaces the default one (family and checkpoint name); `inputs` and `layers` restrict
+        the view to those dynamic inputs and layers (a drawing task: one input, one page of layers)."""
+        # absolute, so a worker with another working directory (a Ray task) opens the same store
+        self.url = str(url) if "://" in str(url) else str(Path(url).resolve())
         if not _exists(self.url):
             raise StoreError(f"store not found: {self.url}")
         if not _is_moe_ray_store(self.url):
@@ -77,7 +84,9 @@ class StoreView:
         self.attrs = dict(self.root.attrs)
         self.model = self.attrs.get("model") or {}
         self.reference = self.attrs.get("reference")
-        self.label = self._default_label()
+        self.label = label or self._default_label()
+        self.inputs = None if inputs is None else list(inputs)
+        self.layers = None if layers is None else {int(l) for l in layers}
         self._datasets: dict[str, xr.Dataset] = {}
 
     def _default_label(self) -> str:
@@ -90,7 +99,8 @@ class StoreView:
         """Sub-group names of `reorder` or `dynamic` (modes or inputs), sorted; [] when absent."""
         if parent not in self.root:
             return []
-        return sorted(name for name, _ in self.root[parent].groups())
+        names = sorted(name for name, _ in self.root[parent].groups())
+        return [n for n in names if n in self.inputs] if parent == "dynamic" and self.inputs is not None else names
 
     def has(self, group: str) -> bool:
         return group in self.root
@@ -105,13 +115,16 @@ class StoreView:
         return self._datasets[group]
 
     def done_layers(self, group: str) -> tuple[list[int], list[int]]:
-        """(layers whose unit is done, layers not done) for a group with a per-layer `unit_done`."""
+        """(layers whose unit is done, layers not done) for a group with a per-layer `unit_done`, among
+        the view's layers."""
         ds = self.dataset(group)
         layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
-        if DONE not in ds or ds[DONE].dims != ("layer",):
-            return layers, []
-        flags = np.asarray(ds[DONE].values).astype(bool)
-        return ([l for l, f in zip(layers, flags) if f], [l for l, f in zip(layers, flags) if not f])
+        if DONE in ds and ds[DONE].dims == ("layer",):
+            flags = np.asarray(ds[DONE].values).astype(bool)
+        else:
+            flags = np.ones(len(layers), dtype=bool)
+        mine = [(l, f) for l, f in zip(layers, flags) if self.layers is None or l in self.layers]
+        return [l for l, f in mine if f], [l for l, f in mine if not f]
 
 
 def unique_labels(views: list[StoreView]) -> None:
@@ -133,28 +146,85 @@ def page_name(layers: list[int]) -> str:
     return f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
 
 
-def tick_positions(labels: list[str]) -> list[int]:
-    """Positions to label: all when few; else every k-th routed expert plus F and SE."""
+def tick_positions(labels: list[str], max_ticks: int = MAX_TICKS) -> list[int]:
+    """Positions to label: all when few; else every k-th routed expert plus F and SE (expert labels)
+    or every k-th position (tokens, ranks)."""
     n = len(labels)
-    if n <= MAX_TICKS:
+    if n <= max_ticks:
         return list(range(n))
+    if not all(lab.isdigit() or lab in SPECIAL_LABELS for lab in labels):
+        return list(range(0, n, math.ceil(n / max_ticks)))
     special = [i for i, lab in enumerate(labels) if not lab.isdigit()]
     routed = [i for i in range(n) if i not in special]
-    step = math.ceil(len(routed) / (MAX_TICKS - len(special)))
+    step = math.ceil(len(routed) / (max_ticks - len(special)))
     step = next(s for s in (2, 4, 8, 16, 32, 64, step) if s >= step)
     return sorted([i for i in routed if int(labels[i]) % step == 0] + special)
 
 
-def heatmap(ax, values: np.ndarray, xlabels: list[str], ylabels: list[str], cmap: str,
-            vmin: float, vmax: float, xlabel: str = "expert", ylabel: str = "expert"):
-    """An expert-by-expert (or similar) heat map with readable tick labels; returns the image."""
+def fitting_ticks(length_in: float, fontsize: float = TICK_FONT) -> int:
+    """How many tick labels of `fontsize` fit along `length_in` inches without touching."""
+    return max(2, int(length_in * 72 / (fontsize * 1.35)))
+
+
+def token_label(token: str, width: int = 12) -> str:
+    """A token as a readable label: the tokenizers' space markers (byte-level 'Ġ', SentencePiece '▁')
+    as '␣', newlines ('Ċ', '\\n') as '⏎', cut to `width` characters."""
+    text = token.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "⏎").replace("\n", "⏎")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def heatmap(ax, values: np.ndarray, xlabels: list[str], ylabels: list[str], cmap, vmin: float, vmax: float,
+            xlabel: str = "expert", ylabel: str = "expert", show_x: bool = True, show_y: bool = True,
+            max_xticks: int = MAX_TICKS, max_yticks: int = MAX_TICKS):
+    """An expert-by-expert (or similar) heat map; returns the image.
+
+    Tick labels and axis labels only where `show_x`/`show_y` (a grid labels its outer panels: inner
+    panels share them), at most `max_*ticks` per axis; unlabelled axes get no tick objects at all,
+    which is most of what a large grid costs to draw.
+    """
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
-    xt, yt = tick_positions(xlabels), tick_positions(ylabels)
-    ax.set_xticks(xt, [xlabels[i] for i in xt], fontsize=7, rotation=90 if len(xt) > 10 else 0)
-    ax.set_yticks(yt, [ylabels[i] for i in yt], fontsize=7)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
+    if show_x:
+        xt = tick_positions(xlabels, max_xticks)
+        ax.set_xticks(xt, [xlabels[i] for i in xt], fontsize=TICK_FONT,
+                      rotation=90 if len(xt) > 10 or max(map(len, xlabels), default=0) > 2 else 0)
+        ax.set_xlabel(xlabel, fontsize=8)
+    else:
+        ax.set_xticks([])
+    if show_y:
+        yt = tick_positions(ylabels, max_yticks)
+        ax.set_yticks(yt, [ylabels[i] for i in yt], fontsize=TICK_FONT)
+        ax.set_ylabel(ylabel, fontsize=8)
+    else:
+        ax.set_yticks([])
     return im
+
+
+def panel_title(ax, text: str, fontsize: float = 8) -> None:
+    """A panel title at a fixed height: matplotlib's automatic placement measures every tick label."""
+    ax.set_title(text, fontsize=fontsize, y=1.0, pad=3)
+
+
+def store_headers(fig, axes, spans: list[tuple[str, int, int]]) -> None:
+    """Name each store once, above its columns (`spans`: label, first column, last column), under the
+    figure title, instead of in every panel title; the figure's top margin must leave HEADER_ROOM."""
+    y = 1 - 0.36 / fig.get_size_inches()[1]
+    for label, first, last in spans:
+        left, right = axes[0, first].get_position().x0, axes[0, last].get_position().x1
+        fig.text((left + right) / 2, y, label, ha="center", va="top", fontsize=9, fontweight="bold")
+
+
+def grid_labels(present: dict[tuple[int, int], tuple]) -> dict[tuple[int, int], tuple[bool, bool]]:
+    """Which panels of a grid label their axes: `present[(row, col)]` = (row labels, column labels).
+
+    x on the lowest panel of each column run (the panel below is missing or labelled differently),
+    y on the leftmost of each row run (the panel to the left is missing or labelled differently).
+    """
+    shown = {}
+    for (r, c), (rows, cols) in present.items():
+        below, left = present.get((r + 1, c)), present.get((r, c - 1))
+        shown[(r, c)] = (below is None or list(below[1]) != list(cols),
+                         left is None or list(left[0]) != list(rows))
+    return shown
 
 
 def shared_range(arrays: list[np.ndarray], exclude_diagonal: bool = True,
@@ -180,27 +250,35 @@ def shared_range(arrays: list[np.ndarray], exclude_diagonal: bool = True,
     return lo, hi
 
 
-def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), **kw):
-    """A grid of panels with fixed margins in inches (room for titles, tick labels and a colour bar).
+HEADER_ROOM = 0.85
+"""Top margin (inches) that holds the figure title, the store headers and one-line panel titles."""
+
+
+def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), gap: tuple[float, float] = (0.95, 1.1),
+               top: float = 0.75, bottom: float = 0.55, left: float = 0.75, **kw):
+    """A grid of panels with fixed margins and gaps in inches (room for titles, tick labels and a colour
+    bar); `panel` is one axes plus its share of the gaps, so gaps stay the same whatever the panel size.
 
     A fixed layout instead of matplotlib's constrained/tight layout: measuring every tick label is
     what made large grids slow, and fixed spacing sized for our labels never overlaps.
     """
     kw.pop("layout", None)
-    width, height = panel[0] * ncols + 1.6, panel[1] * nrows + 1.0
+    axes_w, axes_h = panel[0] - gap[0], panel[1] - gap[1]
+    width = left + ncols * axes_w + (ncols - 1) * gap[0] + 1.1
+    height = top + nrows * axes_h + (nrows - 1) * gap[1] + bottom
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
-    fig.subplots_adjust(left=0.75 / width, right=1 - 1.1 / width, bottom=0.55 / height, top=1 - 0.75 / height,
-                        wspace=0.55, hspace=0.75)
+    fig.subplots_adjust(left=left / width, right=1 - 1.1 / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=gap[0] / axes_w, hspace=gap[1] / axes_h)
     return fig, axes
 
 
-def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1):
+def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "neither"):
     """A colour bar in the right margin (slot k of n, stacked top to bottom), outside every panel."""
-    width, height = fig.get_size_inches()
-    top, bottom = 1 - 0.75 / height, 0.55 / height
+    width = fig.get_size_inches()[0]
+    top, bottom = fig.subplotpars.top, fig.subplotpars.bottom
     span = (top - bottom) / slots
     cax = fig.add_axes([1 - 0.85 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
-    return fig.colorbar(im, cax=cax, label=label)
+    return fig.colorbar(im, cax=cax, label=label, extend=extend)
 
 
 def save(fig, path: Path, title: str) -> None:

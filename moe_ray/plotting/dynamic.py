@@ -10,11 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, Figure, colorbar, StoreView, heatmap, new_figure, page_name, pages, save, shared_range)
+from .common import (CMAPS, HEADER_ROOM, TICK_FONT, Figure, StoreView, colorbar, fitting_ticks, heatmap, new_figure,
+                     page_name, pages, panel_title, save, shared_range, store_headers, token_label)
 from .static import Column, layers_of, square_pages, static_square
 
 MAX_TOKENS = 8
 """Tokens drawn per image in the per-token figures (Fig 2, Fig 5); longer inputs show the first ones."""
+TOKEN_GRID_GAP = (0.35, 0.6)
+"""Gaps (inches) of the per-token grids (Fig 2, Fig 5): tick labels only on the outer panels, so inner
+gaps hold just the two-line panel titles."""
 MAX_ROUTING_TOKENS = 64
 """Tokens drawn in Fig 4 and Fig 10 (the short input has fewer; a long one shows its first ones)."""
 
@@ -47,11 +51,6 @@ def _inputs_with(views: list[StoreView], name: str) -> list[str]:
     return sorted({inp for v in views for inp in v.groups("dynamic") if name in v.dataset(group(inp))})
 
 
-def _short(s: str, n: int = 12) -> str:
-    s = s.replace("\n", "⏎")
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
 def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 2 (§5.1): cosine similarity of all experts' outputs, one map per token, top-k above it.
 
@@ -71,14 +70,15 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                 labels = [str(x) for x in da["expert_i"].values]
                 topk = _topk(v, inp, page, n_tok)
                 lo, hi = shared_range([values[r, t] for r in range(len(page)) for t in range(n_tok)])
-                fig, axes = new_figure(len(page), n_tok, panel=(2.4, 2.5))
+                fig, axes = new_figure(len(page), n_tok, panel=(2.0, 2.1), gap=TOKEN_GRID_GAP)
                 data = {("range",): (lo, hi)}
                 for r, layer in enumerate(page):
                     for t in range(n_tok):
                         ax = axes[r, t]
-                        im = heatmap(ax, values[r, t], labels, labels, CMAPS["similarity"], lo, hi)
+                        im = heatmap(ax, values[r, t], labels, labels, CMAPS["similarity"], lo, hi,
+                                     show_x=r == len(page) - 1, show_y=t == 0)
                         chosen = "" if topk is None else "top-k: " + ",".join(str(int(e)) for e in topk[r, t])
-                        ax.set_title(f"L{layer} · '{_short(texts[t])}'\n{chosen}", fontsize=7)
+                        panel_title(ax, f"L{layer} · '{token_label(texts[t])}'\n{chosen}", 7)
                         data[(v.label, layer, t)] = values[r, t]
                         if topk is not None:
                             data[("topk", v.label, layer, t)] = [int(e) for e in topk[r, t]]
@@ -119,10 +119,38 @@ def fig3_angular(views: list[StoreView], out: Path) -> list[Figure]:
     return figures
 
 
+def routed_labels(scores: np.ndarray, labels: list[str]) -> list[int]:
+    """Indices of the labels the router scores (any finite score): routed experts, never F or SE."""
+    return [i for i in range(len(labels)) if np.isfinite(scores[..., i]).any()]
+
+
+def chosen_cmap():
+    """The score colour map without its near-white start, so a chosen expert's weakest cell still shows
+    against the blank (NaN, not chosen) cells."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+
+    base = matplotlib.colormaps[CMAPS["score"]]
+    cmap = ListedColormap(base(np.linspace(0.25, 1.0, 256)), name="score_chosen")
+    cmap.set_bad("white")
+    return cmap
+
+
+def _mark_topk(ax, topk: np.ndarray, labels: list[str]) -> None:
+    """A dot on each token's top-k experts (rows = tokens, columns = `labels`)."""
+    col = {lab: i for i, lab in enumerate(labels)}
+    pts = [(col[str(int(e))], t) for t, row in enumerate(topk) for e in row if str(int(e)) in col]
+    if pts:
+        x, y = zip(*pts)
+        ax.scatter(x, y, s=7, facecolors="white", edgecolors="black", linewidths=0.4)
+
+
 def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
-    """Fig 4 (§5.2): per token (rows) and expert (columns) the output L2 norm beside the gate score,
-    with each token's top-k experts written at the row's right end."""
+    """Fig 4 (§5.2): per token (rows) and expert (columns) the output L2 norm beside the gate score;
+    dots mark each token's top-k experts. Gate scores only for routed experts (F and SE have none),
+    coloured from 0 to the page's largest score."""
     figures = []
+    panel = (3.2, 3.0)
     for inp in _inputs_with(views, "expert_output_norms"):
         have = [v for v in views if {"expert_output_norms", "gate_scores"} <= set(v.dataset(group(inp)))]
         all_layers = sorted({l for v in have for l in _layers(v, inp)})
@@ -134,18 +162,25 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                 n_tok = min(ds.sizes["token"], MAX_ROUTING_TOKENS)
                 norms = ds["expert_output_norms"].sel(layer=sel).isel(token=slice(0, n_tok))
                 scores = ds["gate_scores"].sel(layer=sel).isel(token=slice(0, n_tok))
+                norm_values = np.asarray(norms.values, dtype=np.float64)
+                score_values = np.asarray(scores.values, dtype=np.float64)
+                score_labels = [str(x) for x in scores["expert"].values]
+                routed = routed_labels(score_values, score_labels)
                 topk = _topk(v, inp, sel, n_tok)
+                toks = token_texts(v, inp, n_tok)
                 for i, l in enumerate(sel):
-                    data[(v.label, l, "norm")] = np.asarray(norms.values[i], dtype=np.float64)
-                    data[(v.label, l, "score")] = np.asarray(scores.values[i], dtype=np.float64)
+                    data[(v.label, l, "norm")] = norm_values[i]
+                    data[(v.label, l, "score")] = score_values[i][:, routed]
                     data[("labels", v.label, l)] = ([str(x) for x in norms["expert"].values],
-                                                    [str(x) for x in scores["expert"].values],
-                                                    token_texts(v, inp, n_tok))
+                                                    [score_labels[j] for j in routed], toks)
                     if topk is not None:
                         data[("topk", v.label, l)] = topk[i]
             n_range = shared_range([m for k, m in data.items() if k[-1] == "norm"], exclude_diagonal=False)
-            fig, axes = new_figure(len(page), 2 * len(have), panel=(3.2, 3.0))
+            s_range = (0.0, shared_range([m for k, m in data.items() if k[-1] == "score"], exclude_diagonal=False)[1])
+            fig, axes = new_figure(len(page), 2 * len(have), panel=panel, top=HEADER_ROOM)
+            store_headers(fig, axes, [(v.label, 2 * s, 2 * s + 1) for s, v in enumerate(have)])
             im_n = im_s = None
+            max_tok_ticks = fitting_ticks(panel[1] * 0.8)
             for r, layer in enumerate(page):
                 for s, v in enumerate(have):
                     an, asc = axes[r, 2 * s], axes[r, 2 * s + 1]
@@ -153,33 +188,33 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                         an.set_axis_off(), asc.set_axis_off()
                         continue
                     nl, sl, toks = data[("labels", v.label, layer)]
-                    ylab = [_short(t, 10) for t in toks]
+                    ylab = [token_label(t, 10) for t in toks]
+                    bottom = r == len(page) - 1 or (v.label, page[r + 1], "norm") not in data
                     im_n = heatmap(an, data[(v.label, layer, "norm")], nl, ylab, CMAPS["norm"], *n_range,
-                                   ylabel="token")
-                    im_s = heatmap(asc, data[(v.label, layer, "score")], sl, ylab, CMAPS["score"], 0.0, 1.0,
-                                   ylabel="token")
-                    an.set_title(f"{v.label}\nlayer {layer} · output L2 norm", fontsize=8)
-                    asc.set_title(f"{v.label}\nlayer {layer} · gate score", fontsize=8)
+                                   ylabel="token", show_x=bottom, max_yticks=max_tok_ticks)
+                    im_s = heatmap(asc, data[(v.label, layer, "score")], sl, ylab, CMAPS["score"], *s_range,
+                                   ylabel="token", show_x=bottom, show_y=False)
+                    panel_title(an, f"layer {layer} · output L2 norm")
+                    panel_title(asc, f"layer {layer} · gate score")
                     topk = data.get(("topk", v.label, layer))
-                    if topk is not None and len(toks) <= 24:
-                        for ax in (an, asc):
-                            sec = ax.secondary_yaxis("right")
-                            sec.set_yticks(range(len(toks)), [",".join(str(int(e)) for e in row) for row in topk],
-                                           fontsize=6)
-                            sec.set_ylabel("top-k", fontsize=7)
+                    if topk is not None:
+                        _mark_topk(an, topk, nl)
+                        _mark_topk(asc, topk, sl)
             if im_n is not None:
                 colorbar(fig, im_n, "L2 norm of expert output", 0, 2)
-                colorbar(fig, im_s, "gate score (softmax over all)", 1, 2)
+                colorbar(fig, im_s, "gate score (softmax over all experts)", 1, 2)
             data[("range", "norm")] = n_range
+            data[("range", "score")] = s_range
             path = out / f"fig4_norms_scores_{inp}_{page_name(page)}.png"
-            title = f"Fig 4: expert output norms and gate scores ({inp} input) — layers {page[0]}–{page[-1]}"
+            title = (f"Fig 4: expert output norms and gate scores ({inp} input; dots: top-k) — "
+                     f"layers {page[0]}–{page[-1]}")
             save(fig, path, title)
             figures.append(Figure("fig4_norms_scores", path, title, data))
     return figures
 
 
 def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
-    """Fig 9 (App D): how often the expert with norm rank r has score rank s, per layer."""
+    """Fig 9 (App D): how often the expert with norm rank r has score rank s, per layer (rank 0 = largest)."""
     figures = []
     for inp in _inputs_with(views, "norm_score_rank_counts"):
         def read(view: StoreView, layers: list[int], inp=inp):
@@ -188,15 +223,19 @@ def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
                     [str(x) for x in da["score_rank"].values])
 
         have = [v for v in views if "norm_score_rank_counts" in v.dataset(group(inp))]
-        cols = [Column(f"rank counts ({inp})", read, "count", CMAPS["count"], "gate score rank", "norm rank")]
+        cols = [Column(f"rank counts ({inp})", read, "count", CMAPS["count"], "gate-score rank (0 = highest)",
+                       "output-norm rank (0 = largest)")]
         figures += square_pages(have, out, f"fig9_rank_counts_{inp}",
-                                f"Fig 9: counts of gate-score rank per norm rank ({inp} input; larger rank = larger)",
-                                cols, lambda v, inp=inp: _layers(v, inp), {"count": "tokens"}, exclude_diagonal=False)
+                                f"Fig 9: counts of gate-score rank per output-norm rank ({inp} input; rank 0 = largest)",
+                                cols, lambda v, inp=inp: _layers(v, inp), {"count": "(token, expert) pairs"},
+                                exclude_diagonal=False)
     return figures
 
 
 def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 5 (§5.3): |act(W_gate x)| per expert (rows) and neuron (columns) for the stored tokens."""
+    from matplotlib.ticker import MaxNLocator
+
     figures = []
     for inp in _inputs_with(views, "intermediate_states"):
         for v in views:
@@ -208,32 +247,29 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
             tdim = "probe_token" if "probe_token" in da_all.dims else "token"
             n_tok = min(da_all.sizes[tdim], MAX_TOKENS)
             tok_idx = [int(t) for t in da_all[tdim].values[:n_tok]]
-            texts = token_texts(v, inp)
+            texts = token_texts(v, inp, max(tok_idx) + 1)
             for page in pages(_layers(v, inp)):
                 da = da_all.sel(layer=page).isel({tdim: slice(0, n_tok)})
                 values = np.abs(np.asarray(da.values, dtype=np.float64))
                 labels = [str(x) for x in da["expert"].values]
                 hi = float(np.nanpercentile(values, 99)) if np.isfinite(values).any() else 1.0
-                fig, axes = new_figure(len(page), n_tok, panel=(3.4, 2.2))
+                fig, axes = new_figure(len(page), n_tok, panel=(3.0, 2.0), gap=TOKEN_GRID_GAP)
                 data: dict = {("range",): (0.0, hi)}
-                topk = _topk(v, inp, page, ds.sizes["token"])
+                topk = _topk(v, inp, page, max(tok_idx) + 1)
                 for r, layer in enumerate(page):
-                    for t in range(n_tok):
+                    for t, pos in enumerate(tok_idx):
                         ax = axes[r, t]
-                        im = ax.imshow(values[r, t], aspect="auto", cmap=CMAPS["magnitude"], vmin=0, vmax=hi,
-                                       interpolation="nearest")
-                        yt = list(range(len(labels))) if len(labels) <= 16 else list(range(0, len(labels), 8))
-                        ax.set_yticks(yt, [labels[i] for i in yt], fontsize=6)
-                        ax.set_xlabel("neuron", fontsize=7)
-                        ax.set_ylabel("expert", fontsize=7)
-                        ax.tick_params(labelsize=6)
-                        pos = tok_idx[t]
+                        im = heatmap(ax, values[r, t], [], labels, CMAPS["magnitude"], 0.0, hi, show_x=False,
+                                     show_y=t == 0)
+                        if r == len(page) - 1:
+                            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+                            ax.tick_params(axis="x", labelsize=TICK_FONT)
+                            ax.set_xlabel("neuron", fontsize=8)
                         text = texts[pos] if pos < len(texts) else str(pos)
-                        chosen = ("" if topk is None or pos >= topk.shape[1]
-                                  else " top-k: " + ",".join(str(int(e)) for e in topk[r, pos]))
-                        ax.set_title(f"L{layer} · token {pos} '{_short(text)}'\n{chosen}", fontsize=7)
+                        chosen = "" if topk is None else " top-k: " + ",".join(str(int(e)) for e in topk[r, pos])
+                        panel_title(ax, f"L{layer} · token {pos} '{token_label(text)}'\n{chosen}", 7)
                         data[(v.label, layer, pos)] = values[r, t]
-                colorbar(fig, im, "|act(W_gate x)| (clipped at 99th pct)")
+                colorbar(fig, im, "|act(W_gate x)| (clipped at 99th pct)", extend="max")
                 path = out / f"fig5_intermediate_{inp}_{_slug(v.label)}_{page_name(page)}.png"
                 title = f"Fig 5: intermediate-state magnitudes ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
                 save(fig, path, title)
@@ -254,7 +290,7 @@ def activation_ratio_summary(views: list[StoreView], out: Path) -> list[Figure]:
             labels = [str(x) for x in da["expert"].values]
             layers = [str(int(l)) for l in da["layer"].values]
             im = heatmap(axes[0, s], mean, labels, layers, CMAPS["ratio"], 0.0, 1.0, ylabel="layer")
-            axes[0, s].set_title(f"{v.label}\nmean activation ratio {np.nanmean(mean):.3f}", fontsize=8)
+            panel_title(axes[0, s], f"{v.label}\nmean activation ratio {np.nanmean(mean):.3f}")
             data[v.label] = mean
         colorbar(fig, im, "fraction |act| > 1e-3 (mean over tokens)")
         path = out / f"activation_ratio_{inp}.png"
@@ -264,40 +300,69 @@ def activation_ratio_summary(views: list[StoreView], out: Path) -> list[Figure]:
     return figures
 
 
+def routing_weights(view: StoreView, inp: str, layers: list[int], n_tok: int) -> tuple[np.ndarray, list[str], str]:
+    """([layer, token, routed expert] weights of each token's top-k experts, NaN elsewhere; routed labels;
+    what the weights are): the family's own top-k weights when stored, else the softmax gate scores."""
+    ds = view.dataset(group(inp))
+    scores = np.asarray(ds["gate_scores"].sel(layer=layers).isel(token=slice(0, n_tok)).values, dtype=np.float64)
+    labels = [str(x) for x in ds["gate_scores"]["expert"].values]
+    routed = routed_labels(scores, labels)
+    topk = _topk(view, inp, layers, n_tok)
+    if "topk_weights" in ds:
+        weights = np.asarray(ds["topk_weights"].sel(layer=layers).isel(token=slice(0, n_tok)).values,
+                             dtype=np.float64)
+        what = "top-k routing weight"
+    else:
+        weights = np.take_along_axis(scores, topk, axis=-1)
+        what = "gate score of a top-k expert"
+    shown = np.full(scores.shape, np.nan)
+    np.put_along_axis(shown, topk, weights, axis=-1)
+    return shown[..., routed], [labels[i] for i in routed], what
+
+
 def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
-    """Fig 10 (App E): gate scores of each token's top-k experts (others blank), token x expert per layer."""
+    """Fig 10 (App E): each token's top-k experts and their routing weights (others blank), expert x token
+    per layer; routed experts only, coloured from 0 to the page's largest weight."""
     figures = []
     for inp in _inputs_with(views, "topk_experts"):
         have = [v for v in views if {"topk_experts", "gate_scores"} <= set(v.dataset(group(inp)))]
         all_layers = sorted({l for v in have for l in _layers(v, inp)})
+        n_tok = max(min(v.dataset(group(inp)).sizes["token"], MAX_ROUTING_TOKENS) for v in have)
+        panel = (max(4.0, 0.11 * n_tok), 2.8)
         for page in pages(all_layers):
-            fig, axes = new_figure(len(page), len(have), panel=(4.0, 3.0))
             data: dict = {}
-            im = None
-            for s, v in enumerate(have):
-                ds = v.dataset(group(inp))
+            whats = set()
+            for v in have:
                 sel = [l for l in page if l in _layers(v, inp)]
                 if not sel:
                     continue
-                n_tok = min(ds.sizes["token"], MAX_ROUTING_TOKENS)
-                scores = np.asarray(ds["gate_scores"].sel(layer=sel).isel(token=slice(0, n_tok)).values,
-                                    dtype=np.float64)
-                topk = _topk(v, inp, sel, n_tok)
-                labels = [str(x) for x in ds["gate_scores"]["expert"].values]
-                toks = [_short(t, 8) for t in token_texts(v, inp, n_tok)]
+                v_tok = min(v.dataset(group(inp)).sizes["token"], MAX_ROUTING_TOKENS)
+                shown, labels, what = routing_weights(v, inp, sel, v_tok)
+                toks = [token_label(t, 8) for t in token_texts(v, inp, v_tok)]
+                whats.add(what)
+                data[("quantity", v.label)] = what
                 for i, layer in enumerate(sel):
-                    shown = np.full(scores[i].shape, np.nan)
-                    rows = np.arange(n_tok)[:, None]
-                    shown[rows, topk[i]] = scores[i][rows, topk[i]]
-                    ax = axes[page.index(layer), s]
-                    im = heatmap(ax, shown.T, toks, labels, CMAPS["score"], 0.0, 1.0, xlabel="token")
-                    ax.set_title(f"{v.label}\nlayer {layer} · top-k gate scores", fontsize=8)
-                    data[(v.label, layer)] = shown
-            for ax in axes.ravel():
-                if not ax.has_data():
-                    ax.set_axis_off()
+                    data[(v.label, layer)] = shown[i]
+                    data[("labels", v.label, layer)] = (labels, toks)
+            hi = shared_range([m for k, m in data.items() if k[0] not in ("labels", "quantity")],
+                              exclude_diagonal=False)[1]
+            fig, axes = new_figure(len(page), len(have), panel=panel, top=HEADER_ROOM, bottom=1.0)
+            store_headers(fig, axes, [(v.label, s, s) for s, v in enumerate(have)])
+            im = None
+            for s, v in enumerate(have):
+                for r, layer in enumerate(page):
+                    ax = axes[r, s]
+                    if (v.label, layer) not in data:
+                        ax.set_axis_off()
+                        continue
+                    labels, toks = data[("labels", v.label, layer)]
+                    bottom = r == len(page) - 1 or (v.label, page[r + 1]) not in data
+                    im = heatmap(ax, data[(v.label, layer)].T, toks, labels, chosen_cmap(), 0.0, hi, xlabel="token",
+                                 show_x=bottom, max_xticks=fitting_ticks(panel[0] * 0.85))
+                    panel_title(ax, f"layer {layer} · top-k experts")
             if im is not None:
-                colorbar(fig, im, "gate score of a top-k expert")
+                colorbar(fig, im, " / ".join(sorted(whats)) + " (blank: not chosen)")
+            data[("range",)] = (0.0, hi)
             path = out / f"fig10_routing_{inp}_{page_name(page)}.png"
             title = f"Fig 10: routing pattern ({inp} input) — layers {page[0]}–{page[-1]}"
             save(fig, path, title)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ from ..errors import MoeRayError
 from . import dynamic as D
 from . import static as S
 from . import tables as T
-from .common import Figure, StoreView, Table, unique_labels
+from .common import Figure, StoreView, Table, pages, unique_labels
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class Section:
     array: str | None      # an array the group must hold (any input/mode for reorder and dynamic)
     draw: Callable[[list[StoreView], Path], list[Figure]] | None = None
     table: Callable[[list[StoreView]], Table] | None = None
+    per_store: bool = False  # one image per store (nothing shared across stores): drawn store by store
+    paged_by: tuple[str, ...] | None = ("static",)
+    """Groups ("{input}" for each dynamic input) whose layers the section pages over, one drawing task per
+    page of layers; None: one image of every layer."""
 
 
 HOW = {"static": "analyses = [\"static\"]", "reorder": "analyses = [\"reorder\"]",
@@ -43,9 +50,10 @@ SECTIONS = [
             "components (App A.1); DBSCAN outliers, when computed, are removed and listed in the title.",
             "static", "matrix_pca", draw=S.fig6_matrix_pca),
     Section("fig7", "Fig 7: PCA of expert neurons", "Every neuron (row of W_up/W_gate, column of W_down) as a "
-            f"point, coloured by expert (App A.2), 2-D then 3-D; at most {S.MAX_NEURONS_PER_EXPERT} neurons "
-            "per expert are drawn (evenly strided).", "static", "neuron_pca",
-            draw=lambda v, o: S.fig7_neuron_pca(v, o, 2) + S.fig7_neuron_pca(v, o, 3)),
+            f"point, coloured by expert (App A.2), 2-D; at most {S.MAX_NEURONS_PER_EXPERT} neurons "
+            "per expert are drawn (evenly strided).", "static", "neuron_pca", draw=S.fig7_neuron_pca),
+    Section("fig7_3d", "Fig 7 (3-D): PCA of expert neurons", "The same neurons on the first three components.",
+            "static", "neuron_pca", draw=S.fig7_neuron_pca_3d),
     Section("fig8", "Fig 8: gate embedding and neuron averaging", "Cosine similarity of router rows X "
             "(leftmost) beside the similarity of experts' mean neurons Y_up, Y_gate, Y_down (§4.2, App B).",
             "static", "gate_embedding_similarity", draw=S.fig8_gate_and_neuron_avg),
@@ -59,21 +67,26 @@ SECTIONS = [
             "matrix_similarity", table=T.comparison),
     Section("fig2", "Fig 2: expert-output similarity per token", "Cosine similarity between all experts' "
             f"outputs for each token (§5.1); each token's top-k above its map; first {D.MAX_TOKENS} tokens.",
-            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity),
+            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity, per_store=True,
+            paged_by=("dynamic/{input}",)),
     Section("fig3", "Fig 3: averaged angular similarity", "1 - arccos(cos)/π averaged over the input's tokens "
             "(§5.1), beside the matrix-level similarity of the same layer.", "dynamic",
-            "expert_output_angular_mean", draw=D.fig3_angular),
+            "expert_output_angular_mean", draw=D.fig3_angular, paged_by=("dynamic/{input}", "static")),
     Section("fig4", "Fig 4: output norms and gate scores", "L2 norm of every expert's output and its gate "
             "score per token (§5.2); top-k per token at the right.", "dynamic", "expert_output_norms",
-            draw=D.fig4_norms_scores),
+            draw=D.fig4_norms_scores, paged_by=("dynamic/{input}",)),
     Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (norm rank, gate-score rank) over tokens "
-            "(App D).", "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts),
+            "(App D).", "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts,
+            paged_by=("dynamic/{input}",)),
     Section("fig5", "Fig 5: intermediate states", "|act(W_gate x)| per expert and neuron for the stored tokens "
-            "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate),
+            "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate, per_store=True,
+            paged_by=("dynamic/{input}",)),
     Section("activation", "Activation ratio", "Fraction of intermediate elements with |value| > 1e-3, mean "
-            "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary),
+            "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary,
+            paged_by=None),
     Section("fig10", "Fig 10: routing pattern", "Gate scores of each token's top-k experts across layers "
-            "(App E); other experts blank.", "dynamic", "topk_experts", draw=D.fig10_routing),
+            "(App E); other experts blank.", "dynamic", "topk_experts", draw=D.fig10_routing,
+            paged_by=("dynamic/{input}",)),
 ]
 
 
@@ -107,8 +120,114 @@ class Report:
     seconds: float = 0.0
 
 
-def render(stores: list[str | Path], out: str | Path) -> Report:
-    """Render every figure and table the stores hold into `out` and write `out/index.html`."""
+PARALLEL = ("auto", "ray", "processes", "none")
+"""How `render` draws its sections: `ray` as Ray tasks (the session this process is connected to),
+`processes` in a pool of forked processes (one per usable CPU), `none` one after another here;
+`auto` picks Ray when a session is up, else processes when there is more than one CPU."""
+
+SECTION_BY_KEY = {s.key: s for s in SECTIONS}
+
+
+StoreRef = tuple[str, str, "tuple[str, ...] | None", "list[int] | None"]
+"""What a drawing task gets of a store: (url, label, the dynamic inputs and the layers it draws, None
+for all)."""
+Task = tuple[str, "list[StoreRef]"]
+"""One unit of drawing: a section key and the stores it draws side by side."""
+
+
+def section_tasks(section: Section, views: list[StoreView]) -> list[Task]:
+    """A section split into independent drawing tasks, in the report's order: one per dynamic input,
+    per page of layers and, for per-store sections, per store (no image shares anything across them)."""
+    inputs = sorted({i for v in views for i in v.groups("dynamic")}) if section.parent == "dynamic" else [None]
+    groups = [[v] for v in views] if section.per_store else [views]
+    tasks = []
+    for inp in inputs:
+        for group in groups:
+            group = [v for v in group if inp is None or _input_has(v, inp, section.array)]
+            for page in _task_pages(section, group, inp):
+                tasks.append((section.key, [(v.url, v.label, None if inp is None else (inp,), page) for v in group]))
+    return tasks
+
+
+def _input_has(view: StoreView, inp: str, array: str | None) -> bool:
+    return inp in view.groups("dynamic") and (array is None or array in view.dataset(f"dynamic/{inp}"))
+
+
+def _task_pages(section: Section, views: list[StoreView], inp: str | None) -> list[list[int] | None]:
+    """The pages of layers the section draws for these stores (pages of the union of their done layers)."""
+    if not views:
+        return []
+    if section.paged_by is None:
+        return [None]
+    names = [name.format(input=inp) for name in section.paged_by]
+    layers = sorted({l for v in views for name in names if v.has(name) for l in v.done_layers(name)[0]})
+    return pages(layers) or [None]
+
+
+def draw_section(key: str, stores: list[StoreRef]) -> list[tuple[Figure, bytes]]:
+    """Draw one section for `stores` into a scratch directory: its figures and their PNG bytes, so a
+    worker needs no access to the report directory (a Ray task may run on another node)."""
+    views = [StoreView(url, label, inputs, layers) for url, label, inputs, layers in stores]
+    with tempfile.TemporaryDirectory(prefix="moe-ray-plot-") as scratch:
+        figures = SECTION_BY_KEY[key].draw(views, Path(scratch))
+        return [(f, f.path.read_bytes()) for f in figures]
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ray_session():
+    """The `ray` module when this process is connected to a Ray session (never imports Ray itself)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def resolve_parallel(parallel: str, tasks: int) -> str:
+    """The mode `auto` stands for here and now (see PARALLEL)."""
+    if parallel not in PARALLEL:
+        raise MoeRayError(f"unknown parallel mode {parallel!r}; choose one of {', '.join(PARALLEL)}")
+    if parallel != "auto":
+        return parallel
+    if _ray_session() is not None:
+        return "ray"
+    return "processes" if usable_cpus() > 1 and tasks > 1 else "none"
+
+
+def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
+    """Start every drawing task; returns a function that waits for them and gives each task's
+    [(Figure, PNG bytes)] in task order. The caller computes tables in the meantime."""
+    mode = resolve_parallel(parallel, len(tasks))
+    if mode == "ray":
+        ray = _ray_session()
+        if ray is None:
+            raise MoeRayError("parallel='ray' needs a Ray session in this process (ray.init or moe_ray.run)")
+        remote = ray.remote(num_cpus=1)(draw_section)
+        refs = [remote.remote(key, stores) for key, stores in tasks]
+        return lambda: ray.get(refs)
+    if mode == "processes":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers start with this process's imports (a fresh interpreter would take seconds)
+        pool = ProcessPoolExecutor(max_workers=min(usable_cpus(), len(tasks)),
+                                   mp_context=multiprocessing.get_context("fork"))
+        futures = [pool.submit(draw_section, key, stores) for key, stores in tasks]
+
+        def wait() -> list:
+            try:
+                return [f.result() for f in futures]
+            finally:
+                pool.shutdown(cancel_futures=True)
+        return wait
+    return lambda: [draw_section(key, stores) for key, stores in tasks]
+
+
+def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") -> Report:
+    """Render every figure and table the stores hold into `out` and write `out/index.html`.
+
+    Sections are drawn in parallel (see PARALLEL); each reads only the arrays, layers and tokens it shows.
+    """
     started = time.monotonic()
     if not stores:
         raise MoeRayError("no store given: moe-ray plot STORE [STORE ...] --out DIR")
@@ -119,35 +238,34 @@ def render(stores: list[str | Path], out: str | Path) -> Report:
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
     report = Report(out / "index.html")
+    status = {s.key: {v.label: _has(v, s) for v in views} for s in SECTIONS}
+    have = {s.key: [v for v in views if status[s.key][v.label][0]] for s in SECTIONS}
+    tasks = [t for s in SECTIONS if s.draw is not None and have[s.key] for t in section_tasks(s, have[s.key])]
+    wait = start_drawing(tasks, parallel)
+    try:
+        tables = {s.key: section_table(s, have[s.key], tab_dir) for s in SECTIONS
+                  if s.table is not None and have[s.key]}
+    finally:
+        drawn: dict[str, list[tuple[Figure, bytes]]] = {}
+        for (key, _), figures in zip(tasks, wait()):
+            drawn.setdefault(key, []).extend(figures)
     body = []
     for section in SECTIONS:
-        status = {v.label: _has(v, section) for v in views}
-        have = [v for v in views if status[v.label][0]]
-        notes = [f"{label}: {why}" for label, (ok, why) in status.items() if not ok]
-        for v in have:
-            if section.parent == "static":
-                missing_layers = v.done_layers("static")[1]
-                if missing_layers:
-                    notes.append(f"{v.label}: static layers {missing_layers} not finished (not drawn)")
-                absent = (v.dataset("static").attrs.get("absent_labels") or {})
-                for scope in ("all", section.array):
-                    for lab, why in (absent.get(scope) or {}).items():
-                        notes.append(f"{v.label}: {lab} not shown: {why}")
+        notes = _notes(section, have[section.key], status[section.key])
         report.missing[section.key] = notes
         items = []
-        if have and section.draw is not None:
-            figs = section.draw(have, fig_dir)
-            report.figures += figs
-            items += [f'<figure><a href="figures/{f.path.name}"><img src="figures/{f.path.name}" '
-                      f'alt="{html.escape(f.title)}" loading="lazy"></a><figcaption>{html.escape(f.title)}'
-                      "</figcaption></figure>" for f in figs]
-        if have and section.table is not None:
-            table = section.table(have)
-            T.write_csv(table, tab_dir)
-            report.tables.append(table)
-            items.append(_table_html(table))
+        for figure, png in drawn.get(section.key, []):
+            figure.path = fig_dir / figure.path.name
+            figure.path.write_bytes(png)
+            report.figures.append(figure)
+            items.append(f'<figure><a href="figures/{figure.path.name}"><img src="figures/{figure.path.name}" '
+                         f'alt="{html.escape(figure.title)}" loading="lazy"></a><figcaption>'
+                         f"{html.escape(figure.title)}</figcaption></figure>")
+        if section.key in tables:
+            report.tables.append(tables[section.key])
+            items.append(_table_html(tables[section.key]))
         note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        if not have:
+        if not have[section.key]:
             items.append('<p class="missing">Not in any store.</p>')
         body.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>'
                     f"<p>{html.escape(section.caption)}</p>"
@@ -157,11 +275,32 @@ def render(stores: list[str | Path], out: str | Path) -> Report:
     return report
 
 
-def plot(stores: list[str | Path] | str | Path, out: str | Path = "report") -> Path:
+def section_table(section: Section, views: list[StoreView], tab_dir: Path) -> Table:
+    table = section.table(views)
+    T.write_csv(table, tab_dir)
+    return table
+
+
+def _notes(section: Section, have: list[StoreView], status: dict[str, tuple[bool, str]]) -> list[str]:
+    """What the section's readers should know: stores without it and why, unfinished layers, absent labels."""
+    notes = [f"{label}: {why}" for label, (ok, why) in status.items() if not ok]
+    for v in have:
+        if section.parent == "static":
+            missing_layers = v.done_layers("static")[1]
+            if missing_layers:
+                notes.append(f"{v.label}: static layers {missing_layers} not finished (not drawn)")
+            absent = (v.dataset("static").attrs.get("absent_labels") or {})
+            for scope in ("all", section.array):
+                for lab, why in (absent.get(scope) or {}).items():
+                    notes.append(f"{v.label}: {lab} not shown: {why}")
+    return notes
+
+
+def plot(stores: list[str | Path] | str | Path, out: str | Path = "report", parallel: str = "auto") -> Path:
     """Render the report for one or several stores (side by side); return the path of index.html."""
     if isinstance(stores, (str, Path)):
         stores = [stores]
-    return render(list(stores), out).index
+    return render(list(stores), out, parallel).index
 
 
 def _table_html(table: Table) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, Figure, colorbar, StoreView, heatmap, new_figure, nonempty_labels, page_name, pages, save,
-                     shared_range)
+from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, heatmap, new_figure, nonempty_labels,
+                     page_name, pages, panel_title, save, shared_range, store_headers)
 
 MATRICES = ("up", "gate", "down")
 Getter = Callable[[StoreView, list[int]], "tuple[np.ndarray, list[str], list[str]]"]
@@ -67,7 +67,12 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
             ranges.setdefault(col.group, []).extend(mats)
         ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
         ncols = len(views) * len(columns)
-        fig, axes = new_figure(len(page), ncols)
+        fig, axes = new_figure(len(page), ncols, top=HEADER_ROOM)
+        store_headers(fig, axes, [(v.label, s * len(columns), (s + 1) * len(columns) - 1) for s, v in enumerate(views)])
+        panels = {(r, s * len(columns) + c): (v, layer, col)
+                  for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
+                  if (v.label, layer, col.title) in drawn}
+        shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)] for rc, (v, layer, col) in panels.items()})
         images: dict[str, tuple] = {}
         for r, layer in enumerate(page):
             for s, v in enumerate(views):
@@ -76,14 +81,15 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
                     k = (v.label, layer, col.title)
                     if k not in drawn:
                         ax.set_axis_off()
-                        ax.text(0.5, 0.5, f"{v.label}\nlayer {layer} · {col.title}\nnot in this store", ha="center", va="center",
+                        ax.text(0.5, 0.5, f"layer {layer} · {col.title}\nnot in this store", ha="center", va="center",
                                 fontsize=8, transform=ax.transAxes)
                         continue
                     rows, cols = drawn[("labels", v.label, layer, col.title)]
                     lo, hi = ranges[col.group]
-                    im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel)
+                    show_x, show_y = shown[(r, s * len(columns) + c)]
+                    im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel, show_x, show_y)
                     images.setdefault(col.group, (im, []))[1].append(ax)
-                    ax.set_title(f"{v.label}\nlayer {layer} · {col.title}", fontsize=8)
+                    panel_title(ax, f"layer {layer} · {col.title}")
         for slot, (group, (im, _)) in enumerate(images.items()):
             colorbar(fig, im, groups_label.get(group, group), slot, len(images))
         path = out / f"{key}_{page_name(page)}.png"
@@ -135,44 +141,80 @@ def _expert_colors(labels: list[str]):
     return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
 
+def _expert_legend(fig, labels: list[str], store_label: str, slot: int, slots: int) -> None:
+    """A colour bar from expert index to colour, for figures with too many experts to name each point."""
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+
+    sm = ScalarMappable(cmap=matplotlib.colormaps["turbo"], norm=matplotlib.colors.Normalize(0, len(labels) - 1))
+    cb = colorbar(fig, sm, f"expert ({store_label})", slot, slots)
+    ticks = [0, len(labels) // 2, len(labels) - 1]
+    cb.set_ticks(ticks, labels=[labels[t] for t in ticks])
+
+
+MAX_NAMED_POINTS = 24
+"""Fig 6 names each expert's point up to this many experts (colour alone beyond)."""
+
+
+def _pca_panel(ax, pts: np.ndarray, labels: list[str], colors: list, outlier: np.ndarray) -> dict:
+    """One Fig 6 panel: kept experts coloured (and named when few), DBSCAN outliers as grey crosses,
+    axes fitted to the kept experts so one far outlier cannot squash the rest; returns what was drawn."""
+    present = np.isfinite(pts).all(axis=1)
+    keep = np.flatnonzero(present & ~outlier)
+    removed = np.flatnonzero(present & outlier)
+    named = len(keep) + len(removed) <= MAX_NAMED_POINTS
+    ax.scatter(pts[keep, 0], pts[keep, 1], c=[colors[i] for i in keep], s=18)
+    limits = (ax.get_xlim(), ax.get_ylim()) if len(keep) >= 2 else None
+    if len(removed):
+        ax.scatter(pts[removed, 0], pts[removed, 1], marker="x", c="0.55", s=16, linewidths=0.8)
+    if limits is not None:
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
+    if named:
+        for i in np.concatenate([keep, removed]):
+            ax.annotate(labels[i], pts[i], fontsize=6, xytext=(2, 2), textcoords="offset points",
+                        color="0.4" if i in removed else "black", annotation_clip=True)
+    ax.locator_params(nbins=4)
+    ax.tick_params(labelsize=6)
+    return {"labels": [labels[i] for i in keep], "xy": pts[keep], "removed": [labels[i] for i in removed]}
+
+
 def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
-    """Fig 6 (App A.1): experts' flattened matrices in 2-D PCA space; DBSCAN outliers removed and listed."""
+    """Fig 6 (App A.1): experts' flattened matrices in 2-D PCA space; DBSCAN outliers grey and listed."""
     all_layers = sorted({l for v in views for l in layers_of(v, "static")})
     figures = []
     for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3)
+        fig, axes = new_figure(len(page), len(views) * 3, top=HEADER_ROOM + 0.15)
+        store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
+        legends = []
         for s, v in enumerate(views):
             ds = v.dataset("static")
             have = [l for l in page if l in layers_of(v, "static")]
             if not have:
                 continue
-            scores = np.asarray(ds["matrix_pca"].sel(layer=have).values, dtype=np.float64)
+            scores = np.asarray(ds["matrix_pca"].sel(layer=have).isel(component=slice(0, 2)).values,
+                                dtype=np.float64)
             explained = np.asarray(ds["matrix_pca_explained"].sel(layer=have).values, dtype=np.float64)
             outl = (np.asarray(ds["matrix_pca_outlier"].sel(layer=have).values).astype(bool)
                     if "matrix_pca_outlier" in ds else np.zeros(scores.shape[:3], dtype=bool))
             labels = [str(x) for x in ds["expert"].values]
+            colors = _expert_colors(labels)
+            if len(labels) > 10:
+                legends.append((labels, v.label))
             for li, layer in enumerate(have):
                 r = page.index(layer)
                 for mi, m in enumerate(MATRICES):
                     ax = axes[r, s * 3 + mi]
-                    pts = scores[li, mi, :, :2]
-                    present = np.isfinite(pts).all(axis=1)
-                    removed = [labels[i] for i in np.flatnonzero(present & outl[li, mi])]
-                    keep = np.flatnonzero(present & ~outl[li, mi])
-                    colors = _expert_colors(labels)
-                    ax.scatter(pts[keep, 0], pts[keep, 1], c=[colors[i] for i in keep], s=18)
-                    if len(keep) <= 24:
-                        for i in keep:
-                            ax.annotate(labels[i], pts[i], fontsize=6, xytext=(2, 2), textcoords="offset points")
+                    drawn = _pca_panel(ax, scores[li, mi], labels, colors, outl[li, mi])
                     ev = explained[li, mi]
                     ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=8)
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=8)
-                    ax.tick_params(labelsize=6)
-                    note = f"\nremoved: {', '.join(removed)}" if removed else ""
-                    ax.set_title(f"{v.label}\nlayer {layer} · W_{m}{note}", fontsize=8)
-                    data[(v.label, layer, m)] = {"labels": [labels[i] for i in keep], "xy": pts[keep],
-                                                 "removed": removed}
+                    note = f"\noutliers (grey ×): {', '.join(drawn['removed'])}" if drawn["removed"] else ""
+                    panel_title(ax, f"layer {layer} · W_{m}{note}")
+                    data[(v.label, layer, m)] = drawn
+        for slot, (labels, store_label) in enumerate(legends):
+            _expert_legend(fig, labels, store_label, slot, len(legends))
         for ax in axes.ravel():
             if not ax.has_data():
                 ax.set_axis_off()
@@ -193,7 +235,8 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
     figures = []
     kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {}
     for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), **kw)
+        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), top=HEADER_ROOM, **kw)
+        store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
         for s, v in enumerate(views):
             ds = v.dataset("static")
@@ -227,8 +270,11 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=7)
                     if dims == 3:
                         ax.set_zlabel(f"PC3 ({ev[2]:.0%})", fontsize=7)
+                    ax.locator_params(nbins=4 if dims == 2 else 3)
                     ax.tick_params(labelsize=5)
-                    ax.set_title(f"{v.label}\nlayer {layer} · W_{m}", fontsize=8)
+                    if dims == 3:
+                        ax.grid(False)  # the panes give depth; 3-D grid lines cost a third of the drawing
+                    panel_title(ax, f"layer {layer} · W_{m}")
                     if len(labels) <= 10 and r == 0 and mi == 2:
                         from matplotlib.lines import Line2D
 
@@ -238,14 +284,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                                   loc="upper left", bbox_to_anchor=(1.02, 1.0))
                     data[(v.label, layer, m)] = drawn
             if len(labels) > 10:
-                import matplotlib
-                from matplotlib.cm import ScalarMappable
-
-                sm = ScalarMappable(cmap=matplotlib.colormaps["turbo"],
-                                    norm=matplotlib.colors.Normalize(0, len(labels) - 1))
-                cb = colorbar(fig, sm, f"expert ({v.label})", s, len(views))
-                ticks = [0, len(labels) // 2, len(labels) - 1]
-                cb.set_ticks(ticks, labels=[labels[t] for t in ticks])
+                _expert_legend(fig, labels, v.label, s, len(views))
         for ax in axes.ravel():
             if not ax.has_data():
                 ax.set_axis_off()
@@ -255,3 +294,8 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
         save(fig, path, title)
         figures.append(Figure(f"fig7_neuron_pca_{suffix}", path, title, data))
     return figures
+
+
+def fig7_neuron_pca_3d(views: list[StoreView], out: Path) -> list[Figure]:
+    """Fig 7 (App A.2) on the first three components."""
+    return fig7_neuron_pca(views, out, dims=3)

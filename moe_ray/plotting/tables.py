@@ -34,17 +34,19 @@ def tab2_reorder(views: list[StoreView]) -> Table:
         for mode in v.groups("reorder"):
             ds = v.dataset(f"reorder/{mode}")
             layers = layers_of(v, f"reorder/{mode}")
+            # each array read once (a chunk per layer and pair), then split by matrix in memory
+            per_matrix = {name: ds[name].sel(layer=layers).transpose("matrix", ...).load()
+                          for name in ("similarity_before", "similarity_after", "growth") if name in ds}
+            tau = ds["kendall_tau"].sel(layer=layers).load() if "kendall_tau" in ds else None
             for m in MATRICES:
                 row = [v.label, mode, m]
                 for name in ("similarity_before", "similarity_after", "growth"):
-                    row.append(_offdiag_mean(ds[name].sel(layer=layers, matrix=m).values) if name in ds else float("nan"))
-                if "kendall_tau" in ds:
-                    tau = ds["kendall_tau"].sel(layer=layers)
-                    if "matrix" in tau.dims:
-                        tau = tau.sel(matrix=m)
-                    row.append(_offdiag_mean(tau.values))
-                else:
+                    row.append(_offdiag_mean(per_matrix[name].sel(matrix=m).values) if name in per_matrix
+                               else float("nan"))
+                if tau is None:
                     row.append(float("nan"))
+                else:
+                    row.append(_offdiag_mean((tau.sel(matrix=m) if "matrix" in tau.dims else tau).values))
                 rows.append(row)
     return Table("tab2_reorder", "Tab 2: neuron reordering (mean over expert pairs i≠j and layers)",
                  ["model", "mode", "matrix", "similarity before", "similarity after", "order of growth",
