@@ -87,7 +87,8 @@ def _assert_same_store(a_path, b_path, group="static", units=4):
 
 
 def _run_and_kill(model, store, run_kwargs: dict, kind: str, prefix: str) -> dict:
-    """Run the spec in a fresh local Ray (with the state API) and SIGKILL the first matching unit."""
+    """Run the spec in a fresh local Ray (with the state API; token auth as set up by `ray_session`)
+    and SIGKILL the first matching unit."""
     # report task state every 100 ms (default 1 s) so a running unit is seen while it runs
     env = dict(os.environ, RAY_ADDRESS="", RAY_task_events_report_interval_ms="100")
     done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(model), store, json.dumps(run_kwargs), kind, prefix],
@@ -153,7 +154,7 @@ def _dynamic_store_in_process(model, store: str, run_kwargs: dict) -> str:
     return store
 
 
-def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(big_model, tmp_path):
+def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(ray_session, big_model, tmp_path):
     """SIGKILL the downstream shard actor while it runs an input: Ray restarts it (its constructor
     reloads layers 2-3), retries its unfinished call with shard 0's output, and the store equals an
     uninterrupted run's bit for bit."""
