@@ -203,6 +203,15 @@ def test_job_that_cannot_fit_the_cluster_is_refused_at_submission(head, tiny, tm
     assert len(moe_ray.jobs(head)) == before
     assert not list(tmp_path.glob("*.zarr"))
 
+    # --no-check-fit (a cluster that adds nodes on demand): submitted, then stopped here
+    out = subprocess.run([sys.executable, "-m", "moe_ray.cli", "submit", str(spec), "--address", head, "--no-check-fit"],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = re.search(r"submitted job (\S+) ", out.stdout).group(1)
+    handle = moe_ray.JobHandle(job_id, head)
+    handle.stop()
+    assert handle.wait(timeout=60, poll=0.2).state == "STOPPED"
+
 
 def test_token_auth_refuses_without_the_token(head):
     with pytest.raises(JobError, match="token authentication failed"):
