@@ -143,7 +143,7 @@ def _dynamic_store_in_process(model, store: str, run_kwargs: dict) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        shards = [ShardWorker(job.plan, s) for s in range(len(job.plan.shards))]
+        shards = [ShardWorker(job.plan, s, "cpu") for s in range(len(job.plan.shards))]
         for item in job.plan.inputs:
             value = list(item.ids)
             for shard in shards:
