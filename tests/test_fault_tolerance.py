@@ -165,6 +165,35 @@ def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(ray_sess
     _assert_same_store(reference, store, "dynamic/long")
 
 
+def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, tmp_path):
+    """Kill a running job's driver (and with it its local Ray) after its first finished unit, then
+    rerun the same spec: only the units not marked done run, and the store equals a clean run's."""
+    import moe_ray
+    import zarr
+
+    reference = moe_ray.run(model=str(big_model.path), store=str(tmp_path / "clean.zarr"), progress=False)
+    store = str(tmp_path / "resumed.zarr")
+    cmd = [sys.executable, "-m", "moe_ray.cli", "run", "--model", str(big_model.path), "--store", store,
+           "--num-cpus", "2"]
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.strip().startswith("static layer"):  # the first unit's log line: one layer is done
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    done = np.asarray(zarr.open_group(store, mode="r")["static/unit_done"][...]).astype(bool)
+    assert 1 <= done.sum() <= 4
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        moe_ray.run(model=str(big_model.path), store=store, progress=True)
+    assert f"{4 - done.sum()} of 4 units to run" in out.getvalue()
+    _assert_same_store(reference, store)
+
+
 # ---- units that keep failing fail the run with one clear line, without hanging ---------------------
 
 def test_task_whose_worker_keeps_dying_fails_after_its_retries(ray_session):
