@@ -6,13 +6,26 @@
 """
 __version__ = "0.1.0"
 
-from .api import run  # noqa: E402
-from .service import JobHandle, jobs, submit  # noqa: E402
-from .spec import Spec  # noqa: E402
-from .store import open_results  # noqa: E402
+_PUBLIC = {"run": ".api", "JobHandle": ".service", "jobs": ".service", "submit": ".service", "Spec": ".spec",
+           "open_results": ".store"}
+"""Public names and the module each lives in, imported on first use: `import moe_ray.plotting` (a plot
+job, a drawing task) and `moe-ray plot` never load torch or Ray."""
 
-__all__ = ["JobHandle", "Spec", "__version__", "jobs", "open_results", "run", "submit"]
-__all__ += ["plot"]
+__all__ = ["JobHandle", "Spec", "__version__", "jobs", "open_results", "plot", "run", "submit"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'moe_ray' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
 
 
 def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto") -> "Path":
