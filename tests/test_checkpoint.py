@@ -211,14 +211,23 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
         open_checkpoint(tmp_path)
 
 
-def test_nan_weights_are_reported(copy_of):
+@pytest.mark.parametrize("values, bad", [
+    ((float("nan"),), 1),
+    ((float("inf"), float("-inf")), 2),  # opposite infinities: the sum is NaN, still caught
+    ((3e38, 3e38), 0),  # huge but finite: the sum overflows, the weights are fine
+])
+def test_nan_and_inf_weights_are_reported(copy_of, values, bad):
     path = copy_of()
     ckpt = open_checkpoint(path)
     key = ckpt.family.expert_keys(0, 1)["up"]
     shard = ckpt.info(key).file
     tensors = load_file(shard)
-    tensors[key][0, 0] = float("nan")
+    for i, v in enumerate(values):
+        tensors[key][0, i] = v
     from safetensors.torch import save_file
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=f"tensor {key} .* has 1 NaN/Inf values"):
-        open_checkpoint(path).read(key)
+    if bad:
+        with pytest.raises(CheckpointError, match=f"tensor {key} .* has {bad} NaN/Inf values"):
+            open_checkpoint(path).read(key)
+    else:
+        assert open_checkpoint(path).read(key)[0, 0].item() == pytest.approx(3e38, rel=1e-2)
