@@ -72,7 +72,8 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
         panels = {(r, s * len(columns) + c): (v, layer, col)
                   for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
                   if (v.label, layer, col.title) in drawn}
-        shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)] for rc, (v, layer, col) in panels.items()})
+        shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)]
+                             for rc, (v, layer, col) in panels.items()})
         images: dict[str, tuple] = {}
         for r, layer in enumerate(page):
             for s, v in enumerate(views):
