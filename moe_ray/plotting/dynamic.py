@@ -227,8 +227,7 @@ def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
         cols = [Column(f"rank counts ({inp})", read, "count", CMAPS["count"], "gate-score rank (0 = highest)",
                        "output-norm rank (0 = largest)")]
         figures += square_pages(have, out, f"fig9_rank_counts_{inp}",
-                                f"Fig 9: counts of gate-score rank per output-norm rank ({inp} input; "
-                                "rank 0 = largest)",
+                                f"Fig 9: gate-score rank per output-norm rank ({inp} input; rank 0 = largest)",
                                 cols, lambda v, inp=inp: _layers(v, inp), {"count": "(token, expert) pairs"},
                                 exclude_diagonal=False)
     return figures
