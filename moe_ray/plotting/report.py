@@ -51,8 +51,8 @@ SECTIONS = [
             "axes fit the other experts, so a far outlier may be off the panel).",
             "static", "matrix_pca", draw=S.fig6_matrix_pca),
     Section("fig7", "Fig 7: PCA of expert neurons", "Every neuron (row of W_up/W_gate, column of W_down) as a "
-            f"point, coloured by expert (App A.2), 2-D; at most {S.MAX_NEURONS_PER_EXPERT} neurons "
-            "per expert are drawn (evenly strided).", "static", "neuron_pca", draw=S.fig7_neuron_pca),
+            f"point, coloured by expert (App A.2), 2-D; at most {S.MAX_POINTS_PER_PANEL:,} neurons per panel "
+            "are drawn (every k-th neuron of each expert).", "static", "neuron_pca", draw=S.fig7_neuron_pca),
     Section("fig7_3d", "Fig 7 (3-D): PCA of expert neurons", "The same neurons on the first three components.",
             "static", "neuron_pca", draw=S.fig7_neuron_pca_3d),
     Section("fig8", "Fig 8: gate embedding and neuron averaging", "Cosine similarity of router rows X "
