@@ -49,9 +49,11 @@ def build_stores(work: Path) -> list[str]:
     stores = []
     for name, variant, seed in (("results", "upcycled", 0), ("results-scratch", "scratch", 1)):
         ckpt = make_tiny("mixtral", variant, work / variant, seed=seed)
-        stores.append(moe_ray.run({"model": str(ckpt.path), "reference": str(ckpt.reference) if ckpt.reference else None,
-                                   "store": str(work / f"{name}.zarr"), "analyses": ["static", "dynamic"],
-                                   "dynamic": {"inputs": ["short", "long"]}, "progress": False}))
+        spec = {"model": str(ckpt.path), "store": str(work / f"{name}.zarr"), "analyses": ["static", "dynamic"],
+                "dynamic": {"inputs": ["short", "long"]}, "progress": False}
+        if ckpt.reference:
+            spec["reference"] = str(ckpt.reference)
+        stores.append(moe_ray.run(spec))
     return [str(s) for s in stores]
 
 

@@ -254,6 +254,13 @@ HEADER_ROOM = 0.85
 """Top margin (inches) that holds the figure title, the store headers and one-line panel titles."""
 
 
+MIN_WIDTH = 8.0
+"""Narrowest image (inches): a one-panel-wide grid is centred in it, so the figure title still fits."""
+RIGHT_MARGIN = 1.1
+"""Room (inches) right of the panels for the colour bars and their labels."""
+TITLE_FONT = 11
+
+
 def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), gap: tuple[float, float] = (0.95, 1.1),
                top: float = 0.75, bottom: float = 0.55, left: float = 0.75, **kw):
     """A grid of panels with fixed margins and gaps in inches (room for titles, tick labels and a colour
@@ -264,26 +271,31 @@ def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), 
     """
     kw.pop("layout", None)
     axes_w, axes_h = panel[0] - gap[0], panel[1] - gap[1]
-    width = left + ncols * axes_w + (ncols - 1) * gap[0] + 1.1
+    grid_w = ncols * axes_w + (ncols - 1) * gap[0]
+    width = max(left + grid_w + RIGHT_MARGIN, MIN_WIDTH)
+    left += (width - left - grid_w - RIGHT_MARGIN) / 2
     height = top + nrows * axes_h + (nrows - 1) * gap[1] + bottom
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
-    fig.subplots_adjust(left=left / width, right=1 - 1.1 / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=gap[0] / axes_w, hspace=gap[1] / axes_h)
+    fig.subplots_adjust(left=left / width, right=(left + grid_w) / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=gap[0] / axes_w, hspace=gap[1] / axes_h)
     return fig, axes
 
 
 def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "neither"):
-    """A colour bar in the right margin (slot k of n, stacked top to bottom), outside every panel."""
+    """A colour bar right of the panels (slot k of n, stacked top to bottom), outside every panel."""
     width = fig.get_size_inches()[0]
-    top, bottom = fig.subplotpars.top, fig.subplotpars.bottom
+    top, bottom, right = fig.subplotpars.top, fig.subplotpars.bottom, fig.subplotpars.right
     span = (top - bottom) / slots
-    cax = fig.add_axes([1 - 0.85 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
+    cax = fig.add_axes([right + 0.25 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
     return fig.colorbar(im, cax=cax, label=label, extend=extend)
 
 
 def save(fig, path: Path, title: str) -> None:
-    """Title, tight layout without overlaps, PNG at a fixed DPI, figure closed."""
-    fig.suptitle(title, fontsize=11, y=1 - 0.15 / fig.get_size_inches()[1], va="top")
+    """The figure title (smaller, down to 8.5 pt, where a long one would not fit), PNG at a fixed DPI,
+    figure closed."""
+    width, height = fig.get_size_inches()
+    fits = (width - 0.3) * 72 / (0.55 * len(title))  # a character is about 0.55 em wide
+    fig.suptitle(title, fontsize=max(8.5, min(TITLE_FONT, fits)), y=1 - 0.15 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -84,7 +84,8 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                             data[("topk", v.label, layer, t)] = [int(e) for e in topk[r, t]]
                 colorbar(fig, im, "cosine similarity of outputs")
                 path = out / f"fig2_output_similarity_{inp}_{_slug(v.label)}_{page_name(page)}.png"
-                title = f"Fig 2: expert-output similarity per token ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
+                title = (f"Fig 2: expert-output similarity per token ({inp} input) — {v.label}, "
+                         f"layers {page[0]}–{page[-1]}")
                 save(fig, path, title)
                 figures.append(Figure("fig2_output_similarity", path, title, data))
     return figures
@@ -226,7 +227,7 @@ def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
         cols = [Column(f"rank counts ({inp})", read, "count", CMAPS["count"], "gate-score rank (0 = highest)",
                        "output-norm rank (0 = largest)")]
         figures += square_pages(have, out, f"fig9_rank_counts_{inp}",
-                                f"Fig 9: counts of gate-score rank per output-norm rank ({inp} input; rank 0 = largest)",
+                                f"Fig 9: gate-score rank per output-norm rank ({inp} input; rank 0 = largest)",
                                 cols, lambda v, inp=inp: _layers(v, inp), {"count": "(token, expert) pairs"},
                                 exclude_diagonal=False)
     return figures
@@ -271,7 +272,8 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
                         data[(v.label, layer, pos)] = values[r, t]
                 colorbar(fig, im, "|act(W_gate x)| (clipped at 99th pct)", extend="max")
                 path = out / f"fig5_intermediate_{inp}_{_slug(v.label)}_{page_name(page)}.png"
-                title = f"Fig 5: intermediate-state magnitudes ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
+                title = (f"Fig 5: intermediate-state magnitudes ({inp} input) — {v.label}, "
+                         f"layers {page[0]}–{page[-1]}")
                 save(fig, path, title)
                 figures.append(Figure("fig5_intermediate", path, title, data))
     return figures

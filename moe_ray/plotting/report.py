@@ -47,11 +47,12 @@ SECTIONS = [
             "across the models of an image (diagonal excluded).", "static", "matrix_similarity",
             draw=S.fig1_matrix_similarity),
     Section("fig6", "Fig 6: PCA of expert matrices", "Flattened matrices standardised and projected to 2 "
-            "components (App A.1); DBSCAN outliers, when computed, are removed and listed in the title.",
+            "components (App A.1); DBSCAN outliers, when computed, are grey crosses listed in the title (the "
+            "axes fit the other experts, so a far outlier may be off the panel).",
             "static", "matrix_pca", draw=S.fig6_matrix_pca),
     Section("fig7", "Fig 7: PCA of expert neurons", "Every neuron (row of W_up/W_gate, column of W_down) as a "
-            f"point, coloured by expert (App A.2), 2-D; at most {S.MAX_NEURONS_PER_EXPERT} neurons "
-            "per expert are drawn (evenly strided).", "static", "neuron_pca", draw=S.fig7_neuron_pca),
+            f"point, coloured by expert (App A.2), 2-D; at most {S.MAX_POINTS_PER_PANEL:,} neurons per panel "
+            "are drawn (every k-th neuron of each expert).", "static", "neuron_pca", draw=S.fig7_neuron_pca),
     Section("fig7_3d", "Fig 7 (3-D): PCA of expert neurons", "The same neurons on the first three components.",
             "static", "neuron_pca", draw=S.fig7_neuron_pca_3d),
     Section("fig8", "Fig 8: gate embedding and neuron averaging", "Cosine similarity of router rows X "
@@ -73,10 +74,13 @@ SECTIONS = [
             "(§5.1), beside the matrix-level similarity of the same layer.", "dynamic",
             "expert_output_angular_mean", draw=D.fig3_angular, paged_by=("dynamic/{input}", "static")),
     Section("fig4", "Fig 4: output norms and gate scores", "L2 norm of every expert's output and its gate "
-            "score per token (§5.2); top-k per token at the right.", "dynamic", "expert_output_norms",
+            "score per token (§5.2); dots mark each token's top-k experts. Gate scores only for routed experts "
+            "(F and SE have no router), coloured from 0 to the page's largest score.", "dynamic",
+            "expert_output_norms",
             draw=D.fig4_norms_scores, paged_by=("dynamic/{input}",)),
-    Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (norm rank, gate-score rank) over tokens "
-            "(App D).", "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts,
+    Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (output-norm rank, gate-score rank) over "
+            "tokens and routed experts (App D); rank 0 = largest (the paper numbers the other way round).",
+            "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts,
             paged_by=("dynamic/{input}",)),
     Section("fig5", "Fig 5: intermediate states", "|act(W_gate x)| per expert and neuron for the stored tokens "
             "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate, per_store=True,
@@ -84,8 +88,10 @@ SECTIONS = [
     Section("activation", "Activation ratio", "Fraction of intermediate elements with |value| > 1e-3, mean "
             "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary,
             paged_by=None),
-    Section("fig10", "Fig 10: routing pattern", "Gate scores of each token's top-k experts across layers "
-            "(App E); other experts blank.", "dynamic", "topk_experts", draw=D.fig10_routing,
+    Section("fig10", "Fig 10: routing pattern", "Each token's top-k experts and their routing weights "
+            "(App E): the family's own top-k weights, or the softmax gate scores where a store has none; "
+            "routed experts only, other cells blank, coloured from 0 to the page's largest weight.", "dynamic",
+            "topk_experts", draw=D.fig10_routing,
             paged_by=("dynamic/{input}",)),
 ]
 

@@ -72,7 +72,8 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
         panels = {(r, s * len(columns) + c): (v, layer, col)
                   for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
                   if (v.label, layer, col.title) in drawn}
-        shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)] for rc, (v, layer, col) in panels.items()})
+        shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)]
+                             for rc, (v, layer, col) in panels.items()})
         images: dict[str, tuple] = {}
         for r, layer in enumerate(page):
             for s, v in enumerate(views):
@@ -225,8 +226,10 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
     return figures
 
 
-MAX_NEURONS_PER_EXPERT = 2000
-"""Neurons drawn per expert in Fig 7 (evenly strided beyond that; the caption says so)."""
+MAX_POINTS_PER_PANEL = 16000
+"""Neurons drawn in one Fig 7 panel, over all its experts (every k-th neuron of each expert beyond that;
+the caption says so). A page of 12 panels of 16,000 points drew in 2.7 s (2-D) / 4.3 s (3-D) on one
+core, DeepSeekMoE's 64 x 1,408 = 90,000 in 14 s / 19 s."""
 
 
 def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Figure]:
@@ -244,7 +247,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
             if not have:
                 continue
             n_neuron = ds.sizes["neuron"]
-            stride = max(1, -(-n_neuron // MAX_NEURONS_PER_EXPERT))
+            stride = max(1, -(-n_neuron * ds.sizes["expert"] // MAX_POINTS_PER_PANEL))
             da = ds["neuron_pca"].sel(layer=have).isel(neuron=slice(None, None, stride),
                                                        component=slice(0, dims))
             scores = np.asarray(da.values, dtype=np.float64)
