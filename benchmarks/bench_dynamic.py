@@ -31,10 +31,15 @@ def best(fn, repeat: int) -> float:
     return min(times)
 
 
+def _vm_hwm() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _shard_peak(path: str, start: int, end: int, tokens: int, queue) -> None:
     """In a fresh process: peak RSS growth while a shard builds its layers and runs one input."""
-    import resource
-
     import psutil
 
     from moe_ray.runtime.layers import LayerRange as Range
@@ -45,10 +50,12 @@ def _shard_peak(path: str, start: int, end: int, tokens: int, queue) -> None:
     ckpt.family.decoder_classes()  # imports (transformers' modeling code) are a fixed cost, not the shard's
     import transformers.masking_utils  # noqa: F401
     base = psutil.Process().memory_info().rss
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM): imports may have peaked higher
+        f.write("5")
     runner = Range(ckpt, start, end)
     hidden = runner.embed(ids) if start == 0 else torch.randn(1, tokens, ckpt.facts.d_hid)
     runner.forward(hidden, probe_tokens=4)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    queue.put(_vm_hwm() - base)
 
 
 def shard_memory(path: str, shards: int, tokens: int) -> list[tuple[tuple[int, int], int, int, int]]:
