@@ -34,3 +34,27 @@ def tiny(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture
+def settled_done():
+    """settled_done(store, group) -> the group's unit_done (bool) once nothing has changed it for 3 s:
+    a worker of a killed or stopped driver may still finish its unit in the moment before it notices."""
+    import time
+
+    import numpy as np
+    import zarr
+
+    def settle(store: str, group: str, quiet_s: float = 3.0, limit_s: float = 60.0) -> np.ndarray:
+        def read() -> np.ndarray:
+            return np.asarray(zarr.open_group(store, mode="r")[f"{group}/unit_done"][...]).astype(bool)
+
+        done, since, deadline = read(), time.monotonic(), time.monotonic() + limit_s
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = read()
+            if not np.array_equal(now, done):
+                done, since = now, time.monotonic()
+        return done
+
+    return settle

@@ -165,7 +165,7 @@ def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(ray_sess
     _assert_same_store(reference, store, "dynamic/long")
 
 
-def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, tmp_path):
+def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, tmp_path, settled_done):
     """Kill a running job's driver (and with it its local Ray) after its first finished unit, then
     rerun the same spec: only the units not marked done run, and the store equals a clean run's."""
     import moe_ray
@@ -185,7 +185,7 @@ def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, t
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    done = np.asarray(zarr.open_group(store, mode="r")["static/unit_done"][...]).astype(bool)
+    done = settled_done(store, "static")
     assert 1 <= done.sum() <= 4
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

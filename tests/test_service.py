@@ -127,7 +127,7 @@ BIG = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "n
        "num_key_value_heads": 4, "head_dim": 128}
 
 
-def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path):
+def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path, settled_done):
     """Stop a running job through the job server once some of its units are done, resubmit the same
     spec: the new job runs exactly the units not yet done, and the store equals an uninterrupted
     job's (submitted alongside the resumed one)."""
@@ -139,7 +139,7 @@ def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path):
         time.sleep(0.1)
     first.stop()
     assert first.wait(timeout=60, poll=0.2).state == "STOPPED"
-    flags = np.asarray(zarr.open_group(spec["store"], mode="r")["static/unit_done"][...])  # one per layer 0..3
+    flags = settled_done(spec["store"], "static")  # one per layer 0..3
     unfinished = [str(layer) for layer, flag in enumerate(flags) if not flag]
     assert 1 <= len(unfinished) < 4, "the job was not stopped half-way"
 
