@@ -287,7 +287,10 @@ def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "
     top, bottom, right = fig.subplotpars.top, fig.subplotpars.bottom, fig.subplotpars.right
     span = (top - bottom) / slots
     cax = fig.add_axes([right + 0.25 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
-    return fig.colorbar(im, cax=cax, label=label, extend=extend)
+    cb = fig.colorbar(im, cax=cax, extend=extend)
+    cb.set_label(label, fontsize=9)
+    cb.ax.tick_params(labelsize=8)
+    return cb
 
 
 def save(fig, path: Path, title: str) -> None:

@@ -280,23 +280,29 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
 
 
 def activation_ratio_summary(views: list[StoreView], out: Path) -> list[Figure]:
-    """§5.3: fraction of intermediate elements with |value| > 1e-3, mean over tokens, layer x expert."""
+    """§5.3: fraction of intermediate elements with |value| > 1e-3, mean over tokens, layer x expert;
+    coloured over the stores' own range (ratios sit near 1 for SiLU, so a 0..1 scale shows nothing)."""
     figures = []
     for inp in _inputs_with(views, "activation_ratio"):
         have = [v for v in views if "activation_ratio" in v.dataset(group(inp))]
-        fig, axes = new_figure(1, len(have), panel=(4.2, 3.4))
         data: dict = {}
-        for s, v in enumerate(have):
+        for v in have:
             da = v.dataset(group(inp))["activation_ratio"].sel(layer=_layers(v, inp))
-            mean = np.asarray(da.mean("token").values, dtype=np.float64)
-            labels = [str(x) for x in da["expert"].values]
-            layers = [str(int(l)) for l in da["layer"].values]
-            im = heatmap(axes[0, s], mean, labels, layers, CMAPS["ratio"], 0.0, 1.0, ylabel="layer")
-            panel_title(axes[0, s], f"{v.label}\nmean activation ratio {np.nanmean(mean):.3f}")
-            data[v.label] = mean
-        colorbar(fig, im, "fraction |act| > 1e-3 (mean over tokens)")
+            data[v.label] = np.asarray(da.mean("token").values, dtype=np.float64)
+            data[("labels", v.label)] = ([str(x) for x in da["expert"].values],
+                                         [str(int(l)) for l in da["layer"].values])
+        lo, hi = shared_range([data[v.label] for v in have], exclude_diagonal=False)
+        data[("range",)] = (lo, hi)
+        fig, axes = new_figure(1, len(have), panel=(4.2, 3.4))
+        for s, v in enumerate(have):
+            labels, layers = data[("labels", v.label)]
+            same_rows = s > 0 and data[("labels", have[s - 1].label)][1] == layers
+            im = heatmap(axes[0, s], data[v.label], labels, layers, CMAPS["ratio"], lo, hi, ylabel="layer",
+                         show_y=not same_rows)
+            panel_title(axes[0, s], f"{v.label}\nmean activation ratio {np.nanmean(data[v.label]):.4f}")
+        colorbar(fig, im, "fraction |act| > 1e-3")
         path = out / f"activation_ratio_{inp}.png"
-        title = f"Activation ratio per layer and expert ({inp} input)"
+        title = f"Activation ratio per layer and expert, mean over tokens ({inp} input)"
         save(fig, path, title)
         figures.append(Figure("activation_ratio", path, title, data))
     return figures
