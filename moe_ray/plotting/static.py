@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, heatmap, new_figure, nonempty_labels,
-                     page_name, pages, panel_title, save, shared_range, store_headers)
+from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, new_figure, nonempty_labels, page_name,
+                     pages, panel_title, save, shared_range, store_headers)
+from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
 Getter = Callable[[StoreView, list[int]], "tuple[np.ndarray, list[str], list[str]]"]
@@ -67,35 +68,32 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
             ranges.setdefault(col.group, []).extend(mats)
         ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
         ncols = len(views) * len(columns)
-        fig, axes = new_figure(len(page), ncols, top=HEADER_ROOM)
-        store_headers(fig, axes, [(v.label, s * len(columns), (s + 1) * len(columns) - 1) for s, v in enumerate(views)])
+        grid = PanelGrid(len(page), ncols, top=HEADER_ROOM)
+        for s, v in enumerate(views):
+            grid.header(v.label, s * len(columns), (s + 1) * len(columns) - 1)
         panels = {(r, s * len(columns) + c): (v, layer, col)
                   for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
                   if (v.label, layer, col.title) in drawn}
         shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)]
                              for rc, (v, layer, col) in panels.items()})
-        images: dict[str, tuple] = {}
+        images: dict[str, object] = {}
         for r, layer in enumerate(page):
             for s, v in enumerate(views):
                 for c, col in enumerate(columns):
-                    ax = axes[r, s * len(columns) + c]
-                    k = (v.label, layer, col.title)
-                    if k not in drawn:
-                        ax.set_axis_off()
-                        ax.text(0.5, 0.5, f"layer {layer} · {col.title}\nnot in this store", ha="center", va="center",
-                                fontsize=8, transform=ax.transAxes)
+                    rc = (r, s * len(columns) + c)
+                    if rc not in panels:
+                        grid.note(*rc, f"layer {layer} · {col.title}\nnot in this store")
                         continue
                     rows, cols = drawn[("labels", v.label, layer, col.title)]
                     lo, hi = ranges[col.group]
-                    show_x, show_y = shown[(r, s * len(columns) + c)]
-                    im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel, show_x, show_y)
-                    images.setdefault(col.group, (im, []))[1].append(ax)
-                    panel_title(ax, f"layer {layer} · {col.title}")
-        for slot, (group, (im, _)) in enumerate(images.items()):
-            colorbar(fig, im, groups_label.get(group, group), slot, len(images))
+                    images[col.group] = grid.heatmap(*rc, drawn[(v.label, layer, col.title)], cols, rows, col.cmap,
+                                                     lo, hi, col.xlabel, col.ylabel, *shown[rc])
+                    grid.title(*rc, f"layer {layer} · {col.title}")
+        for slot, (group, im) in enumerate(images.items()):
+            grid.colorbar(im, groups_label.get(group, group), slot, len(images))
         path = out / f"{key}_{page_name(page)}.png"
         full = f"{title} — layers {page[0]}–{page[-1]}"
-        save(fig, path, full)
+        grid.save(path, full)
         drawn.update({("range", g): r for g, r in ranges.items()})
         figures.append(Figure(key, path, full, drawn))
     return figures
