@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, new_figure, nonempty_labels, page_name,
-                     pages, panel_title, save, shared_range, store_headers)
+from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, new_figure, nonempty_labels,
+                     page_name, pages, panel_title, save, shared_range, store_headers)
 from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
