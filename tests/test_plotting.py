@@ -18,7 +18,8 @@ from moe_ray.checkpoint.tiny import make_tiny
 from moe_ray.cli import main as cli_main
 from moe_ray.errors import MoeRayError
 from moe_ray.plotting import render
-from moe_ray.plotting.common import StoreView
+from moe_ray.plotting.common import (MAX_TICKS, StoreView, fitting_ticks, grid_labels, tick_positions,
+                                     token_label)
 from moe_ray.plotting.report import SECTIONS, section_tasks, start_drawing
 from moe_ray.plotting.static import fig1_matrix_similarity
 
@@ -313,3 +314,18 @@ def test_deep_model_pages(deep_store, tmp_path):
     np.testing.assert_allclose(np.take_along_axis(shown, topk, axis=-1), dyn["topk_weights"].sel(layer=4).values,
                                rtol=1e-6)
     assert fig10[1].data[("labels", label, 4)][0] == [str(e) for e in range(8)]  # no F row
+
+
+def test_tick_labels_fit_and_grids_label_outer_panels():
+    tokens = [f"t{i}" for i in range(64)]
+    assert tick_positions(tokens, 22) == list(range(0, 64, 3))  # every 3rd of 64 tokens: 22 labels
+    experts = [str(e) for e in range(64)] + ["SE"]
+    ticks = tick_positions(experts)
+    assert len(ticks) <= MAX_TICKS and experts[ticks[-1]] == "SE" and ticks[:3] == [0, 4, 8]
+    assert fitting_ticks(3.0) == 22  # 7 pt labels along 3 inches
+    assert token_label("Ġopen") == "␣open" and token_label("▁source") == "␣source"
+    assert token_label("Ċ") == "⏎" and token_label("abcdefghijklmnop", 8) == "abcdefg…"
+    same = (["0", "1"], ["0", "1"])
+    shown = grid_labels({(0, 0): same, (0, 1): same, (1, 0): same, (1, 1): same, (0, 2): (["0"], ["0"])})
+    assert shown == {(0, 0): (False, True), (0, 1): (False, False), (1, 0): (True, True), (1, 1): (True, False),
+                     (0, 2): (True, True)}

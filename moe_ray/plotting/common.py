@@ -1,5 +1,6 @@
 """Shared pieces of the plotting package: opening stores lazily, layer paging, colour maps per
-quantity, expert tick labels, and the `Figure`/`Table` records every figure function returns.
+quantity, tick labels, the fixed layout of the scatter figures' Axes grids (heat maps are drawn by
+`grid.PanelGrid`), and the `Figure`/`Table` records every figure function returns.
 
 Every figure function returns the numbers it drew (`Figure.data`), so tests check figures through
 data, not pixels. Arrays are opened with xarray lazily and sliced before `.values`, so a report reads
@@ -173,32 +174,6 @@ def token_label(token: str, width: int = 12) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def heatmap(ax, values: np.ndarray, xlabels: list[str], ylabels: list[str], cmap, vmin: float, vmax: float,
-            xlabel: str = "expert", ylabel: str = "expert", show_x: bool = True, show_y: bool = True,
-            max_xticks: int = MAX_TICKS, max_yticks: int = MAX_TICKS):
-    """An expert-by-expert (or similar) heat map; returns the image.
-
-    Tick labels and axis labels only where `show_x`/`show_y` (a grid labels its outer panels: inner
-    panels share them), at most `max_*ticks` per axis; unlabelled axes get no tick objects at all,
-    which is most of what a large grid costs to draw.
-    """
-    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
-    if show_x:
-        xt = tick_positions(xlabels, max_xticks)
-        ax.set_xticks(xt, [xlabels[i] for i in xt], fontsize=TICK_FONT,
-                      rotation=90 if len(xt) > 10 or max(map(len, xlabels), default=0) > 2 else 0)
-        ax.set_xlabel(xlabel, fontsize=8)
-    else:
-        ax.set_xticks([])
-    if show_y:
-        yt = tick_positions(ylabels, max_yticks)
-        ax.set_yticks(yt, [ylabels[i] for i in yt], fontsize=TICK_FONT)
-        ax.set_ylabel(ylabel, fontsize=8)
-    else:
-        ax.set_yticks([])
-    return im
-
-
 def panel_title(ax, text: str, fontsize: float = 8) -> None:
     """A panel title at a fixed height: matplotlib's automatic placement measures every tick label."""
     ax.set_title(text, fontsize=fontsize, y=1.0, pad=3)
@@ -287,7 +262,10 @@ def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "
     top, bottom, right = fig.subplotpars.top, fig.subplotpars.bottom, fig.subplotpars.right
     span = (top - bottom) / slots
     cax = fig.add_axes([right + 0.25 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
-    return fig.colorbar(im, cax=cax, label=label, extend=extend)
+    cb = fig.colorbar(im, cax=cax, extend=extend)
+    cb.set_label(label, fontsize=9)
+    cb.ax.tick_params(labelsize=8)
+    return cb
 
 
 def save(fig, path: Path, title: str) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, HEADER_ROOM, TICK_FONT, Figure, StoreView, colorbar, fitting_ticks, heatmap, new_figure,
-                     page_name, pages, panel_title, save, shared_range, store_headers, token_label)
+from .common import CMAPS, HEADER_ROOM, Figure, StoreView, fitting_ticks, page_name, pages, shared_range, token_label
+from .grid import PanelGrid
 from .static import Column, layers_of, square_pages, static_square
 
 MAX_TOKENS = 8
@@ -70,23 +70,22 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                 labels = [str(x) for x in da["expert_i"].values]
                 topk = _topk(v, inp, page, n_tok)
                 lo, hi = shared_range([values[r, t] for r in range(len(page)) for t in range(n_tok)])
-                fig, axes = new_figure(len(page), n_tok, panel=(2.0, 2.1), gap=TOKEN_GRID_GAP)
+                grid = PanelGrid(len(page), n_tok, panel=(2.0, 2.1), gap=TOKEN_GRID_GAP)
                 data = {("range",): (lo, hi)}
                 for r, layer in enumerate(page):
                     for t in range(n_tok):
-                        ax = axes[r, t]
-                        im = heatmap(ax, values[r, t], labels, labels, CMAPS["similarity"], lo, hi,
-                                     show_x=r == len(page) - 1, show_y=t == 0)
+                        im = grid.heatmap(r, t, values[r, t], labels, labels, CMAPS["similarity"], lo, hi,
+                                          show_x=r == len(page) - 1, show_y=t == 0)
                         chosen = "" if topk is None else "top-k: " + ",".join(str(int(e)) for e in topk[r, t])
-                        panel_title(ax, f"L{layer} · '{token_label(texts[t])}'\n{chosen}", 7)
+                        grid.title(r, t, f"L{layer} · '{token_label(texts[t])}'\n{chosen}", 7)
                         data[(v.label, layer, t)] = values[r, t]
                         if topk is not None:
                             data[("topk", v.label, layer, t)] = [int(e) for e in topk[r, t]]
-                colorbar(fig, im, "cosine similarity of outputs")
+                grid.colorbar(im, "cosine similarity of outputs")
                 path = out / f"fig2_output_similarity_{inp}_{_slug(v.label)}_{page_name(page)}.png"
                 title = (f"Fig 2: expert-output similarity per token ({inp} input) — {v.label}, "
                          f"layers {page[0]}–{page[-1]}")
-                save(fig, path, title)
+                grid.save(path, title)
                 figures.append(Figure("fig2_output_similarity", path, title, data))
     return figures
 
@@ -137,13 +136,10 @@ def chosen_cmap():
     return cmap
 
 
-def _mark_topk(ax, topk: np.ndarray, labels: list[str]) -> None:
-    """A dot on each token's top-k experts (rows = tokens, columns = `labels`)."""
+def topk_cells(topk: np.ndarray, labels: list[str]) -> list[tuple[int, int]]:
+    """(token, column) of each token's top-k experts in a map whose columns are `labels`."""
     col = {lab: i for i, lab in enumerate(labels)}
-    pts = [(col[str(int(e))], t) for t, row in enumerate(topk) for e in row if str(int(e)) in col]
-    if pts:
-        x, y = zip(*pts)
-        ax.scatter(x, y, s=7, facecolors="white", edgecolors="black", linewidths=0.4)
+    return [(t, col[str(int(e))]) for t, row in enumerate(topk) for e in row if str(int(e)) in col]
 
 
 def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
@@ -178,38 +174,38 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                         data[("topk", v.label, l)] = topk[i]
             n_range = shared_range([m for k, m in data.items() if k[-1] == "norm"], exclude_diagonal=False)
             s_range = (0.0, shared_range([m for k, m in data.items() if k[-1] == "score"], exclude_diagonal=False)[1])
-            fig, axes = new_figure(len(page), 2 * len(have), panel=panel, top=HEADER_ROOM)
-            store_headers(fig, axes, [(v.label, 2 * s, 2 * s + 1) for s, v in enumerate(have)])
+            grid = PanelGrid(len(page), 2 * len(have), panel=panel, top=HEADER_ROOM)
+            for s, v in enumerate(have):
+                grid.header(v.label, 2 * s, 2 * s + 1)
             im_n = im_s = None
-            max_tok_ticks = fitting_ticks(panel[1] * 0.8)
+            max_tok_ticks = fitting_ticks(grid.panel_h)
             for r, layer in enumerate(page):
                 for s, v in enumerate(have):
-                    an, asc = axes[r, 2 * s], axes[r, 2 * s + 1]
                     if (v.label, layer, "norm") not in data:
-                        an.set_axis_off(), asc.set_axis_off()
                         continue
                     nl, sl, toks = data[("labels", v.label, layer)]
                     ylab = [token_label(t, 10) for t in toks]
                     bottom = r == len(page) - 1 or (v.label, page[r + 1], "norm") not in data
-                    im_n = heatmap(an, data[(v.label, layer, "norm")], nl, ylab, CMAPS["norm"], *n_range,
-                                   ylabel="token", show_x=bottom, max_yticks=max_tok_ticks)
-                    im_s = heatmap(asc, data[(v.label, layer, "score")], sl, ylab, CMAPS["score"], *s_range,
-                                   ylabel="token", show_x=bottom, show_y=False)
-                    panel_title(an, f"layer {layer} · output L2 norm")
-                    panel_title(asc, f"layer {layer} · gate score")
+                    norm, score = data[(v.label, layer, "norm")], data[(v.label, layer, "score")]
+                    im_n = grid.heatmap(r, 2 * s, norm, nl, ylab, CMAPS["norm"], *n_range, ylabel="token",
+                                        show_x=bottom, max_yticks=max_tok_ticks)
+                    im_s = grid.heatmap(r, 2 * s + 1, score, sl, ylab, CMAPS["score"], *s_range, show_x=bottom,
+                                        show_y=False)
+                    grid.title(r, 2 * s, f"layer {layer} · output L2 norm")
+                    grid.title(r, 2 * s + 1, f"layer {layer} · gate score")
                     topk = data.get(("topk", v.label, layer))
                     if topk is not None:
-                        _mark_topk(an, topk, nl)
-                        _mark_topk(asc, topk, sl)
+                        grid.mark(r, 2 * s, norm.shape, topk_cells(topk, nl))
+                        grid.mark(r, 2 * s + 1, score.shape, topk_cells(topk, sl))
             if im_n is not None:
-                colorbar(fig, im_n, "L2 norm of expert output", 0, 2)
-                colorbar(fig, im_s, "gate score (softmax over all experts)", 1, 2)
+                grid.colorbar(im_n, "L2 norm of expert output", 0, 2)
+                grid.colorbar(im_s, "gate score (softmax over all experts)", 1, 2)
             data[("range", "norm")] = n_range
             data[("range", "score")] = s_range
             path = out / f"fig4_norms_scores_{inp}_{page_name(page)}.png"
             title = (f"Fig 4: expert output norms and gate scores ({inp} input; dots: top-k) — "
                      f"layers {page[0]}–{page[-1]}")
-            save(fig, path, title)
+            grid.save(path, title)
             figures.append(Figure("fig4_norms_scores", path, title, data))
     return figures
 
@@ -235,8 +231,6 @@ def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
 
 def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 5 (§5.3): |act(W_gate x)| per expert (rows) and neuron (columns) for the stored tokens."""
-    from matplotlib.ticker import MaxNLocator
-
     figures = []
     for inp in _inputs_with(views, "intermediate_states"):
         for v in views:
@@ -254,50 +248,53 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
                 values = np.abs(np.asarray(da.values, dtype=np.float64))
                 labels = [str(x) for x in da["expert"].values]
                 hi = float(np.nanpercentile(values, 99)) if np.isfinite(values).any() else 1.0
-                fig, axes = new_figure(len(page), n_tok, panel=(3.0, 2.0), gap=TOKEN_GRID_GAP)
+                grid = PanelGrid(len(page), n_tok, panel=(3.0, 2.0), gap=TOKEN_GRID_GAP)
                 data: dict = {("range",): (0.0, hi)}
                 topk = _topk(v, inp, page, max(tok_idx) + 1)
                 for r, layer in enumerate(page):
                     for t, pos in enumerate(tok_idx):
-                        ax = axes[r, t]
-                        im = heatmap(ax, values[r, t], [], labels, CMAPS["magnitude"], 0.0, hi, show_x=False,
-                                     show_y=t == 0)
+                        im = grid.heatmap(r, t, values[r, t], [], labels, CMAPS["magnitude"], 0.0, hi, show_x=False,
+                                          show_y=t == 0)
                         if r == len(page) - 1:
-                            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
-                            ax.tick_params(axis="x", labelsize=TICK_FONT)
-                            ax.set_xlabel("neuron", fontsize=8)
+                            grid.numeric_xticks(r, t, values.shape[-1], "neuron")
                         text = texts[pos] if pos < len(texts) else str(pos)
                         chosen = "" if topk is None else " top-k: " + ",".join(str(int(e)) for e in topk[r, pos])
-                        panel_title(ax, f"L{layer} · token {pos} '{token_label(text)}'\n{chosen}", 7)
+                        grid.title(r, t, f"L{layer} · token {pos} '{token_label(text)}'\n{chosen}", 7)
                         data[(v.label, layer, pos)] = values[r, t]
-                colorbar(fig, im, "|act(W_gate x)| (clipped at 99th pct)", extend="max")
+                grid.colorbar(im, "|act(W_gate x)| (clipped at 99th pct)", extend="max")
                 path = out / f"fig5_intermediate_{inp}_{_slug(v.label)}_{page_name(page)}.png"
                 title = (f"Fig 5: intermediate-state magnitudes ({inp} input) — {v.label}, "
                          f"layers {page[0]}–{page[-1]}")
-                save(fig, path, title)
+                grid.save(path, title)
                 figures.append(Figure("fig5_intermediate", path, title, data))
     return figures
 
 
 def activation_ratio_summary(views: list[StoreView], out: Path) -> list[Figure]:
-    """§5.3: fraction of intermediate elements with |value| > 1e-3, mean over tokens, layer x expert."""
+    """§5.3: fraction of intermediate elements with |value| > 1e-3, mean over tokens, layer x expert;
+    coloured over the stores' own range (ratios sit near 1 for SiLU, so a 0..1 scale shows nothing)."""
     figures = []
     for inp in _inputs_with(views, "activation_ratio"):
         have = [v for v in views if "activation_ratio" in v.dataset(group(inp))]
-        fig, axes = new_figure(1, len(have), panel=(4.2, 3.4))
         data: dict = {}
-        for s, v in enumerate(have):
+        for v in have:
             da = v.dataset(group(inp))["activation_ratio"].sel(layer=_layers(v, inp))
-            mean = np.asarray(da.mean("token").values, dtype=np.float64)
-            labels = [str(x) for x in da["expert"].values]
-            layers = [str(int(l)) for l in da["layer"].values]
-            im = heatmap(axes[0, s], mean, labels, layers, CMAPS["ratio"], 0.0, 1.0, ylabel="layer")
-            panel_title(axes[0, s], f"{v.label}\nmean activation ratio {np.nanmean(mean):.3f}")
-            data[v.label] = mean
-        colorbar(fig, im, "fraction |act| > 1e-3 (mean over tokens)")
+            data[v.label] = np.asarray(da.mean("token").values, dtype=np.float64)
+            data[("labels", v.label)] = ([str(x) for x in da["expert"].values],
+                                         [str(int(l)) for l in da["layer"].values])
+        lo, hi = shared_range([data[v.label] for v in have], exclude_diagonal=False)
+        data[("range",)] = (lo, hi)
+        grid = PanelGrid(1, len(have), panel=(4.2, 3.4))
+        for s, v in enumerate(have):
+            labels, layers = data[("labels", v.label)]
+            same_rows = s > 0 and data[("labels", have[s - 1].label)][1] == layers
+            im = grid.heatmap(0, s, data[v.label], labels, layers, CMAPS["ratio"], lo, hi, ylabel="layer",
+                              show_y=not same_rows)
+            grid.title(0, s, f"{v.label}\nmean activation ratio {np.nanmean(data[v.label]):.4f}")
+        grid.colorbar(im, "fraction |act| > 1e-3")
         path = out / f"activation_ratio_{inp}.png"
-        title = f"Activation ratio per layer and expert ({inp} input)"
-        save(fig, path, title)
+        title = f"Activation ratio per layer and expert, mean over tokens ({inp} input)"
+        grid.save(path, title)
         figures.append(Figure("activation_ratio", path, title, data))
     return figures
 
@@ -348,25 +345,23 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
                     data[("labels", v.label, layer)] = (labels, toks)
             hi = shared_range([m for k, m in data.items() if k[0] not in ("labels", "quantity")],
                               exclude_diagonal=False)[1]
-            fig, axes = new_figure(len(page), len(have), panel=panel, top=HEADER_ROOM, bottom=1.0)
-            store_headers(fig, axes, [(v.label, s, s) for s, v in enumerate(have)])
+            grid = PanelGrid(len(page), len(have), panel=panel, top=HEADER_ROOM, bottom=1.0)
             im = None
             for s, v in enumerate(have):
+                grid.header(v.label, s, s)
                 for r, layer in enumerate(page):
-                    ax = axes[r, s]
                     if (v.label, layer) not in data:
-                        ax.set_axis_off()
                         continue
                     labels, toks = data[("labels", v.label, layer)]
                     bottom = r == len(page) - 1 or (v.label, page[r + 1]) not in data
-                    im = heatmap(ax, data[(v.label, layer)].T, toks, labels, chosen_cmap(), 0.0, hi, xlabel="token",
-                                 show_x=bottom, max_xticks=fitting_ticks(panel[0] * 0.85))
-                    panel_title(ax, f"layer {layer} · top-k experts")
+                    im = grid.heatmap(r, s, data[(v.label, layer)].T, toks, labels, chosen_cmap(), 0.0, hi,
+                                      xlabel="token", show_x=bottom, max_xticks=fitting_ticks(grid.panel_w))
+                    grid.title(r, s, f"layer {layer} · top-k experts")
             if im is not None:
-                colorbar(fig, im, " / ".join(sorted(whats)) + " (blank: not chosen)")
+                grid.colorbar(im, " / ".join(sorted(whats)) + " (blank: not chosen)")
             data[("range",)] = (0.0, hi)
             path = out / f"fig10_routing_{inp}_{page_name(page)}.png"
             title = f"Fig 10: routing pattern ({inp} input) — layers {page[0]}–{page[-1]}"
-            save(fig, path, title)
+            grid.save(path, title)
             figures.append(Figure("fig10_routing", path, title, data))
     return figures

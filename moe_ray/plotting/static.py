@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, heatmap, new_figure, nonempty_labels,
+from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, new_figure, nonempty_labels,
                      page_name, pages, panel_title, save, shared_range, store_headers)
+from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
 Getter = Callable[[StoreView, list[int]], "tuple[np.ndarray, list[str], list[str]]"]
@@ -67,35 +68,32 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
             ranges.setdefault(col.group, []).extend(mats)
         ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
         ncols = len(views) * len(columns)
-        fig, axes = new_figure(len(page), ncols, top=HEADER_ROOM)
-        store_headers(fig, axes, [(v.label, s * len(columns), (s + 1) * len(columns) - 1) for s, v in enumerate(views)])
+        grid = PanelGrid(len(page), ncols, top=HEADER_ROOM)
+        for s, v in enumerate(views):
+            grid.header(v.label, s * len(columns), (s + 1) * len(columns) - 1)
         panels = {(r, s * len(columns) + c): (v, layer, col)
                   for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
                   if (v.label, layer, col.title) in drawn}
         shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)]
                              for rc, (v, layer, col) in panels.items()})
-        images: dict[str, tuple] = {}
+        images: dict[str, object] = {}
         for r, layer in enumerate(page):
             for s, v in enumerate(views):
                 for c, col in enumerate(columns):
-                    ax = axes[r, s * len(columns) + c]
-                    k = (v.label, layer, col.title)
-                    if k not in drawn:
-                        ax.set_axis_off()
-                        ax.text(0.5, 0.5, f"layer {layer} · {col.title}\nnot in this store", ha="center", va="center",
-                                fontsize=8, transform=ax.transAxes)
+                    rc = (r, s * len(columns) + c)
+                    if rc not in panels:
+                        grid.note(*rc, f"layer {layer} · {col.title}\nnot in this store")
                         continue
                     rows, cols = drawn[("labels", v.label, layer, col.title)]
                     lo, hi = ranges[col.group]
-                    show_x, show_y = shown[(r, s * len(columns) + c)]
-                    im = heatmap(ax, drawn[k], cols, rows, col.cmap, lo, hi, col.xlabel, col.ylabel, show_x, show_y)
-                    images.setdefault(col.group, (im, []))[1].append(ax)
-                    panel_title(ax, f"layer {layer} · {col.title}")
-        for slot, (group, (im, _)) in enumerate(images.items()):
-            colorbar(fig, im, groups_label.get(group, group), slot, len(images))
+                    images[col.group] = grid.heatmap(*rc, drawn[(v.label, layer, col.title)], cols, rows, col.cmap,
+                                                     lo, hi, col.xlabel, col.ylabel, *shown[rc])
+                    grid.title(*rc, f"layer {layer} · {col.title}")
+        for slot, (group, im) in enumerate(images.items()):
+            grid.colorbar(im, groups_label.get(group, group), slot, len(images))
         path = out / f"{key}_{page_name(page)}.png"
         full = f"{title} — layers {page[0]}–{page[-1]}"
-        save(fig, path, full)
+        grid.save(path, full)
         drawn.update({("range", g): r for g, r in ranges.items()})
         figures.append(Figure(key, path, full, drawn))
     return figures
@@ -134,23 +132,45 @@ def fig8_gate_and_neuron_avg(views: list[StoreView], out: Path) -> list[Figure]:
                         {"x": "cosine (gate embedding)", "y": "cosine (neuron average)"})
 
 
-def _expert_colors(labels: list[str]):
+SPECIAL_COLORS = {"F": "0.1", "SE": "0.5"}
+"""Dense reference and shared expert in the PCA scatters: dark and mid grey, whatever the store."""
+
+
+def _expert_colors(labels: list[str]) -> list:
+    """A colour per label, by expert index so stores agree: tab10 up to 10 routed experts, turbo beyond."""
     import matplotlib
 
-    n = len(labels)
+    n = sum(lab not in SPECIAL_COLORS for lab in labels)
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "turbo"]
-    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+    return [matplotlib.colors.to_rgba(SPECIAL_COLORS[lab]) if lab in SPECIAL_COLORS
+            else cmap(int(lab) if n <= 10 else int(lab) / max(n - 1, 1)) for lab in labels]
 
 
-def _expert_legend(fig, labels: list[str], store_label: str, slot: int, slots: int) -> None:
-    """A colour bar from expert index to colour, for figures with too many experts to name each point."""
+def _expert_keys(fig, named: dict, ranged: list[tuple[list[str], str]]) -> None:
+    """Which colour is which expert, right of the panels: one legend for the stores with few experts
+    (`named`: label -> colour), then a colour bar per store with many (`ranged`: labels, store label)."""
     import matplotlib
     from matplotlib.cm import ScalarMappable
+    from matplotlib.lines import Line2D
 
-    sm = ScalarMappable(cmap=matplotlib.colormaps["turbo"], norm=matplotlib.colors.Normalize(0, len(labels) - 1))
-    cb = colorbar(fig, sm, f"expert ({store_label})", slot, slots)
-    ticks = [0, len(labels) // 2, len(labels) - 1]
-    cb.set_ticks(ticks, labels=[labels[t] for t in ticks])
+    slots = len(ranged) + (1 if named else 0)
+    if named:
+        width = fig.get_size_inches()[0]
+        handles = [Line2D([], [], marker="o", ls="", color=c, label=lab) for lab, c in named.items()]
+        fig.legend(handles=handles, title="expert", fontsize=7, title_fontsize=7, frameon=False, loc="upper left",
+                   bbox_to_anchor=(fig.subplotpars.right + 0.1 / width, fig.subplotpars.top))
+    for i, (labels, store_label) in enumerate(ranged):
+        routed = [lab for lab in labels if lab not in SPECIAL_COLORS]
+        norm = matplotlib.colors.Normalize(0, len(routed) - 1)
+        cb = colorbar(fig, ScalarMappable(norm, matplotlib.colormaps["turbo"]), f"expert ({store_label})",
+                      i + (1 if named else 0), slots)
+        ticks = [0, len(routed) // 2, len(routed) - 1]
+        cb.set_ticks(ticks, labels=[routed[t] for t in ticks])
+
+
+def _label_order(label: str) -> tuple[int, int]:
+    """Routed experts by index, then F, then SE."""
+    return (0, int(label)) if label.isdigit() else (1, list(SPECIAL_COLORS).index(label))
 
 
 MAX_NAMED_POINTS = 24
@@ -188,7 +208,7 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
         fig, axes = new_figure(len(page), len(views) * 3, top=HEADER_ROOM + 0.15)
         store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
-        legends = []
+        ranged = []
         for s, v in enumerate(views):
             ds = v.dataset("static")
             have = [l for l in page if l in layers_of(v, "static")]
@@ -201,8 +221,8 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
                     if "matrix_pca_outlier" in ds else np.zeros(scores.shape[:3], dtype=bool))
             labels = [str(x) for x in ds["expert"].values]
             colors = _expert_colors(labels)
-            if len(labels) > 10:
-                legends.append((labels, v.label))
+            if len(labels) > MAX_NAMED_POINTS:
+                ranged.append((labels, v.label))
             for li, layer in enumerate(have):
                 r = page.index(layer)
                 for mi, m in enumerate(MATRICES):
@@ -214,8 +234,7 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
                     note = f"\noutliers (grey ×): {', '.join(drawn['removed'])}" if drawn["removed"] else ""
                     panel_title(ax, f"layer {layer} · W_{m}{note}")
                     data[(v.label, layer, m)] = drawn
-        for slot, (labels, store_label) in enumerate(legends):
-            _expert_legend(fig, labels, store_label, slot, len(legends))
+        _expert_keys(fig, {}, ranged)
         for ax in axes.ravel():
             if not ax.has_data():
                 ax.set_axis_off()
@@ -241,6 +260,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
         fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), top=HEADER_ROOM, **kw)
         store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
+        named, ranged = {}, []
         for s, v in enumerate(views):
             ds = v.dataset("static")
             have = [l for l in page if l in layers_of(v, "static")]
@@ -278,16 +298,12 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     if dims == 3:
                         ax.grid(False)  # the panes give depth; 3-D grid lines cost a third of the drawing
                     panel_title(ax, f"layer {layer} · W_{m}")
-                    if len(labels) <= 10 and r == 0 and mi == 2:
-                        from matplotlib.lines import Line2D
-
-                        handles = [Line2D([], [], marker="o", ls="", color=colors[e], label=lab)
-                                   for e, lab in enumerate(labels) if lab in drawn]
-                        ax.legend(handles=handles, title="expert", fontsize=6, title_fontsize=6,
-                                  loc="upper left", bbox_to_anchor=(1.02, 1.0))
                     data[(v.label, layer, m)] = drawn
+                    if len(labels) <= 10:
+                        named.update({lab: colors[labels.index(lab)] for lab in drawn})
             if len(labels) > 10:
-                _expert_legend(fig, labels, v.label, s, len(views))
+                ranged.append((labels, v.label))
+        _expert_keys(fig, dict(sorted(named.items(), key=lambda kv: _label_order(kv[0]))), ranged)
         for ax in axes.ravel():
             if not ax.has_data():
                 ax.set_axis_off()
