@@ -156,8 +156,8 @@ def section_tasks(section: Section, views: list[StoreView]) -> list[Task]:
     return tasks
 
 
-def _input_has(view: StoreView, inp: str, array: str | None) -> bool:
-    return inp in view.groups("dynamic") and (array is None or array in view.dataset(f"dynamic/{inp}"))
+def _input_has(view: StoreView, inp: str, array: str) -> bool:
+    return inp in view.groups("dynamic") and array in view.dataset(f"dynamic/{inp}")
 
 
 def _task_pages(section: Section, views: list[StoreView], inp: str | None) -> list[list[int] | None]:
