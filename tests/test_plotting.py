@@ -15,12 +15,13 @@ import zarr
 
 import moe_ray
 from moe_ray.checkpoint.tiny import make_tiny
+from moe_ray.cli import PLOT_PARALLEL
 from moe_ray.cli import main as cli_main
 from moe_ray.errors import MoeRayError
 from moe_ray.plotting import render
 from moe_ray.plotting.common import (MAX_TICKS, StoreView, fitting_ticks, grid_labels, tick_positions,
                                      token_label)
-from moe_ray.plotting.report import SECTIONS, section_tasks, start_drawing
+from moe_ray.plotting.report import PARALLEL, SECTIONS, section_tasks, start_drawing
 from moe_ray.plotting.static import fig1_matrix_similarity
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,6 +132,7 @@ def test_partial_and_empty_store_api_and_cli(stores, tmp_path, capsys):
 
     with pytest.raises(MoeRayError, match="not a moe-ray store"):
         render([str(tmp_path / "p")], tmp_path / "x")
+    assert PLOT_PARALLEL == PARALLEL  # the CLI spells the modes out so its parser needs no matplotlib
     assert cli_main(["plot", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "y")]) == 2
     assert "store not found" in capsys.readouterr().err
 

@@ -236,30 +236,77 @@ RIGHT_MARGIN = 1.1
 TITLE_FONT = 11
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A grid of panels fixed in inches: `panel` is one panel plus its share of the gaps, so gaps stay the
+    same whatever the panel size; margins hold titles, tick labels and (right) the colour bars; a grid
+    narrower than MIN_WIDTH is centred."""
+
+    nrows: int
+    ncols: int
+    panel: tuple[float, float] = (2.9, 2.6)
+    gap: tuple[float, float] = (0.95, 1.1)
+    top: float = 0.75
+    bottom: float = 0.55
+    margin_left: float = 0.75
+
+    @property
+    def panel_w(self) -> float:
+        return self.panel[0] - self.gap[0]
+
+    @property
+    def panel_h(self) -> float:
+        return self.panel[1] - self.gap[1]
+
+    @property
+    def grid_w(self) -> float:
+        return self.ncols * self.panel_w + (self.ncols - 1) * self.gap[0]
+
+    @property
+    def width(self) -> float:
+        return max(self.margin_left + self.grid_w + RIGHT_MARGIN, MIN_WIDTH)
+
+    @property
+    def left(self) -> float:
+        """Inches from the figure's left edge to the first panel."""
+        return self.margin_left + (self.width - self.margin_left - self.grid_w - RIGHT_MARGIN) / 2
+
+    @property
+    def grid_bottom(self) -> float:
+        """Inches from the figure's top edge to the last row's lower edge."""
+        return self.top + self.nrows * self.panel_h + (self.nrows - 1) * self.gap[1]
+
+    @property
+    def height(self) -> float:
+        return self.grid_bottom + self.bottom
+
+
 def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), gap: tuple[float, float] = (0.95, 1.1),
                top: float = 0.75, bottom: float = 0.55, left: float = 0.75, **kw):
-    """A grid of panels with fixed margins and gaps in inches (room for titles, tick labels and a colour
-    bar); `panel` is one axes plus its share of the gaps, so gaps stay the same whatever the panel size.
+    """A figure and a grid of Axes at a fixed `Layout` (for scatter panels; heat maps use `PanelGrid`).
 
     A fixed layout instead of matplotlib's constrained/tight layout: measuring every tick label is
     what made large grids slow, and fixed spacing sized for our labels never overlaps.
     """
     kw.pop("layout", None)
-    axes_w, axes_h = panel[0] - gap[0], panel[1] - gap[1]
-    grid_w = ncols * axes_w + (ncols - 1) * gap[0]
-    width = max(left + grid_w + RIGHT_MARGIN, MIN_WIDTH)
-    left += (width - left - grid_w - RIGHT_MARGIN) / 2
-    height = top + nrows * axes_h + (nrows - 1) * gap[1] + bottom
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
-    fig.subplots_adjust(left=left / width, right=(left + grid_w) / width, bottom=bottom / height,
-                        top=1 - top / height, wspace=gap[0] / axes_w, hspace=gap[1] / axes_h)
+    at = Layout(nrows, ncols, panel, gap, top, bottom, left)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(at.width, at.height), squeeze=False, **kw)
+    fig.subplots_adjust(left=at.left / at.width, right=(at.left + at.grid_w) / at.width,
+                        bottom=1 - at.grid_bottom / at.height, top=1 - top / at.height,
+                        wspace=gap[0] / at.panel_w, hspace=gap[1] / at.panel_h)
     return fig, axes
 
 
 def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "neither"):
-    """A colour bar right of the panels (slot k of n, stacked top to bottom), outside every panel."""
+    """A colour bar right of the grid of `new_figure` (slot k of n, stacked top to bottom)."""
+    pars = fig.subplotpars
+    return side_colorbar(fig, im, label, pars.right, pars.top, pars.bottom, slot, slots, extend)
+
+
+def side_colorbar(fig, im, label: str, right: float, top: float, bottom: float, slot: int = 0, slots: int = 1,
+                  extend: str = "neither"):
+    """A colour bar 0.25 in right of a grid whose right, top and bottom edges are figure fractions."""
     width = fig.get_size_inches()[0]
-    top, bottom, right = fig.subplotpars.top, fig.subplotpars.bottom, fig.subplotpars.right
     span = (top - bottom) / slots
     cax = fig.add_axes([right + 0.25 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
     cb = fig.colorbar(im, cax=cax, extend=extend)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import MAX_TICKS, MIN_WIDTH, RIGHT_MARGIN, TICK_FONT, save, tick_positions  # sets the Agg backend
+from .common import MAX_TICKS, TICK_FONT, Layout, save, side_colorbar, tick_positions  # sets the Agg backend
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.collections import LineCollection, PatchCollection  # noqa: E402
@@ -32,15 +32,9 @@ class PanelGrid:
     def __init__(self, nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6),
                  gap: tuple[float, float] = (0.95, 1.1), top: float = 0.75, bottom: float = 0.55,
                  left: float = 0.75):
-        self.panel_w, self.panel_h = panel[0] - gap[0], panel[1] - gap[1]
-        self.gap = gap
-        grid_w = ncols * self.panel_w + (ncols - 1) * gap[0]
-        self.width = max(left + grid_w + RIGHT_MARGIN, MIN_WIDTH)
-        self.left = left + (self.width - left - grid_w - RIGHT_MARGIN) / 2
-        self.right = self.left + grid_w
-        self.top = top
-        self.grid_bottom = top + nrows * self.panel_h + (nrows - 1) * gap[1]
-        self.height = self.grid_bottom + bottom
+        self.layout = Layout(nrows, ncols, panel, gap, top, bottom, left)
+        self.panel_w, self.panel_h = self.layout.panel_w, self.layout.panel_h
+        self.width, self.height = self.layout.width, self.layout.height
         self.fig = plt.figure(figsize=(self.width, self.height))
         self.canvas = self.fig.add_axes((0, 0, 1, 1))
         self.canvas.set_axis_off()
@@ -56,7 +50,8 @@ class PanelGrid:
 
     def corner(self, r: int, c: int) -> tuple[float, float]:
         """The top left corner of panel (r, c), inches from the figure's top left."""
-        return self.left + c * (self.panel_w + self.gap[0]), self.top + r * (self.panel_h + self.gap[1])
+        at = self.layout
+        return at.left + c * (self.panel_w + at.gap[0]), at.top + r * (self.panel_h + at.gap[1])
 
     def heatmap(self, r: int, c: int, values: np.ndarray, xlabels: list[str], ylabels: list[str], cmap,
                 vmin: float, vmax: float, xlabel: str = "expert", ylabel: str = "expert", show_x: bool = True,
@@ -128,14 +123,9 @@ class PanelGrid:
 
     def colorbar(self, im, label: str, slot: int = 0, slots: int = 1, extend: str = "neither"):
         """A colour bar right of the panels (slot k of n, stacked top to bottom)."""
-        top, bottom = 1 - self.top / self.height, 1 - self.grid_bottom / self.height
-        span = (top - bottom) / slots
-        cax = self.fig.add_axes([(self.right + 0.25) / self.width, top - span * (slot + 1) + span * 0.1,
-                                 0.13 / self.width, span * 0.8])
-        cb = self.fig.colorbar(im, cax=cax, extend=extend)
-        cb.set_label(label, fontsize=9)
-        cb.ax.tick_params(labelsize=8)
-        return cb
+        at = self.layout
+        return side_colorbar(self.fig, im, label, (at.left + at.grid_w) / at.width, 1 - at.top / at.height,
+                             1 - at.grid_bottom / at.height, slot, slots, extend)
 
     def save(self, path: Path, title: str) -> None:
         """Frames, tick marks and dots as one collection each, then the title and the PNG (see `save`)."""

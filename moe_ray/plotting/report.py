@@ -129,7 +129,8 @@ class Report:
 PARALLEL = ("auto", "ray", "processes", "none")
 """How `render` draws its sections: `ray` as Ray tasks (the session this process is connected to),
 `processes` in a pool of forked processes (one per usable CPU), `none` one after another here;
-`auto` picks Ray when a session is up, else processes when there is more than one CPU."""
+`auto` picks Ray when a session is up, else processes when more than one CPU is idle (then one per idle
+CPU)."""
 
 SECTION_BY_KEY = {s.key: s for s in SECTIONS}
 
@@ -155,8 +156,8 @@ def section_tasks(section: Section, views: list[StoreView]) -> list[Task]:
     return tasks
 
 
-def _input_has(view: StoreView, inp: str, array: str | None) -> bool:
-    return inp in view.groups("dynamic") and (array is None or array in view.dataset(f"dynamic/{inp}"))
+def _input_has(view: StoreView, inp: str, array: str) -> bool:
+    return inp in view.groups("dynamic") and array in view.dataset(f"dynamic/{inp}")
 
 
 def _task_pages(section: Section, views: list[StoreView], inp: str | None) -> list[list[int] | None]:
@@ -183,6 +184,13 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def idle_cpus() -> int:
+    """Usable CPUs less the 1-minute load average (what other processes already run), at least 1: on a
+    shared machine whose cores are busy, more drawing processes only contend (measured 0.8x)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(usable_cpus(), round(usable_cpus() - load)))
+
+
 def _ray_session():
     """The `ray` module when this process is connected to a Ray session (never imports Ray itself)."""
     ray = sys.modules.get("ray")
@@ -197,13 +205,15 @@ def resolve_parallel(parallel: str, tasks: int) -> str:
         return parallel
     if _ray_session() is not None:
         return "ray"
-    return "processes" if usable_cpus() > 1 and tasks > 1 else "none"
+    return "processes" if idle_cpus() > 1 and tasks > 1 else "none"
 
 
 def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
     """Start every drawing task; returns a function that waits for them and gives each task's
     [(Figure, PNG bytes)] in task order. The caller computes tables in the meantime."""
     mode = resolve_parallel(parallel, len(tasks))
+    if not tasks:
+        return lambda: []
     if mode == "ray":
         ray = _ray_session()
         if ray is None:
@@ -216,8 +226,8 @@ def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tu
         from concurrent.futures import ProcessPoolExecutor
 
         # fork: the workers start with this process's imports (a fresh interpreter would take seconds)
-        pool = ProcessPoolExecutor(max_workers=min(usable_cpus(), len(tasks)),
-                                   mp_context=multiprocessing.get_context("fork"))
+        workers = min(usable_cpus() if parallel == "processes" else idle_cpus(), len(tasks))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
         futures = [pool.submit(draw_section, key, stores) for key, stores in tasks]
 
         def wait() -> list:

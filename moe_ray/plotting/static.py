@@ -195,7 +195,7 @@ def _pca_panel(ax, pts: np.ndarray, labels: list[str], colors: list, outlier: np
         for i in np.concatenate([keep, removed]):
             ax.annotate(labels[i], pts[i], fontsize=6, xytext=(2, 2), textcoords="offset points",
                         color="0.4" if i in removed else "black", annotation_clip=True)
-    ax.locator_params(nbins=4)
+    ax.locator_params(nbins=3)
     ax.tick_params(labelsize=6)
     return {"labels": [labels[i] for i in keep], "xy": pts[keep], "removed": [labels[i] for i in removed]}
 
@@ -293,7 +293,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=7)
                     if dims == 3:
                         ax.set_zlabel(f"PC3 ({ev[2]:.0%})", fontsize=7)
-                    ax.locator_params(nbins=4 if dims == 2 else 3)
+                    ax.locator_params(nbins=3)
                     ax.tick_params(labelsize=5)
                     if dims == 3:
                         ax.grid(False)  # the panes give depth; 3-D grid lines cost a third of the drawing
