@@ -93,7 +93,9 @@ def test_neuron_pca_randomized_recovers_planted_components(small_blocks):
     g = torch.Generator().manual_seed(4)
     basis = torch.linalg.qr(torch.randn(40, 3, generator=g))[0]
     points = [(torch.randn(200, 3, generator=g) * torch.tensor([9.0, 5.0, 3.0])) @ basis.T
-              + 0.05 * torch.randn(200, 40, generator=g) for _ in range(4)]
+              + 0.05 * torch.randn(200, 40, generator=g) + 2.0 for _ in range(4)]  # features off zero
+    for p in points:
+        p[:, 7] = 1.5  # a zero-variance feature: standardises to 0
     exact, exact_ratio = S.neuron_pca(points, 3, "covariance")
     approx, approx_ratio = S.neuron_pca(points, 3, "randomized", seed=1)
     np.testing.assert_allclose(torch.cat(approx).numpy(), torch.cat(exact).numpy(), atol=1e-3)

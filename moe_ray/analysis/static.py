@@ -46,12 +46,17 @@ def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     return cosine_from_gram(v @ v.T)
 
 
-def _fix_signs(columns: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its largest-magnitude entry is positive."""
+def _column_signs(columns: torch.Tensor) -> torch.Tensor:
+    """±1 per column: the sign of its largest-magnitude entry (1 for an all-zero column)."""
     idx = columns.abs().argmax(dim=0)
     signs = torch.sign(columns[idx, torch.arange(columns.shape[1])])
     signs[signs == 0] = 1
-    return columns * signs
+    return signs
+
+
+def _fix_signs(columns: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive."""
+    return columns * _column_signs(columns)
 
 
 # ---- S1: matrix-level similarity (§4.1.1, Fig 1) -------------------------------------------------
@@ -152,49 +157,72 @@ def _neuron_blocks(points: Sequence[torch.Tensor]):
             yield p[r0:r0 + step]
 
 
-def _neuron_moments(points: Sequence[torch.Tensor], full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """Mean [d] and population std [d] of the neuron points, in one streamed pass;
-    with `full`, also their covariance matrix [d, d] (float64)."""
+def _neuron_moments(points: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean [d], population std [d] and covariance [d, d] of the neuron points, one streamed pass."""
     d = points[0].shape[1]
     total = torch.zeros(d, dtype=torch.float64)
-    second = torch.zeros(d, d, dtype=torch.float64) if full else torch.zeros(d, dtype=torch.float64)
+    second = torch.zeros(d, d, dtype=torch.float64)
     n = 0
     for block in _neuron_blocks(points):
         total += block.sum(0).double()
-        second += (block.T @ block).double() if full else (block * block).sum(0).double()
+        second += (block.T @ block).double()
         n += block.shape[0]
     mean = total / n
-    cov = second / n - torch.outer(mean, mean) if full else None
-    var = torch.diagonal(cov) if full else second / n - mean * mean
-    return mean, var.clamp_min(0).sqrt(), cov, n
+    cov = second / n - torch.outer(mean, mean)
+    return mean, torch.diagonal(cov).clamp_min(0).sqrt(), cov
 
 
-def _randomized_components(points, mean, std, k, oversample=10, power_iters=3, seed=0):
-    """Top-k eigenvectors of Zᵀ Z for the standardised neuron matrix Z (Halko et al.), [d, k].
+def _randomized_pca(points: Sequence[torch.Tensor], k: int, width: int = 16, power_iters: int = 2,
+                    seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    """Randomised PCA of the standardised neuron matrix Z = (X - μ) / σ (Halko et al. subspace
+    iteration), streamed over X and never forming Z. Returns each expert's scores [n_e, k] (loadings
+    not yet sign-fixed), the loadings [d, k], the eigenvalues of Zᵀ Z [k] and the number of features
+    with variance (the trace of the correlation matrix).
 
-    Z = (X - μ) / σ is never formed: Zᵀ Z M = (Xᵀ X (M/σ) - μ (μ/σ)ᵀ M n) / σ, streamed over X.
+    Passes over X: the first computes X's moments and Xᵀ X Ω together (Zᵀ Z (σ Ω) follows from them,
+    so the moments cost no pass of their own); `power_iters` more apply Zᵀ Z; the last computes
+    W = Z Q per expert, from which both the Rayleigh-Ritz eigenproblem (Qᵀ Zᵀ Z Q = Wᵀ W) and the
+    scores (Z Q V = W V) follow, so no pass is spent on Qᵀ Zᵀ Z Q or on projecting the neurons.
     """
-    d = mean.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    width = min(d, k + oversample)
+    d = points[0].shape[1]
+    width = min(d, max(width, k))
+    omega = torch.randn(d, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    total = torch.zeros(d, dtype=torch.float64)
+    squares = torch.zeros(d, dtype=torch.float64)
+    product = torch.zeros(d, width, dtype=torch.float64)
+    omega32 = omega.float()
+    n = 0
+    for block in _neuron_blocks(points):
+        total += block.sum(0).double()
+        squares += (block * block).sum(0).double()
+        product += (block.T @ (block @ omega32)).double()
+        n += block.shape[0]
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(0).sqrt()
+    live = std > 0
+    std = torch.where(live, std, torch.ones_like(std))  # zero-variance features standardise to 0
 
-    def zt_z(mat: torch.Tensor) -> torch.Tensor:
-        scaled = (mat / std[:, None]).float()
-        acc = torch.zeros(d, mat.shape[1], dtype=torch.float64)
-        n = 0
-        for block in _neuron_blocks(points):
-            acc += (block.T @ (block @ scaled)).double()
-            n += block.shape[0]
-        acc -= n * torch.outer(mean, mean @ scaled.double())
-        return acc / std[:, None]
+    def zt_z_times_scaled(xt_x_m: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Zᵀ Z (σ m) given Xᵀ X m."""
+        return (xt_x_m - n * torch.outer(mean, mean @ m)) / std[:, None]
 
-    q, _ = torch.linalg.qr(torch.randn(d, width, generator=gen, dtype=torch.float64))
+    q, _ = torch.linalg.qr(zt_z_times_scaled(product, omega))  # start: Zᵀ Z σΩ
     for _ in range(power_iters):
-        q, _ = torch.linalg.qr(zt_z(q))
-    small = q.T @ zt_z(q)  # Qᵀ ZᵀZ Q, [width, width]
+        m = q / std[:, None]
+        m32, product = m.float(), torch.zeros(d, width, dtype=torch.float64)
+        for block in _neuron_blocks(points):
+            product += (block.T @ (block @ m32)).double()
+        q, _ = torch.linalg.qr(zt_z_times_scaled(product, m))
+    m = q / std[:, None]
+    m32, offset = m.float(), mean @ m
+    projected = []  # W = Z Q, expert by expert
+    for p in points:
+        projected.append(torch.cat([(block @ m32).double() for block in _neuron_blocks([p])]) - offset)
+    small = sum(w.T @ w for w in projected)  # Qᵀ Zᵀ Z Q
     evals, evecs = torch.linalg.eigh((small + small.T) / 2)
     order = evals.argsort(descending=True)[:k]
-    return q @ evecs[:, order], evals[order]
+    evecs = evecs[:, order]
+    return [w @ evecs for w in projected], q @ evecs, evals[order], int(live.sum())
 
 
 def neuron_pca(points: Sequence[torch.Tensor], n_components: int = 3, method: str = "covariance",
@@ -203,21 +231,21 @@ def neuron_pca(points: Sequence[torch.Tensor], n_components: int = 3, method: st
 
     `points[i]` is expert i's neurons as rows [d_mid_i, d_hid] (see `neuron_vectors`). Returns each
     expert's scores [d_mid_i, c] and the explained-variance ratios [c]. `method="covariance"` is
-    exact (d_hid x d_hid correlation matrix, one pass); `"randomized"` uses a randomised range finder
-    with power iterations (cheaper when d_hid is large; converges to the same components).
+    exact (d_hid x d_hid correlation matrix, one pass); `"randomized"` is a randomised subspace
+    iteration (four narrow passes; cheaper when d_hid is large; converges to the same components).
     """
     if method not in ("covariance", "randomized"):
         raise ValueError(f"unknown neuron PCA method {method!r}")
-    mean, std, cov, n = _neuron_moments(points, full=method == "covariance")
+    if method == "randomized":
+        scores, loadings, evals, live = _randomized_pca(points, n_components, seed=seed)
+        signs = _column_signs(loadings)
+        return [s * signs for s in scores], evals / sum(p.shape[0] for p in points) / live
+    mean, std, cov = _neuron_moments(points)
     live = std > 0
     std = torch.where(live, std, torch.ones_like(std))  # zero-variance features standardise to 0
     total_var = float(live.sum())  # trace of the correlation matrix
-    if method == "covariance":
-        evals, evecs = torch.linalg.eigh(cov / torch.outer(std, std))
-        evals, evecs = evals.flip(0)[:n_components], evecs.flip(1)[:, :n_components]
-    else:
-        evecs, evals = _randomized_components(points, mean, std, n_components, seed=seed)
-        evals = evals / n
+    evals, evecs = torch.linalg.eigh(cov / torch.outer(std, std))
+    evals, evecs = evals.flip(0)[:n_components], evecs.flip(1)[:, :n_components]
     loadings = _fix_signs(evecs)
     weight = (loadings / std[:, None]).float()
     offset = (mean / std) @ loadings

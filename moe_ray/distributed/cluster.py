@@ -74,6 +74,7 @@ def connect(address: str | None = None, num_cpus: int | None = None,
             ray.init(num_cpus=num_cpus, include_dashboard=False,
                      object_store_memory=int(object_store_memory_gb * 2**30), **kwargs)
             where = f"a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs"
+            prestart_workers(int(ray.cluster_resources().get("CPU", 0)))
     except Exception as exc:
         name = type(exc).__name__
         if "Authentication" in name or "auth" in str(exc).lower() and "token" in str(exc).lower():
@@ -82,6 +83,21 @@ def connect(address: str | None = None, num_cpus: int | None = None,
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from None
         raise MoeRayError(f"cannot connect to Ray{' at ' + address if address else ''}: {exc}") from None
     return where
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def _import_compute_modules() -> None:
+    import moe_ray.units  # noqa: F401  (torch, transformers, the analyses)
+
+
+def prestart_workers(count: int) -> None:
+    """Start `count` workers importing torch and the analyses now, without waiting for them.
+
+    A fresh worker spends seconds on imports before its first unit; on a Ray this process has just
+    started, that happens while the driver plans the run instead (Ray reuses the warm workers).
+    """
+    for _ in range(count):
+        _import_compute_modules.remote()
 
 
 def alive_nodes() -> list[dict[str, float]]:
