@@ -337,20 +337,22 @@ class DynamicJob(AnalysisJob):
 
     def finish(self, store: ResultStore) -> str:
         E = self.plan.facts.num_experts
+
+        def mean_angular(group: str) -> float:
+            """Mean of D2's off-diagonal routed-expert angular similarity in `dynamic/<group>`."""
+            ang = np.asarray(store.root[f"{GROUP}/{group}/expert_output_angular_mean"][...], dtype=np.float64)
+            return float(np.nanmean(ang[:, :E, :E][:, ~np.eye(E, dtype=bool)]))
+
         parts = []
         sequences = [i for i in self.plan.inputs if i.name.startswith(f"{CORPUS}/")]
         if sequences:
             tokens = write_corpus_aggregates(store, self.plan, sequences)
-            ang = np.asarray(store.root[f"{GROUP}/{CORPUS}/expert_output_angular_mean"][...], dtype=np.float64)
-            off = ang[:, :E, :E][:, ~np.eye(E, dtype=bool)]
             parts.append(f"corpus ({len(sequences)} sequences, {tokens} tokens) mean angular similarity "
-                         f"{np.nanmean(off):.3f}")
+                         f"{mean_angular(CORPUS):.3f}")
         for item in self.plan.inputs:
-            if item in sequences:
-                continue
-            ang = np.asarray(store.root[f"{GROUP}/{item.name}/expert_output_angular_mean"][...], dtype=np.float64)
-            off = ang[:, :E, :E][:, ~np.eye(E, dtype=bool)]
-            parts.append(f"{item.name} ({len(item.ids)} tokens) mean angular similarity {np.nanmean(off):.3f}")
+            if item not in sequences:
+                parts.append(f"{item.name} ({len(item.ids)} tokens) mean angular similarity "
+                             f"{mean_angular(item.name):.3f}")
         return "dynamic: " + ", ".join(parts)
 
 
