@@ -16,15 +16,17 @@ import datetime as _dt
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 import zarr
 import zarr.storage
 
 from . import __version__
 from .errors import StoreError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 SCHEMA_VERSION = 1
 DONE = "unit_done"
@@ -304,8 +306,10 @@ def unit_done(group: zarr.Group) -> np.ndarray:
     return np.asarray(group[DONE][...]).astype(bool)
 
 
-def open_results(url: str) -> xr.DataTree:
+def open_results(url: str) -> "xr.DataTree":
     """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>)."""
+    import xarray as xr  # here, not at the top: workers writing the store never need it
+
     url = str(url)
     if not _exists(url) or not _is_moe_ray_store(url):
         raise StoreError(f"{url} is not a moe-ray store")
