@@ -3,6 +3,7 @@ detection from real-style configs, and a clear error for every kind of bad check
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import fsspec
@@ -109,6 +110,20 @@ def test_fsspec_url_reads_the_same_tensors(tiny):
     key = local.family.expert_keys(3, 5)["down"]
     torch.testing.assert_close(remote.read(key), local.read(key), rtol=0, atol=0)
     assert remote.facts == local.facts
+
+
+def test_prefetch_asks_for_exactly_each_tensors_bytes(tiny, monkeypatch):
+    ck = open_checkpoint(tiny("mixtral", "scratch", dtype="bfloat16").path)
+    keys = [*ck.family.expert_keys(2, 1).values(), ck.family.router_weight_key(2)]
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)))
+    ck.prefetch(keys)
+    assert len(calls) == len(keys) and {c[3] for c in calls} == {os.POSIX_FADV_WILLNEED}
+    for key, (file, offset, length, _) in zip(keys, calls):
+        raw = open(file, "rb").read()[offset:offset + length]  # the range holds exactly this tensor
+        stored = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(ck.info(key).shape)
+        assert torch.equal(stored.float(), ck.read(key))
 
 
 # ---- detection from real-style configs ------------------------------------------------------

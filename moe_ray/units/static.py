@@ -177,6 +177,9 @@ def run_layer(plan: StaticPlan, layer: int) -> dict:
                for name, q in STATIC_SCHEMA.items() if q.dtype.startswith("float")}
     outliers = np.zeros((len(MATRICES), n_labels), dtype=np.uint8)
     averages: dict[str, torch.Tensor] = {}
+    for matrix in MATRICES:  # the later kinds arrive from disk while the first is computed on
+        for _, source, key in plan.label_keys(ckpt, ref, layer, matrix):
+            source.prefetch([key])
     for mi, matrix in enumerate(MATRICES):
         mats: dict[str, torch.Tensor] = {}
         for label, source, key in plan.label_keys(ckpt, ref, layer, matrix):
