@@ -278,6 +278,22 @@ def test_parallel_modes_draw_the_same(synthetic, ray_session):
                         assert a.data[key] == b.data[key]
 
 
+def test_busy_cpus_counts_ticks_not_idle(monkeypatch):
+    """Busy CPUs from two /proc/stat samples: 150 of 200 ticks neither idle nor iowait -> 3/4 of the
+    machine's CPUs; auto then leaves the rest to the drawing processes (at least one)."""
+    import moe_ray.plotting.report as R
+
+    samples = iter([[1000, 10, 200, 5000, 40, 0, 3, 0], [1120, 10, 230, 5045, 45, 0, 3, 0]])
+    monkeypatch.setattr(R, "_cpu_ticks", lambda: next(samples))
+    monkeypatch.setattr(R.os, "cpu_count", lambda: 4)
+    assert R.busy_cpus(0.0) == pytest.approx(3.0)
+    samples = iter([[0] * 8, [0, 0, 0, 150, 50, 0, 0, 0]])
+    monkeypatch.setattr(R, "usable_cpus", lambda: 4)
+    assert R.idle_cpus(0.0) == 4  # all idle (iowait counts as idle)
+    samples = iter([[0] * 8, [200, 0, 0, 0, 0, 0, 0, 0]])
+    assert R.idle_cpus(0.0) == 1  # every CPU busy: still one process
+
+
 @pytest.fixture(scope="module")
 def deep_store(ray_session, tmp_path_factory):
     """A real 6-layer model (static analyses and the short dynamic input): more layers than one image holds."""

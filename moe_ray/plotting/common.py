@@ -8,6 +8,7 @@ only the chunks of the layers and tokens it shows.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -89,6 +90,17 @@ class StoreView:
         self.inputs = None if inputs is None else list(inputs)
         self.layers = None if layers is None else {int(l) for l in layers}
         self._datasets: dict[str, xr.Dataset] = {}
+        self._done: dict[str, tuple[list[int], np.ndarray]] = {}
+
+    def restricted(self, label: str, inputs: list[str] | None, layers: list[int] | None) -> "StoreView":
+        """This view under another label, restricted to `inputs` and `layers` (see __init__), sharing
+        what it has opened and read: a drawing task in this process, or in one forked from it, opens
+        nothing twice."""
+        view = copy.copy(self)
+        view.label = label
+        view.inputs = None if inputs is None else list(inputs)
+        view.layers = None if layers is None else {int(l) for l in layers}
+        return view
 
     def _default_label(self) -> str:
         family = self.model.get("family", "model")
@@ -118,12 +130,15 @@ class StoreView:
     def done_layers(self, group: str) -> tuple[list[int], list[int]]:
         """(layers whose unit is done, layers not done) for a group with a per-layer `unit_done`, among
         the view's layers."""
-        ds = self.dataset(group)
-        layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
-        if DONE in ds and ds[DONE].dims == ("layer",):
-            flags = np.asarray(ds[DONE].values).astype(bool)
-        else:
-            flags = np.ones(len(layers), dtype=bool)
+        if group not in self._done:
+            ds = self.dataset(group)
+            layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
+            if DONE in ds and ds[DONE].dims == ("layer",):
+                flags = np.asarray(ds[DONE].values).astype(bool)
+            else:
+                flags = np.ones(len(layers), dtype=bool)
+            self._done[group] = (layers, flags)
+        layers, flags = self._done[group]
         mine = [(l, f) for l, f in zip(layers, flags) if self.layers is None or l in self.layers]
         return [l for l, f in mine if f], [l for l, f in mine if not f]
 
@@ -249,6 +264,7 @@ class Layout:
     top: float = 0.75
     bottom: float = 0.55
     margin_left: float = 0.75
+    margin_right: float = RIGHT_MARGIN
 
     @property
     def panel_w(self) -> float:
@@ -264,12 +280,12 @@ class Layout:
 
     @property
     def width(self) -> float:
-        return max(self.margin_left + self.grid_w + RIGHT_MARGIN, MIN_WIDTH)
+        return max(self.margin_left + self.grid_w + self.margin_right, MIN_WIDTH)
 
     @property
     def left(self) -> float:
         """Inches from the figure's left edge to the first panel."""
-        return self.margin_left + (self.width - self.margin_left - self.grid_w - RIGHT_MARGIN) / 2
+        return self.margin_left + (self.width - self.margin_left - self.grid_w - self.margin_right) / 2
 
     @property
     def grid_bottom(self) -> float:
@@ -282,14 +298,14 @@ class Layout:
 
 
 def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), gap: tuple[float, float] = (0.95, 1.1),
-               top: float = 0.75, bottom: float = 0.55, left: float = 0.75, **kw):
+               top: float = 0.75, bottom: float = 0.55, left: float = 0.75, right: float = RIGHT_MARGIN, **kw):
     """A figure and a grid of Axes at a fixed `Layout` (for scatter panels; heat maps use `PanelGrid`).
 
     A fixed layout instead of matplotlib's constrained/tight layout: measuring every tick label is
     what made large grids slow, and fixed spacing sized for our labels never overlaps.
     """
     kw.pop("layout", None)
-    at = Layout(nrows, ncols, panel, gap, top, bottom, left)
+    at = Layout(nrows, ncols, panel, gap, top, bottom, left, right)
     fig, axes = plt.subplots(nrows, ncols, figsize=(at.width, at.height), squeeze=False, **kw)
     fig.subplots_adjust(left=at.left / at.width, right=(at.left + at.grid_w) / at.width,
                         bottom=1 - at.grid_bottom / at.height, top=1 - top / at.height,
@@ -297,18 +313,18 @@ def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), 
     return fig, axes
 
 
-def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "neither"):
+def colorbar(fig, im, label: str, slot: int = 0, slots: int = 1, extend: str = "neither", pad: float = 0.25):
     """A colour bar right of the grid of `new_figure` (slot k of n, stacked top to bottom)."""
     pars = fig.subplotpars
-    return side_colorbar(fig, im, label, pars.right, pars.top, pars.bottom, slot, slots, extend)
+    return side_colorbar(fig, im, label, pars.right, pars.top, pars.bottom, slot, slots, extend, pad)
 
 
 def side_colorbar(fig, im, label: str, right: float, top: float, bottom: float, slot: int = 0, slots: int = 1,
-                  extend: str = "neither"):
-    """A colour bar 0.25 in right of a grid whose right, top and bottom edges are figure fractions."""
+                  extend: str = "neither", pad: float = 0.25):
+    """A colour bar `pad` inches right of a grid whose right, top and bottom edges are figure fractions."""
     width = fig.get_size_inches()[0]
     span = (top - bottom) / slots
-    cax = fig.add_axes([right + 0.25 / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
+    cax = fig.add_axes([right + pad / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
     cb = fig.colorbar(im, cax=cax, extend=extend)
     cb.set_label(label, fontsize=9)
     cb.ax.tick_params(labelsize=8)

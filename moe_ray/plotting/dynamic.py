@@ -131,9 +131,7 @@ def chosen_cmap():
     from matplotlib.colors import ListedColormap
 
     base = matplotlib.colormaps[CMAPS["score"]]
-    cmap = ListedColormap(base(np.linspace(0.25, 1.0, 256)), name="score_chosen")
-    cmap.set_bad("white")
-    return cmap
+    return ListedColormap(base(np.linspace(0.25, 1.0, 256)), name="score_chosen").with_extremes(bad="white")
 
 
 def topk_cells(topk: np.ndarray, labels: list[str]) -> list[tuple[int, int]]:

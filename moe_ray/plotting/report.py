@@ -171,10 +171,16 @@ def _task_pages(section: Section, views: list[StoreView], inp: str | None) -> li
     return pages(layers) or [None]
 
 
+_OPENED: dict[str, StoreView] = {}
+"""The stores `render` is drawing, opened: drawing tasks in this process and in the processes it forks
+share them (each task opening every group again cost a tenth of the report); Ray tasks open their own."""
+
+
 def draw_section(key: str, stores: list[StoreRef]) -> list[tuple[Figure, bytes]]:
     """Draw one section for `stores` into a scratch directory: its figures and their PNG bytes, so a
     worker needs no access to the report directory (a Ray task may run on another node)."""
-    views = [StoreView(url, label, inputs, layers) for url, label, inputs, layers in stores]
+    views = [_OPENED[url].restricted(label, inputs, layers) if url in _OPENED else StoreView(url, label, inputs, layers)
+             for url, label, inputs, layers in stores]
     with tempfile.TemporaryDirectory(prefix="moe-ray-plot-") as scratch:
         figures = SECTION_BY_KEY[key].draw(views, Path(scratch))
         return [(f, f.path.read_bytes()) for f in figures]
@@ -184,11 +190,34 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def idle_cpus() -> int:
-    """Usable CPUs less the 1-minute load average (what other processes already run), at least 1: on a
-    shared machine whose cores are busy, more drawing processes only contend (measured 0.8x)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(usable_cpus(), round(usable_cpus() - load)))
+def idle_cpus(window: float = 0.1) -> int:
+    """Usable CPUs less those other processes keep busy, at least 1: on a shared machine whose cores
+    are busy, more drawing processes only contend (measured 0.8x)."""
+    return max(1, min(usable_cpus(), round(usable_cpus() - busy_cpus(window))))
+
+
+def busy_cpus(window: float = 0.1) -> float:
+    """CPUs busy over the next `window` seconds, from /proc/stat's idle and iowait times; elsewhere the
+    1-minute load average. Not the load average where /proc/stat exists: it lags by a minute, so right
+    after a run it counts work that has finished and the report was drawn serially on idle cores."""
+    try:
+        before = _cpu_ticks()
+        time.sleep(window)
+        after = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = sum(after) - sum(before)
+    idle = (after[3] + after[4]) - (before[3] + before[4])
+    return (os.cpu_count() or 1) * (1 - idle / total) if total > 0 else 0.0
+
+
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU times (user nice system idle iowait ...) in ticks, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    if fields[0] != "cpu":
+        raise ValueError("unexpected /proc/stat")
+    return [int(x) for x in fields[1:]]
 
 
 def _ray_session():
@@ -257,14 +286,18 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") ->
     status = {s.key: {v.label: _has(v, s) for v in views} for s in SECTIONS}
     have = {s.key: [v for v in views if status[s.key][v.label][0]] for s in SECTIONS}
     tasks = [t for s in SECTIONS if s.draw is not None and have[s.key] for t in section_tasks(s, have[s.key])]
-    wait = start_drawing(tasks, parallel)
+    _OPENED.update({v.url: v for v in views})
     try:
-        tables = {s.key: section_table(s, have[s.key], tab_dir) for s in SECTIONS
-                  if s.table is not None and have[s.key]}
+        wait = start_drawing(tasks, parallel)
+        try:
+            tables = {s.key: section_table(s, have[s.key], tab_dir) for s in SECTIONS
+                      if s.table is not None and have[s.key]}
+        finally:
+            drawn: dict[str, list[tuple[Figure, bytes]]] = {}
+            for (key, _), figures in zip(tasks, wait()):
+                drawn.setdefault(key, []).extend(figures)
     finally:
-        drawn: dict[str, list[tuple[Figure, bytes]]] = {}
-        for (key, _), figures in zip(tasks, wait()):
-            drawn.setdefault(key, []).extend(figures)
+        _OPENED.clear()
     body = []
     for section in SECTIONS:
         notes = _notes(section, have[section.key], status[section.key])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, HEADER_ROOM, Figure, StoreView, colorbar, grid_labels, new_figure, nonempty_labels,
-                     page_name, pages, panel_title, save, shared_range, store_headers)
+from .common import (CMAPS, HEADER_ROOM, RIGHT_MARGIN, Figure, StoreView, colorbar, grid_labels, new_figure,
+                     nonempty_labels, page_name, pages, panel_title, save, shared_range, store_headers)
 from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
@@ -146,9 +146,10 @@ def _expert_colors(labels: list[str]) -> list:
             else cmap(int(lab) if n <= 10 else int(lab) / max(n - 1, 1)) for lab in labels]
 
 
-def _expert_keys(fig, named: dict, ranged: list[tuple[list[str], str]]) -> None:
-    """Which colour is which expert, right of the panels: one legend for the stores with few experts
-    (`named`: label -> colour), then a colour bar per store with many (`ranged`: labels, store label)."""
+def _expert_keys(fig, named: dict, ranged: list[tuple[list[str], str]], pad: float = 0.0) -> None:
+    """Which colour is which expert, `pad` inches further right of the panels than usual: one legend for
+    the stores with few experts (`named`: label -> colour), then a colour bar per store with many
+    (`ranged`: labels, store label)."""
     import matplotlib
     from matplotlib.cm import ScalarMappable
     from matplotlib.lines import Line2D
@@ -158,14 +159,25 @@ def _expert_keys(fig, named: dict, ranged: list[tuple[list[str], str]]) -> None:
         width = fig.get_size_inches()[0]
         handles = [Line2D([], [], marker="o", ls="", color=c, label=lab) for lab, c in named.items()]
         fig.legend(handles=handles, title="expert", fontsize=7, title_fontsize=7, frameon=False, loc="upper left",
-                   bbox_to_anchor=(fig.subplotpars.right + 0.1 / width, fig.subplotpars.top))
+                   bbox_to_anchor=(fig.subplotpars.right + (0.1 + pad) / width, fig.subplotpars.top))
     for i, (labels, store_label) in enumerate(ranged):
         routed = [lab for lab in labels if lab not in SPECIAL_COLORS]
         norm = matplotlib.colors.Normalize(0, len(routed) - 1)
         cb = colorbar(fig, ScalarMappable(norm, matplotlib.colormaps["turbo"]), f"expert ({store_label})",
-                      i + (1 if named else 0), slots)
+                      i + (1 if named else 0), slots, pad=0.25 + pad)
         ticks = [0, len(routed) // 2, len(routed) - 1]
         cb.set_ticks(ticks, labels=[routed[t] for t in ticks])
+
+
+def _note_empty(axes: np.ndarray, page: list[int]) -> None:
+    """Hide the panels of a store x matrix grid that drew nothing, saying there what is missing (as the
+    heat maps' blank panels do)."""
+    for (r, c), ax in np.ndenumerate(axes):
+        if not ax.has_data():
+            ax.set_axis_off()
+            text = getattr(ax, "text2D", ax.text)  # 3-D axes place 2-D text with text2D
+            text(0.5, 0.5, f"layer {page[r]} · W_{MATRICES[c % len(MATRICES)]}\nnot in this store",
+                 transform=ax.transAxes, ha="center", va="center", fontsize=8)
 
 
 def _label_order(label: str) -> tuple[int, int]:
@@ -235,15 +247,16 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
                     panel_title(ax, f"layer {layer} · W_{m}{note}")
                     data[(v.label, layer, m)] = drawn
         _expert_keys(fig, {}, ranged)
-        for ax in axes.ravel():
-            if not ax.has_data():
-                ax.set_axis_off()
+        _note_empty(axes, page)
         path = out / f"fig6_matrix_pca_{page_name(page)}.png"
         title = f"Fig 6: PCA of expert weight matrices — layers {page[0]}–{page[-1]}"
         save(fig, path, title)
         figures.append(Figure("fig6_matrix_pca", path, title, data))
     return figures
 
+
+Z_LABEL_ROOM = 0.5
+"""Inches a 3-D panel's z-axis label reaches right of its Axes box: the colour key starts beyond it."""
 
 MAX_POINTS_PER_PANEL = 16000
 """Neurons drawn in one Fig 7 panel, over all its experts (every k-th neuron of each expert beyond that;
@@ -257,7 +270,8 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
     figures = []
     kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {}
     for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), top=HEADER_ROOM, **kw)
+        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), top=HEADER_ROOM,
+                               right=RIGHT_MARGIN + (Z_LABEL_ROOM if dims == 3 else 0.0), **kw)
         store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
         data: dict = {}
         named, ranged = {}, []
@@ -303,10 +317,9 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                         named.update({lab: colors[labels.index(lab)] for lab in drawn})
             if len(labels) > 10:
                 ranged.append((labels, v.label))
-        _expert_keys(fig, dict(sorted(named.items(), key=lambda kv: _label_order(kv[0]))), ranged)
-        for ax in axes.ravel():
-            if not ax.has_data():
-                ax.set_axis_off()
+        _expert_keys(fig, dict(sorted(named.items(), key=lambda kv: _label_order(kv[0]))), ranged,
+                     pad=Z_LABEL_ROOM if dims == 3 else 0.0)
+        _note_empty(axes, page)
         suffix = "3d" if dims == 3 else "2d"
         path = out / f"fig7_neuron_pca_{suffix}_{page_name(page)}.png"
         title = f"Fig 7: PCA of expert neurons ({dims}-D) — layers {page[0]}–{page[-1]}"
