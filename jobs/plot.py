@@ -13,7 +13,7 @@ import os
 import sys
 
 from moe_ray.errors import MoeRayError
-from moe_ray.plotting import plot
+from moe_ray.plotting import render
 from moe_ray.plotting.report import PARALLEL
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             from moe_ray.distributed.cluster import connect
 
             print(f"drawing on {connect()}")
-        print(f"wrote {plot(args.stores, args.out, args.parallel)}")
+        print(render(args.stores, args.out, args.parallel).summary())
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2

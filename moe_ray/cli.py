@@ -210,9 +210,9 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
 
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
 def _plot(args: argparse.Namespace) -> int:
-    from .plotting import plot
+    from .plotting import render
 
-    print(f"wrote {plot(args.stores, args.out, args.parallel)}")
+    print(render(args.stores, args.out, args.parallel).summary())
     return 0
 
 

@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             run(spec_path, overwrite=True)
             print(summarize(str(store)))
             stores.append(store)
-        from .plotting import plot
+        from .plotting import render
 
         print(f"\n== report: figures and tables of every store, side by side")
-        index = plot([str(s) for s in stores], out / "report")
+        report = render([str(s) for s in stores], out / "report")
+        print(report.summary())
+        index = report.index
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2

@@ -125,6 +125,10 @@ class Report:
     missing: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def summary(self) -> str:
+        """One line: where the report is, what it holds, how long it took."""
+        return f"wrote {self.index}: {len(self.figures)} figures, {len(self.tables)} tables in {self.seconds:.1f} s"
+
 
 PARALLEL = ("auto", "ray", "processes", "none")
 """How `render` draws its sections: `ray` as Ray tasks (the session this process is connected to),
