@@ -71,12 +71,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_make_tiny(p: argparse.ArgumentParser) -> None:
-    from .checkpoint import FAMILIES
-    from .checkpoint.tiny import VARIANTS
+TINY_FAMILIES = ("mixtral", "grok1", "deepseek_moe", "qwen2_moe", "qwen3_moe", "olmoe")
+"""The MoE families of moe_ray.checkpoint.FAMILIES, and below make-tiny's variants, spelled out so that
+building the parser (every command, --help included) does not import torch."""
+TINY_VARIANTS = ("scratch", "upcycled", "permuted")
 
-    p.add_argument("--family", required=True, choices=[f for f in FAMILIES if f != "dense"])
-    p.add_argument("--variant", required=True, choices=VARIANTS)
+
+def _add_make_tiny(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", required=True, choices=TINY_FAMILIES)
+    p.add_argument("--variant", required=True, choices=TINY_VARIANTS)
     p.add_argument("--out", required=True, help="directory to write the checkpoint into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=0.5, help="upcycled: relative noise added to the parent")

@@ -71,3 +71,15 @@ def test_console_script_end_to_end(tmp_path):
     bad = subprocess.run(exe + ["run", "--model", str(tmp_path / "g" / "dense-parent"), "--store", str(tmp_path / "b.zarr")],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("moe-ray: error: checkpoint directory not found")
+
+
+def test_parser_spells_out_families_and_variants_without_torch():
+    """The parser's make-tiny choices are the package's own; building it imports no torch."""
+    from moe_ray.checkpoint import FAMILIES
+    from moe_ray.checkpoint.tiny import VARIANTS
+    from moe_ray.cli import TINY_FAMILIES, TINY_VARIANTS
+
+    assert set(TINY_FAMILIES) == set(FAMILIES) - {"dense"} and TINY_VARIANTS == VARIANTS
+    code = "import sys; from moe_ray.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
