@@ -125,7 +125,9 @@ def test_partial_and_empty_store_api_and_cli(stores, tmp_path, capsys):
 
     empty = _copy(mix, tmp_path / "empty.zarr")
     del zarr.open_group(empty, mode="r+")["static"]
+    capsys.readouterr()
     assert cli_main(["plot", empty, "--out", str(tmp_path / "e")]) == 0
+    assert f"wrote {tmp_path / 'e' / 'index.html'}: 0 figures, 0 tables in " in capsys.readouterr().out
     text = (tmp_path / "e" / "index.html").read_text()
     assert "no static analyses" in text and "Not in any store" in text
     assert not list((tmp_path / "e" / "figures").iterdir())
