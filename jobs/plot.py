@@ -2,9 +2,10 @@
 
     ray job submit --working-dir . -- python jobs/plot.py STORE [STORE ...] --out DIR
 
-Inside a Ray job (RAY_ADDRESS set) the figures are drawn as Ray tasks on the cluster and their PNGs
-come back to this process, which writes the report; stores must be readable from the workers
-(shared storage or an fsspec URL).
+Inside a Ray job (RAY_ADDRESS set) on a cluster of more CPUs than this machine has, the figures are
+drawn as Ray tasks and their PNGs come back to this process, which writes the report; stores must be
+readable from the workers (shared storage or an fsspec URL). On one machine they are drawn in forked
+processes (`--parallel ray` forces Ray tasks).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stores", nargs="+", help="results stores (several: side by side)")
     parser.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
     parser.add_argument("--parallel", choices=PARALLEL, default="auto",
-                        help="auto: Ray tasks inside a Ray job, else a process pool")
+                        help="auto: Ray tasks inside a Ray job on a cluster larger than this machine, "
+                             "else a process pool")
     args = parser.parse_args(argv)
     try:
         if args.parallel == "ray" or (args.parallel == "auto" and os.environ.get("RAY_ADDRESS")):

@@ -207,8 +207,8 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", help="results stores (several: side by side, shared colour scales)")
     p.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
     p.add_argument("--parallel", choices=PLOT_PARALLEL, default="auto",
-                   help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray when this "
-                        "process has a session, else processes when there is more than one CPU)")
+                   help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray on a cluster "
+                        "of more CPUs than this machine's, else processes when more than one CPU is idle)")
 
 
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)

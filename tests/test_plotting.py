@@ -296,6 +296,23 @@ def test_busy_cpus_counts_ticks_not_idle(monkeypatch):
     assert R.idle_cpus(0.0) == 1  # every CPU busy: still one process
 
 
+def test_auto_uses_ray_only_for_a_cluster_larger_than_this_machine(ray_session, monkeypatch):
+    """The test session's local Ray has 2 CPUs: on a machine of 2 usable CPUs auto forks (or draws here
+    when they are busy); were this machine a 1-CPU driver of that cluster, auto would send Ray tasks."""
+    import moe_ray.plotting.report as R
+
+    monkeypatch.setattr(R, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(R, "busy_cpus", lambda window=0.1: 0.0)
+    assert R.resolve_parallel("auto", 5) == "processes"
+    assert R.resolve_parallel("auto", 1) == "none"
+    monkeypatch.setattr(R, "busy_cpus", lambda window=0.1: 2.0)
+    assert R.resolve_parallel("auto", 5) == "none"
+    monkeypatch.setattr(R, "usable_cpus", lambda: 1)
+    assert R.resolve_parallel("auto", 5) == "ray"
+    with pytest.raises(MoeRayError, match="unknown parallel mode 'threads'"):
+        R.resolve_parallel("threads", 5)
+
+
 @pytest.fixture(scope="module")
 def deep_store(ray_session, tmp_path_factory):
     """A real 6-layer model (static analyses and the short dynamic input): more layers than one image holds."""
