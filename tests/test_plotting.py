@@ -280,20 +280,28 @@ def test_parallel_modes_draw_the_same(synthetic, ray_session):
                         assert a.data[key] == b.data[key]
 
 
-def test_busy_cpus_counts_ticks_not_idle(monkeypatch):
-    """Busy CPUs from two /proc/stat samples: 150 of 200 ticks neither idle nor iowait -> 3/4 of the
-    machine's CPUs; auto then leaves the rest to the drawing processes (at least one)."""
+def test_busy_cpus_counts_our_cpus_ticks_not_idle(monkeypatch):
+    """Busy CPUs from two /proc/stat samples, over the CPUs this process may use only: CPU 0 spent 150
+    of 200 ticks neither idle nor iowait, CPU 1 none of 100, CPU 7 (not ours) all of them."""
     import moe_ray.plotting.report as R
 
-    samples = iter([[1000, 10, 200, 5000, 40, 0, 3, 0], [1120, 10, 230, 5045, 45, 0, 3, 0]])
+    before = {0: [1000, 10, 200, 5000, 40], 1: [0, 0, 0, 900, 0], 7: [0, 0, 0, 0, 0]}
+    after = {0: [1120, 10, 230, 5045, 45], 1: [0, 0, 0, 990, 10], 7: [300, 0, 0, 0, 0]}
+    samples = iter([before, after])
     monkeypatch.setattr(R, "_cpu_ticks", lambda: next(samples))
-    monkeypatch.setattr(R.os, "cpu_count", lambda: 4)
-    assert R.busy_cpus(0.0) == pytest.approx(3.0)
-    samples = iter([[0] * 8, [0, 0, 0, 150, 50, 0, 0, 0]])
-    monkeypatch.setattr(R, "usable_cpus", lambda: 4)
-    assert R.idle_cpus(0.0) == 4  # all idle (iowait counts as idle)
-    samples = iter([[0] * 8, [200, 0, 0, 0, 0, 0, 0, 0]])
+    monkeypatch.setattr(R, "usable_cpu_ids", lambda: {0, 1})
+    assert R.busy_cpus(0.0) == pytest.approx(0.75)
+    samples = iter([before, after])
+    assert R.idle_cpus(0.0) == 1  # 2 usable less 0.75 busy, rounded
+    samples = iter([{0: [0] * 5, 1: [0] * 5}, {0: [0, 0, 0, 150, 50], 1: [0, 0, 0, 200, 0]}])
+    assert R.idle_cpus(0.0) == 2  # all idle (iowait counts as idle)
+    samples = iter([{0: [0] * 5, 1: [0] * 5}, {0: [200, 0, 0, 0, 0], 1: [0, 0, 200, 0, 0]}])
     assert R.idle_cpus(0.0) == 1  # every CPU busy: still one process
+    monkeypatch.undo()
+    if Path("/proc/stat").exists():  # the real file: a line of 5 counters for each CPU we may use
+        ticks = R._cpu_ticks()
+        assert R.usable_cpu_ids() <= ticks.keys() and {len(t) for t in ticks.values()} == {5}
+        assert 0.0 <= R.busy_cpus(0.05) <= R.usable_cpus()
 
 
 def test_auto_uses_ray_only_for_a_cluster_larger_than_this_machine(ray_session, monkeypatch):

@@ -192,8 +192,13 @@ def draw_section(key: str, stores: list[StoreRef]) -> list[tuple[Figure, bytes]]
         return [(f, f.path.read_bytes()) for f in figures]
 
 
+def usable_cpu_ids() -> set[int]:
+    """The CPUs this process may run on."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return len(usable_cpu_ids())
 
 
 def idle_cpus(window: float = 0.1) -> int:
@@ -203,27 +208,35 @@ def idle_cpus(window: float = 0.1) -> int:
 
 
 def busy_cpus(window: float = 0.1) -> float:
-    """CPUs busy over the next `window` seconds, from /proc/stat's idle and iowait times; elsewhere the
-    1-minute load average. Not the load average where /proc/stat exists: it lags by a minute, so right
-    after a run it counts work that has finished and the report was drawn serially on idle cores."""
+    """How many of the usable CPUs are busy over the next `window` seconds, from /proc/stat's per-CPU
+    times (idle and iowait count as idle); elsewhere the 1-minute load average. Not the load average
+    where /proc/stat exists: it lags by a minute (right after a run it counts work that has finished,
+    and the report was drawn serially on idle cores) and counts every CPU of the machine, not ours."""
     try:
         before = _cpu_ticks()
         time.sleep(window)
         after = _cpu_ticks()
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    total = sum(after) - sum(before)
-    idle = (after[3] + after[4]) - (before[3] + before[4])
-    return (os.cpu_count() or 1) * (1 - idle / total) if total > 0 else 0.0
+    busy = 0.0
+    for cpu in usable_cpu_ids() & before.keys() & after.keys():
+        total = sum(after[cpu]) - sum(before[cpu])
+        idle = (after[cpu][3] + after[cpu][4]) - (before[cpu][3] + before[cpu][4])
+        busy += 1 - idle / total if total > 0 else 0.0
+    return busy
 
 
-def _cpu_ticks() -> list[int]:
-    """The machine's CPU times (user nice system idle iowait ...) in ticks, from /proc/stat."""
+def _cpu_ticks() -> dict[int, list[int]]:
+    """Each CPU's times in ticks (user nice system idle iowait), from /proc/stat's `cpuN` lines."""
+    ticks = {}
     with open("/proc/stat") as stat:
-        fields = stat.readline().split()
-    if fields[0] != "cpu":
-        raise ValueError("unexpected /proc/stat")
-    return [int(x) for x in fields[1:]]
+        for line in stat:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks[int(name[3:])] = [int(x) for x in fields[:5]]
+    if not ticks:
+        raise ValueError("no cpuN lines in /proc/stat")
+    return ticks
 
 
 def _ray_session():
