@@ -311,12 +311,13 @@ def test_auto_uses_ray_only_for_a_cluster_larger_than_this_machine(ray_session, 
 
     monkeypatch.setattr(R, "usable_cpus", lambda: 2)
     monkeypatch.setattr(R, "busy_cpus", lambda window=0.1: 0.0)
-    assert R.resolve_parallel("auto", 5) == "processes"
-    assert R.resolve_parallel("auto", 1) == "none"
+    assert R.resolve_parallel("auto", 5) == ("processes", 2)
+    assert R.resolve_parallel("auto", 1) == ("none", 1)
+    assert R.resolve_parallel("processes", 1) == ("processes", 1)
     monkeypatch.setattr(R, "busy_cpus", lambda window=0.1: 2.0)
-    assert R.resolve_parallel("auto", 5) == "none"
+    assert R.resolve_parallel("auto", 5) == ("none", 1)
     monkeypatch.setattr(R, "usable_cpus", lambda: 1)
-    assert R.resolve_parallel("auto", 5) == "ray"
+    assert R.resolve_parallel("auto", 5)[0] == "ray"
     with pytest.raises(MoeRayError, match="unknown parallel mode 'threads'"):
         R.resolve_parallel("threads", 5)
 

@@ -245,22 +245,23 @@ def _ray_session():
     return ray if ray is not None and ray.is_initialized() else None
 
 
-def resolve_parallel(parallel: str, tasks: int) -> str:
-    """The mode `auto` stands for here and now (see PARALLEL)."""
+def resolve_parallel(parallel: str, tasks: int) -> tuple[str, int]:
+    """(the mode `parallel` stands for here and now, the processes a pool would start; see PARALLEL)."""
     if parallel not in PARALLEL:
         raise MoeRayError(f"unknown parallel mode {parallel!r}; choose one of {', '.join(PARALLEL)}")
     if parallel != "auto":
-        return parallel
+        return parallel, min(usable_cpus(), tasks)
     ray = _ray_session()
     if ray is not None and ray.cluster_resources().get("CPU", 0) > usable_cpus():
-        return "ray"
-    return "processes" if idle_cpus() > 1 and tasks > 1 else "none"
+        return "ray", 0
+    idle = min(idle_cpus(), tasks)
+    return ("processes", idle) if idle > 1 else ("none", 1)
 
 
 def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
     """Start every drawing task; returns a function that waits for them and gives each task's
     [(Figure, PNG bytes)] in task order. The caller computes tables in the meantime."""
-    mode = resolve_parallel(parallel, len(tasks))
+    mode, workers = resolve_parallel(parallel, len(tasks))
     if not tasks:
         return lambda: []
     if mode == "ray":
@@ -275,7 +276,6 @@ def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tu
         from concurrent.futures import ProcessPoolExecutor
 
         # fork: the workers start with this process's imports (a fresh interpreter would take seconds)
-        workers = min(usable_cpus() if parallel == "processes" else idle_cpus(), len(tasks))
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
         futures = [pool.submit(draw_section, key, stores) for key, stores in tasks]
 
