@@ -87,10 +87,13 @@ class StoreView:
         self.model = self.attrs.get("model") or {}
         self.reference = self.attrs.get("reference")
         self.label = label or self._default_label()
-        self.inputs = None if inputs is None else list(inputs)
-        self.layers = None if layers is None else {int(l) for l in layers}
+        self._limit(inputs, layers)
         self._datasets: dict[str, xr.Dataset] = {}
         self._done: dict[str, tuple[list[int], np.ndarray]] = {}
+
+    def _limit(self, inputs: list[str] | None, layers: list[int] | None) -> None:
+        self.inputs = None if inputs is None else list(inputs)
+        self.layers = None if layers is None else {int(l) for l in layers}
 
     def restricted(self, label: str, inputs: list[str] | None, layers: list[int] | None) -> "StoreView":
         """This view under another label, restricted to `inputs` and `layers` (see __init__), sharing
@@ -98,8 +101,7 @@ class StoreView:
         nothing twice."""
         view = copy.copy(self)
         view.label = label
-        view.inputs = None if inputs is None else list(inputs)
-        view.layers = None if layers is None else {int(l) for l in layers}
+        view._limit(inputs, layers)
         return view
 
     def _default_label(self) -> str:

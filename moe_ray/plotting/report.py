@@ -4,6 +4,7 @@ plain statement of which store lacks it and how to compute it.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -182,6 +183,16 @@ _OPENED: dict[str, StoreView] = {}
 share them (each task opening every group again cost a tenth of the report); Ray tasks open their own."""
 
 
+@contextlib.contextmanager
+def _sharing(views: list[StoreView]):
+    """Drawing tasks started inside share these opened views (see _OPENED)."""
+    _OPENED.update({v.url: v for v in views})
+    try:
+        yield
+    finally:
+        _OPENED.clear()
+
+
 def draw_section(key: str, stores: list[StoreRef]) -> list[tuple[Figure, bytes]]:
     """Draw one section for `stores` into a scratch directory: its figures and their PNG bytes, so a
     worker needs no access to the report directory (a Ray task may run on another node)."""
@@ -306,8 +317,7 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") ->
     status = {s.key: {v.label: _has(v, s) for v in views} for s in SECTIONS}
     have = {s.key: [v for v in views if status[s.key][v.label][0]] for s in SECTIONS}
     tasks = [t for s in SECTIONS if s.draw is not None and have[s.key] for t in section_tasks(s, have[s.key])]
-    _OPENED.update({v.url: v for v in views})
-    try:
+    with _sharing(views):
         wait = start_drawing(tasks, parallel)
         try:
             tables = {s.key: section_table(s, have[s.key], tab_dir) for s in SECTIONS
@@ -316,8 +326,6 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") ->
             drawn: dict[str, list[tuple[Figure, bytes]]] = {}
             for (key, _), figures in zip(tasks, wait()):
                 drawn.setdefault(key, []).extend(figures)
-    finally:
-        _OPENED.clear()
     body = []
     for section in SECTIONS:
         notes = _notes(section, have[section.key], status[section.key])
