@@ -211,8 +211,11 @@ class Checkpoint:
         }
 
     # ---- reading -----------------------------------------------------------------------------
-    def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True) -> torch.Tensor:
-        """One tensor, converted to `dtype` (float32 by default, whatever it is stored as)."""
+    def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True,
+             device: str | torch.device | None = None) -> torch.Tensor:
+        """One tensor, converted to `dtype` (float32 by default, whatever it is stored as) on `device`
+        (the CPU by default). On another device the stored bytes travel as stored and are converted
+        there, so no converted copy of the tensor is ever made on the host."""
         info = self.info(key)
         if info.dtype not in DTYPES:
             raise CheckpointError(f"tensor {key} has dtype {info.dtype}, which moe-ray cannot read")
@@ -229,6 +232,8 @@ class Checkpoint:
         else:
             raw = self.fs.cat_file(info.file, start=info.start, end=info.end)
             tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape)
+        if device is not None:
+            tensor = tensor.to(device=device)
         tensor = tensor.to(dtype)
         if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             # a NaN/Inf anywhere makes the sum non-finite (12x cheaper than isfinite().all(), which
