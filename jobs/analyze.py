@@ -1,7 +1,9 @@
 """Ray job entrypoint: run one moe-ray spec inside the cluster this job was submitted to.
 
 `moe-ray submit` (`moe_ray.submit`) runs `python jobs/analyze.py --spec '<spec as JSON>'`; a TOML
-path readable on the head works too. All the work is `moe_ray.run` (design §1, §6).
+path readable on the head works too. All the work is `moe_ray.run` (design §1, §6). `moe-ray stop`
+(Ray sends SIGTERM, then SIGKILL 3 s later) ends the log with one line: what finished, what did not,
+how to resume; exit status 143.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 
 import moe_ray
 from moe_ray.errors import MoeRayError
+from moe_ray.interrupt import Interrupted, emit, handling_signals, progress_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,10 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = moe_ray.Spec.from_dict(json.loads(args.spec))
         else:
             spec = moe_ray.Spec.from_toml(args.spec)
-        store = moe_ray.run(spec)
+        resume = "`moe-ray submit` of the same spec (only unfinished units run)"
+        with handling_signals(lambda signame: progress_line(signame, spec.store, resume)):
+            store = moe_ray.run(spec)
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # `moe-ray stop`
+        emit()  # the line describing it, taken when SIGTERM came
+        return exc.status
     print(f"moe-ray: results in {store}")
     return 0
 

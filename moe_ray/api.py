@@ -10,7 +10,9 @@ from typing import Any
 from .checkpoint import Checkpoint, open_checkpoint
 from .distributed.cluster import alive_nodes, connect
 from .distributed.placement import check_placement
+from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, SpecError
+from .interrupt import reassert as reassert_signal_handlers
 from .spec import Spec
 from .store import ResultStore, open_results
 from .units import reorder as reorder_unit
@@ -78,6 +80,8 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     spec = as_spec(spec, **overrides)
     ckpt, ref, jobs = plan(spec)
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
+    shorten_ray_events()  # Ray's event messages: one line each on the terminal, whole in a log file
+    reassert_signal_handlers()  # ray.init replaced SIGTERM's (moe-ray's commands: one line, exit 143)
     if spec.resources.check_fit:
         check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
 

@@ -6,11 +6,13 @@ command line say the same things. Errors print as one line, `moe-ray: error: ...
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import typing
 from collections.abc import Callable, Sequence
 
 from .errors import MoeRayError
+from .interrupt import Interrupted, emit, handling_signals, progress_line
 from .spec import Spec, set_path, spec_fields
 
 Command = Callable[[argparse.Namespace], int]
@@ -123,7 +125,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     spec = Spec.from_toml(args.spec_file)
     spec.resources.check_fit = spec.resources.check_fit and args.check_fit
-    handle = submit(spec, args.address, check_checkpoint=args.check)
+    handle = args.submitted = submit(spec, args.address, check_checkpoint=args.check)
     print(f"moe-ray: submitted job {handle.id} to {handle.address}")
     if not args.wait:
         print(f"moe-ray: follow it with `moe-ray logs {handle.id} --follow`")
@@ -229,17 +231,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interruption_line(args: argparse.Namespace, argv: Sequence[str]) -> Callable[[str], str]:
+    """What SIGINT/SIGTERM print, by command: for `run`, what finished and what did not (from the
+    store) and the command that resumes; for `submit --wait`, that the job goes on and how to reach it."""
+    def describe(signame: str) -> str:
+        if args.command == "run":
+            args.spec = args.spec_opt or args.spec_file
+            return progress_line(signame, spec_from_args(args).store, "moe-ray " + shlex.join(argv))
+        job = getattr(args, "submitted", None)
+        if job is not None:
+            return (f"moe-ray: interrupted by {signame}; job {job.id} keeps running: `moe-ray logs {job.id} "
+                    f"--follow` to follow it again, `moe-ray stop {job.id}` to stop it")
+        return f"moe-ray: interrupted by {signame}"
+
+    return describe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
-        return args._body(args)
+        with handling_signals(interruption_line(args, argv)):
+            return args._body(args)
     except (MoeRayError, OSError) as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("moe-ray: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        emit()  # the line describing it, taken when the signal came
+        return exc.status
 
 
 if __name__ == "__main__":

@@ -100,6 +100,10 @@ class DynamicOptions:
     dtype: str = field(default="auto", metadata={
         "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
                 "float32 on CPU); captures are stored in float32 either way"})
+    node_wait_s: float = field(default=120.0, metadata={
+        "help": "when a shard's node is lost: seconds to wait for the cluster to hold the shard again "
+                "(a node coming back, an autoscaler's replacement) before re-planning the unfinished "
+                "inputs on the nodes left, or failing"})
 
     def validate(self) -> None:
         if self.device not in ("auto", "cuda", "cpu"):
@@ -123,6 +127,8 @@ class DynamicOptions:
             raise SpecError(f"max_tokens must be at least 1, not {self.max_tokens}")
         if self.intermediate_tokens < 0:
             raise SpecError(f"intermediate_tokens must be 0 or more, not {self.intermediate_tokens}")
+        if not self.node_wait_s >= 0:
+            raise SpecError(f"node_wait_s must be 0 or more seconds, not {self.node_wait_s}")
 
 
 @dataclass

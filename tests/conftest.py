@@ -11,14 +11,22 @@ from moe_ray.checkpoint.tiny import make_tiny
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray for the whole session, started the way moe-ray starts one (token auth on)."""
+    import shutil
+    import tempfile
+
     import ray
 
     from moe_ray.distributed.cluster import connect
 
     os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(tmp_path_factory.mktemp("ray-auth") / "auth_token"))
+    # A Ray temp dir of our own (short: Ray's socket paths live in it), so that a head someone else
+    # started with `ray start` on this machine (/tmp/ray/ray_current_cluster) is never joined.
+    temp = tempfile.mkdtemp(prefix="mrt", dir="/tmp")
+    os.environ.setdefault("RAY_TMPDIR", temp)
     connect(num_cpus=2, object_store_memory_gb=0.5)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +42,18 @@ def tiny(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+BIG = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 4,
+       "num_key_value_heads": 4, "head_dim": 128}
+"""A mixtral whose layers are big enough (~1 s of static work each, 100 MB of float32 experts) that a
+unit is caught while it runs."""
+
+
+@pytest.fixture(scope="session")
+def big_mixtral(tmp_path_factory):
+    """The BIG mixtral (independent experts, seed 11), built once per session."""
+    return make_tiny("mixtral", "scratch", tmp_path_factory.mktemp("big") / "ckpt", seed=11, config_overrides=BIG)
 
 
 @pytest.fixture
@@ -58,3 +78,39 @@ def settled_done():
         return done
 
     return settle
+
+
+def _dynamic_store_in_process(model, store: str, run_kwargs: dict) -> str:
+    """The store an uninterrupted dynamic run writes, made by the very shard code the actors run, here
+    in this process, shard after shard (no actor start-ups; the actors run with one thread: so does
+    this)."""
+    import torch
+
+    from moe_ray.api import plan
+    from moe_ray.spec import Spec
+    from moe_ray.store import ResultStore
+    from moe_ray.units.dynamic import ShardWorker
+
+    spec = Spec.from_dict({"model": str(model), "store": store, **run_kwargs})
+    _, _, (job,) = plan(spec)
+    result = ResultStore.create_or_reuse(store, {"model": "in-process"}, spec.to_dict())
+    job.prepare(result, overwrite=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shards = [ShardWorker(job.plan, s, "cpu") for s in range(len(job.plan.shards))]
+        for item in job.plan.inputs:
+            value = list(item.ids)
+            for shard in shards:
+                value = shard.run(item.name, value)
+    finally:
+        torch.set_num_threads(threads)
+    result.consolidate()
+    return store
+
+
+@pytest.fixture(scope="session")
+def dynamic_store_in_process():
+    """dynamic_store_in_process(model, store, run_kwargs) -> store: an uninterrupted dynamic run's
+    store, computed in this process by the shard actors' own code."""
+    return _dynamic_store_in_process

@@ -17,11 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from moe_ray.checkpoint.tiny import make_tiny
 
-# Layers big enough (~1 s of work each) that a unit is caught while it runs.
-BIG = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 4,
-       "num_key_value_heads": 4, "head_dim": 128}
 
 KILL_SCRIPT = textwrap.dedent("""
     # Run a spec in a thread while polling Ray's state API; SIGKILL the first process that is running
@@ -73,8 +69,8 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def big_model(tmp_path_factory):
-    return make_tiny("mixtral", "scratch", tmp_path_factory.mktemp("big") / "ckpt", seed=11, config_overrides=BIG)
+def big_model(big_mixtral):
+    return big_mixtral
 
 
 def _assert_same_store(a_path, b_path, group="static", units=4):
@@ -125,40 +121,12 @@ def test_worker_killed_mid_reorder_unit_is_retried_and_store_is_identical(ray_se
 DYNAMIC = {"analyses": ["dynamic"], "dynamic": {"inputs": ["long"], "shards": 2, "max_tokens": 256}}
 
 
-def _dynamic_store_in_process(model, store: str, run_kwargs: dict) -> str:
-    """The store an uninterrupted dynamic run writes, made by the very shard code the actors run, here
-    in this process, shard after shard (two fewer actor start-ups than `moe_ray.run`, whose actors
-    run with one thread: so does this)."""
-    import torch
-
-    from moe_ray.api import plan
-    from moe_ray.spec import Spec
-    from moe_ray.store import ResultStore
-    from moe_ray.units.dynamic import ShardWorker
-
-    spec = Spec.from_dict({"model": str(model), "store": store, **run_kwargs})
-    _, _, (job,) = plan(spec)
-    result = ResultStore.create_or_reuse(store, {"model": "in-process"}, spec.to_dict())
-    job.prepare(result, overwrite=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        shards = [ShardWorker(job.plan, s, "cpu") for s in range(len(job.plan.shards))]
-        for item in job.plan.inputs:
-            value = list(item.ids)
-            for shard in shards:
-                value = shard.run(item.name, value)
-    finally:
-        torch.set_num_threads(threads)
-    result.consolidate()
-    return store
-
-
-def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(ray_session, big_model, tmp_path):
+def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(ray_session, big_model, tmp_path,
+                                                                       dynamic_store_in_process):
     """SIGKILL the downstream shard actor while it runs an input: Ray restarts it (its constructor
     reloads layers 2-3), retries its unfinished call with shard 0's output, and the store equals an
     uninterrupted run's bit for bit."""
-    reference = _dynamic_store_in_process(big_model.path, str(tmp_path / "clean.zarr"), DYNAMIC)
+    reference = dynamic_store_in_process(big_model.path, str(tmp_path / "clean.zarr"), DYNAMIC)
     store = str(tmp_path / "killed.zarr")
     result = _run_and_kill(big_model.path, store, DYNAMIC, "actor", "dynamic shard 1 of 2")
     assert result["restarts"] == {"dynamic shard 0 of 2 (layers 0-1)": 0, "dynamic shard 1 of 2 (layers 2-3)": 1}

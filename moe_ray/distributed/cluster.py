@@ -77,7 +77,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
             prestart_workers(int(ray.cluster_resources().get("CPU", 0)))
     except Exception as exc:
         name = type(exc).__name__
-        if "Authentication" in name or "auth" in str(exc).lower() and "token" in str(exc).lower():
+        # a driver refused by the GCS gets ConnectionError, the AuthenticationError in its cause's text
+        chained = f"{exc} {exc.__cause__ or exc.__context__ or ''}"
+        if "Authentication" in name or "AuthenticationError" in chained or \
+                "auth" in str(exc).lower() and "token" in str(exc).lower():
             raise MoeRayError(
                 f"Ray at {address} refused the connection: token authentication failed. Set "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from None

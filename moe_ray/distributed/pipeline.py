@@ -3,22 +3,45 @@ per bundle, and items flowing actor to actor as object refs, several in flight a
 
 Nothing here knows what a shard computes: the actor class and its constructor arguments come from
 the caller (`units.dynamic`).
+
+Faults. A shard actor whose process dies is restarted by Ray (`MAX_RESTARTS`) and its unfinished
+calls retried. A shard whose node is lost is a different event: Ray holds the actor until its
+placement-group bundle can be placed again, which may be never (STRICT_SPREAD on the nodes left), so
+the pipeline watches the nodes of its bundles itself. It says in one line which shard lost which node,
+waits up to `node_wait_s` for the cluster to hold the shard again (a node that comes back or joins),
+then runs the unfinished items again, or raises `ShardLost` for the caller to re-plan or give up.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..errors import MoeRayError, SpecError
+from ..spec import DynamicOptions
 from .fanout import _unwrap, first_line
 
 READY_TIMEOUT_S = 600
+"""How long the first placement of a pipeline's shards may take (busy resources, nodes joining)."""
+READY_NOTICE_S = 10
+"""After this long waiting for a placement, say so (once)."""
 MAX_RESTARTS = 1
 """How often a shard actor whose process dies is restarted, and its unfinished calls retried."""
+POLL_S = 0.5
+"""How often the nodes holding the shards are checked while items are in flight."""
+
+Notify = Callable[[str], None]
+
+
+def say(line: str) -> None:
+    """One line for the user, on stderr (events such as a lost node, whatever the progress setting)."""
+    print(f"moe-ray: {line}", file=sys.stderr, flush=True)
 
 
 def balance_layers(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
@@ -48,9 +71,150 @@ def balance_layers(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
+class ShardLost(MoeRayError):
+    """A shard's node was lost and the cluster did not hold the shard again within `node_wait_s`.
+
+    `finished` holds the outputs of the items that had gone through every shard before.
+    """
+
+    def __init__(self, label: str, node: str, waited_s: float, finished: dict[str, Any]):
+        self.label, self.node, self.waited_s, self.finished = label, node, waited_s, finished
+        super().__init__(f"{label} lost its node {node} and the cluster did not hold it again within "
+                         f"{waited_s:g} s (node_wait_s)")
+
+
+class PlacementTimeout(SpecError):
+    """The shards' placement group was not placed in time."""
+
+
+@dataclass
+class _Loss:
+    """Why a pipeline pass stopped: shard `shard` lost its node (or stopped answering)."""
+
+    shard: int
+    node: str  # "10.0.0.2 (node 1a2b3c4d)"
+    line: str
+    restarts: int  # the shard actor's restarts when it was lost: a restart since then is a recovery
+
+
+def _node_names() -> dict[str, tuple[bool, str]]:
+    """node id (hex) -> (alive, IP) for every node the cluster has known."""
+    return {n["NodeID"]: (bool(n.get("Alive")), n.get("NodeManagerAddress", "?")) for n in ray.nodes()}
+
+
+def _node_label(node_id: str, nodes: dict[str, tuple[bool, str]]) -> str:
+    return f"{nodes.get(node_id, (False, '?'))[1]} (node {node_id[:8]})"
+
+
+def _actor_info(actor) -> dict:
+    return ray._private.state.actors(actor._actor_id.hex()) or {}
+
+
+class _Shards:
+    """The actors of one pipeline in their placement group, and the nodes their bundles sit on."""
+
+    def __init__(self, actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[dict[str, float]],
+                 strategy: str, labels: list[str], notify: Notify, place_timeout_s: float):
+        self.ctor_args, self.bundles, self.labels = list(ctor_args), list(bundles), labels
+        self.remote_cls = ray.remote(actor_cls)
+        self.pg = placement_group(self.bundles, strategy=strategy)
+        self.actors: list[Any] = []
+        self._wait_placed(strategy, notify, place_timeout_s)
+        self.actors = [self._actor(i) for i in range(len(self.bundles))]
+        self.homes = self._bundle_nodes()
+
+    def _wait_placed(self, strategy: str, notify: Notify, timeout_s: float) -> None:
+        ready, _ = ray.wait([self.pg.ready()], timeout=min(READY_NOTICE_S, timeout_s))
+        if ready:
+            return
+        if timeout_s > READY_NOTICE_S:
+            from .placement import describe
+
+            notify(f"waiting for the cluster to place {len(self.bundles)} shard(s) ({strategy}, "
+                   f"{describe(self.bundles[0])} each; resources busy or nodes still joining), up to "
+                   f"{timeout_s:g} s")
+            ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s - READY_NOTICE_S)
+        if not ready:
+            raise PlacementTimeout(f"the cluster did not place {len(self.bundles)} shard(s) of "
+                                   f"{self.bundles[0]} each ({strategy}) within {timeout_s:g} s; "
+                                   "lower shards or add resources")
+
+    def _actor(self, i: int):
+        b = self.bundles[i]
+        return self.remote_cls.options(
+            num_cpus=b.get("CPU", 1), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
+            max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+        ).remote(*self.ctor_args[i])
+
+    def _bundle_nodes(self) -> list[str]:
+        placed = placement_group_table(self.pg).get("bundles_to_node_id", {})
+        return [placed.get(i, "") for i in range(len(self.bundles))]
+
+    def shard_of(self, actor_id: str | None) -> int | None:
+        return next((i for i, a in enumerate(self.actors) if a._actor_id.hex() == actor_id), None)
+
+    def lost_node(self) -> _Loss | None:
+        """The first shard whose node the cluster no longer counts as alive."""
+        nodes = _node_names()
+        for i, node in enumerate(self.homes):
+            if node and not nodes.get(node, (False, ""))[0]:
+                where = _node_label(node, nodes)
+                return _Loss(i, where, f"{self.labels[i]} lost its node {where}",
+                             _actor_info(self.actors[i]).get("NumRestarts", 0))
+        return None
+
+    def unreachable(self, shard: int, exc: BaseException) -> _Loss:
+        """A call to shard `shard` failed because its actor is gone or cannot be reached."""
+        nodes = _node_names()
+        node = self.homes[shard]
+        where = _node_label(node, nodes)
+        info = _actor_info(self.actors[shard])
+        if nodes.get(node, (False, ""))[0]:
+            line = f"{self.labels[shard]} on node {where} stopped answering ({first_line(exc)[:160]})"
+        else:
+            line = f"{self.labels[shard]} lost its node {where}"
+        return _Loss(shard, where, line, info.get("NumRestarts", 0))
+
+    def recovered(self, loss: _Loss) -> bool:
+        """Whether every shard is placed and alive again, the lost one restarted since; a shard actor
+        that Ray gave up on (no restarts left) is created anew once its bundle is placed again."""
+        if placement_group_table(self.pg).get("state") != "CREATED":
+            return False
+        nodes = _node_names()
+        ok = True
+        for i, actor in enumerate(self.actors):
+            info = _actor_info(actor)
+            state = info.get("State")
+            if state == "DEAD":
+                self.actors[i] = self._actor(i)
+                ok = False
+            elif state != "ALIVE" or not nodes.get(info.get("Address", {}).get("NodeID", ""), (False, ""))[0]:
+                ok = False
+            elif i == loss.shard and info.get("NumRestarts", 0) <= loss.restarts and \
+                    info.get("Address", {}).get("NodeID") == self.homes[i]:
+                ok = False  # still the actor that stopped answering, on the node it was lost on
+        if ok:
+            self.homes = self._bundle_nodes()
+        return ok
+
+    def close(self, wait: bool = True) -> None:
+        """Kill the actors (waiting, with `wait`, until Ray reports them dead: one on a live node may
+        still be writing) and remove the placement group."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + (30 if wait else 0)
+        while time.monotonic() < deadline:
+            if all(_actor_info(a).get("State") in ("DEAD", None) for a in self.actors):
+                break
+            time.sleep(0.1)
+        remove_placement_group(self.pg)
+
+
 def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[dict[str, float]],
                  items: Sequence[tuple[str, Any]], method: str = "run", strategy: str = "PACK",
-                 labels: Sequence[str] | None = None) -> dict[str, Any]:
+                 labels: Sequence[str] | None = None, node_wait_s: float = DynamicOptions.node_wait_s,
+                 notify: Notify = say, place_timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
     """Create one actor per shard in a placement group with `strategy` (PACK: as few nodes as fit;
     STRICT_SPREAD: one node per shard), push every item through the shards in order, return
     {name: last output}.
@@ -59,39 +223,77 @@ def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[
     i+1 as an object ref, so all items are in flight at once and every shard stays busy. A shard
     whose process dies is restarted (its constructor runs again) and its unfinished calls are
     retried, `MAX_RESTARTS` times; after that, or on an error raised by the shard itself, the run
-    fails with one line naming the shard (`labels[i]`, default "shard i").
+    fails with one line naming the shard (`labels[i]`, default "shard i"). A shard whose node is lost
+    is reported through `notify` at once; when the cluster holds it again within `node_wait_s` the
+    unfinished items run again from the first shard (a shard's method must be idempotent), else
+    `ShardLost` is raised. The shards must be placed within `place_timeout_s`, else `PlacementTimeout`.
     """
     if not items:
         return {}
     labels = list(labels) if labels is not None else [f"shard {i}" for i in range(len(bundles))]
-    pg = placement_group(list(bundles), strategy=strategy)
+    shards = _Shards(actor_cls, ctor_args, bundles, strategy, labels, notify, place_timeout_s)
+    finished: dict[str, Any] = {}
     try:
-        ready, _ = ray.wait([pg.ready()], timeout=READY_TIMEOUT_S)
-        if not ready:
-            raise SpecError(f"the cluster cannot place {len(bundles)} shard(s) of {bundles[0]} each; "
-                            "lower shards or add resources")
-        remote_cls = ray.remote(actor_cls)
-        actors = [remote_cls.options(
-            num_cpus=b.get("CPU", 1), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
-            max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(*args) for i, (b, args) in enumerate(zip(bundles, ctor_args))]
-        finals = {}
-        for name, value in items:
-            ref = value
-            for actor in actors:
-                ref = getattr(actor, method).remote(name, ref)
-            finals[name] = ref
-        try:
-            return {name: ray.get(ref) for name, ref in finals.items()}
-        except ray.exceptions.RayError as exc:
-            shard_of = {actor._actor_id.hex(): label for actor, label in zip(actors, labels)}
-            raise shard_failure(exc, shard_of) from None
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+        todo = list(items)
+        while todo:
+            loss = _run_items(shards, todo, method, finished)
+            if loss is None:
+                break
+            notify(f"{loss.line}; waiting up to {node_wait_s:g} s (node_wait_s) for the cluster to hold it again")
+            started = time.monotonic()
+            while not shards.recovered(loss):
+                if time.monotonic() - started > node_wait_s:
+                    raise ShardLost(labels[loss.shard], loss.node, node_wait_s, dict(finished))
+                time.sleep(POLL_S)
+            todo = [item for item in items if item[0] not in finished]
+            nodes = _node_names()
+            notify(f"{labels[loss.shard]} runs again, on node {_node_label(shards.homes[loss.shard], nodes)}, "
+                   f"{time.monotonic() - started:.0f} s later; {len(todo)} unfinished input(s) start over")
+        return finished
     finally:
-        remove_placement_group(pg)
+        failure = sys.exc_info()[1]  # SIGINT/SIGTERM (a BaseException): no waiting, the driver is leaving
+        shards.close(wait=failure is None or isinstance(failure, Exception))
+
+
+def _run_items(shards: _Shards, items: Sequence[tuple[str, Any]], method: str,
+               finished: dict[str, Any]) -> _Loss | None:
+    """One pass of `items` through the shards; their outputs go into `finished`. Returns the loss
+    that stopped the pass (its unfinished calls cancelled), or None when every item got through."""
+    calls: dict[str, list] = {}
+    for name, value in items:
+        ref, chain = value, []
+        for actor in shards.actors:
+            ref = getattr(actor, method).remote(name, ref)
+            chain.append(ref)
+        calls[name] = chain
+    pending = {chain[-1]: name for name, chain in calls.items()}
+    labels = {a._actor_id.hex(): label for a, label in zip(shards.actors, shards.labels)}
+    loss = None
+    while pending and loss is None:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+        for ref in ready:
+            name = pending.pop(ref)
+            try:
+                finished[name] = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                shard = shards.shard_of(exc.actor_id)
+                if shard is None or (_actor_info(shards.actors[shard]).get("State") == "DEAD"
+                                     and _node_names().get(shards.homes[shard], (False, ""))[0]):
+                    raise shard_failure(exc, labels) from None  # died for good on a live node
+                pending[ref] = name  # started over below with the others
+                loss = loss or shards.unreachable(shard, exc)
+            except ray.exceptions.RayError as exc:
+                raise shard_failure(exc, labels) from None
+        if loss is None and pending:
+            loss = shards.lost_node()
+    if loss is not None:
+        for name in pending.values():
+            for ref in calls[name]:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished or failed: nothing to cancel
+                    pass
+    return loss
 
 
 def shard_failure(exc: ray.exceptions.RayError, shard_of: dict[str, str]) -> MoeRayError:

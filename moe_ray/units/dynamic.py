@@ -6,9 +6,17 @@ bytes. Executing creates one actor per shard (`distributed.pipeline`); each mate
 on CPU (embeddings on the first), runs every input's hidden states through them with the forced
 all-expert capture (`runtime.LayerRange`), writes its own MoE layers' slabs of `dynamic/<input>/*`
 and marks them done; hidden states flow on to the next shard as object refs.
+
+An input is the unit of resumption: one that is not complete is computed again through every layer,
+its done flags cleared first, so all of its layers come from one pass (one split, device and dtype).
+When a shard's node is lost and the cluster does not hold the shard again within `node_wait_s`, the
+unfinished inputs are re-planned over the nodes left (the same shards packed onto fewer nodes, or
+fewer shards when they run on CPUs, whose memory Ray accounts), with a warning, or the job fails with
+one line naming the shard, the node and what the cluster lacks.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,18 +28,20 @@ from ..analysis.dynamic import angular_mean
 from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
 from ..data import InputError, corpus_texts, input_text
 from ..distributed.fanout import Unit
-from ..distributed.pipeline import balance_layers, run_pipeline
-from ..distributed.placement import Demand, Resources
-from ..errors import CheckpointError, SpecError
+from ..distributed.pipeline import READY_TIMEOUT_S, PlacementTimeout, ShardLost, balance_layers, run_pipeline, say
+from ..distributed.placement import Demand, Resources, refusal
+from ..errors import CheckpointError, MoeRayError, SpecError
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
-from ..store import DYNAMIC_SCHEMA, ResultStore, unit_done
+from ..store import DONE, DYNAMIC_SCHEMA, ResultStore, unit_done
 from .job import AnalysisJob
 
 GROUP = "dynamic"
 UNIT_DIMS = ("layer",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 ACTIVATION_SLACK = 512 * 2**20
+REPLAN_PLACE_S = 30
+"""How long a re-planned pass waits to be placed before the next, more compact plan is tried."""
 CORPUS = "corpus"
 """The input whose sequences are stored one group each, `dynamic/corpus/<n>`, with their token-weighted
 aggregates (D2 angular mean, D3 rank counts) in `dynamic/corpus` itself."""
@@ -62,6 +72,16 @@ class DynamicPlan:
     activation_bytes: int  # host memory of one input's activations and captures
     inputs: tuple[TokenizedInput, ...]
     options: DynamicOptions
+    layer_bytes: tuple[int, ...] = ()  # float32 bytes of every decoder layer (embeddings on layer 0)
+    reference_layer_bytes: int = 0  # float32 bytes of the reference FFN of each captured layer
+
+    def resharded(self, shards: int, placement: str) -> "DynamicPlan":
+        """This plan split into `shards` shards (balanced by bytes) placed with `placement`."""
+        ranges = tuple(balance_layers(self.layer_bytes, shards))
+        weights = tuple(sum(self.layer_bytes[a:b]) + self.reference_layer_bytes * sum(1 for l in self.layers if a <= l < b)
+                        for a, b in ranges)
+        options = dataclasses.replace(self.options, shards=shards, placement=placement)
+        return dataclasses.replace(self, shards=ranges, shard_weight_bytes=weights, options=options)
 
     def device_for(self, gpus: float | None) -> str:
         """The device shards are placed for on a cluster with `gpus` GPUs (None: not known): `auto`
@@ -162,12 +182,13 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
         neuron_dim = max(neuron_dim, facts.shared_d_mid)
     sizes = [_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(n)]
     sizes[0] += _fp32_bytes(ckpt, ["model.embed_tokens.weight"])
-    shards = balance_layers(sizes, options.shards)
+    balance_layers(sizes, options.shards)  # refuses more shards than layers
     longest = max(len(i.ids) for i in inputs)
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK
-    weights = tuple(sum(sizes[a:b]) + ref_bytes * sum(1 for l in layers if a <= l < b) for a, b in shards)
-    return DynamicPlan(ckpt.location, ref.location if ref else None, spec.store, facts, tuple(layers),
-                       tuple(labels), neuron_dim, tuple(shards), weights, max(sizes), act_bytes, inputs, options)
+    unsplit = DynamicPlan(ckpt.location, ref.location if ref else None, spec.store, facts, tuple(layers),
+                          tuple(labels), neuron_dim, (), (), max(sizes), act_bytes, inputs, options,
+                          tuple(sizes), ref_bytes)
+    return unsplit.resharded(options.shards, options.placement)
 
 
 def group_params(plan: DynamicPlan, item: TokenizedInput) -> dict:
@@ -315,25 +336,82 @@ class DynamicJob(AnalysisJob):
 
     def demand(self, spec: Spec, nodes: Sequence[Resources] = ()) -> Demand:
         """The shards' placement group, for the device `auto` resolves to on these nodes."""
+        return self._demand(self.plan, nodes)
+
+    def _demand(self, plan: DynamicPlan, nodes: Sequence[Resources] = ()) -> Demand:
         gpus = sum(node.get("GPU", 0) for node in nodes) if nodes else _cluster_gpus()
-        labels = [shard_label(self.plan, s) for s in range(len(self.plan.shards))]
-        device = self.plan.device_for(gpus)
-        return Demand(f"dynamic ({len(labels)} shards on {device}, {self.plan.options.placement})",
-                      tuple(zip(labels, self.plan.bundles(self.cpus, gpus))), self.plan.options.placement)
+        labels = [shard_label(plan, s) for s in range(len(plan.shards))]
+        device = plan.device_for(gpus)
+        return Demand(f"dynamic ({len(labels)} shards on {device}, {plan.options.placement})",
+                      tuple(zip(labels, plan.bundles(self.cpus, gpus))), plan.options.placement)
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
         pending = set(prepare(store, self.plan, overwrite))
         return [u for u in self.units() if u.args[0] in pending]
 
     def execute(self, pending: list[Unit], spec: Spec) -> None:
-        """Push every pending input through the shard actors (all inputs in flight at once)."""
-        names = {u.args[0] for u in pending}
-        items = [(i.name, list(i.ids)) for i in self.plan.inputs if i.name in names]
+        """Push every pending input through the shard actors (all inputs in flight at once); after a
+        lost node, the unfinished ones again on a re-plan over the nodes left (or one clear error)."""
+        store = ResultStore(self.plan.store)
+        todo = {u.args[0] for u in pending}
+        names = [i.name for i in self.plan.inputs if i.name in todo]
+        plan, place_timeout = self.plan, READY_TIMEOUT_S
+        lost, lost_plan, fallbacks, why = None, plan, [], []
+        while names:
+            start_over(store, names)
+            try:
+                return self._pass(plan, names, place_timeout)
+            except ShardLost as exc:
+                lost, lost_plan, why = exc, plan, []
+                names = [n for n in names if not unit_done(store.root[f"{GROUP}/{n}"]).all()]
+                if not names:
+                    return None
+                fallbacks = self._fallbacks(plan)
+            except PlacementTimeout as exc:
+                if lost is None:
+                    raise
+                why.append(str(exc))
+            plan = self._next_plan(lost, lost_plan, fallbacks, why, names)
+            place_timeout = REPLAN_PLACE_S
+
+    def _pass(self, plan: DynamicPlan, names: list[str], place_timeout: float) -> None:
+        items = [(i.name, list(i.ids)) for i in plan.inputs if i.name in names]
         gpus = _cluster_gpus()
-        device = self.plan.device_for(gpus)
-        shards = range(len(self.plan.shards))
-        run_pipeline(ShardWorker, [(self.plan, s, device) for s in shards], self.plan.bundles(self.cpus, gpus),
-                     items, strategy=self.plan.options.placement, labels=[shard_label(self.plan, s) for s in shards])
+        device = plan.device_for(gpus)
+        shards = range(len(plan.shards))
+        run_pipeline(ShardWorker, [(plan, s, device) for s in shards], plan.bundles(self.cpus, gpus), items,
+                     strategy=plan.options.placement, labels=[shard_label(plan, s) for s in shards],
+                     node_wait_s=plan.options.node_wait_s, place_timeout_s=place_timeout)
+
+    def _fallbacks(self, plan: DynamicPlan) -> list[tuple[DynamicPlan, str | None]]:
+        """Plans for the nodes left, most like `plan` first, each with why the nodes cannot hold it
+        (None: they may): the same shards packed (PACK), then, on CPUs, fewer shards, packed."""
+        from ..distributed.cluster import alive_nodes
+
+        nodes = alive_nodes()
+        gpus = sum(node.get("GPU", 0) for node in nodes)
+        n = len(plan.shards)
+        options = [plan.resharded(n, "PACK")] if plan.options.placement != "PACK" else []
+        fewer = [plan.resharded(k, "PACK") for k in range(n - 1, 0, -1)]
+        options += [p for p in fewer if p.device_for(gpus) == "cpu"]
+        return [(p, refusal(self._demand(p, nodes), nodes)) for p in options]
+
+    def _next_plan(self, lost: ShardLost, was: DynamicPlan, fallbacks: list[tuple[DynamicPlan, str | None]],
+                   why: list[str], names: list[str]) -> DynamicPlan:
+        """The next fallback the nodes left may hold, with a warning; none left: one line naming the
+        shard, its node and what the cluster lacks, and the job fails."""
+        inputs = f"{len(names)} unfinished input(s) ({', '.join(names)})"
+        while fallbacks:
+            plan, reason = fallbacks.pop(0)
+            if reason is None:
+                say(f"warning: {lost}: re-planned the {inputs} as {len(plan.shards)} shard(s) with "
+                    f"{plan.options.placement} on the nodes left (was {len(was.shards)}, {was.options.placement})")
+                return plan
+            why.append(reason)
+        reason = why[-1] if why else ("no other plan: a GPU's memory is not a Ray resource, so fewer, larger "
+                                      "GPU shards are not tried")
+        raise MoeRayError(f"{lost}, and the nodes left cannot hold the {inputs}: {reason}. Finished inputs "
+                          "stay in the store: rerun the same spec to resume once the cluster has room")
 
     def finish(self, store: ResultStore) -> str:
         E = self.plan.facts.num_experts
@@ -354,6 +432,16 @@ class DynamicJob(AnalysisJob):
                 parts.append(f"{item.name} ({len(item.ids)} tokens) mean angular similarity "
                              f"{mean_angular(item.name):.3f}")
         return "dynamic: " + ", ".join(parts)
+
+
+def start_over(store: ResultStore, names: Sequence[str]) -> None:
+    """Clear the done flags of inputs about to be computed (again): a pass rewrites every layer of an
+    input, so an input is never left with layers from two passes that may differ (another split,
+    device or dtype)."""
+    for name in names:
+        flags = store.root[f"{GROUP}/{name}"][DONE]
+        if np.asarray(flags[...]).any():
+            flags[...] = 0
 
 
 def write_corpus_aggregates(store: ResultStore, plan: DynamicPlan, sequences: list[TokenizedInput]) -> int:

@@ -1,0 +1,119 @@
+"""SIGINT and SIGTERM for moe-ray's commands and job entrypoint: one line, then exit 130 / 143.
+
+Inside `handling_signals(describe)` both signals raise `Interrupted` in the main thread (a
+BaseException, like KeyboardInterrupt, so `except Exception` cleanups do not swallow it); the
+unwinding cancels tasks and kills shard actors. `describe(signal name)` is taken when the signal
+comes (what finished, what did not, the command that resumes) and printed on stderr by `emit()`
+once the work has unwound, or `EMIT_WITHIN_S` after the signal at the latest.
+
+`ray.init` installs its own SIGTERM handler (exit at once) and Ray's core worker a native one that
+dumps a stack trace; `reassert()`, called after connecting, puts ours back where one is active. A
+library user calling `moe_ray.run` outside these commands keeps their own handlers.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """The process got SIGINT or SIGTERM; `status` is the shell's exit status for it (128 + signal)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.status = 128 + signum
+        super().__init__(signal.Signals(signum).name)
+
+
+_describe: Callable[[str], str] | None = None
+_pending_line: list[str] = []
+_lock = threading.Lock()
+EMIT_WITHIN_S = 2.0
+"""The line is printed once the interrupted work has unwound (so it is the last thing on the
+terminal, after the progress bars close), or after this long, whichever comes first: a stopped Ray
+job is SIGKILLed 3 s after its SIGTERM."""
+
+
+def emit() -> None:
+    """Print the interruption's line, once (the main thread after unwinding, or the timer)."""
+    with _lock:
+        lines, _pending_line[:] = list(_pending_line), []
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _handler(signum: int, frame) -> None:
+    global _describe
+    describe, _describe = _describe, None  # a second signal while unwinding: no second line
+    if describe is not None:
+        name = signal.Signals(signum).name
+        try:
+            line = describe(name)
+        except Exception as exc:  # the line must not fail the interruption
+            line = f"moe-ray: interrupted by {name} ({type(exc).__name__} while summarising)"
+        with _lock:
+            _pending_line[:] = [line]
+        timer = threading.Timer(EMIT_WITHIN_S, emit)
+        timer.daemon = True
+        timer.start()
+    raise Interrupted(signum)
+
+
+def _install() -> None:
+    for signum in SIGNALS:
+        signal.signal(signum, _handler)
+
+
+@contextmanager
+def handling_signals(describe: Callable[[str], str]) -> Iterator[None]:
+    """SIGINT and SIGTERM print `describe(signal name)` and raise `Interrupted` while this is open
+    (main thread only; elsewhere nothing changes)."""
+    global _describe
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    _describe = describe
+    _install()
+    try:
+        yield
+    finally:
+        _describe = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def reassert() -> None:
+    """Put moe-ray's handlers back (after `ray.init` replaced SIGTERM's) if `handling_signals` is open."""
+    if _describe is not None and threading.current_thread() is threading.main_thread():
+        _install()
+
+
+def progress_line(signame: str, store: str, resume: str) -> str:
+    """One line from the store's done flags: 'moe-ray: interrupted by SIGTERM. Finished: static (4/4
+    units). Not finished: reorder/joint (2/6 units), dynamic/long (2/4 layers, starts over).
+    Finished units stay in STORE; resume with: RESUME'."""
+    from .service import store_progress
+
+    progress = store_progress(store) if store else {}
+    if not progress:
+        return f"moe-ray: interrupted by {signame} before any unit was computed; run again with: {resume}"
+
+    def state(group: str, done: int, total: int) -> str:
+        dynamic = group.startswith("dynamic/")
+        again = ", starts over" if dynamic and 0 < done < total else ""  # an input is redone whole
+        return f"{group} ({done}/{total} {'layers' if dynamic else 'units'}{again})"
+
+    finished = [state(g, d, t) for g, (d, t) in sorted(progress.items()) if d == t]
+    unfinished = [state(g, d, t) for g, (d, t) in sorted(progress.items()) if d < t]
+    return (f"moe-ray: interrupted by {signame}. Finished: {', '.join(finished) or 'nothing'}. "
+            f"Not finished: {', '.join(unfinished) or 'nothing'}. Finished units stay in {store}; "
+            f"resume with: {resume}")
+
+
+__all__ = ["Interrupted", "emit", "handling_signals", "progress_line", "reassert"]
