@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import moe_ray
 from moe_ray.errors import MoeRayError
-from moe_ray.interrupt import Interrupted, emit, handling_signals, progress_line
+from moe_ray.interrupt import emit, exit_status, handling_signals, progress_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,9 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:  # `moe-ray stop`
-        emit()  # the line describing it, taken when SIGTERM came
-        return exc.status
+    except KeyboardInterrupt:  # `moe-ray stop` sends SIGTERM (moe_ray.interrupt)
+        emit()  # the line describing it, taken when the signal came
+        return exit_status()
     print(f"moe-ray: results in {store}")
     return 0
 

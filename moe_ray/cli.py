@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from .errors import MoeRayError
-from .interrupt import Interrupted, emit, handling_signals, progress_line
+from .interrupt import emit, exit_status, handling_signals, progress_line
 from .spec import Spec, set_path, spec_fields
 
 Command = Callable[[argparse.Namespace], int]
@@ -257,9 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MoeRayError, OSError) as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:
+    except KeyboardInterrupt:  # SIGINT or SIGTERM (moe_ray.interrupt)
         emit()  # the line describing it, taken when the signal came
-        return exc.status
+        return exit_status()
 
 
 if __name__ == "__main__":

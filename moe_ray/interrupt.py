@@ -1,10 +1,10 @@
 """SIGINT and SIGTERM for moe-ray's commands and job entrypoint: one line, then exit 130 / 143.
 
-Inside `handling_signals(describe)` both signals raise `Interrupted` in the main thread (a
-BaseException, like KeyboardInterrupt, so `except Exception` cleanups do not swallow it); the
-unwinding cancels tasks and kills shard actors. `describe(signal name)` is taken when the signal
-comes (what finished, what did not, the command that resumes) and printed on stderr by `emit()`
-once the work has unwound, or `EMIT_WITHIN_S` after the signal at the latest.
+Inside `handling_signals(describe)` both signals raise `Interrupted` (a KeyboardInterrupt, so
+`except Exception` cleanups do not swallow it) in the main thread; the unwinding cancels tasks and
+kills shard actors, and the caller exits with `exit_status()`. `describe(signal name)` is taken
+when the signal comes (what finished, what did not, the command that resumes) and printed on
+stderr by `emit()` once the work has unwound, or `EMIT_WITHIN_S` after the signal at the latest.
 
 `ray.init` installs its own SIGTERM handler (exit at once) and Ray's core worker a native one that
 dumps a stack trace; `reassert()`, called after connecting, puts ours back where one is active. A
@@ -21,16 +21,18 @@ from contextlib import contextmanager
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(BaseException):
-    """The process got SIGINT or SIGTERM; `status` is the shell's exit status for it (128 + signal)."""
+class Interrupted(KeyboardInterrupt):
+    """The process got SIGINT or SIGTERM. A KeyboardInterrupt, because Ray's blocking calls turn
+    whatever a signal handler raises into a plain KeyboardInterrupt (other exceptions into a
+    SystemError): catch KeyboardInterrupt and ask `exit_status()`."""
 
     def __init__(self, signum: int):
         self.signum = signum
-        self.status = 128 + signum
         super().__init__(signal.Signals(signum).name)
 
 
 _describe: Callable[[str], str] | None = None
+_received: list[int] = []
 _pending_line: list[str] = []
 _lock = threading.Lock()
 EMIT_WITHIN_S = 2.0
@@ -40,15 +42,26 @@ job is SIGKILLed 3 s after its SIGTERM."""
 
 
 def emit() -> None:
-    """Print the interruption's line, once (the main thread after unwinding, or the timer)."""
+    """Print the interruption's line, once (the main thread after unwinding, or the timer); a
+    KeyboardInterrupt that came without a handled signal gets a plain one."""
     with _lock:
         lines, _pending_line[:] = list(_pending_line), []
+        if not lines and not _received:
+            lines = ["moe-ray: interrupted; rerun the same command to resume"]
+            _received.append(signal.SIGINT)
     for line in lines:
         print(line, file=sys.stderr, flush=True)
 
 
+def exit_status() -> int:
+    """The shell's status for the signal that interrupted this process: 128 + SIGTERM's 15 = 143, or
+    130 for SIGINT (and for a KeyboardInterrupt that no handled signal explains)."""
+    return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
 def _handler(signum: int, frame) -> None:
     global _describe
+    _received.append(signum)
     describe, _describe = _describe, None  # a second signal while unwinding: no second line
     if describe is not None:
         name = signal.Signals(signum).name
@@ -79,6 +92,7 @@ def handling_signals(describe: Callable[[str], str]) -> Iterator[None]:
         return
     previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
     _describe = describe
+    _received.clear()
     _install()
     try:
         yield
@@ -116,4 +130,4 @@ def progress_line(signame: str, store: str, resume: str) -> str:
             f"resume with: {resume}")
 
 
-__all__ = ["Interrupted", "emit", "handling_signals", "progress_line", "reassert"]
+__all__ = ["Interrupted", "emit", "exit_status", "handling_signals", "progress_line", "reassert"]

@@ -140,6 +140,9 @@ def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path, 
     first.stop()
     assert first.wait(timeout=60, poll=0.2).state == "STOPPED"
     flags = settled_done(spec["store"], "static")  # one per layer 0..3
+    ending = [line for line in first.logs().splitlines() if line.strip()][-1]  # SIGTERM: one line, then gone
+    assert ending.startswith("moe-ray: interrupted by SIGTERM. Finished: nothing. Not finished: static ("), ending
+    assert ending.endswith("resume with: `moe-ray submit` of the same spec (only unfinished units run)"), ending
     unfinished = [str(layer) for layer, flag in enumerate(flags) if not flag]
     assert 1 <= len(unfinished) < 4, "the job was not stopped half-way"
 
