@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(PY) -m moe_ray.demo --out demo
 
 test: $(STAMP)
+	@# the multi-node tests put Ray nodes in network namespaces (`ip netns`, iproute2)
+	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; } || echo "no iproute2: the multi-node tests will be skipped"
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -24,6 +24,13 @@ if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
 fi
 chmod 600 "$RAY_AUTH_TOKEN_PATH"
 
+# A lost node is declared dead after 5 failed health checks 1 s apart, each given 3 s: ~5 s for a
+# crashed node, ~20 s for one gone from the network (Ray's defaults, 3 s apart and 10 s each: ~15 s
+# and ~65 s). A dynamic job waits on the shard's node that long before its own node_wait_s starts.
+export RAY_health_check_period_ms="${RAY_health_check_period_ms:-1000}"
+export RAY_health_check_timeout_ms="${RAY_health_check_timeout_ms:-3000}"
+export RAY_health_check_failure_threshold="${RAY_health_check_failure_threshold:-5}"
+
 # Job entrypoints run `python ...` on the head: make that the interpreter moe-ray is installed in.
 export PATH="$(dirname "$PYTHON"):$PATH"
 

@@ -103,6 +103,7 @@ def prestart_workers(count: int) -> None:
         _import_compute_modules.remote()
 
 
-def alive_nodes() -> list[dict[str, float]]:
-    """The total resources of every alive node of the cluster this process is connected to."""
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+def alive_nodes(leaving_out: str | None = None) -> list[dict[str, float]]:
+    """The total resources of every alive node of the cluster this process is connected to (but the
+    node whose id is `leaving_out`)."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive") and n["NodeID"] != leaving_out]

@@ -77,8 +77,8 @@ class ShardLost(MoeRayError):
     `finished` holds the outputs of the items that had gone through every shard before.
     """
 
-    def __init__(self, label: str, node: str, waited_s: float, finished: dict[str, Any]):
-        self.label, self.node, self.waited_s, self.finished = label, node, waited_s, finished
+    def __init__(self, label: str, node: str, node_id: str, waited_s: float, finished: dict[str, Any]):
+        self.label, self.node, self.node_id, self.waited_s, self.finished = label, node, node_id, waited_s, finished
         super().__init__(f"{label} lost its node {node} and the cluster did not hold it again within "
                          f"{waited_s:g} s (node_wait_s)")
 
@@ -93,21 +93,37 @@ class _Loss:
 
     shard: int
     node: str  # "10.0.0.2 (node 1a2b3c4d)"
+    node_id: str
     line: str
     restarts: int  # the shard actor's restarts when it was lost: a restart since then is a recovery
 
 
-def _node_names() -> dict[str, tuple[bool, str]]:
-    """node id (hex) -> (alive, IP) for every node the cluster has known."""
-    return {n["NodeID"]: (bool(n.get("Alive")), n.get("NodeManagerAddress", "?")) for n in ray.nodes()}
+def _ask_gcs(query: Callable[[], Any], default: Any) -> Any:
+    """A state query to Ray's GCS, or `default` while it cannot answer (a head restarting under GCS
+    fault tolerance): the watch then learns nothing new this round, it does not fail the job."""
+    try:
+        return query()
+    except Exception:  # RpcError, TimeoutError, ... while the GCS is away
+        return default
 
 
-def _node_label(node_id: str, nodes: dict[str, tuple[bool, str]]) -> str:
-    return f"{nodes.get(node_id, (False, '?'))[1]} (node {node_id[:8]})"
+def _node_names() -> dict[str, tuple[bool, str]] | None:
+    """node id (hex) -> (alive, IP) for every node the cluster has known; None if the GCS is away."""
+    nodes = _ask_gcs(ray.nodes, None)
+    return None if nodes is None else {n["NodeID"]: (bool(n.get("Alive")), n.get("NodeManagerAddress", "?"))
+                                       for n in nodes}
+
+
+def _node_label(node_id: str, nodes: dict[str, tuple[bool, str]] | None) -> str:
+    return f"{(nodes or {}).get(node_id, (False, '?'))[1]} (node {node_id[:8]})"
+
+
+def _alive(node_id: str, nodes: dict[str, tuple[bool, str]] | None) -> bool:
+    return bool(nodes) and nodes.get(node_id, (False, ""))[0]
 
 
 def _actor_info(actor) -> dict:
-    return ray._private.state.actors(actor._actor_id.hex()) or {}
+    return _ask_gcs(lambda: ray._private.state.actors(actor._actor_id.hex()), None) or {}
 
 
 class _Shards:
@@ -148,7 +164,7 @@ class _Shards:
         ).remote(*self.ctor_args[i])
 
     def _bundle_nodes(self) -> list[str]:
-        placed = placement_group_table(self.pg).get("bundles_to_node_id", {})
+        placed = _ask_gcs(lambda: placement_group_table(self.pg), {}).get("bundles_to_node_id", {})
         return [placed.get(i, "") for i in range(len(self.bundles))]
 
     def shard_of(self, actor_id: str | None) -> int | None:
@@ -157,10 +173,12 @@ class _Shards:
     def lost_node(self) -> _Loss | None:
         """The first shard whose node the cluster no longer counts as alive."""
         nodes = _node_names()
+        if nodes is None:
+            return None
         for i, node in enumerate(self.homes):
-            if node and not nodes.get(node, (False, ""))[0]:
+            if node and not _alive(node, nodes):
                 where = _node_label(node, nodes)
-                return _Loss(i, where, f"{self.labels[i]} lost its node {where}",
+                return _Loss(i, where, node, f"{self.labels[i]} lost its node {where}",
                              _actor_info(self.actors[i]).get("NumRestarts", 0))
         return None
 
@@ -170,18 +188,20 @@ class _Shards:
         node = self.homes[shard]
         where = _node_label(node, nodes)
         info = _actor_info(self.actors[shard])
-        if nodes.get(node, (False, ""))[0]:
-            line = f"{self.labels[shard]} on node {where} stopped answering ({first_line(exc)[:160]})"
+        if _alive(node, nodes):
+            line = f"{self.labels[shard]} on node {where} stopped answering ({type(exc).__name__})"
         else:
             line = f"{self.labels[shard]} lost its node {where}"
-        return _Loss(shard, where, line, info.get("NumRestarts", 0))
+        return _Loss(shard, where, node, line, info.get("NumRestarts", 0))
 
     def recovered(self, loss: _Loss) -> bool:
         """Whether every shard is placed and alive again, the lost one restarted since; a shard actor
         that Ray gave up on (no restarts left) is created anew once its bundle is placed again."""
-        if placement_group_table(self.pg).get("state") != "CREATED":
+        if _ask_gcs(lambda: placement_group_table(self.pg), {}).get("state") != "CREATED":
             return False
         nodes = _node_names()
+        if nodes is None:
+            return False
         ok = True
         for i, actor in enumerate(self.actors):
             info = _actor_info(actor)
@@ -189,7 +209,7 @@ class _Shards:
             if state == "DEAD":
                 self.actors[i] = self._actor(i)
                 ok = False
-            elif state != "ALIVE" or not nodes.get(info.get("Address", {}).get("NodeID", ""), (False, ""))[0]:
+            elif state != "ALIVE" or not _alive(info.get("Address", {}).get("NodeID", ""), nodes):
                 ok = False
             elif i == loss.shard and info.get("NumRestarts", 0) <= loss.restarts and \
                     info.get("Address", {}).get("NodeID") == self.homes[i]:
@@ -243,7 +263,7 @@ def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[
             started = time.monotonic()
             while not shards.recovered(loss):
                 if time.monotonic() - started > node_wait_s:
-                    raise ShardLost(labels[loss.shard], loss.node, node_wait_s, dict(finished))
+                    raise ShardLost(labels[loss.shard], loss.node, loss.node_id, node_wait_s, dict(finished))
                 time.sleep(POLL_S)
             todo = [item for item in items if item[0] not in finished]
             nodes = _node_names()
@@ -278,7 +298,7 @@ def _run_items(shards: _Shards, items: Sequence[tuple[str, Any]], method: str,
             except ray.exceptions.RayActorError as exc:
                 shard = shards.shard_of(exc.actor_id)
                 if shard is None or (_actor_info(shards.actors[shard]).get("State") == "DEAD"
-                                     and _node_names().get(shards.homes[shard], (False, ""))[0]):
+                                     and _alive(shards.homes[shard], _node_names())):
                     raise shard_failure(exc, labels) from None  # died for good on a live node
                 pending[ref] = name  # started over below with the others
                 loss = loss or shards.unreachable(shard, exc)

@@ -366,7 +366,7 @@ class DynamicJob(AnalysisJob):
                 names = [n for n in names if not unit_done(store.root[f"{GROUP}/{n}"]).all()]
                 if not names:
                     return None
-                fallbacks = self._fallbacks(plan)
+                fallbacks = self._fallbacks(plan, exc.node_id)
             except PlacementTimeout as exc:
                 if lost is None:
                     raise
@@ -383,12 +383,13 @@ class DynamicJob(AnalysisJob):
                      strategy=plan.options.placement, labels=[shard_label(plan, s) for s in shards],
                      node_wait_s=plan.options.node_wait_s, place_timeout_s=place_timeout)
 
-    def _fallbacks(self, plan: DynamicPlan) -> list[tuple[DynamicPlan, str | None]]:
-        """Plans for the nodes left, most like `plan` first, each with why the nodes cannot hold it
-        (None: they may): the same shards packed (PACK), then, on CPUs, fewer shards, packed."""
+    def _fallbacks(self, plan: DynamicPlan, lost_node: str) -> list[tuple[DynamicPlan, str | None]]:
+        """Plans for the nodes left (the lost one left out even while Ray still counts it alive), most
+        like `plan` first, each with why those nodes cannot hold it (None: they may): the same shards
+        packed (PACK), then, on CPUs, fewer shards, packed."""
         from ..distributed.cluster import alive_nodes
 
-        nodes = alive_nodes()
+        nodes = alive_nodes(leaving_out=lost_node)
         gpus = sum(node.get("GPU", 0) for node in nodes)
         n = len(plan.shards)
         options = [plan.resharded(n, "PACK")] if plan.options.placement != "PACK" else []
