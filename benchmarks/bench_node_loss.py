@@ -9,7 +9,10 @@ two-node cluster, with the head's health checks as `--health` says: `ray` (Ray's
 - back:      killed, and a new worker joins at the same address at once; node_wait_s 120;
 - head:      the head's processes SIGKILLed during a static job whose driver runs on the worker
              (`moe-ray run --address HEAD`): what the driver does, what the store keeps, and what a
-             rerun on a new cluster computes.
+             rerun on a new cluster computes;
+- head-ft:   the same with GCS fault tolerance: the GCS keeps its state in a Redis on a third node
+             (needs `redis-server`), the head is started again 5 s after it died, and workers and
+             the driver get KubeRay's 600 s to reconnect.
 
     python benchmarks/bench_node_loss.py [--scenario kill,partition,back,head] [--health ray|moe-ray|tests]
 
@@ -73,13 +76,24 @@ class Job:
         return rc
 
 
-def cluster(root: Path, health: str) -> tuple[Lab, dict]:
+REDIS_PASSWORD = secrets.token_hex(16)
+
+
+def cluster(root: Path, health: str, redis: bool = False) -> tuple[Lab, dict]:
+    """A head and a worker (and, with `redis`, a Redis on a third node backing the GCS)."""
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    lab = Lab(root, ["h", "w"]).create()
+    lab = Lab(root, ["h", "w", "r"] if redis else ["h", "w"]).create()
     env = lab.env(RAY_AUTH_TOKEN_PATH=str(token), **HEALTH[health])
-    head = lab.start_head("h", num_cpus=2, env=env)
+    extra = []
+    if redis:
+        lab.popen("r", ["redis-server", "--bind", lab["r"].ip, "--port", "6379", "--requirepass", REDIS_PASSWORD,
+                        "--dir", str(root), "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL)
+        time.sleep(1)
+        env.update(RAY_REDIS_ADDRESS=f"{lab['r'].ip}:6379", RAY_gcs_rpc_server_reconnect_timeout_s="600")
+        extra = ["--redis-password", REDIS_PASSWORD]
+    head = lab.start_head("h", num_cpus=2, env=env, extra=extra)
     lab.start_worker("w", head, num_cpus=2, env=env)
     return lab, env
 
@@ -117,7 +131,7 @@ def dynamic(lab: Lab, env: dict, model: str, store: str, node_wait_s: float, fau
     return out
 
 
-def head_loss(lab: Lab, env: dict, model: str, store: str, root: Path, health: str) -> dict:
+def head_loss(lab: Lab, env: dict, model: str, store: str, root: Path, health: str, ft: bool = False) -> dict:
     args = [*CLI, "run", "--model", model, "--store", store, "--analyses", "static", "--address", HEAD]
     job = Job(lab, "w", args, env)
     deadline = time.monotonic() + 300
@@ -130,6 +144,10 @@ def head_loss(lab: Lab, env: dict, model: str, store: str, root: Path, health: s
         time.sleep(0.1)
     at = time.monotonic()
     lab.lose("h")
+    if ft:  # the head comes back (a restarted pod): same address, the GCS's state from Redis
+        time.sleep(5)
+        lab.start_head("h", num_cpus=2, env=env, extra=["--redis-password", REDIS_PASSWORD], generation=1)
+        back = round(time.monotonic() - at, 1)
     try:
         rc = job.wait(400)
     except subprocess.TimeoutExpired:
@@ -139,6 +157,10 @@ def head_loss(lab: Lab, env: dict, model: str, store: str, root: Path, health: s
     out = {"driver_exit": rc, "driver_exit_s": round(job.lines[-1][0] - at, 1) if job.lines else None,
            "units_done_at_loss": int(done.sum()), "units": int(done.size),
            "driver_last_lines": [line[:200] for _, line in job.lines[-4:]]}
+    if ft:
+        out["head_back_s"] = back
+        out["driver_finished"] = any("done in" in line for _, line in job.lines)
+        return out
     lab.destroy()
     (root / "again").mkdir()
     lab2, env2 = cluster(root / "again", health)
@@ -164,11 +186,11 @@ def main() -> None:
         for k, scenario in enumerate(args.scenario.split(",")):
             root = work / f"c{k}"
             root.mkdir()
-            lab, env = cluster(root, args.health)
+            lab, env = cluster(root, args.health, redis=scenario == "head-ft")
             try:
                 store = str(root / "store.zarr")
-                if scenario == "head":
-                    results[scenario] = head_loss(lab, env, model, store, root, args.health)
+                if scenario.startswith("head"):
+                    results[scenario] = head_loss(lab, env, model, store, root, args.health, scenario == "head-ft")
                 else:
                     wait = 120 if scenario == "back" else 10
                     results[scenario] = dynamic(lab, env, model, store, wait, scenario)

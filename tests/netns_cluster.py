@@ -188,9 +188,9 @@ class Lab:
 
     # ---- Ray nodes ---------------------------------------------------------------------------
     def start_head(self, role: str, *, num_cpus: int, memory: int | None = None, env: dict[str, str] | None = None,
-                   extra: Sequence[str] = ()) -> RayNode:
+                   extra: Sequence[str] = (), generation: int = 0) -> RayNode:
         ns = self[role]
-        temp = self.root / f"ray-{role}"
+        temp = self.root / f"ray-{role}{generation or ''}"
         args = [RAY, "start", "--head", "--node-ip-address", ns.ip, "--port", str(GCS_PORT),
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT), "--include-dashboard", "true",
                 "--temp-dir", str(temp), "--num-cpus", str(num_cpus), "--object-store-memory", str(150 * 2**20),
