@@ -1,10 +1,13 @@
 """Sizing a run before any weights exist: `moe-ray plan --model DIR_OR_CONFIG_OR_FLAVOR`.
 
 Reads only a config.json (or a published flavor such as `mixtral:8x7B`) and the family adapter's
-tensor layout (`Family.tensor_shapes`), and reports what design §6 needs to place the work: bytes
-per decoder layer in bf16, the contiguous layer ranges ("shards") that fit one GPU each for the
-dynamic pass, GPUs and nodes, the store each analysis writes, and the reorder analysis's linear
-assignment problems (§4.1.2: one n x n float32 cost matrix per expert pair and matrix, n = d_mid).
+tensor layout (`Family.tensor_shapes`, `Family.stored_layout`), and reports what design §6 needs to
+place the work: bytes on disk (as stored: FP8 with block scales, MXFP4, bf16) and dequantised to bf16,
+bytes per decoder layer, the contiguous layer ranges ("shards") that fit one GPU each for the dynamic
+pass (which holds bf16), GPUs and nodes, the store each analysis writes, and the reorder analysis's
+linear assignment problems (§4.1.2: one n x n float32 cost matrix per expert pair and matrix, n = d_mid).
+Layers outside the main stack (DeepSeek-V3's multi-token-prediction layer) are on disk but analysed
+only on request; they are counted on disk and listed apart.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint.families import FAMILIES, Family, ModelFacts, detect_family
+from .checkpoint.quant import DTYPE_BYTES
 from .errors import SpecError
 
 BF16 = 2
@@ -69,10 +73,18 @@ class ModelPlan:
     store_bytes: dict[str, int]
     lap_bytes: int
     n_laps: int
+    disk_bytes: int = 0
+    mtp_params: int = 0
 
     @property
     def nbytes(self) -> int:
+        """The main stack's weights dequantised to bf16 (what the dynamic pass's GPUs hold)."""
         return self.params * BF16
+
+    @property
+    def pairs(self) -> int:
+        e = self.facts.num_experts
+        return e * (e - 1) // 2
 
     @property
     def gpus(self) -> int:
@@ -81,10 +93,14 @@ class ModelPlan:
     def report(self) -> str:
         f = self.facts
         layer = max(self.layer_bytes)
+        mtp = (f" + {len(f.mtp_layers)} multi-token-prediction layer(s) {list(f.mtp_layers)} "
+               f"({self.mtp_params / 1e9:.1f}B parameters, analysed only on request: --mtp)") if f.mtp_layers else ""
         lines = [
             f"{self.name}: {f.family}, {self.params / 1e9:.1f}B parameters, {_size(self.nbytes)} in bf16",
-            f"  layers: {f.num_layers} ({len(f.moe_layers)} MoE), {f.num_experts} experts of d_mid {f.d_mid}, "
-            f"d_hid {f.d_hid}, top-{f.top_k}",
+            f"  on disk: {_size(self.disk_bytes)} ({f.stored_format}); dequantised to bf16: "
+            f"{_size(self.nbytes + self.mtp_params * BF16)}",
+            f"  layers: {f.num_layers} ({len(f.moe_layers)} MoE){mtp}, {f.num_experts} experts of d_mid "
+            f"{f.d_mid}, d_hid {f.d_hid}, top-{f.top_k}",
             f"  bytes per layer: {_size(layer)} (largest); embeddings, norm and head {_size(self.other_bytes)}",
             f"  shards: {self.gpus} on {self.gpu_mem_gib:g} GiB GPUs (weights up to {GPU_HEADROOM:.0%} of each), "
             f"{_size(max(s.nbytes for s in self.shards))} per shard at most:",
@@ -92,7 +108,8 @@ class ModelPlan:
         lines += [f"    shard {i}: layers {s.first}-{s.last}, {_size(s.nbytes)}" for i, s in enumerate(self.shards)]
         lines.append(f"  GPUs: {self.gpus}; nodes: {self.nodes} with {self.gpus_per_node} GPUs each")
         lines.append("  store: " + ", ".join(f"{k} {_size(v)}" for k, v in self.store_bytes.items()))
-        lines.append(f"  reorder: {self.n_laps:,} LAPs per matrix (MoE layers x E(E-1)/2), "
+        lines.append(f"  reorder: {len(f.moe_layers)} MoE layers x {self.pairs:,} expert pairs = {self.n_laps:,} "
+                     f"LAPs per matrix (joint mode: one per pair; separate: three), n = {f.d_mid}, "
                      f"{_size(self.lap_bytes)} cost matrix each (d_mid² x 4 bytes)")
         lines.append(f"  static: one task per MoE layer, {_size(layer)} of weights read each")
         return "\n".join(lines)
@@ -114,14 +131,17 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     facts = family.facts(config)
     shapes = family.tensor_shapes(config)
     layer_params = [0] * facts.num_layers
-    other = 0
+    other = mtp = 0
     for key, shape in shapes.items():
         n = math.prod(shape)
         m = _LAYER.search(key)
-        if m:
+        if m and int(m.group(1)) >= facts.num_layers:
+            mtp += n
+        elif m:
             layer_params[int(m.group(1))] += n
         else:
             other += n
+    disk = sum(math.prod(shape) * DTYPE_BYTES[dtype] for shape, dtype in family.stored_layout(config).values())
     layer_bytes = tuple(p * BF16 for p in layer_params)
     shards = _shards(layer_bytes, other * BF16, gpu_mem_gib * GIB * GPU_HEADROOM, model)
     need_nodes = math.ceil(len(shards) / gpus_per_node)
@@ -132,7 +152,7 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     pairs = facts.num_experts * (facts.num_experts - 1) // 2
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
-                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs)
+                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp)
 
 
 def _greedy(layer_bytes: tuple[int, ...], other: int, capacity: float) -> list[Shard]:

@@ -2,7 +2,10 @@
 
 Opening a checkpoint reads only config.json, the index and each shard's header, and checks them
 (missing shards, truncated files, keys the index promises but a shard lacks). Tensors are read one
-at a time, on demand, and returned as float32 (or float64) whatever their stored dtype.
+at a time, on demand, and returned as float32 (or float64) whatever their stored dtype: quantised
+tensors (FP8 with block scales, MXFP4 blocks/scales) are dequantised exactly on the reader's device
+(`checkpoint.quant`), and a piece of a fused tensor (a `TensorRef`: one expert, one matrix) is read
+by slice, never the whole tensor.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .families import Family, ModelFacts, detect_family
+from .families.base import Key, TensorRef, ref_name
+from .quant import Stored, dequantize_fp8_blocks, dequantize_mxfp4, logical_layout
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -98,6 +103,8 @@ class Checkpoint:
         self.tensors = self._index()
         self.family: type[Family] = detect_family(self.config, self.tensors)
         self.facts: ModelFacts = self.family.facts(self.config)
+        self.stored: dict[str, Stored] = logical_layout(self.tensors, self.config.get("quantization_config"))
+        """Every logical tensor (scale and block companions folded in) and how it is stored."""
         self._handles: dict[str, object] = {}
 
     # ---- opening -------------------------------------------------------------------------
@@ -176,23 +183,55 @@ class Checkpoint:
         return state
 
     # ---- metadata ----------------------------------------------------------------------------
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
+    def __contains__(self, key: Key) -> bool:
+        return ref_name(key) in self.stored or ref_name(key) in self.tensors
 
-    def info(self, key: str) -> TensorInfo:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise CheckpointError(f"tensor {key} is missing from the checkpoint {self.location}") from None
+    def storage(self, key: Key) -> Stored:
+        """How a logical tensor is stored; a format moe-ray cannot read is refused here, with the
+        tensor and its dtype named (`checkpoint.quant` is the one place that decides)."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        if stored is None:
+            info = self.tensors.get(name)  # a companion (scales, blocks) asked for by its own name
+            if info is None:
+                raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.location}")
+            stored = logical_layout({name: info}).get(name) or Stored(name, "refused", info.shape, (name,), info.dtype)
+        if stored.format == "refused":
+            raise CheckpointError(stored.refusal or f"tensor {name} is stored as {stored.dtype}, which moe-ray "
+                                  "cannot read")
+        return stored
 
-    def require(self, keys: list[str], what: str = "") -> None:
-        """Fail with one clear message if any of `keys` is missing (checked before work starts)."""
-        missing = [k for k in keys if k not in self.tensors]
+    def info(self, key: Key) -> TensorInfo:
+        """Where a tensor (or a TensorRef's piece of one) lives: file, dtype, logical shape, and the
+        byte range its stored bytes (the first part's, for quantised ones) occupy."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        physical = self.tensors.get(stored.parts[0] if stored else name)
+        if physical is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.location}")
+        shape = stored.shape if stored else physical.shape
+        if not isinstance(key, TensorRef):
+            if stored is None or stored.format in ("float", "fp8_block", "refused"):
+                return physical
+            return TensorInfo(physical.file, stored.dtype, shape, physical.start, physical.end)
+        start, end = physical.start, physical.end
+        if key.index and isinstance(key.index[0], int) and physical.shape:
+            row = (end - start) // physical.shape[0]
+            start, end = start + key.index[0] * row, start + (key.index[0] + 1) * row
+        dtype = stored.dtype if stored else physical.dtype
+        return TensorInfo(physical.file, dtype, key.shape(tuple(shape)), start, end)
+
+    def require(self, keys: list[Key], what: str = "") -> None:
+        """Fail with one clear message if any of `keys` is missing or stored in a format moe-ray
+        cannot read (checked before work starts)."""
+        missing = [k for k in keys if k not in self]
         if missing:
             extra = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
             for_what = f" needed for {what}" if what else ""
             raise CheckpointError(f"tensor {missing[0]}{extra}{for_what} is missing from the checkpoint "
                                   f"{self.location}")
+        for key in keys:
+            self.storage(key)
 
     def nbytes(self, keys: list[str] | None = None) -> int:
         keys = self.tensors if keys is None else keys
@@ -211,39 +250,73 @@ class Checkpoint:
         }
 
     # ---- reading -----------------------------------------------------------------------------
-    def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True,
+    def read(self, key: Key, dtype: torch.dtype = torch.float32, check_finite: bool = True,
              device: str | torch.device | None = None) -> torch.Tensor:
-        """One tensor, converted to `dtype` (float32 by default, whatever it is stored as) on `device`
-        (the CPU by default). On another device the stored bytes travel as stored and are converted
-        there, so no converted copy of the tensor is ever made on the host."""
-        info = self.info(key)
-        if info.dtype not in DTYPES:
-            raise CheckpointError(f"tensor {key} has dtype {info.dtype}, which moe-ray cannot read")
-        if info.file.endswith(".bin"):
-            state = self._handles.get(info.file)
-            if state is None:
-                state = self._handles[info.file] = self._load_pickle(info.file)
-            tensor = state[key]
-        elif _is_local(self.location):
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-            tensor = handle.get_tensor(key)
+        """One tensor, or a TensorRef's piece of one, converted to `dtype` (float32 by default, whatever
+        it is stored as) on `device` (the CPU by default). Stored bytes travel as stored and are
+        converted there: quantised tensors are dequantised on `device` (`checkpoint.quant`), so no
+        float copy is ever made on the host for a device read."""
+        ref = key if isinstance(key, TensorRef) else TensorRef(key)
+        stored = self.storage(ref.name)
+        index = ref.torch_index()
+        if stored.format == "float":
+            tensor = self._load(stored.parts[0], index)
+            if device is not None:
+                tensor = tensor.to(device=device)
+            tensor = tensor.to(dtype)
         else:
-            raw = self.fs.cat_file(info.file, start=info.start, end=info.end)
-            tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape)
-        if device is not None:
-            tensor = tensor.to(device=device)
-        tensor = tensor.to(dtype)
+            # the index's dims before the quantisation blocks select stored bytes; the rest apply
+            # to the dequantised values (fp8: the last two dims are blocked; mxfp4: the last one)
+            blocked = 2 if stored.format == "fp8_block" else 1
+            lead = index[: max(len(stored.shape) - blocked, 0)]
+            parts = [self._load(p, lead) for p in stored.parts]
+            if device is not None:
+                parts = [p.to(device=device) for p in parts]
+            if stored.format == "fp8_block":
+                tensor = dequantize_fp8_blocks(parts[0], parts[1], stored.block, dtype)
+            else:
+                tensor = dequantize_mxfp4(parts[0], parts[1], dtype)
+            rest = index[len(lead):]
+            if rest:
+                kept = sum(1 for i in lead if not isinstance(i, int))
+                tensor = tensor[(slice(None),) * kept + rest]
+        if ref.transpose:
+            tensor = tensor.transpose(-1, -2)
+        if ref.index or ref.transpose:
+            tensor = tensor.contiguous()
         if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             # a NaN/Inf anywhere makes the sum non-finite (12x cheaper than isfinite().all(), which
             # cost as much as the read); only then count, since a huge finite sum can overflow too
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
-                raise CheckpointError(f"tensor {key} in {self.location} has {bad} NaN/Inf values")
+                raise CheckpointError(f"tensor {ref} in {self.location} has {bad} NaN/Inf values")
         return tensor
 
-    def prefetch(self, keys: list[str]) -> None:
+    def _load(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """A physical tensor, or `tensor[index]`, as stored, on the CPU: a local shard is sliced by
+        safetensors (only the selected bytes are copied), a remote one fetches the byte range of its
+        leading index."""
+        info = self.tensors[key]
+        if info.file.endswith(".bin"):
+            state = self._handles.get(info.file)
+            if state is None:
+                state = self._handles[info.file] = self._load_pickle(info.file)
+            tensor = state[key]
+            return tensor[index] if index else tensor
+        if _is_local(self.location):
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
+            return handle.get_slice(key)[index] if index else handle.get_tensor(key)
+        start, end, shape = info.start, info.end, info.shape
+        if index and isinstance(index[0], int) and shape:
+            row = (end - start) // shape[0]
+            start, end, shape, index = start + index[0] * row, start + (index[0] + 1) * row, shape[1:], index[1:]
+        raw = self.fs.cat_file(info.file, start=start, end=end)
+        tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(shape)
+        return tensor[index] if index else tensor
+
+    def prefetch(self, keys: list[Key]) -> None:
         """Ask the kernel to start reading these tensors' bytes now (POSIX_FADV_WILLNEED), so a unit
         that reads them one after another computes on the first while the rest arrive from disk.
         Local safetensors shards only; elsewhere (and where the OS lacks fadvise) a no-op."""
@@ -251,9 +324,13 @@ class Checkpoint:
             return
         by_file: dict[str, list[TensorInfo]] = {}
         for key in keys:
-            info = self.info(key)
-            if info.file.endswith(".safetensors"):
-                by_file.setdefault(info.file, []).append(info)
+            stored = self.stored.get(ref_name(key))
+            parts = [key] if stored is None or len(stored.parts) == 1 else [
+                TensorRef(p, key.index[:1]) if isinstance(key, TensorRef) else p for p in stored.parts]
+            for part in parts:
+                info = self.info(part)
+                if info.file.endswith(".safetensors"):
+                    by_file.setdefault(info.file, []).append(info)
         for file, infos in by_file.items():
             fd = os.open(file, os.O_RDONLY)
             try:

@@ -143,7 +143,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     for layer in range(n):
         if not layer_keys(ckpt, layer):
             raise CheckpointError(f"layer {layer} has no tensors in {ckpt.location}")
-    ckpt.require(["model.embed_tokens.weight"], "the embeddings")
+    ckpt.require([family.embed_key()], "the embeddings")
     labels = [str(e) for e in range(facts.num_experts)]
     neuron_dim = facts.d_mid
     ref_bytes = 0
@@ -161,7 +161,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
         labels.append("SE")
         neuron_dim = max(neuron_dim, facts.shared_d_mid)
     sizes = [_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(n)]
-    sizes[0] += _fp32_bytes(ckpt, ["model.embed_tokens.weight"])
+    sizes[0] += _fp32_bytes(ckpt, [family.embed_key()])
     shards = balance_layers(sizes, options.shards)
     longest = max(len(i.ids) for i in inputs)
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK

@@ -41,7 +41,7 @@ class Qwen2Moe(Family):
                 and cls.num_experts(config) > 0 and (layer + 1) % step == 0)
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod
