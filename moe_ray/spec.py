@@ -157,6 +157,9 @@ class Spec:
     overwrite: bool = field(default=False, metadata={
         "help": "replace a store made from a different model/spec"})
     progress: bool = field(default=True, metadata={"help": "show a live progress bar"})
+    mtp: bool = field(default=False, metadata={
+        "help": "also analyse the multi-token-prediction layers (DeepSeek-V3's layer 61: static and "
+                "reorder; dynamic passes run the main stack only)"})
     allow_pickle: bool = field(default=False, metadata={
         "help": "also read pickle weights (pytorch_model*.bin, loaded with weights_only=True); "
                 "off by default: pickle files can run code when loaded"})
