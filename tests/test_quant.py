@@ -153,7 +153,7 @@ def test_logical_layout_folds_companions_and_refuses_the_rest():
     }, {"quant_method": "fp8", "weight_block_size": [128, 128]})
     assert set(layout) == {"a.weight", "b.weight", "c.gate_up_proj", "d.weight", "e.weight", "f.weight"}
     assert layout["b.weight"].format == "fp8_block" and layout["b.weight"].parts == ("b.weight", "b.weight_scale_inv")
-    assert layout["c.gate_up_proj"].format == "mxfp4" and layout["c.gate_up_proj"].shape == (2, 8, 96)
+    assert layout["c.gate_up_proj"].format == "mxfp4" and layout["c.gate_up_proj"].shape == (2, 96, 8)
     assert layout["d.weight"].format == "refused" and "stored as I8" in layout["d.weight"].refusal
     assert "without its e.weight_scale_inv" in layout["e.weight"].refusal
     assert "does not match 128x128 blocks" in layout["f.weight"].refusal
@@ -206,7 +206,7 @@ def _fused_checkpoint(path, fused: dict[str, torch.Tensor]):
 def test_tensor_refs_read_one_expert_and_matrix_of_fused_tensors(tmp_path):
     gen = torch.Generator().manual_seed(7)
     gate_up = torch.randn(3, 8, 10, generator=gen)  # Llama 4's [E, H, 2·d_mid]
-    mx = torch.tensor(Q.E2M1_VALUES)[torch.randint(0, 16, (3, 10, 64), generator=gen)] / 4  # [E, rows, H]
+    mx = torch.tensor(Q.E2M1_VALUES)[torch.randint(0, 16, (3, 10, 64), generator=gen)] / 4  # stored [E, rows, H]
     blocks, scales = Q.quantize_mxfp4(mx)
     path = _fused_checkpoint(tmp_path / "fused", {
         "x.gate_up_proj": gate_up, "y.gate_up_proj_blocks": blocks, "y.gate_up_proj_scales": scales})
@@ -214,8 +214,11 @@ def test_tensor_refs_read_one_expert_and_matrix_of_fused_tensors(tmp_path):
     gate_ref = TensorRef("x.gate_up_proj", (1, (None, None, None), (0, 5, None)), transpose=True)
     assert str(gate_ref) == "x.gate_up_proj[1, :, 0:5].T" and ckpt.info(gate_ref).shape == (5, 8)
     assert torch.equal(ckpt.read(gate_ref), gate_up[1, :, :5].T)
-    odd_rows = TensorRef("y.gate_up_proj", (2, (1, None, 2)))  # gpt-oss's interleaved up rows
-    assert ckpt.info(odd_rows).shape == (5, 64) and ckpt.info("y.gate_up_proj").dtype == "MXFP4"
+    # logical: transformers' [E, H, rows]; gpt-oss's up rows are the odd columns there
+    assert ckpt.info("y.gate_up_proj").shape == (3, 64, 10) and ckpt.info("y.gate_up_proj").dtype == "MXFP4"
+    assert torch.equal(ckpt.read("y.gate_up_proj"), mx.transpose(1, 2))
+    odd_rows = TensorRef("y.gate_up_proj", (2, (None, None, None), (1, None, 2)), transpose=True)
+    assert ckpt.info(odd_rows).shape == (5, 64)
     assert torch.equal(ckpt.read(odd_rows), mx[2, 1::2])
     assert torch.equal(ckpt.read(odd_rows, dtype=torch.float64), mx[2, 1::2].double())
     fs = fsspec.filesystem("memory")  # the same pieces from a remote store: byte ranges of one expert

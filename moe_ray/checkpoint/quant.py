@@ -7,9 +7,11 @@ A checkpoint's *logical* tensors are what the family adapters name; each is stor
   beside ``<name>_scale_inv`` (F32, BF16 or F16) holding one factor per block of
   ``weight_block_size`` (128 x 128) rows x columns of the last two dims; edge blocks may be partial.
   value[i, j] = e4m3(w[i, j]) * scale_inv[i // block_rows, j // block_cols].
-- ``mxfp4`` (gpt-oss, OCP Microscaling): ``<name>_blocks`` U8 [..., G, 16] holding 32 E2M1 values per
-  block, two per byte, the low nibble first, beside ``<name>_scales`` U8 [..., G] (E8M0: 2^(s - 127));
-  the logical tensor ``<name>`` is [..., G * 32] and value = e2m1(nibble) * 2^(s - 127).
+- ``mxfp4`` (gpt-oss, OCP Microscaling): ``<name>_blocks`` U8 [..., R, G, 16] holding 32 E2M1 values
+  per block, two per byte, the low nibble first, beside ``<name>_scales`` U8 [..., R, G] (E8M0:
+  2^(s - 127)); value = e2m1(nibble) * 2^(s - 127). The stored rows are output features ([..., R, C],
+  C = G * 32); the logical tensor ``<name>`` is what transformers' gpt-oss model holds, its transpose
+  [..., C, R] (the layout a BF16 gpt-oss checkpoint stores), so an adapter addresses both alike.
 
 Anything else a run would read (I8/U8 weights, F8 without its scales, F8_E5M2, a blocks tensor without
 its scales) is refused with the tensor and its dtype named: never read as if it were float.
@@ -134,12 +136,12 @@ def _fp8(name: str, info: HeaderEntry, scale_key: str, scale: HeaderEntry, block
 
 def _mxfp4(name: str, blocks_key: str, blocks: HeaderEntry, scales: HeaderEntry) -> Stored:
     bshape, sshape = tuple(blocks.shape), tuple(scales.shape)
-    if (blocks.dtype != "U8" or scales.dtype != "U8" or len(bshape) < 2 or bshape[-1] != MX_BLOCK // 2
+    if (blocks.dtype != "U8" or scales.dtype != "U8" or len(bshape) < 3 or bshape[-1] != MX_BLOCK // 2
             or sshape != bshape[:-1]):
         return _refused(blocks_key, f"{blocks.dtype}{list(bshape)}", bshape,
                         f" beside {name + MX_SCALES} {scales.dtype}{list(sshape)}, which is not MXFP4 "
-                        f"(U8 blocks [..., G, 16] and U8 scales [..., G])")
-    return Stored(name, "mxfp4", (*bshape[:-2], bshape[-2] * MX_BLOCK), (blocks_key, name + MX_SCALES),
+                        f"(U8 blocks [..., R, G, 16] and U8 scales [..., R, G])")
+    return Stored(name, "mxfp4", (*bshape[:-3], bshape[-2] * MX_BLOCK, bshape[-3]), (blocks_key, name + MX_SCALES),
                   "MXFP4", (MX_BLOCK,))
 
 
@@ -267,10 +269,10 @@ def stored_parts(name: str, shape: tuple[int, ...], fmt: str, float_dtype: str =
         rows, cols = shape[-2:]
         scale = (*shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
         return {name: (tuple(shape), FP8_DTYPE), name + FP8_SCALE_SUFFIX: (scale, "F32")}
-    if fmt == "mxfp4":
-        groups = shape[-1] // MX_BLOCK
-        return {name + MX_BLOCKS: ((*shape[:-1], groups, MX_BLOCK // 2), "U8"),
-                name + MX_SCALES: ((*shape[:-1], groups), "U8")}
+    if fmt == "mxfp4":  # logical [..., C, R] is stored as rows R of C / 32 blocks
+        groups, rows = shape[-2] // MX_BLOCK, shape[-1]
+        return {name + MX_BLOCKS: ((*shape[:-2], rows, groups, MX_BLOCK // 2), "U8"),
+                name + MX_SCALES: ((*shape[:-2], rows, groups), "U8")}
     raise ValueError(f"unknown storage format {fmt!r}")
 
 
@@ -283,7 +285,7 @@ def encode(name: str, tensor: torch.Tensor, fmt: str, float_dtype: torch.dtype =
         q, scale = quantize_fp8_blocks(tensor, block)
         return {name: q, name + FP8_SCALE_SUFFIX: scale}
     if fmt == "mxfp4":
-        blocks, scales = quantize_mxfp4(tensor)
+        blocks, scales = quantize_mxfp4(tensor.transpose(-1, -2))
         return {name + MX_BLOCKS: blocks, name + MX_SCALES: scales}
     raise ValueError(f"unknown storage format {fmt!r}")
 

@@ -264,32 +264,38 @@ class Checkpoint:
             if device is not None:
                 tensor = tensor.to(device=device)
             tensor = tensor.to(dtype)
-        else:
-            # the index's dims before the quantisation blocks select stored bytes; the rest apply
-            # to the dequantised values (fp8: the last two dims are blocked; mxfp4: the last one)
-            blocked = 2 if stored.format == "fp8_block" else 1
-            lead = index[: max(len(stored.shape) - blocked, 0)]
-            parts = [self._load(p, lead) for p in stored.parts]
-            if device is not None:
-                parts = [p.to(device=device) for p in parts]
-            if stored.format == "fp8_block":
-                tensor = dequantize_fp8_blocks(parts[0], parts[1], stored.block, dtype)
-            else:
-                tensor = dequantize_mxfp4(parts[0], parts[1], dtype)
-            rest = index[len(lead):]
-            if rest:
-                kept = sum(1 for i in lead if not isinstance(i, int))
-                tensor = tensor[(slice(None),) * kept + rest]
+        elif stored.format == "fp8_block":
+            tensor = self._dequantized(stored, index, 2, device, lambda w, s: dequantize_fp8_blocks(w, s, stored.block, dtype))
+        else:  # mxfp4: the logical tensor is the stored one with its last two dims swapped
+            full = index + (slice(None),) * (len(stored.shape) - len(index))
+            swapped = full[:-2] + (full[-1], full[-2])
+            tensor = self._dequantized(stored, swapped, 1, device, lambda b, s: dequantize_mxfp4(b, s, dtype))
+            if not isinstance(full[-1], int) and not isinstance(full[-2], int):
+                tensor = tensor.transpose(-1, -2)
         if ref.transpose:
             tensor = tensor.transpose(-1, -2)
-        if ref.index or ref.transpose:
-            tensor = tensor.contiguous()
+        tensor = tensor.contiguous()
         if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             # a NaN/Inf anywhere makes the sum non-finite (12x cheaper than isfinite().all(), which
             # cost as much as the read); only then count, since a huge finite sum can overflow too
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 raise CheckpointError(f"tensor {ref} in {self.location} has {bad} NaN/Inf values")
+        return tensor
+
+    def _dequantized(self, stored: Stored, index: tuple, blocked: int, device, dequantize) -> torch.Tensor:
+        """A quantised tensor's `[index]` in stored order: the index's dims before the `blocked`
+        trailing dims select stored bytes (weights and scales alike), which go to `device` as stored
+        and are dequantised there; the rest of the index applies to the dequantised values."""
+        lead = index[: max(len(stored.shape) - blocked, 0)]
+        parts = [self._load(p, lead) for p in stored.parts]
+        if device is not None:
+            parts = [p.to(device=device) for p in parts]
+        tensor = dequantize(*parts)
+        rest = index[len(lead):]
+        if rest:
+            kept = sum(1 for i in lead if not isinstance(i, int))
+            tensor = tensor[(slice(None),) * kept + rest]
         return tensor
 
     def _load(self, key: str, index: tuple = ()) -> torch.Tensor:

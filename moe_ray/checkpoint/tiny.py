@@ -90,11 +90,12 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, std: float = WEIGHT_STD
     return torch.randn(shape, generator=gen) * std
 
 
-def _plain_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """A non-expert tensor: norms are ones, biases zeros, matrices small random."""
+def _plain_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, random_biases: bool = False) -> torch.Tensor:
+    """A non-expert tensor: norms are ones, biases zeros (small random where the family's biases are
+    part of what is tested), matrices small random."""
     if len(shape) == 1 and ("norm" in key or key.endswith(".scale")):
         return torch.ones(shape)
-    if key.endswith(".bias"):
+    if key.endswith(".bias") and not random_biases:
         return torch.zeros(shape)
     return _randn(shape, gen)
 
@@ -203,7 +204,7 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
             for k, t in adapter.fuse_experts(config, layer, experts).items():
                 write(k, t)
         else:
-            tensor = _plain_tensor(key, shape, gen)
+            tensor = _plain_tensor(key, shape, gen, adapter.has_expert_biases)
             plain_cache[key] = tensor
             write(key, tensor)
     writer.close()

@@ -11,6 +11,7 @@ from .base import MATRICES, Family, ModelFacts, TensorRef
 from .deepseek_moe import DeepseekMoe
 from .deepseek_v3 import DeepseekV2, DeepseekV3
 from .dense import Dense
+from .gpt_oss import GptOss
 from .grok1 import Grok1
 from .mixtral import Mixtral
 from .olmoe import Olmoe
@@ -19,7 +20,8 @@ from .qwen_moe import Qwen2Moe, Qwen3Moe
 # Order matters only for key-based detection: MoE layouts before the dense one, DeepSeek-V3 (which
 # has V2's MLA keys and v1's shared experts) before V2 before v1.
 FAMILIES: dict[str, type[Family]] = {
-    f.name: f for f in (Mixtral, Grok1, DeepseekV3, DeepseekV2, DeepseekMoe, Qwen2Moe, Qwen3Moe, Olmoe, Dense)
+    f.name: f for f in (Mixtral, Grok1, DeepseekV3, DeepseekV2, DeepseekMoe, GptOss, Qwen2Moe, Qwen3Moe,
+                         Olmoe, Dense)
 }
 
 
