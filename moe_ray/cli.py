@@ -71,8 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-TINY_FAMILIES = ("mixtral", "grok1", "deepseek_v3", "deepseek_v2", "deepseek_moe", "gpt_oss", "qwen2_moe", "qwen3_moe",
-                 "olmoe")
+TINY_FAMILIES = ("mixtral", "grok1", "deepseek_v3", "deepseek_v2", "deepseek_moe", "gpt_oss", "llama4", "qwen2_moe",
+                 "qwen3_moe", "olmoe", "llama4_text")
 """The MoE families of moe_ray.checkpoint.FAMILIES, and below make-tiny's variants, spelled out so that
 building the parser (every command, --help included) does not import torch."""
 TINY_VARIANTS = ("scratch", "upcycled", "permuted")

@@ -26,7 +26,6 @@ FLOAT32 = 4
 GIB = 2**30
 GPU_HEADROOM = 0.85
 """Fraction of a GPU's memory a shard's weights may take (the rest: activations, captures, CUDA)."""
-_LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
 def load_config(model: str) -> tuple[type[Family], dict, str]:
@@ -75,10 +74,12 @@ class ModelPlan:
     n_laps: int
     disk_bytes: int = 0
     mtp_params: int = 0
+    other_model_params: int = 0
+    """Parameters beside the language model (Llama 4's vision tower): on disk, never analysed."""
 
     @property
     def nbytes(self) -> int:
-        """The main stack's weights dequantised to bf16 (what the dynamic pass's GPUs hold)."""
+        """The language model's weights dequantised to bf16 (what the dynamic pass's GPUs hold)."""
         return self.params * BF16
 
     @property
@@ -95,10 +96,12 @@ class ModelPlan:
         layer = max(self.layer_bytes)
         mtp = (f" + {len(f.mtp_layers)} multi-token-prediction layer(s) {list(f.mtp_layers)} "
                f"({self.mtp_params / 1e9:.1f}B parameters, analysed only on request: --mtp)") if f.mtp_layers else ""
+        beside = (f"; beside it {self.other_model_params / 1e9:.2f}B parameters not analysed (vision tower, "
+                  "projector)") if self.other_model_params else ""
         lines = [
-            f"{self.name}: {f.family}, {self.params / 1e9:.1f}B parameters, {_size(self.nbytes)} in bf16",
+            f"{self.name}: {f.family}, {self.params / 1e9:.1f}B parameters, {_size(self.nbytes)} in bf16{beside}",
             f"  on disk: {_size(self.disk_bytes)} ({f.stored_format}); dequantised to bf16: "
-            f"{_size(self.nbytes + self.mtp_params * BF16)}",
+            f"{_size(self.nbytes + (self.mtp_params + self.other_model_params) * BF16)}",
             f"  layers: {f.num_layers} ({len(f.moe_layers)} MoE){mtp}, {f.num_experts} experts of d_mid "
             f"{f.d_mid}, d_hid {f.d_hid}, top-{f.top_k}",
             f"  bytes per layer: {_size(layer)} (largest); embeddings, norm and head {_size(self.other_bytes)}",
@@ -131,11 +134,14 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     facts = family.facts(config)
     shapes = family.tensor_shapes(config)
     layer_params = [0] * facts.num_layers
-    other = mtp = 0
+    other = mtp = beside = 0
+    layer_key = re.compile(re.escape(family.key_prefix) + r"layers\.(\d+)\.")
     for key, shape in shapes.items():
         n = math.prod(shape)
-        m = _LAYER.search(key)
-        if m and int(m.group(1)) >= facts.num_layers:
+        m = layer_key.match(key)
+        if not family.is_language_model_key(key):
+            beside += n
+        elif m and int(m.group(1)) >= facts.num_layers:
             mtp += n
         elif m:
             layer_params[int(m.group(1))] += n
@@ -152,7 +158,7 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     pairs = facts.num_experts * (facts.num_experts - 1) // 2
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
-                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp)
+                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside)
 
 
 def _greedy(layer_bytes: tuple[int, ...], other: int, capacity: float) -> list[Shard]:

@@ -258,7 +258,7 @@ class Checkpoint:
         float copy is ever made on the host for a device read."""
         ref = key if isinstance(key, TensorRef) else TensorRef(key)
         stored = self.storage(ref.name)
-        index = ref.torch_index()
+        index = ref.torch_index(stored.shape)
         if stored.format == "float":
             tensor = self._load(stored.parts[0], index)
             if device is not None:

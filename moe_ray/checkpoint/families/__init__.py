@@ -13,6 +13,7 @@ from .deepseek_v3 import DeepseekV2, DeepseekV3
 from .dense import Dense
 from .gpt_oss import GptOss
 from .grok1 import Grok1
+from .llama4 import Llama4, Llama4Text
 from .mixtral import Mixtral
 from .olmoe import Olmoe
 from .qwen_moe import Qwen2Moe, Qwen3Moe
@@ -20,8 +21,8 @@ from .qwen_moe import Qwen2Moe, Qwen3Moe
 # Order matters only for key-based detection: MoE layouts before the dense one, DeepSeek-V3 (which
 # has V2's MLA keys and v1's shared experts) before V2 before v1.
 FAMILIES: dict[str, type[Family]] = {
-    f.name: f for f in (Mixtral, Grok1, DeepseekV3, DeepseekV2, DeepseekMoe, GptOss, Qwen2Moe, Qwen3Moe,
-                         Olmoe, Dense)
+    f.name: f for f in (Mixtral, Grok1, DeepseekV3, DeepseekV2, DeepseekMoe, GptOss, Llama4, Qwen2Moe,
+                         Qwen3Moe, Olmoe, Llama4Text, Dense)
 }
 
 

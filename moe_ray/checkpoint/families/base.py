@@ -21,7 +21,8 @@ MATRICES: tuple[str, ...] = ("up", "gate", "down")
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 Index = Union[int, tuple]
-"""One dimension of a `TensorRef` index: an int, or (start, stop, step) with None for open ends."""
+"""One dimension of a `TensorRef` index: an int; (start, stop, step) with None for open ends; or
+("chunk", i, n), the i-th of n equal parts of the dimension (an adapter's key tables need no sizes)."""
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,26 @@ class TensorRef:
     index: tuple[Index, ...] = ()
     transpose: bool = False
 
-    def torch_index(self) -> tuple:
-        return tuple(i if isinstance(i, int) else slice(*i) for i in self.index)
+    def torch_index(self, full: tuple[int, ...]) -> tuple:
+        """The index as ints and slices, for a logical tensor of shape `full`."""
+        def one(i: Index, size: int):
+            if isinstance(i, int):
+                return i
+            if i and i[0] == "chunk":
+                part = size // i[2]
+                return slice(i[1] * part, (i[1] + 1) * part)
+            return slice(*i)
+        return tuple(one(i, size) for i, size in zip(self.index, full))
 
     def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
         """The shape this piece has, given the whole logical tensor's shape."""
+        index = self.torch_index(full)
         out = []
         for dim, size in enumerate(full):
-            if dim >= len(self.index):
+            if dim >= len(index):
                 out.append(size)
-            elif not isinstance(self.index[dim], int):
-                out.append(len(range(*slice(*self.index[dim]).indices(size))))
+            elif isinstance(index[dim], slice):
+                out.append(len(range(*index[dim].indices(size))))
         if self.transpose:
             out[-2:] = out[-2:][::-1]
         return tuple(out)
@@ -54,6 +64,8 @@ class TensorRef:
         def one(i: Index) -> str:
             if isinstance(i, int):
                 return str(i)
+            if i and i[0] == "chunk":
+                return f"part {i[1] + 1} of {i[2]}"
             start, stop, step = (list(i) + [None, None, None])[:3]
             text = f"{'' if start is None else start}:{'' if stop is None else stop}"
             return text + (f":{step}" if step not in (None, 1) else "")
@@ -200,6 +212,15 @@ class Family:
     @classmethod
     def embed_key(cls) -> str:
         return f"{cls.key_prefix}embed_tokens.weight"
+
+    @classmethod
+    def lm_head_key(cls) -> str:
+        return "lm_head.weight"
+
+    @classmethod
+    def is_language_model_key(cls, key: str) -> bool:
+        """Whether a hub key belongs to the language model (not a vision tower or projector)."""
+        return key.startswith(cls.key_prefix) or key == cls.lm_head_key()
 
     @classmethod
     def router_weight_key(cls, layer: int) -> str:
