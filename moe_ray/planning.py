@@ -76,6 +76,8 @@ class ModelPlan:
     mtp_params: int = 0
     other_model_params: int = 0
     """Parameters beside the language model (Llama 4's vision tower): on disk, never analysed."""
+    layer_disk_bytes: int = 0
+    """The largest decoder layer's bytes as stored (what a static unit reads)."""
 
     @property
     def nbytes(self) -> int:
@@ -114,7 +116,8 @@ class ModelPlan:
         lines.append(f"  reorder: {len(f.moe_layers)} MoE layers x {self.pairs:,} expert pairs = {self.n_laps:,} "
                      f"LAPs per matrix (joint mode: one per pair; separate: three), n = {f.d_mid}, "
                      f"{_size(self.lap_bytes)} cost matrix each (d_mid² x 4 bytes)")
-        lines.append(f"  static: one task per MoE layer, {_size(layer)} of weights read each")
+        stored = f" ({_size(self.layer_disk_bytes)} as stored)" if self.layer_disk_bytes != layer else ""
+        lines.append(f"  static: one task per MoE layer, {_size(layer)} of weights read each{stored}")
         return "\n".join(lines)
 
 
@@ -147,7 +150,13 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
             layer_params[int(m.group(1))] += n
         else:
             other += n
-    disk = sum(math.prod(shape) * DTYPE_BYTES[dtype] for shape, dtype in family.stored_layout(config).values())
+    disk = layer_disk = 0
+    largest = max(range(facts.num_layers), key=lambda l: layer_params[l])
+    for key, (shape, dtype) in family.stored_layout(config).items():
+        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+        disk += nbytes
+        m = layer_key.match(key)
+        layer_disk += nbytes if m and int(m.group(1)) == largest else 0
     layer_bytes = tuple(p * BF16 for p in layer_params)
     shards = _shards(layer_bytes, other * BF16, gpu_mem_gib * GIB * GPU_HEADROOM, model)
     need_nodes = math.ceil(len(shards) / gpus_per_node)
@@ -158,7 +167,7 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     pairs = facts.num_experts * (facts.num_experts - 1) // 2
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
-                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside)
+                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk)
 
 
 def _greedy(layer_bytes: tuple[int, ...], other: int, capacity: float) -> list[Shard]:

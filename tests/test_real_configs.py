@@ -54,3 +54,21 @@ def test_plan_command_on_a_real_config(capsys):
     out = capsys.readouterr().out
     assert "116.8B parameters" in out and "on disk: 60.8 GiB (MXFP4 experts" in out
     assert "36 MoE layers x 8,128 expert pairs = 292,608 LAPs per matrix" in out
+
+
+@pytest.mark.parametrize("family, flavor, layer", [("gpt_oss", "120b", 1), ("llama4", "maverick", 1),
+                                                   ("llama4", "maverick", 0), ("llama4", "scout", 3)])
+def test_full_size_decoder_layer_on_meta_has_the_adapters_tensors(family, flavor, layer):
+    """transformers' decoder layer built from the real config on the meta device holds exactly the
+    tensors the adapter lists for that layer (fused experts included, in the same layout)."""
+    import torch
+
+    from moe_ray.checkpoint import get_family
+
+    adapter = get_family(family)
+    config = adapter.flavors[flavor]
+    with torch.device("meta"):
+        module = adapter.decoder_classes()["layer"](adapter.decoder_config(config), layer)
+    prefix = adapter.layer_prefix(layer)
+    ours = {k[len(prefix):]: s for k, s in adapter.tensor_shapes(config).items() if k.startswith(prefix)}
+    assert {n: tuple(p.shape) for n, p in module.state_dict().items()} == ours

@@ -47,6 +47,15 @@ class Llama4(Family):
         return config.get("text_config") or config
 
     @classmethod
+    def decoder_config(cls, config: dict):
+        # the hub configs say "attn_temperature_tuning": 4 (Meta's code reads it as a truth value);
+        # transformers 5's strict Llama4TextConfig accepts only a bool
+        text = dict(cls.text_config(config))
+        if "attn_temperature_tuning" in text:
+            text["attn_temperature_tuning"] = bool(text["attn_temperature_tuning"])
+        return super().decoder_config(text)
+
+    @classmethod
     def _p(cls, layer: int) -> str:
         return f"{cls.layer_prefix(layer)}feed_forward"
 
