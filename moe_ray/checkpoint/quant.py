@@ -19,7 +19,8 @@ its scales) is refused with the tensor and its dtype named: never read as if it 
 Dequantisation is exact: in float64 every value is the format's value; in float32 every value is that
 value correctly rounded (FP8: the one rounding of the product of two floats; MXFP4: exact, since
 2^(s - 127) is built bit by bit and an E2M1 value has two significant bits). It runs on the device the
-stored bytes were moved to, block by block in place, so its memory is the output tensor.
+stored bytes were moved to, in place over whole blocks: its memory is the output plus, on the CPU, one
+int32 code per stored byte for the table lookup (never a layer).
 """
 from __future__ import annotations
 

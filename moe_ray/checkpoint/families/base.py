@@ -2,7 +2,9 @@
 
 A family adapter is data first: key templates, the activation, the routing rule and which layers
 are MoE. Everything family-specific lives in one adapter module; nothing else in moe-ray branches
-on the family name.
+on the family name. Experts stored fused (one 3-D tensor per layer) are named by `TensorRef`s, so
+every consumer reads one expert's matrix the same way whatever the layout; how each tensor is stored
+on disk (float, FP8 blocks, MXFP4) is the adapter's `storage` and the reader's `checkpoint.quant`.
 """
 from __future__ import annotations
 
