@@ -64,3 +64,13 @@ def hf_model_from_state(config_cls, model_cls, config: dict, state: dict[str, to
 
 def read_config(path: Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def check_planted_permutations(ds, layer: int, planted: dict, experts: tuple[str, ...]) -> None:
+    """`reorder/joint` recovered make-tiny's planted permutations exactly: W_e[r] = W_src[pi[r]], so
+    neuron k of the source is neuron argsort(pi)[k] of e, and the reordered matrices coincide."""
+    for e in experts:
+        src, pi = str(planted[e]["source"]), np.array(planted[e]["perm"])
+        pair = ds.sel(layer=layer, expert_i=src, expert_j=e)
+        np.testing.assert_array_equal(pair.permutation.values, np.argsort(pi))
+        np.testing.assert_allclose(pair.similarity_after.values, 1.0, atol=1e-5)

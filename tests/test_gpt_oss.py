@@ -15,7 +15,7 @@ from moe_ray.checkpoint.quant import DTYPE_BYTES
 from moe_ray.planning import plan_model
 from moe_ray.runtime import LayerRange
 
-from family_refs import check_static_against_float64, raw_tensors, read_config
+from family_refs import check_planted_permutations, check_static_against_float64, raw_tensors, read_config
 
 GPT_OSS = get_family("gpt_oss")
 
@@ -140,10 +140,5 @@ def test_static_on_mxfp4_equals_float64_reference(permuted_run):
 
 def test_reorder_recovers_planted_permutations_through_mxfp4(permuted_run):
     ck, store = permuted_run
-    planted = ck.planted["permuted"]["1"]
     ds = xr.open_zarr(store, group="reorder/joint")
-    for e in ("1", "3", "5"):
-        src, pi = str(planted[e]["source"]), np.array(planted[e]["perm"])
-        pair = ds.sel(layer=1, expert_i=src, expert_j=e)
-        np.testing.assert_array_equal(pair.permutation.values, np.argsort(pi))
-        np.testing.assert_allclose(pair.similarity_after.values, 1.0, atol=1e-5)
+    check_planted_permutations(ds, 1, ck.planted["permuted"]["1"], ("1", "3", "5"))

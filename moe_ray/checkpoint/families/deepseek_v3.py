@@ -22,7 +22,8 @@ import math
 import torch
 
 from ..quant import fp8_block_size, is_fp8_config
-from .base import Family, mlp_as_stack, mlp_shapes
+from .base import mlp_shapes
+from .deepseek_moe import DeepseekMoe
 
 _FP8_EXAMPLE = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
 
@@ -66,7 +67,10 @@ def mla_attention_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]
     return shapes
 
 
-class DeepseekV3(Family):
+class DeepseekV3(DeepseekMoe):
+    """DeepSeekMoE's expert layout (fine-grained routed experts, shared experts as SE, dense first
+    layers: its facts are inherited) with MLA, V3's router and transformers' own decoder layers."""
+
     name = "deepseek_v3"
     architectures = ("DeepseekV3ForCausalLM",)
     model_types = ("deepseek_v3",)
@@ -77,25 +81,12 @@ class DeepseekV3(Family):
     activation = "silu"
     routing = ("sigmoid affinities + e_score_correction_bias, group-limited top-k (n_group groups scored by "
                "their two largest, topk_group kept), weights normalised then x routed_scaling_factor")
+    own_module = None  # transformers has DeepSeek-V2/V3 decoder layers
     hf_module = "deepseek_v3"
     hf_prefix = "DeepseekV3"
     keep_fp32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
     # ---- facts -------------------------------------------------------------------------------
-    @classmethod
-    def shared_d_mid(cls, config: dict) -> int | None:
-        n_shared = int(config.get("n_shared_experts") or 0)
-        return n_shared * int(config["moe_intermediate_size"]) if n_shared else None
-
-    @classmethod
-    def dense_d_mid(cls, config: dict) -> int | None:
-        return int(config["intermediate_size"])
-
-    @classmethod
-    def is_moe_layer(cls, config: dict, layer: int) -> bool:
-        return (cls.num_experts(config) > 0 and layer >= int(config.get("first_k_dense_replace") or 0)
-                and layer % int(config.get("moe_layer_freq") or 1) == 0)
-
     @classmethod
     def mtp_layers(cls, config: dict) -> tuple[int, ...]:
         n = int(config["num_hidden_layers"])
@@ -130,11 +121,6 @@ class DeepseekV3(Family):
     @classmethod
     def router_logits(cls, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ cls.router_weight(block).float().T  # the router runs in float32
-
-    @classmethod
-    def shared_expert_stack(cls, block):
-        shared = getattr(block, "shared_experts", None)
-        return None if shared is None else mlp_as_stack(shared)
 
     # ---- storage -----------------------------------------------------------------------------
     @classmethod
