@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MoeRayError
+from ..outdir import PLOT_OUTPUT, claim_output_dir
 from . import dynamic as D
 from . import static as S
 from . import tables as T
@@ -309,7 +310,8 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") ->
         raise MoeRayError("no store given: moe-ray plot STORE [STORE ...] --out DIR")
     views = [StoreView(s) for s in stores]
     unique_labels(views)
-    out = Path(out)
+    output = claim_output_dir(out, PLOT_OUTPUT)  # empty or moe-ray's; never over files it did not write
+    out = output.path
     fig_dir, tab_dir = out / "figures", out / "tables"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
@@ -349,6 +351,7 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") ->
                     + (f'<ul class="missing">{note_html}</ul>' if notes else "") + "".join(items) + "</section>")
     report.seconds = time.monotonic() - started
     report.index.write_text(_page(views, body, report))
+    output.finish()
     return report
 
 
