@@ -49,12 +49,13 @@ ANALYSABLE_DTYPES = ("BF16", "F16", "F32", "F64")
 
 def analysable(key: str, tensors: Mapping[str, "TensorInfo"]) -> str | None:
     """The one place that decides whether moe-ray can analyse tensor `key` as stored: None if it can,
-    else why not, as one line naming the tensor and its dtype. It sees every tensor of the checkpoint,
-    so a quantised weight can be accepted together with its companions (scales)."""
+    else why not, a phrase naming its dtype that follows the tensor's name ("tensor K " + why). It
+    sees every tensor of the checkpoint, so a quantised weight can be accepted together with its
+    companions (scales). Header validation (`Checkpoint.check_tensor`) and `Checkpoint.read` ask it."""
     info = tensors[key]
     if info.dtype in ANALYSABLE_DTYPES:
         return None
-    return (f"tensor {key} is stored as {info.dtype}, which moe-ray cannot analyse (it reads "
+    return (f"is stored as {info.dtype}, which moe-ray cannot analyse (it reads "
             f"{', '.join(ANALYSABLE_DTYPES)} weights)")
 
 
@@ -286,9 +287,9 @@ class Checkpoint:
             return f"tensor {key} ({what}) is missing from the checkpoint {self.location}"
         why = analysable(key, self.tensors)
         if why:
-            return f"{why} ({what})"
+            return f"tensor {key} ({what}) {why}"
         if tuple(info.shape) != tuple(shape):
-            return (f"tensor {key} ({what}) has shape {list(info.shape)}, config.json of {self.location} "
+            return (f"tensor {key} ({what}) has shape {list(info.shape)}, config.json in {self.location} "
                     f"implies {list(shape)}")
         return None
 
@@ -386,7 +387,7 @@ class Checkpoint:
         info = self.info(key)
         why = analysable(key, self.tensors)
         if why:
-            raise CheckpointError(why)
+            raise CheckpointError(f"tensor {key} {why}")
         if info.file.endswith(".bin"):
             state = self._handles.get(info.file)
             if state is None:

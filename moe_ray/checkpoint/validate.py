@@ -104,7 +104,7 @@ def _explain_missing(ckpt: Checkpoint, key: str) -> str | None:
     if not any(k.startswith(f"model.layers.{layer}.") for k in ckpt.tensors):
         held = sorted({int(x.group(1)) for k in ckpt.tensors if (x := _LAYER.search(k))})
         span = f"layers {held[0]}-{held[-1]}" if held else "no decoder layers"
-        return (f"config.json of {ckpt.location} says {facts.num_layers} layers (num_hidden_layers), "
+        return (f"config.json in {ckpt.location} says {facts.num_layers} layers (num_hidden_layers), "
                 f"but the checkpoint holds {span}: layer {layer} has no tensors")
     if family.expert_key is None or facts.num_experts < 2:
         return None
@@ -112,7 +112,7 @@ def _explain_missing(ckpt: Checkpoint, key: str) -> str | None:
                if all(k in ckpt.tensors for k in family.expert_keys(layer, e).values())]
     if present and len(present) < facts.num_experts and key in family.expert_keys(layer, present[-1] + 1).values():
         counted = next((k for k in EXPERT_COUNT_KEYS if ckpt.config.get(k) is not None), "expert count")
-        return (f"config.json of {ckpt.location} says {facts.num_experts} experts ({counted}), but layer "
+        return (f"config.json in {ckpt.location} says {facts.num_experts} experts ({counted}), but layer "
                 f"{layer} of the checkpoint holds {len(present)}: tensor {key} is missing")
     return None
 
@@ -125,13 +125,15 @@ def validate_job_tensors(ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple
     if ref is not None and {"static", "dynamic"} & set(analyses):
         check_reference(ckpt, ref, layers)
     needed = job_tensors(ckpt, ref, layers, analyses, pairs)
-    problems = []
+    problems = []  # (missing first: a count config.json gets wrong explains the shapes that follow)
     for item in needed:
         why = item.source.check_tensor(item.key, item.shape, item.what)
         if why:
-            if item.key not in item.source.tensors:
+            missing = item.key not in item.source.tensors
+            if missing:
                 why = _explain_missing(item.source, item.key) or why
-            problems.append(why)
+            problems.append((not missing, why))
+    problems = [why for _, why in sorted(problems, key=lambda p: p[0])]
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
