@@ -89,8 +89,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     spec = as_spec(spec, **overrides)
     ckpt, ref, jobs = plan(spec)
     say = print if spec.progress else (lambda *a, **k: None)
-    identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
-    unit_keys = {"model": ckpt.unit_keys, **({"reference": ref.unit_keys} if ref else {})}
+    identity, unit_keys = weights_identity(ckpt, ref)
     complete = already_complete(spec, jobs, identity, unit_keys)
     if complete is not None:
         say(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
@@ -127,6 +126,13 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     return spec.store
 
 
+def weights_identity(ckpt: Checkpoint, ref: Checkpoint | None) -> tuple[dict, dict[str, dict[str, list[str]]]]:
+    """A store's identity (the model's and the reference's weight fingerprints) and the tensor names
+    behind each fingerprint unit, which name the first tensor that differs in a refusal."""
+    identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
+    return identity, {"model": ckpt.unit_keys, **({"reference": ref.unit_keys} if ref else {})}
+
+
 def _run_error(exc: BaseException) -> str:
     """How a run ended badly, as the store's one-line `error`."""
     if isinstance(exc, MoeRayError):
@@ -156,4 +162,5 @@ def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     return None if rehearsal.needs_write else progress(rehearsal.root, spec.analyses)
 
 
-__all__ = ["PLANNERS", "already_complete", "as_spec", "open_results", "plan", "run", "select_layers"]
+__all__ = ["PLANNERS", "already_complete", "as_spec", "open_results", "plan", "run", "select_layers",
+           "weights_identity"]

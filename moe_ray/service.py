@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .api import as_spec, plan
+from .api import already_complete, as_spec, plan, weights_identity
 from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
 from .distributed.placement import Demand, check_placement
@@ -239,7 +239,8 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     """
     spec = as_spec(spec, **overrides)
     if check_checkpoint:
-        _, _, jobs = plan(spec)
+        ckpt, ref, jobs = plan(spec)
+        _check_existing_store(spec, ckpt, ref, jobs)
     else:
         spec.validate()
         jobs = []
@@ -263,6 +264,19 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return JobHandle(job_id, address, headers)
+
+
+def _check_existing_store(spec: Spec, ckpt, ref, jobs: list[AnalysisJob]) -> None:
+    """Where the spec's store is readable here too, refuse now what the job would refuse when it
+    starts: a store of other weights, other parameters or layers (nothing is written)."""
+    from .errors import MoeRayError
+
+    try:
+        already_complete(spec, jobs, *weights_identity(ckpt, ref))
+    except MoeRayError:
+        raise
+    except Exception:  # a store only the cluster can reach: the job checks it itself
+        pass
 
 
 def jobs(address: str | None = None, headers: dict[str, str] | None = None) -> list[JobStatus]:

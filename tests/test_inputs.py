@@ -444,3 +444,29 @@ def test_unreachable_ray_fails_in_seconds(command, base, tmp_path):
     assert err.startswith("moe-ray: error: cannot reach") and address in err and "\n" not in err, err
     assert time.monotonic() - started < 60
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_no_check_fit_on_a_local_ray_moe_ray_started_still_refuses_what_cannot_run(ray_session, base, tmp_path, capsys):
+    """A local Ray that moe-ray started has this machine's CPUs and never grows: work it cannot hold
+    is refused even with --no-check-fit, instead of waiting forever."""
+    from moe_ray.distributed.cluster import started_local_ray
+
+    assert started_local_ray()
+    store = tmp_path / "s.zarr"
+    argv = ["run", "--model", str(base.path), "--store", str(store), "--cpus-per-task", "64", "--no-check-fit"]
+    _assert_one_line(*_cli(argv, capsys), ["64 CPU"])
+    assert not store.exists()
+
+
+def test_submit_refuses_other_weights_before_sending(made, tmp_path, capsys):
+    """Where the store is readable on the submitting machine, what the job would refuse is refused
+    there, before anything is sent (no job server is even asked)."""
+    model, ref, store = made
+    copy, _ = _copy(type("C", (), {"path": model})(), tmp_path)
+    _replace_tensor(copy, EXPERT.format(l=0, e=1, w="w2"), torch.randn(64, 128))
+    spec = tmp_path / "job.toml"
+    spec.write_text(f'model = "{copy}"\nstore = "{store}"\nlayers = [0, 1]\n')
+    before = _snapshot(store)
+    _assert_one_line(*_cli(["submit", str(spec), "--address", f"http://127.0.0.1:{_free_port()}"], capsys),
+                     ["other weights: the model's tensor model.layers.0.block_sparse_moe.experts.1.w2.weight"])
+    assert _snapshot(store) == before
