@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zarr
@@ -470,3 +469,24 @@ def test_submit_refuses_other_weights_before_sending(made, tmp_path, capsys):
     _assert_one_line(*_cli(["submit", str(spec), "--address", f"http://127.0.0.1:{_free_port()}"], capsys),
                      ["other weights: the model's tensor model.layers.0.block_sparse_moe.experts.1.w2.weight"])
     assert _snapshot(store) == before
+
+
+def test_fingerprint_is_the_weights_not_the_location(base, tmp_path):
+    """The same bytes over fsspec (memory://), in a copy, re-sharded into one file: one fingerprint."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in base.path.iterdir():
+        if f.is_file():
+            fs.pipe(f"/fp-ckpt/{f.name}", f.read_bytes())
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(base.path / "config.json", single / "config.json")
+    tensors = {}
+    for f in base.path.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    save_file(tensors, str(single / "model.safetensors"))
+    want = open_checkpoint(base.path).fingerprint
+    for other in ("memory://fp-ckpt", single):
+        got = open_checkpoint(other).fingerprint
+        assert got["units"] == want["units"] and got["config"] == want["config"]
