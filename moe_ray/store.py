@@ -461,7 +461,7 @@ def progress(root: zarr.Group, analyses: "Iterable[str] | None" = None) -> dict[
                 visit(member, f"{path}/{name}" if path else name)
 
     visit(root, "")
-    return out
+    return out if analyses is None else {a: out[a] for a in analyses if a in out}
 
 
 def store_progress(url: str, analyses: "Iterable[str] | None" = None) -> dict[str, tuple[int, int]]:
