@@ -466,6 +466,8 @@ def test_table_cells_fixed_decimals():
         ["0.800", "0.798", "1.0000", "-0.0002", "0.00"]
     assert [fmt(0.001, "order"), fmt(100.0, "order"), fmt(float("nan"), ".3f"), fmt(None), fmt("dense FFN", ".2f")] == \
         ["1e-3", "100", "—", "—", "dense FFN"]
+    assert [fmt(x, "sig3") for x in (0.8, 0.000150, 12.34, 100.0, 0.0, 1.5e-5)] == \
+        ["0.800", "0.000150", "12.3", "100", "0.00", "1.50e-05"]
 
 
 @pytest.fixture(scope="module")

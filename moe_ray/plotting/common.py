@@ -398,7 +398,7 @@ def save(fig, path: Path, title: str) -> tuple[float, tuple[int, int]]:
     fits = (width - 0.3) * 72 / (0.55 * len(title))  # a character is about 0.55 em wide
     fig.suptitle(title, fontsize=max(LABEL_FONT, min(TITLE_FONT, fits)), y=1 - 0.12 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})  # zlib level 3: a third faster, ~10% larger
     # after drawing: tick labels get their text when drawn
     sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     with path.open("rb") as png:  # the PNG header's width and height

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (BLOCK_GAP, CMAPS, Figure, StoreView, fit_panel, fitting_columns, fitting_ticks, page_name,
+from .common import (BLOCK_GAP, CMAPS, DPI, Figure, StoreView, fit_panel, fitting_columns, fitting_ticks, page_name,
                      pages, shared_range, token_label)
 from .grid import PanelGrid
 from .static import Column, dense_note, layers_of, scale_note, slug, square_pages, static_square
@@ -104,7 +104,8 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
                         data[("topk", v.label, layer, t)] = [int(e) for e in topk[r, t]]
             grid.colorbar(im, "cosine similarity of outputs")
             path = out / f"fig2_output_similarity_{inp}_{slug(v.label)}_{page_name(page)}.png"
-            title = f"Fig 2: expert-output similarity per token ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
+            title = (f"Fig 2: expert-output similarity per token ({inp} input, {tokens_shown(0, n_tok - 1, total)}) — "
+                     f"{v.label}, layers {page[0]}–{page[-1]}")
             figures.append(grid.save("fig2_output_similarity", path, title, data,
                                      f"{tokens_shown(0, n_tok - 1, total)} of the {inp} input; {scale_note(views)}."))
     return figures
@@ -222,7 +223,8 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
             grid.block_colorbar(im_n, "norm ÷ the token's largest", 0)
             grid.block_colorbar(im_s, "gate score (softmax over all experts)", 1)
             path = out / f"fig4_norms_scores_{inp}_{slug(v.label)}_{page_name(page)}.png"
-            title = f"Fig 4: expert output norms and gate scores ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
+            title = (f"Fig 4: output norms and gate scores ({inp} input, {tokens_shown(0, n_tok - 1, total)}) — "
+                     f"{v.label}, layers {page[0]}–{page[-1]}")
             figures.append(grid.save("fig4_norms_scores", path, title, data,
                                      f"{tokens_shown(0, n_tok - 1, total)} of the {inp} input; dots: each token's "
                                      f"top-k experts; gate scores for routed experts only (F and SE have no router); "
@@ -246,7 +248,7 @@ def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
         figures += square_pages(have, out, f"fig9_rank_counts_{inp}",
                                 f"Fig 9: gate-score rank per output-norm rank ({inp} input)", cols,
                                 lambda v, inp=inp: _layers(v, inp),
-                                {"count": "(token, expert) pairs; white: uniform"}, exclude_diagonal=False,
+                                {"count": "count (white: uniform)"}, exclude_diagonal=False,
                                 what=f"all tokens of the {inp} input; rank 0 = largest (the paper numbers the other "
                                      "way round); white = the count of a cell if ranks were unrelated (tokens ÷ "
                                      "experts)")
@@ -282,8 +284,11 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
                     for r, layer in enumerate(page):
                         for c, t in enumerate(chunk):
                             pos = kept[t]
+                            # more neurons than pixels: average them (antialiased) so no line is dropped
+                            smooth = values_all.shape[-1] > grid.panel_w * DPI
                             im = grid.heatmap(r, c, values_all[r, t], [], labels, CMAPS["magnitude"], 0.0, hi,
-                                              show_x=False, show_y=c == 0, interpolation="antialiased")
+                                              show_x=False, show_y=c == 0,
+                                              interpolation="antialiased" if smooth else "nearest")
                             if r == len(page) - 1:
                                 grid.numeric_xticks(r, c, values_all.shape[-1], "neuron")
                             text = texts[pos] if pos < len(texts) else str(pos)
@@ -320,7 +325,7 @@ def activation_ratio_map(views: list[StoreView], out: Path) -> list[Figure]:
             grid = PanelGrid(1, 1, panel=(max(2.4, 0.3 * len(labels)) if len(labels) <= 24 else 6.0,
                                           min(6.0, max(1.6, 0.3 * len(layers)))), top=0.75)
             im = grid.heatmap(0, 0, ratio, labels, layers, CMAPS["ratio"], 0.0, 1.0, ylabel="layer")
-            grid.title(0, 0, f"mean {np.nanmean(ratio):.4f}")
+            grid.title(0, 0, f"mean {100 * np.nanmean(ratio):.1f}%")
             grid.colorbar(im, "fraction |act| > 1e-3")
             path = out / f"activation_ratio_{inp}_{slug(v.label)}.png"
             title = f"Activation ratio ({inp} input) — {v.label}"
@@ -379,7 +384,8 @@ def fig10_routing(views: list[StoreView], out: Path) -> list[Figure]:
                 grid.title(r, 0, f"layer {layer} · top-k experts")
             grid.colorbar(im, what + " (blank: not chosen)")
             path = out / f"fig10_routing_{inp}_{slug(v.label)}_{page_name(page)}.png"
-            title = f"Fig 10: routing pattern ({inp} input) — {v.label}, layers {page[0]}–{page[-1]}"
+            title = (f"Fig 10: routing pattern ({inp} input, {tokens_shown(0, n_tok - 1, total)}) — {v.label}, "
+                     f"layers {page[0]}–{page[-1]}")
             figures.append(grid.save("fig10_routing", path, title, data,
                                      f"{tokens_shown(0, n_tok - 1, total)} of the {inp} input; routed experts only; "
                                      f"{scale_note(views)}."))

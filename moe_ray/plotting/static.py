@@ -146,6 +146,8 @@ def _draw_square(v: StoreView, page: list[int], drawn: dict, out: Path, key: str
     panels = {(r, c): (layer, col) for r, c, layer, col in cells if (v.label, layer, col.title) in drawn}
     shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)] for rc, (layer, col) in panels.items()})
     block_starts = {first for first, _ in blocks}
+    # a block after a colour bar names its rows again (the gap holds them)
+    shown = {(r, c): (sx, sy or c in block_starts) for (r, c), (sx, sy) in shown.items()}
     inner_y = any(show_y and c not in block_starts for (r, c), (_, show_y) in shown.items())
     inner_x = any(show_x and r < nrows - 1 for (r, c), (show_x, _) in shown.items())
     gap = (0.9 if inner_y else 0.3, 1.1 if inner_x else 0.5)
@@ -171,8 +173,7 @@ def _draw_square(v: StoreView, page: list[int], drawn: dict, out: Path, key: str
         group = columns[0].group if across else columns[first].group
         if group in images:
             grid.block_colorbar(images[group], bar_labels.get(group, group), last)
-    what = "" if not across else f" · {columns[0].title}"
-    full = f"{title}{what} — {v.label}, layers {page[0]}–{page[-1]}"
+    full = f"{title} — {v.label}, layers {page[0]}–{page[-1]}"
     return grid.save(key, out / f"{key}_{slug(v.label)}_{page_name(page)}.png", full, drawn, caption)
 
 

@@ -32,7 +32,9 @@ def _routed(da) -> list[str]:
 
 TAB2_COLUMNS = ["model", "layers", "expert pairs", "similarity before (median)", "similarity after (median)",
                 "relative growth (median)", "order of growth", "Kendall τ (median)"]
-TAB2_FORMATS = [None, None, None, ".3f", ".3f", ".3g", "order", ".4f"]
+TAB2_FORMATS = [None, None, None, "sig3", "sig3", "sig3", "order", ".4f"]
+"""Similarities and growth to 3 significant digits (the paper's DeepSeek and Grok similarities are about 1e-4,
+which fixed decimals would print as 0), the order as the paper writes it, tau to 4 decimals (its -0.0002)."""
 
 
 def tab2_rows(views: list[StoreView], mode: str) -> list[list]:
@@ -196,12 +198,15 @@ def write_csv(table: Table, out: Path) -> Path:
 
 
 def fmt(x, spec: str | None = None) -> str:
-    """A table cell for HTML: `spec` a format (".3f": fixed decimals, as the paper prints them) or "order"
-    (an order of magnitude as the paper writes it, 1e-3 / 100); '—' for missing or NaN."""
+    """A table cell for HTML: `spec` a format (".3f": fixed decimals, as the paper prints them), "sig3" (3
+    significant digits) or "order" (an order of magnitude as the paper writes it, 1e-3 / 100); '—' for
+    missing or NaN."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
     if spec == "order":
         return format_order(float(x))
+    if spec == "sig3":  # 3 significant digits, trailing zeros kept: 0.800, 0.000150, 12.3, 100
+        return f"{float(x):#.3g}".rstrip(".").replace(".e", "e")
     if spec and isinstance(x, (float, int)) and not isinstance(x, bool):
         text = format(float(x), spec)
         return text.lstrip("-") if float(text) == 0 else text  # no "-0.00"
