@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (BLOCK_GAP, LABEL_FONT, MAX_TICKS, TICK_FONT, Figure, Layout, figure_record,  # sets Agg
+from .common import (LABEL_FONT, MAX_TICKS, TICK_FONT, Figure, Layout, figure_record,  # sets the Agg backend
                      side_colorbar, tick_positions)
 
 import matplotlib.pyplot as plt  # noqa: E402
