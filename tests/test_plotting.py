@@ -195,6 +195,10 @@ def test_partial_and_empty_store_api_and_cli(stores, tmp_path, capsys):
     with pytest.raises(MoeRayError, match="not a moe-ray store"):
         render([str(tmp_path / "p")], tmp_path / "x")
     assert PLOT_PARALLEL == PARALLEL  # the CLI spells the modes out so its parser needs no matplotlib
+    from moe_ray.checkpoint.tiny import PLANTED_NAME
+    from moe_ray.plotting.common import TINY_PLANTED_NAME
+
+    assert TINY_PLANTED_NAME == PLANTED_NAME  # spelled out so the report needs no torch
     assert cli_main(["plot", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "y")]) == 2
     assert "store not found" in capsys.readouterr().err
 

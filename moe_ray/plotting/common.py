@@ -41,6 +41,9 @@ MIN_FONT = 8
 TICK_FONT = MIN_FONT
 LABEL_FONT = 9
 """Axis labels, panel titles, colour-bar labels."""
+TINY_PLANTED_NAME = "moe_ray_tiny.json"
+"""checkpoint.tiny.PLANTED_NAME, the file `make-tiny` writes beside a synthetic checkpoint, spelled out so
+the report does not import torch (tested equal)."""
 SPECIAL_LABELS = ("F", "SE")
 """Labels that are not routed experts: the dense reference FFN and the shared expert."""
 
@@ -135,9 +138,7 @@ class StoreView:
     def synthetic(self) -> dict | None:
         """What `moe-ray make-tiny` planted, when the model is one of its synthetic checkpoints (its
         `moe_ray_tiny.json` beside the weights); None for a real model or one no longer readable here."""
-        from ..checkpoint.tiny import PLANTED_NAME
-
-        path = Path(self.location) / PLANTED_NAME
+        path = Path(self.location) / TINY_PLANTED_NAME
         try:
             return json.loads(path.read_text()) if "://" not in self.location and path.is_file() else None
         except (OSError, ValueError):
