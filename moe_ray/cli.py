@@ -207,18 +207,21 @@ PLOT_PARALLEL = ("auto", "ray", "processes", "none")
 
 
 def _add_plot(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stores", nargs="+", help="results stores (several: side by side, shared colour scales)")
+    p.add_argument("stores", nargs="+", help="results stores (several: one after another, each its own colour scale)")
     p.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
     p.add_argument("--parallel", choices=PLOT_PARALLEL, default="auto",
                    help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray on a cluster "
                         "of more CPUs than this machine's, else processes when more than one CPU is idle)")
+    p.add_argument("--shared-scale", action="store_true",
+                   help="one colour range across all stores' images of a figure (default: each model its own, "
+                        "as in the paper)")
 
 
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
 def _plot(args: argparse.Namespace) -> int:
     from .plotting import render
 
-    print(render(args.stores, args.out, args.parallel).summary())
+    print(render(args.stores, args.out, args.parallel, args.shared_scale).summary())
     return 0
 
 

@@ -102,7 +102,9 @@ REORDER_SCHEMA: dict[str, Quantity] = {
         "the optimal permutation (permutation[..., k] is the neuron of j placed at k); i < j"),
     "growth": Quantity(
         ("layer", "matrix", "expert_i", "expert_j"),
-        "S4 (Tab 2 'order of growth'): similarity_after / similarity_before; i < j"),
+        "S4 (Tab 2 'order of growth'): the relative growth (similarity_after - similarity_before) / "
+        "|similarity_before|; Tab 2 is its median over layers and pairs with its order of magnitude "
+        "10^round(log10|median|); i < j"),
     "optimality_gap": Quantity(
         ("layer", "matrix", "expert_i", "expert_j"),
         "S4: upper bound on how far the assignment's total similarity (sum of the matrices' neuron "
