@@ -1,6 +1,7 @@
-"""Checkpoints: lazy per-tensor safetensors reads (local or fsspec), the stored formats moe-ray reads
-and their exact dequantisation (`quant`), model family adapters, and `make-tiny` test checkpoints in
-the real hub layout."""
+"""Checkpoints: lazy per-tensor safetensors reads (local or fsspec) and weight fingerprints
+(`reader`), the stored formats moe-ray reads and their exact dequantisation (`quant`), config.json's
+typed schema (`config`), the check of every tensor a job reads from the headers alone (`validate`),
+model family adapters, and `make-tiny` test checkpoints in the real hub layout."""
 from .families import FAMILIES, MATRICES, Family, ModelFacts, TensorRef, detect_family, get_family
 from .reader import Checkpoint, open_checkpoint
 

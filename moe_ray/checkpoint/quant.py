@@ -87,50 +87,61 @@ def is_fp8_config(config: dict) -> bool:
 
 def _refused(name: str, dtype: str, shape: tuple[int, ...], why: str) -> Stored:
     return Stored(name, "refused", shape, (name,), dtype,
-                  refusal=f"tensor {name} is stored as {dtype}{why}; moe-ray reads {READABLE}")
+                  refusal=f"is stored as {dtype}, which moe-ray cannot analyse: {why} (it reads {READABLE})")
+
+
+def classify(key: str, tensors: Mapping[str, HeaderEntry], quantization_config: dict | None = None) -> Stored | None:
+    """How logical tensor `key` is stored, from the headers of every tensor (`tensors`), so that a
+    quantised tensor is judged together with its companions; None when `key` is itself a companion
+    (a weight's scales, an MXFP4 tensor's blocks or scales), which is read as part of its owner.
+    The one place that decides what moe-ray can analyse: everything else is `refused`."""
+    info = tensors.get(key)
+    if info is None:  # an MXFP4 tensor is named without its _blocks / _scales suffixes
+        blocks, scales = tensors.get(key + MX_BLOCKS), tensors.get(key + MX_SCALES)
+        return _mxfp4(key, key + MX_BLOCKS, blocks, scales) if blocks is not None and scales is not None else None
+    dtype, shape = info.dtype, tuple(info.shape)
+    if key.endswith(FP8_SCALE_SUFFIX):
+        owner = tensors.get(key[: -len(FP8_SCALE_SUFFIX)])
+        if owner is not None and owner.dtype == FP8_DTYPE:
+            return None
+    for suffix, other in ((MX_SCALES, MX_BLOCKS), (MX_BLOCKS, MX_SCALES)):
+        if key.endswith(suffix) and key[: -len(suffix)] + other in tensors:
+            return None
+    if dtype in FLOAT_DTYPES:
+        return Stored(key, "float", shape, (key,), dtype)
+    if dtype == FP8_DTYPE:
+        scale = tensors.get(key + FP8_SCALE_SUFFIX)
+        if scale is None:
+            return _refused(key, dtype, shape, f"FP8 without its {key + FP8_SCALE_SUFFIX} (the per-block "
+                            "scales it needs to be read exactly)")
+        return _fp8(key, info, key + FP8_SCALE_SUFFIX, scale, fp8_block_size(quantization_config))
+    return _refused(key, dtype, shape, "a quantised or integer format it does not know how to dequantise, "
+                    "and never reads as if it were float")
 
 
 def logical_layout(tensors: Mapping[str, HeaderEntry], quantization_config: dict | None = None) -> dict[str, Stored]:
-    """Every logical tensor of a checkpoint from its safetensors headers: scale and block companions
-    are folded into the tensor they belong to; formats moe-ray cannot read are kept as `refused`
-    (raised when a run needs them, so tensors a run never reads do not stop it)."""
-    block = fp8_block_size(quantization_config)
+    """Every logical tensor of a checkpoint from its safetensors headers (`classify` each): scale and
+    block companions are folded into the tensor they belong to; formats moe-ray cannot read are kept
+    as `refused` (raised when a run needs them, so tensors a run never reads do not stop it)."""
     out: dict[str, Stored] = {}
-    for key, info in tensors.items():
-        dtype, shape = info.dtype, tuple(info.shape)
-        if key.endswith(FP8_SCALE_SUFFIX) and key[: -len(FP8_SCALE_SUFFIX)] in tensors:
-            owner = tensors[key[: -len(FP8_SCALE_SUFFIX)]]
-            if owner.dtype == FP8_DTYPE:
-                continue  # folded into its weight
-        if key.endswith(MX_SCALES) and key[: -len(MX_SCALES)] + MX_BLOCKS in tensors:
-            continue  # folded into the blocks' logical tensor
+    for key in tensors:
         if key.endswith(MX_BLOCKS) and key[: -len(MX_BLOCKS)] + MX_SCALES in tensors:
-            name = key[: -len(MX_BLOCKS)]
-            out[name] = _mxfp4(name, key, info, tensors[name + MX_SCALES])
-        elif dtype in FLOAT_DTYPES:
-            out[key] = Stored(key, "float", shape, (key,), dtype)
-        elif dtype == FP8_DTYPE:
-            scale = tensors.get(key + FP8_SCALE_SUFFIX)
-            if scale is None:
-                out[key] = _refused(key, dtype, shape, f" without its {key + FP8_SCALE_SUFFIX} (the "
-                                    "per-block scales FP8 weights need to be read exactly)")
-            else:
-                out[key] = _fp8(key, info, key + FP8_SCALE_SUFFIX, scale, block)
-        else:
-            out[key] = _refused(key, dtype, shape, ", a quantised or integer format moe-ray does not know "
-                                "how to dequantise (it is never read as if it were float)")
+            key = key[: -len(MX_BLOCKS)]
+        stored = classify(key, tensors, quantization_config)
+        if stored is not None:
+            out[key] = stored
     return out
 
 
 def _fp8(name: str, info: HeaderEntry, scale_key: str, scale: HeaderEntry, block: tuple[int, int]) -> Stored:
     shape = tuple(info.shape)
     if len(shape) < 2:
-        return _refused(name, info.dtype, shape, f" with shape {list(shape)}: block-scaled FP8 needs a matrix")
+        return _refused(name, info.dtype, shape, f"FP8 of shape {list(shape)} (block scales need a matrix)")
     rows, cols = shape[-2:]
     want = (*shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     if scale.dtype not in FP8_SCALE_DTYPES or tuple(scale.shape) != want:
         return _refused(name, info.dtype, shape,
-                        f" with {scale_key} {scale.dtype}{list(scale.shape)}, which does not match "
+                        f"FP8 whose {scale_key} {scale.dtype}{list(scale.shape)} does not match "
                         f"{block[0]}x{block[1]} blocks ({list(want)} float scales expected)")
     return Stored(name, "fp8_block", shape, (name, scale_key), info.dtype, block)
 
@@ -140,7 +151,7 @@ def _mxfp4(name: str, blocks_key: str, blocks: HeaderEntry, scales: HeaderEntry)
     if (blocks.dtype != "U8" or scales.dtype != "U8" or len(bshape) < 3 or bshape[-1] != MX_BLOCK // 2
             or sshape != bshape[:-1]):
         return _refused(blocks_key, f"{blocks.dtype}{list(bshape)}", bshape,
-                        f" beside {name + MX_SCALES} {scales.dtype}{list(sshape)}, which is not MXFP4 "
+                        f"beside {name + MX_SCALES} {scales.dtype}{list(sshape)} it is not MXFP4 "
                         f"(U8 blocks [..., R, G, 16] and U8 scales [..., R, G])")
     return Stored(name, "mxfp4", (*bshape[:-3], bshape[-2] * MX_BLOCK, bshape[-3]), (blocks_key, name + MX_SCALES),
                   "MXFP4", (MX_BLOCK,))
@@ -262,7 +273,9 @@ def e2m1_value(code: int) -> float:
 
 # ---- the on-disk layout of each format (make-tiny writes it, `moe-ray plan` sizes it) --------------
 
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "U8": 1}
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+"""Bytes per element of the safetensors dtypes (a header entry's byte range must match its shape)."""
 TORCH_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
 
@@ -296,6 +309,6 @@ def encode(name: str, tensor: torch.Tensor, fmt: str, float_dtype: torch.dtype =
     raise ValueError(f"unknown storage format {fmt!r}")
 
 
-__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "READABLE", "Stored", "dequantize_fp8_blocks", "dequantize_mxfp4",
+__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "READABLE", "Stored", "classify", "dequantize_fp8_blocks", "dequantize_mxfp4",
            "e2m1_value", "e4m3_value", "e8m0_factors", "encode", "fp8_block_size", "is_fp8_config",
            "logical_layout", "quantize_fp8_blocks", "quantize_mxfp4", "stored_parts"]

@@ -80,9 +80,11 @@ class Llama4(Family):
         return int(config.get("intermediate_size_mlp") or config["intermediate_size"])
 
     # ---- keys --------------------------------------------------------------------------------
+    router_key = "{prefix}layers.{layer}.feed_forward.router.weight"
+
     @classmethod
     def router_weight_key(cls, layer: int) -> str:
-        return f"{cls._p(layer)}.router.weight"
+        return cls.router_key.format(prefix=cls.key_prefix, layer=layer)
 
     @classmethod
     def expert_keys(cls, layer: int, expert: int) -> dict[str, TensorRef]:
