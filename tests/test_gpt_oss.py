@@ -142,3 +142,23 @@ def test_reorder_recovers_planted_permutations_through_mxfp4(permuted_run):
     ck, store = permuted_run
     ds = xr.open_zarr(store, group="reorder/joint")
     check_planted_permutations(ds, 1, ck.planted["permuted"]["1"], ("1", "3", "5"))
+
+
+def test_a_bf16_checkpoint_in_transformers_layout_reads_the_same_way(tmp_path):
+    """gpt-oss saved unquantised (transformers' [E, H, 2·d_mid] layout, no blocks/scales) is read by
+    the same TensorRefs and equals transformers' own load of it."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_ray.checkpoint.tiny import make_tiny
+
+    ck = make_tiny("gpt_oss", "scratch", tmp_path / "bf16", config_overrides={"quantization_config": None})
+    raw = raw_tensors(ck.path)
+    assert raw["model.layers.1.mlp.experts.gate_up_proj"].shape == (8, 64, 192) and not any("_blocks" in k for k in raw)
+    ckpt = open_checkpoint(ck.path)
+    model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=torch.float32)
+    experts = model.model.layers[1].mlp.experts
+    keys = GPT_OSS.expert_keys(1, 5)
+    assert torch.equal(ckpt.read(keys["gate"]), experts.gate_up_proj[5][:, 0::2].T)
+    assert torch.equal(ckpt.read(keys["up"]), experts.gate_up_proj[5][:, 1::2].T)
+    assert torch.equal(ckpt.read(keys["down"]), experts.down_proj[5].T)
+    assert "MXFP4" not in ckpt.facts.stored_format
