@@ -298,10 +298,6 @@ def reorder_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], m
     return result
 
 
-PROCESS_BYTES = 384 * 2**20
-"""Host memory of a worker process before it computes: Python, torch, Ray, zarr (measured 332 MiB)."""
-
-
 def expert_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES)) -> int:
     """One prepared expert (`Neurons`): its matrices in float32."""
     return n_matrices * n * d_hid * 4
@@ -314,14 +310,14 @@ def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_he
 
     The n×n float32 cost buffers (two with `overlap`; lapjv solves float32 in place, measured to add
     no copy), one expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64
-    chunk of the certificate, lapjv's O(n) workspace and the worker process; when the experts are
+    chunk of the certificate and lapjv's O(n) workspace (the worker process comes on top); when the experts are
     prepared on the host (`on_host`) also the prepared experts (at most `experts_held` at once), the
     chunk being built and the temporaries of the before/after cosines.
     """
     cost = (2 if overlap else 1) * 4 * n * n
     reading = n_matrices * n * d_hid * stored_bytes
     certificate = chunk_elements * 8
-    host = cost + reading + certificate + 64 * n + PROCESS_BYTES
+    host = cost + reading + certificate + 64 * n
     if on_host:
         host += experts_held * expert_bytes(n, d_hid, n_matrices) + chunk_elements * 4 * 3
     return host
@@ -331,7 +327,7 @@ def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), exp
                         stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Peak memory on a GPU of one `reorder_pairs` batch: the prepared experts, one expert arriving
     in its stored dtype, the chunk being built and the before/after cosines' temporaries (torch's
-    allocator; the CUDA context comes on top, see `units.job.CUDA_CONTEXT_BYTES`)."""
+    allocator; the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
     return weights + reading + chunk_elements * 4 * 3

@@ -22,13 +22,6 @@ from ..errors import MoeRayError, SpecError
 from ..spec import Spec
 from ..store import ResultStore
 
-CUDA_CONTEXT_BYTES = 1 * GIB
-"""GPU memory a task's process takes beside its tensors: the CUDA context, cuBLAS workspaces and the
-caching allocator's rounding (not measured here: benchmarks/gpu_check.sh measures it on a GPU)."""
-CUDA_HOST_BYTES = 1 * GIB
-"""Host memory the CUDA runtime and its libraries add to a task's process (likewise)."""
-
-
 class AnalysisJob(ABC):
     """One analysis of one run: `units.static.StaticJob`, `units.reorder.ReorderJob` (tasks) and
     `units.dynamic.DynamicJob` (shard actors)."""
@@ -100,6 +93,14 @@ class DeviceRequest:
                               f"its GPU ({self.gpus:g} of {total / GIB:.1f} GiB) is {share / GIB:.1f} GiB: set "
                               "resources.gpu_memory_gb to the GPUs' memory, or raise gpus_per_task")
         return device, None
+
+
+def where(device: torch.device) -> str:
+    """Where a task computed, for its log line: the torch device and the GPU ids Ray gave it."""
+    import ray
+
+    ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    return device.type + (f", Ray GPU {','.join(ids)}" if ids else "")
 
 
 def held_dtype(stored: str) -> torch.dtype:

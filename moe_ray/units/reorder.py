@@ -28,7 +28,8 @@ from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
 from ..spec import Spec, parse_pair
 from ..store import ResultStore, reorder_quantity, REORDER_SCHEMA, unit_done
-from .job import CUDA_CONTEXT_BYTES, CUDA_HOST_BYTES, DeviceRequest, TaskJob, held_dtype, release
+from .job import DeviceRequest, TaskJob, held_dtype, release, where
+from .sizing import overlaps, reorder_unit_memory
 
 GROUP = "reorder"
 UNIT_DIMS = {"joint": ("layer", "expert_i", "expert_j"),
@@ -71,20 +72,8 @@ Cell = tuple[int, int, "str | None"]
 
 
 def unit_memory(plan: ReorderPlan, experts_held: int, device: str, overlap: bool) -> tuple[int, int]:
-    """(host, GPU) bytes of a batch holding `experts_held` prepared experts on `device`; each expert is
-    prepared with all three matrices (separate mode solves them one by one from the same experts)."""
-    n, d = plan.facts.d_mid, plan.facts.d_hid
-    if device != "cuda":
-        return R.memory_bytes(n, d, len(MATRICES), experts_held, overlap, True, plan.stored_bytes), 0
-    host = R.memory_bytes(n, d, len(MATRICES), experts_held, overlap, False, plan.stored_bytes) + CUDA_HOST_BYTES
-    gpu = R.device_memory_bytes(n, d, len(MATRICES), experts_held, plan.stored_bytes) + CUDA_CONTEXT_BYTES
-    return host, gpu
-
-
-def overlaps(device: str, cpus: float) -> bool:
-    """Solve on a host thread while the next pair builds: on a GPU, or with more than one CPU (on one
-    core the build and the solve compete for it, measured in benchmarks/bench_reorder.py)."""
-    return device == "cuda" or cpus > 1
+    """(host, GPU) bytes of a batch of this plan holding `experts_held` experts on `device`."""
+    return reorder_unit_memory(plan.facts.d_mid, plan.facts.d_hid, plan.stored_bytes, experts_held, device, overlap)
 
 
 def plan_reorder(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> ReorderPlan:
@@ -180,10 +169,10 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
                 group["optimality_gap"][li, mi, i, j] = result.gap_bound
                 before.append(result.similarity_before[m])
                 after.append(result.similarity_after[m])
-            where = _cell_index(li, (i, j, None if mode == "joint" else matrices[0]))
-            group["kendall_tau"][where] = result.kendall_tau
-            group["permutation"][where] = result.perm.astype(np.int32)
-            group["unit_done"][where] = 1
+            cell = _cell_index(li, (i, j, None if mode == "joint" else matrices[0]))
+            group["kendall_tau"][cell] = result.kendall_tau
+            group["permutation"][cell] = result.perm.astype(np.int32)
+            group["unit_done"][cell] = 1
             taus.append(result.kendall_tau)
     finally:
         release(device)
@@ -192,7 +181,7 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
     summary = (f"similarity {np.mean(before):+.3f}->{np.mean(after):+.3f}, tau {np.median(taus):+.3f}"
                if cells else "already done")
     return {"layer": layer, "cells": len(cells), "seconds": seconds, "device": device.type, "note": note,
-            "log": f"{what}: {summary}, {device.type}, {seconds:.1f}s"}
+            "log": f"{what}: {summary}, {where(device)}, {seconds:.1f}s"}
 
 
 def _median(values: np.ndarray) -> float:

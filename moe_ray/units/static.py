@@ -7,7 +7,7 @@ straight to the GPU as stored and every analysis runs there; the same code runs 
 Memory: the layer is processed one matrix kind (up, gate, down) at a time, and the matrices are held
 as stored when that is bfloat16, float16 or float32 (each streamed block is converted to float32 as it
 is used): on the CPU they are then the checkpoint's own memory-mapped bytes, so a unit holds about a
-third of its layer's bytes, plus blocks (see `layer_memory`).
+third of its layer's bytes, plus blocks (see `units.sizing`).
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from ..analysis import static as S
-from ..analysis.reorder import PROCESS_BYTES
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
 from ..errors import CheckpointError
 from ..spec import Spec, StaticOptions
 from ..distributed.fanout import Unit
 from ..store import STATIC_SCHEMA, STATIC_SUMMARY, ResultStore, unit_done
-from .job import CUDA_CONTEXT_BYTES, CUDA_HOST_BYTES, DeviceRequest, TaskJob, held_dtype, release
+from .job import DeviceRequest, TaskJob, held_dtype, release, where
+from .sizing import static_unit_memory
 
 GROUP = "static"
 UNIT_DIMS = ("layer",)
@@ -162,30 +162,9 @@ def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> li
     return [layer for i, layer in enumerate(plan.layers) if not done[i]]
 
 
-def layer_memory(n_labels: int, rows: int, d_hid: int, stored_bytes: int, held_bytes: int,
-                 covariance: bool, device: str) -> tuple[int, int]:
-    """(host, GPU) bytes a static unit may use: `n_labels` matrices of `rows` x `d_hid` per kind.
-
-    Host: the kind's stored bytes (read through memory maps: resident while the kind is analysed),
-    a converted copy where the held dtype differs from the stored one (CPU only), the analysis's
-    working set where it runs there, the results and the worker process (plus the CUDA runtime on
-    cuda). GPU: the kind as held, one tensor arriving as stored, the working set, the CUDA context.
-    """
-    kind = n_labels * rows * d_hid
-    working = S.working_set_bytes(n_labels, rows, d_hid, covariance, torch.device(device))
-    results = 3 * n_labels * rows * 3 * 4 * 2  # neuron PCA scores, float64 while computed
-    host = kind * stored_bytes + results + PROCESS_BYTES
-    if device == "cuda":
-        gpu = kind * held_bytes + rows * d_hid * stored_bytes + working + CUDA_CONTEXT_BYTES
-        return host + CUDA_HOST_BYTES, gpu
-    if held_bytes != stored_bytes:
-        host += kind * held_bytes
-    return host + working, 0
-
-
 def plan_memory(plan: StaticPlan, device: str) -> tuple[int, int]:
-    """`layer_memory` for this plan's layers on `device`."""
-    return layer_memory(len(plan.labels), max(plan.facts.d_mid, plan.neuron_dim), plan.facts.d_hid,
+    """(host, GPU) bytes of a unit of this plan on `device` (`units.sizing.static_unit_memory`)."""
+    return static_unit_memory(len(plan.labels), max(plan.facts.d_mid, plan.neuron_dim), plan.facts.d_hid,
                         plan.stored_bytes, plan.held_bytes, plan.neuron_pca_method == "covariance", device)
 
 
@@ -221,7 +200,7 @@ def run_layer(plan: StaticPlan, layer: int, request: DeviceRequest = DeviceReque
     r_gate = results["gate_weight_correlation"][MATRICES.index("gate")]
     seconds = time.monotonic() - started
     return {"layer": layer, "seconds": seconds, "device": device.type, "note": note,
-            "log": f"mean expert similarity {mean_sim:+.3f}, R(X, Y_gate) {r_gate:+.3f}, {device.type}, "
+            "log": f"mean expert similarity {mean_sim:+.3f}, R(X, Y_gate) {r_gate:+.3f}, {where(device)}, "
                    f"{seconds:.1f}s"}
 
 
