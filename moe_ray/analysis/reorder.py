@@ -31,6 +31,7 @@ Pure torch/numpy: no Ray, no Zarr.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -199,6 +200,10 @@ class PairResult:
     similarity_after: dict[str, float]
     kendall_tau: float
     gap_bound: float
+    build_seconds: float = 0.0
+    """Wall time building S (on the device, copied to the host)."""
+    solve_seconds: float = 0.0
+    """Wall time of lapjv and the certificate on the host."""
 
     @property
     def growth(self) -> dict[str, float]:
@@ -213,9 +218,15 @@ def _check_matrices(matrices: Sequence[str]) -> None:
         raise ValueError(f"matrices must be among {MATRICES}, not {tuple(matrices)}")
 
 
-def _pair_result(a: Neurons, b: Neurons, matrices: tuple[str, ...], assignment: Assignment,
-                 chunk_elements: int) -> PairResult:
+def _timed_solve(similarity: np.ndarray, chunk_elements: int) -> tuple[Assignment, float]:
+    started = time.perf_counter()
+    return solve_max(similarity, chunk_elements), time.perf_counter() - started
+
+
+def _pair_result(a: Neurons, b: Neurons, matrices: tuple[str, ...], solved: tuple[Assignment, float],
+                 build_seconds: float, chunk_elements: int) -> PairResult:
     """Similarity before and after reordering b, per matrix, computed where the neurons are."""
+    assignment, solve_seconds = solved
     device = a[matrices[0]].device
     n = a[matrices[0]].shape[0]
     identity = torch.arange(n, device=device)
@@ -223,7 +234,7 @@ def _pair_result(a: Neurons, b: Neurons, matrices: tuple[str, ...], assignment: 
     before = {m: paired_cosine(a[m], b[m], identity, chunk_elements) for m in matrices}
     after = {m: paired_cosine(a[m], b[m], perm, chunk_elements) for m in matrices}
     return PairResult(tuple(matrices), assignment.perm, before, after, kendall_tau(assignment.perm),
-                      assignment.gap_bound)
+                      assignment.gap_bound, build_seconds, solve_seconds)
 
 
 Problem = tuple[int, int, tuple[str, ...]]
@@ -263,9 +274,9 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
             buffers.append(torch.empty((n, n), dtype=torch.float32, pin_memory=pin))
         return buffers[k % len(buffers)]
 
-    def finish(k: int, job: Future | Assignment, a: Neurons, b: Neurons) -> tuple[Problem, PairResult]:
-        assignment = job.result() if isinstance(job, Future) else job
-        result = _pair_result(a, b, problems[k][2], assignment, chunk_elements)
+    def finish(k: int, job: Future | tuple, a: Neurons, b: Neurons, build: float) -> tuple[Problem, PairResult]:
+        solved = job.result() if isinstance(job, Future) else job
+        result = _pair_result(a, b, problems[k][2], solved, build, chunk_elements)
         for e in problems[k][:2]:
             if last_use[e] == k:
                 experts.pop(e, None)
@@ -275,12 +286,14 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
         pending = None
         for k, (i, j, ms) in enumerate(problems):
             a, b = neurons(i), neurons(j)
+            started = time.perf_counter()
             cost = build_similarity(buffer(k, a[ms[0]].shape[0]), a, b, ms, chunk_elements)
+            build = time.perf_counter() - started
             if not overlap:
-                yield finish(k, solve_max(cost.numpy(), chunk_elements), a, b)
+                yield finish(k, _timed_solve(cost.numpy(), chunk_elements), a, b, build)
                 continue
             done = finish(*pending) if pending is not None else None  # solved while this cost was built
-            pending = (k, solver.submit(solve_max, cost.numpy(), chunk_elements), a, b)
+            pending = (k, solver.submit(_timed_solve, cost.numpy(), chunk_elements), a, b, build)
             if done is not None:
                 yield done
         if pending is not None:

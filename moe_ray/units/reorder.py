@@ -158,6 +158,7 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
 
     problems = [(i, j, MATRICES if m is None else (m,)) for i, j, m in cells]
     before, after, taus = [], [], []
+    build = solve = 0.0
     try:
         for (i, j, matrices), result in R.reorder_pairs(load, problems, device, overlap):
             growth = result.growth
@@ -174,14 +175,16 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
             group["permutation"][cell] = result.perm.astype(np.int32)
             group["unit_done"][cell] = 1
             taus.append(result.kendall_tau)
+            build, solve = build + result.build_seconds, solve + result.solve_seconds
     finally:
         release(device)
     seconds = time.monotonic() - started
     what = f"{len(cells)} {'pair' if mode == 'joint' else 'pair-matrix'}{'s' if len(cells) != 1 else ''}"
     summary = (f"similarity {np.mean(before):+.3f}->{np.mean(after):+.3f}, tau {np.median(taus):+.3f}"
                if cells else "already done")
-    return {"layer": layer, "cells": len(cells), "seconds": seconds, "device": device.type, "note": note,
-            "log": f"{what}: {summary}, {where(device)}, {seconds:.1f}s"}
+    return {"layer": layer, "cells": len(cells), "seconds": seconds, "build_seconds": build,
+            "solve_seconds": solve, "device": device.type, "note": note,
+            "log": f"{what}: {summary}, {where(device)}, {seconds:.1f}s (build {build:.1f}s, solve {solve:.1f}s)"}
 
 
 def _median(values: np.ndarray) -> float:
