@@ -316,24 +316,35 @@ def expert_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES)) -> int:
     return n_matrices * n * d_hid * 4
 
 
+def _chunk_rows(n: int, width: int, chunk_elements: int) -> int:
+    """Rows of one chunk of a [n, width] computation (`_row_steps`)."""
+    return min(n, max(1, chunk_elements // max(1, width)))
+
+
 def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
                  overlap: bool = False, on_host: bool = True, stored_bytes: int = 2,
                  chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid.
+    """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid, beside the
+    worker process itself.
 
     The n×n float32 cost buffers (two with `overlap`; lapjv solves float32 in place, measured to add
     no copy), one expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64
-    chunk of the certificate and lapjv's O(n) workspace (the worker process comes on top); when the experts are
-    prepared on the host (`on_host`) also the prepared experts (at most `experts_held` at once), the
-    chunk being built and the temporaries of the before/after cosines.
+    chunk of the certificate and lapjv's O(n) workspace; when the experts are prepared on the host
+    (`on_host`) also the prepared experts (at most `experts_held` at once), the chunk being built and
+    the two temporaries of the before/after cosines.
     """
     cost = (2 if overlap else 1) * 4 * n * n
     reading = n_matrices * n * d_hid * stored_bytes
-    certificate = chunk_elements * 8
+    certificate = _chunk_rows(n, n, chunk_elements) * n * 8
     host = cost + reading + certificate + 64 * n
     if on_host:
-        host += experts_held * expert_bytes(n, d_hid, n_matrices) + chunk_elements * 4 * 3
+        host += experts_held * expert_bytes(n, d_hid, n_matrices) + _working_chunks(n, d_hid, chunk_elements)
     return host
+
+
+def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
+    """The chunk of S being built and the before/after cosines' two temporaries, float32."""
+    return _chunk_rows(n, n, chunk_elements) * n * 4 + 2 * _chunk_rows(n, d_hid, chunk_elements) * d_hid * 4
 
 
 def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
@@ -343,7 +354,7 @@ def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), exp
     allocator; the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
-    return weights + reading + chunk_elements * 4 * 3
+    return weights + reading + _working_chunks(n, d_hid, chunk_elements)
 
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------

@@ -11,8 +11,10 @@ from ..analysis import reorder as R
 from ..analysis import static as S
 
 GIB = 2**30
-PROCESS_BYTES = 384 * 2**20
-"""Host memory of a worker process before it computes: Python, torch, Ray, zarr (measured 332 MiB)."""
+PROCESS_BYTES = 480 * 2**20
+"""Host memory of a worker process beside its data: Python, torch, Ray and zarr imported (measured
+333 MiB) and the libraries and buffers of reading and writing the store (measured up to ~130 MiB more
+in bench_fullwidth.py's smallest units)."""
 CUDA_CONTEXT_BYTES = 1 * GIB
 """GPU memory a task's process takes beside its tensors: the CUDA context, cuBLAS workspaces and the
 caching allocator's rounding (not measured here: benchmarks/gpu_check.sh measures it on a GPU)."""
