@@ -10,8 +10,8 @@ unit runs the way a Ray task runs it, one thread, in a fresh process (`python -c
 function on its own arguments), so its peak RSS (VmHWM: resident pages, the checkpoint's memory
 mapped pages included) is the unit's own:
 - static: `units.static.run_layer` on the MoE layer (device cpu), vs `plan_memory(..., "cpu")`;
-- reorder: `units.reorder.run_batch` on pair 0-1 in joint mode, vs the unit's declared memory, with
-  its build and solve seconds;
+- reorder: `units.reorder.run_batch` on pair 0-1 in joint mode, and where a task takes several pairs
+  (small n) on a whole first batch, vs the unit's declared memory, with build and solve seconds;
 - dynamic: one shard actor's work (`ShardWorker` built, the `short` input pushed through), vs the
   shard's placement-group bundle.
 Also: the seconds to read the layer's expert bytes once (the floor of the static suite), and
@@ -51,21 +51,30 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-module, name, args = pickle.loads(open(sys.argv[1], "rb").read())
+module, name, args, warm_cuda = pickle.loads(open(sys.argv[1], "rb").read())
 import importlib
 fn = getattr(importlib.import_module(module), name)
+if warm_cuda:  # the CUDA context first, so the unit's seconds are its own work
+    torch.zeros(1, device="cuda")
 before = hwm()
 started = time.perf_counter()
 summary = fn(*args)
 seconds = time.perf_counter() - started
+gpu = {}
+if torch.cuda.is_initialized():
+    free, total = torch.cuda.mem_get_info()
+    gpu = {"gpu_peak_allocated": torch.cuda.max_memory_allocated(), "gpu_peak_reserved": torch.cuda.max_memory_reserved(),
+           "gpu_used_after": total - free}
 summary = {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str, type(None)))}
-print("RESULT " + json.dumps({"seconds": seconds, "peak_rss": hwm(), "before_rss": before, "summary": summary}))
+print("RESULT " + json.dumps({"seconds": seconds, "peak_rss": hwm(), "before_rss": before, "summary": summary, **gpu}))
 """
 
 
-def build_checkpoint(family_name: str, flavor: str, layers: int, out: Path, seed: int = 0) -> Path:
+def build_checkpoint(family_name: str, flavor: str, layers: int, out: Path, seed: int = 0,
+                     overrides: dict | None = None) -> Path:
     """The flavor's first `layers` decoder layers (plus embeddings, norm, head) in the hub layout,
-    random bf16, written one tensor at a time into shards of SHARD_BYTES; and a tokenizer."""
+    random bf16, written one tensor at a time into shards of SHARD_BYTES; and a tokenizer.
+    `overrides` change the config (smaller widths for a quick run)."""
     from safetensors.torch import save_file
 
     from moe_ray.checkpoint import get_family
@@ -74,7 +83,7 @@ def build_checkpoint(family_name: str, flavor: str, layers: int, out: Path, seed
     if (out / "config.json").exists():
         return out
     family = get_family(family_name)
-    config = dict(family.flavors[flavor], num_hidden_layers=layers, torch_dtype="bfloat16")
+    config = dict(family.flavors[flavor], num_hidden_layers=layers, torch_dtype="bfloat16", **(overrides or {}))
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     files: list[tuple[str, dict[str, torch.Tensor]]] = []
@@ -110,12 +119,17 @@ def build_checkpoint(family_name: str, flavor: str, layers: int, out: Path, seed
     return out
 
 
-def run_unit(fn, args: tuple, work: Path) -> dict:
-    """`fn(*args)` in a fresh single-threaded process; its wall seconds, peak RSS and summary."""
+def run_unit(fn, args: tuple, work: Path, warm_cuda: bool = False) -> dict:
+    """`fn(*args)` in a fresh single-threaded process; its wall seconds, peak RSS (and, where it used
+    a GPU, the allocator's peaks and the GPU memory in use after it, the CUDA context) and summary."""
     payload = work / f"{fn.__name__}.pkl"
-    module = "benchmarks.bench_fullwidth" if fn.__module__ == "__main__" else fn.__module__
-    payload.write_bytes(pickle.dumps((module, fn.__name__, args)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    module = fn.__module__
+    if module == "__main__":
+        module = f"benchmarks.{Path(sys.modules['__main__'].__file__).stem}"
+    payload.write_bytes(pickle.dumps((module, fn.__name__, args, warm_cuda)))
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     done = subprocess.run([sys.executable, "-c", _UNIT, str(payload)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{fn.__name__} failed:\n{done.stderr[-3000:]}")
@@ -186,6 +200,14 @@ def measure(name: str, work: Path, skip: set[str]):
             yield _row(name, f"reorder joint pair 0-1 (n={ckpt.facts.d_mid})", got, unit.memory_bytes,
                        build_s=round(s["build_seconds"], 1), solve_s=round(s["solve_seconds"], 1),
                        cpu_hours_16_cores=round(got["seconds"] * n_moe_full * pairs_full / 16 / 3600, 1))
+            if job.per_task("joint", "cpu") > 1:  # a whole batch too: its experts are held together
+                _, _, (batched,) = api.plan(spec.replace(analyses=["reorder"], reorder=type(spec.reorder)()))
+                unit = batched.prepare(store, True)[0]
+                got = run_unit(RU.run_batch, unit.args, work)
+                s = got["summary"]
+                yield _row(name, f"reorder joint batch of {unit.cells} pairs (n={ckpt.facts.d_mid})", got,
+                           unit.memory_bytes, build_s=round(s["build_seconds"], 1), solve_s=round(s["solve_seconds"], 1),
+                           cpu_hours_16_cores=round(got["seconds"] / unit.cells * n_moe_full * pairs_full / 16 / 3600, 1))
         else:
             declared = job.plan.bundles(1, None)[0]["memory"]
             got = run_unit(dynamic_shard, (job.plan, 0, "short"), work)

@@ -173,12 +173,11 @@ def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1) -> 
     if not n_moe or facts.num_experts < 2:
         return ()
     per_gpu = gpu_mem_gib * GIB
-    labels = facts.num_experts + (1 if facts.shared_d_mid else 0)
-    rows = max(facts.d_mid, facts.shared_d_mid or 0)
+    rows = [facts.d_mid] * facts.num_experts + ([facts.shared_d_mid] if facts.shared_d_mid else [])
     pairs = [(i, j) for i in range(facts.num_experts) for j in range(i + 1, facts.num_experts)]
     out = []
     for device in ("cpu", "cuda"):
-        host, gpu = static_unit_memory(labels, rows, facts.d_hid, BF16, BF16, False, device)
+        host, gpu = static_unit_memory(rows, facts.d_hid, BF16, BF16, False, device)
         gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
         out.append(TaskSizing("static", device, n_moe, 1, host, gpus, gpu))
         per_task = R.pairs_per_task(facts.d_mid, facts.d_hid, "joint", device, cpus)

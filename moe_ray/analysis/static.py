@@ -280,12 +280,13 @@ def neuron_pca(points: Sequence[torch.Tensor], n_components: int = 3, method: st
 
 # ---- memory --------------------------------------------------------------------------------------
 
-def working_set_bytes(n_mats: int, rows: int, d_hid: int, covariance: bool, device: torch.device) -> int:
-    """Bytes the analyses of one matrix kind allocate beside the matrices (`n_mats` of `rows` x `d_hid`)
-    on `device`: a stacked float32 block and its temporaries (S1/S2), a converted neuron block (S3,
-    S5), S5's float64 projections and scores per neuron, and the covariance on the exact S5 path."""
+def working_set_bytes(neurons: int, d_hid: int, covariance: bool, device: torch.device) -> int:
+    """Bytes the analyses of one matrix kind allocate beside the matrices (`neurons` rows of `d_hid`
+    over all of them) on `device`: a stacked float32 block and its temporaries (S1/S2), a converted
+    neuron block (S3, S5), S5's float64 projections and scores per neuron, and the d_hid x d_hid
+    moments of the exact S5 path (the randomised one keeps d_hid x 16 blocks)."""
     block = chunk_elements(device) * 4 * 3
-    per_neuron = n_mats * rows * (16 + 2 * 3) * 8
+    per_neuron = neurons * (16 + 2 * 3) * 8
     moments = 3 * d_hid * d_hid * 8 if covariance else d_hid * 16 * 8 * 4
     return block + per_neuron + moments
 

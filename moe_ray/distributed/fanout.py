@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from tqdm.auto import tqdm
 
 from ..errors import MoeRayError
@@ -72,6 +71,8 @@ def run_units(fn: Callable[..., dict], units: Sequence[Unit], *, what: str, max_
     """
     if not units:
         return []
+    import ray  # here, not at the top: a unit function can run (and be checked) where Ray is not installed
+
     on_cpu, on_gpu = ray.remote(fn), ray.remote(max_calls=1)(fn)
     refs = {}
     for i, unit in enumerate(units):

@@ -7,6 +7,8 @@ Every figure is a sum of named parts, checked against measured peaks in benchmar
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..analysis import reorder as R
 from ..analysis import static as S
 
@@ -22,23 +24,24 @@ CUDA_HOST_BYTES = 1 * GIB
 """Host memory the CUDA runtime and its libraries add to a task's process (likewise unmeasured here)."""
 
 
-def static_unit_memory(n_labels: int, rows: int, d_hid: int, stored_bytes: int, held_bytes: int,
+def static_unit_memory(label_rows: Sequence[int], d_hid: int, stored_bytes: int, held_bytes: int,
                        covariance: bool, device: str) -> tuple[int, int]:
-    """(host, GPU) bytes of a static unit: `n_labels` matrices of `rows` x `d_hid` per matrix kind.
+    """(host, GPU) bytes of a static unit whose labels' matrices of one kind are `label_rows[l]` x
+    `d_hid` (d_mid of each expert, of F and of SE).
 
     Host: the kind's stored bytes (read through memory maps, resident while the kind is analysed), a
     converted copy where the held dtype differs from the stored one (CPU only), the analysis's working
     set where it runs there, the neuron-PCA results and the worker process (plus the CUDA runtime on
     cuda). GPU: the kind as held, one tensor arriving as stored, the working set, the CUDA context.
     """
-    kind = n_labels * rows * d_hid
     import torch
 
-    working = S.working_set_bytes(n_labels, rows, d_hid, covariance, torch.device(device))
-    results = 3 * n_labels * rows * 3 * 8
+    kind = sum(label_rows) * d_hid
+    working = S.working_set_bytes(sum(label_rows), d_hid, covariance, torch.device(device))
+    results = 3 * len(label_rows) * max(label_rows) * 3 * 8
     host = kind * stored_bytes + results + PROCESS_BYTES
     if device == "cuda":
-        gpu = kind * held_bytes + rows * d_hid * stored_bytes + working + CUDA_CONTEXT_BYTES
+        gpu = kind * held_bytes + max(label_rows) * d_hid * stored_bytes + working + CUDA_CONTEXT_BYTES
         return host + CUDA_HOST_BYTES, gpu
     if held_bytes != stored_bytes:
         host += kind * held_bytes

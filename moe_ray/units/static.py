@@ -52,6 +52,8 @@ class StaticPlan:
     """Bytes per element of the experts as stored (bf16: 2)."""
     held_bytes: int = 2
     """Bytes per element as a unit holds them (`units.job.held_dtype`)."""
+    label_rows: tuple[int, ...] = ()
+    """Neurons (d_mid) of each label's matrices, in label order."""
 
     def label_keys(self, ckpt: Checkpoint, ref: Checkpoint | None, layer: int, matrix: str):
         """(label, checkpoint, key) for every label of this layer and matrix kind."""
@@ -128,11 +130,13 @@ def plan_static(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tu
     if method == "auto":
         method = "covariance" if facts.d_hid <= COVARIANCE_MAX_D_HID else "randomized"
     first = ckpt.info(family.expert_keys(layers[0], 0)["up"])
+    rows = [facts.d_mid] * facts.num_experts + ([ref_d_mid] if ref is not None else [])
+    rows += [facts.shared_d_mid] if "SE" in labels else []
     return StaticPlan(ckpt.location, ref.location if ref else None, spec.store, family.name, facts,
                       tuple(layers), tuple(labels), neuron_dim, method, spec.static,
                       {k: v for k, v in absent.items() if v}, spec.allow_pickle,
                       stored_bytes=max(1, first.nbytes // (facts.d_mid * facts.d_hid)),
-                      held_bytes=held_dtype(first.dtype).itemsize)
+                      held_bytes=held_dtype(first.dtype).itemsize, label_rows=tuple(rows))
 
 
 def group_params(plan: StaticPlan) -> dict:
@@ -164,8 +168,8 @@ def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> li
 
 def plan_memory(plan: StaticPlan, device: str) -> tuple[int, int]:
     """(host, GPU) bytes of a unit of this plan on `device` (`units.sizing.static_unit_memory`)."""
-    return static_unit_memory(len(plan.labels), max(plan.facts.d_mid, plan.neuron_dim), plan.facts.d_hid,
-                        plan.stored_bytes, plan.held_bytes, plan.neuron_pca_method == "covariance", device)
+    return static_unit_memory(plan.label_rows, plan.facts.d_hid, plan.stored_bytes, plan.held_bytes,
+                              plan.neuron_pca_method == "covariance", device)
 
 
 # ---- the unit ----------------------------------------------------------------------------------
