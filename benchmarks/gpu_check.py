@@ -65,12 +65,23 @@ def sync(device: torch.device) -> None:
 
 # ---- jobs and stores ------------------------------------------------------------------------------
 
-def _jobs(model: str, store: str, reference: str | None = None, **spec):
-    from moe_ray import api
+def _jobs(model: str, store: str, reference: str | None = None, **fields):
+    """The static/reorder jobs of a spec, planned as `api.plan` plans them (without importing Ray,
+    which a GPU image may lack), and their store."""
+    from moe_ray.checkpoint import open_checkpoint
+    from moe_ray.spec import Spec
     from moe_ray.store import ResultStore
+    from moe_ray.units import reorder as RU
+    from moe_ray.units import static as SU
 
-    spec = api.as_spec(model=model, reference=reference, store=store, overwrite=True, progress=False, **spec)
-    ckpt, ref, jobs = api.plan(spec)
+    spec = Spec.from_dict({"model": model, "reference": reference, "store": store, "overwrite": True,
+                           "progress": False, **fields})
+    spec.validate()
+    ckpt = open_checkpoint(model)
+    ref = open_checkpoint(reference) if reference else None
+    layers = tuple(spec.layers) if spec.layers else ckpt.facts.moe_layers
+    planners = {"static": SU.plan_job, "reorder": RU.plan_job}
+    jobs = [planners[name](spec, ckpt, ref, layers) for name in spec.analyses]
     identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
     result = ResultStore.create_or_reuse(spec.store, identity, spec.to_dict(), overwrite=True)
     return ckpt, jobs, result

@@ -50,11 +50,19 @@ class AnalysisJob(ABC):
         """Cross-unit summaries once every unit is done; returns a one-line summary."""
 
 
+def _ray():
+    """Ray, where it is installed (a unit function also runs, and is checked, without it)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray if ray.is_initialized() else None
+
+
 def cluster_gpus() -> float | None:
     """GPUs in the connected Ray cluster; None when not connected (planning offline)."""
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else None
+    ray = _ray()
+    return ray.cluster_resources().get("GPU", 0) if ray else None
 
 
 @dataclass(frozen=True)
@@ -97,9 +105,8 @@ class DeviceRequest:
 
 def where(device: torch.device) -> str:
     """Where a task computed, for its log line: the torch device and the GPU ids Ray gave it."""
-    import ray
-
-    ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    ray = _ray()
+    ids = [str(i) for i in ray.get_gpu_ids()] if ray else []
     return device.type + (f", Ray GPU {','.join(ids)}" if ids else "")
 
 
