@@ -89,8 +89,8 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
 
     started = time.monotonic()
     say = print if spec.progress else (lambda *a, **k: None)
-    total = sum(len(job.units()) for job in jobs)
-    todo = sum(len(p) for p in pending.values())
+    total = sum(u.cells for job in jobs for u in job.units())  # done flags: a batch of pairs counts each pair
+    todo = sum(u.cells for p in pending.values() for u in p)
     say(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
         f"({', '.join(spec.analyses)}) on {where}")
     summaries = []

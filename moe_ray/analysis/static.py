@@ -172,13 +172,23 @@ def neuron_average(matrix: torch.Tensor, name: str) -> torch.Tensor:
 
 # ---- S5: PCA of neurons (App A.2, Fig 7) ---------------------------------------------------------
 
-def _neuron_blocks(points: Sequence[torch.Tensor]):
-    """Blocks of neurons (rows) of each expert in turn, as float32 (converted from the held dtype)."""
+def _neuron_blocks(points: Sequence[torch.Tensor], offsets: bool = False):
+    """Blocks of neurons (rows) of each expert in turn, as float32 (converted from the held dtype);
+    with `offsets`, (first row, block) pairs."""
     for p in points:
         # neuron blocks: best at ~1 MiB on the CPU
         step = max(1, chunk_elements(p.device) // 4 // max(1, p.shape[1]))
         for r0 in range(0, p.shape[0], step):
-            yield p[r0:r0 + step].float()
+            yield (r0, p[r0:r0 + step].float()) if offsets else p[r0:r0 + step].float()
+
+
+def _project(points: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """points @ weight - offset in float64, block by block into one preallocated result (a list of
+    small per-block results to concatenate fragmented the CPU heap by ~50 KiB per block, measured)."""
+    out = torch.empty((points.shape[0], weight.shape[1]), dtype=torch.float64, device=points.device)
+    for r0, block in _neuron_blocks([points], offsets=True):
+        out[r0:r0 + block.shape[0]] = block @ weight
+    return out.sub_(offset)
 
 
 def _neuron_moments(points: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,9 +250,7 @@ def _randomized_pca(points: Sequence[torch.Tensor], k: int, width: int = 16, pow
         q, _ = torch.linalg.qr(zt_z_times_scaled(product, m))
     m = q / std[:, None]
     m32, offset = m.float(), mean @ m
-    projected = []  # W = Z Q, expert by expert
-    for p in points:
-        projected.append(torch.cat([(block @ m32).double() for block in _neuron_blocks([p])]) - offset)
+    projected = [_project(p, m32, offset) for p in points]  # W = Z Q, expert by expert
     small = sum(w.T @ w for w in projected)  # Qᵀ Zᵀ Z Q
     evals, evecs = torch.linalg.eigh((small + small.T) / 2)
     order = evals.argsort(descending=True)[:k]
@@ -274,7 +282,7 @@ def neuron_pca(points: Sequence[torch.Tensor], n_components: int = 3, method: st
     loadings = _fix_signs(evecs)
     weight = (loadings / std[:, None]).float()
     offset = (mean / std) @ loadings
-    scores = [torch.cat([(block @ weight).double() for block in _neuron_blocks([p])]) - offset for p in points]
+    scores = [_project(p, weight, offset) for p in points]
     return scores, evals / total_var
 
 
