@@ -46,6 +46,10 @@ GIB = 2**30
 _UNIT = """
 import json, pickle, sys, time
 import torch
+try:
+    import ray  # loaded in every Ray worker, so in its RSS too
+except ImportError:
+    pass
 torch.set_num_threads(1)
 def hwm():
     for line in open("/proc/self/status"):

@@ -13,10 +13,10 @@ from ..analysis import reorder as R
 from ..analysis import static as S
 
 GIB = 2**30
-PROCESS_BYTES = 480 * 2**20
-"""Host memory of a worker process beside its data: Python, torch, Ray and zarr imported (measured
-333 MiB) and the libraries and buffers of reading and writing the store (measured up to ~130 MiB more
-in bench_fullwidth.py's smallest units)."""
+PROCESS_BYTES = 440 * 2**20
+"""Host memory of a worker process beside its data: a Ray worker with the units imported (measured
+279 MiB) and what reading the checkpoint and writing the store add (up to ~130 MiB in
+bench_fullwidth.py's smallest units)."""
 CUDA_CONTEXT_BYTES = 1 * GIB
 """GPU memory a task's process takes beside its tensors: the CUDA context, cuBLAS workspaces and the
 caching allocator's rounding (not measured here: benchmarks/gpu_check.sh measures it on a GPU)."""
