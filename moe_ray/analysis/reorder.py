@@ -359,8 +359,9 @@ def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), exp
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------
 
-CPU_BUILD_FLOPS = 30e9
-"""float32 GEMM per CPU core building S (measured 30-40 GFLOP/s per core, benchmarks/bench_reorder.py)."""
+CPU_BUILD_FLOPS = 60e9
+"""float32 GEMM per CPU core building S: measured 76-91 GFLOP/s on an AVX2 core with little else
+running, 30-40 under load (benchmarks/bench_reorder.py, bench_fullwidth.py)."""
 GPU_BUILD_FLOPS = 20e12
 """float32 GEMM of one GPU, assumed (an A100 does 19.5 TFLOP/s without TF32; benchmarks/gpu_check.sh
 measures the real build)."""
