@@ -40,6 +40,8 @@ import lapjv
 import numpy as np
 import torch
 
+from .summary import relative_growth
+
 MATRICES = ("up", "gate", "down")
 MODES = ("joint", "separate")
 CHUNK_ELEMENTS = 2**24
@@ -207,9 +209,9 @@ class PairResult:
 
     @property
     def growth(self) -> dict[str, float]:
-        """The paper's "order of growth": similarity after / before, per matrix."""
-        return {m: self.similarity_after[m] / self.similarity_before[m] if self.similarity_before[m] != 0
-                else float("nan") for m in self.similarity_after}
+        """The relative growth (after - before) / |before| per matrix, whose median over layers and pairs
+        is the paper's Tab 2 "order of growth" (see `analysis.summary`)."""
+        return {m: relative_growth(self.similarity_before[m], self.similarity_after[m]) for m in self.similarity_after}
 
 
 def _check_matrices(matrices: Sequence[str]) -> None:

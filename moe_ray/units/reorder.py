@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..analysis import reorder as R
+from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
 from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
@@ -117,7 +118,11 @@ def prepare(store: ResultStore, plan: ReorderPlan, mode: str, overwrite: bool = 
     store.coord(group, "neuron", np.arange(plan.facts.d_mid, dtype=np.int64))
     for name in REORDER_SCHEMA:
         store.array(group, name, reorder_quantity(name, mode), UNIT_DIMS[mode])
-    store.done_array(group, UNIT_DIMS[mode])
+    planned = np.zeros(tuple(group[d].shape[0] for d in UNIT_DIMS[mode]), dtype=bool)
+    for li in range(len(plan.layers)):
+        for i, j in plan.pairs:
+            planned[(li, slice(None), i, j) if mode == "separate" else (li, i, j)] = True
+    store.done_array(group, UNIT_DIMS[mode], planned)  # progress counts these cells, not all E x E
     done = unit_done(group)
     pending = set()
     for li, layer in enumerate(plan.layers):
@@ -187,23 +192,21 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
             "log": f"{what}: {summary}, {where(device)}, {seconds:.1f}s (build {build:.1f}s, solve {solve:.1f}s)"}
 
 
-def _median(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if finite.size else float("nan")
-
-
 def finish(store: ResultStore, plan: ReorderPlan, mode: str) -> dict:
-    """Tab 2 for this store's model: median growth and tau per matrix over every computed pair."""
+    """Tab 2 for this store's model and mode, in the group's `tab2` attribute: medians over every computed
+    layer and pair of the similarity before/after, the relative growth (per matrix and over all three)
+    with its order of magnitude, and Kendall's tau (see `analysis.summary`)."""
     group = store.root[f"{GROUP}/{mode}"]
-    growth = np.asarray(group["growth"][...], dtype=np.float64)
-    tau = np.asarray(group["kendall_tau"][...], dtype=np.float64)
-    growth_median = {m: _median(growth[:, mi]) for mi, m in enumerate(MATRICES)}
-    if mode == "joint":
-        tau_median = {m: _median(tau) for m in MATRICES}
-    else:
-        tau_median = {m: _median(tau[:, mi]) for mi, m in enumerate(MATRICES)}
-    summary = {"model": plan.family, "location": plan.model, "mode": mode,
-               "growth_median": growth_median, "tau_median": tau_median}
+    before, after, growth, tau = (np.asarray(group[name][...], dtype=np.float64)
+                                  for name in ("similarity_before", "similarity_after", "growth", "kendall_tau"))
+    overall = tab2_summary(before, after, growth, tau)
+    tau_of = (lambda mi: tau) if mode == "joint" else (lambda mi: tau[:, mi])
+    per_matrix = {m: tab2_summary(before[:, mi], after[:, mi], growth[:, mi], tau_of(mi))
+                  for mi, m in enumerate(MATRICES)}
+    summary = {"model": plan.family, "location": plan.model, "mode": mode, **overall,
+               "growth_median_per_matrix": {m: s["growth_median"] for m, s in per_matrix.items()},
+               "tau_median_per_matrix": {m: s["tau_median"] for m, s in per_matrix.items()},
+               "definition": GROWTH_DEFINITION}
     group.attrs["tab2"] = summary
     return summary
 
@@ -272,8 +275,8 @@ class ReorderJob(TaskJob):
         parts = []
         for mode in self.plan.modes:
             tab = finish(store, self.plan, mode)
-            parts.append(f"{mode}: " + ", ".join(
-                f"{m} growth {tab['growth_median'][m]:.3g} tau {tab['tau_median'][m]:+.3f}" for m in MATRICES))
+            parts.append(f"{mode}: relative growth {tab['growth_median']:.3g} (order "
+                         f"{format_order(tab['order_of_growth'])}), tau {tab['tau_median']:+.3f}")
         return "reorder Tab 2 medians: " + "; ".join(parts)
 
 
