@@ -4,10 +4,12 @@ Reads only a config.json (or a published flavor such as `mixtral:8x7B`) and the 
 tensor layout (`Family.tensor_shapes`, `Family.stored_layout`), and reports what design §6 needs to
 place the work: bytes on disk (as stored: FP8 with block scales, MXFP4, bf16) and dequantised to bf16,
 bytes per decoder layer, the contiguous layer ranges ("shards") that fit one GPU each for the dynamic
-pass (which holds bf16), GPUs and nodes, the store each analysis writes, and the reorder analysis's
-linear assignment problems (§4.1.2: one n x n float32 cost matrix per expert pair and matrix, n = d_mid).
-Layers outside the main stack (DeepSeek-V3's multi-token-prediction layer) are on disk but analysed
-only on request; they are counted on disk and listed apart.
+pass (which holds bf16), GPUs and nodes, the store each analysis writes, the reorder analysis's
+linear assignment problems (§4.1.2: one n x n float32 cost matrix per expert pair and matrix, n = d_mid),
+and what every static and reorder task declares on a CPU and on a GPU (`units.sizing`: the same
+formulas the jobs declare to Ray), with the reorder's pairs per task. Layers outside the main stack
+(DeepSeek-V3's multi-token-prediction layer) are on disk but analysed only on request; they are
+counted on disk and listed apart.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis import reorder as R
 from .checkpoint.config import model_facts, parse_config
 from .checkpoint.families import FAMILIES, Family, ModelFacts, detect_family
 from .checkpoint.quant import DTYPE_BYTES
+from .distributed.placement import gpus_for
 from .errors import SpecError
+from .units.sizing import overlaps, reorder_unit_memory, static_unit_memory
 
 BF16 = 2
 FLOAT32 = 4
@@ -62,6 +67,28 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class TaskSizing:
+    """What the tasks of one analysis take on one device (design §6: every unit declares it)."""
+
+    analysis: str
+    device: str
+    tasks: int
+    per_task: int
+    """MoE layers (static) or expert pairs (reorder) per task."""
+    memory: int
+    gpus: float = 0
+    gpu_memory: int = 0
+
+    def line(self, gpu_mem_gib: float) -> str:
+        what = "layer" if self.analysis == "static" else "pair"
+        head = (f"    {self.analysis} on {self.device}: {self.tasks:,} tasks of {self.per_task:,} "
+                f"{what}{'s' if self.per_task != 1 else ''}, each 1 CPU, {_size(self.memory)}")
+        if self.device != "cuda":
+            return head
+        return head + (f" + {_size(self.gpu_memory)} of GPU memory ({self.gpus:g} of one {gpu_mem_gib:g} GiB GPU)")
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     name: str
     facts: ModelFacts
@@ -81,6 +108,7 @@ class ModelPlan:
     """Parameters beside the language model (Llama 4's vision tower): on disk, never analysed."""
     layer_disk_bytes: int = 0
     """The largest decoder layer's bytes as stored (what a static unit reads)."""
+    tasks: tuple[TaskSizing, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -121,6 +149,9 @@ class ModelPlan:
                      f"{_size(self.lap_bytes)} cost matrix each (d_mid² x 4 bytes)")
         stored = f" ({_size(self.layer_disk_bytes)} as stored)" if self.layer_disk_bytes != layer else ""
         lines.append(f"  static: one task per MoE layer, {_size(layer)} of weights read each{stored}")
+        if self.tasks:
+            lines.append("  tasks (what each asks of Ray; a GPU task's share of a GPU from its GPU memory):")
+            lines += [t.line(self.gpu_mem_gib) for t in self.tasks]
         return "\n".join(lines)
 
 
@@ -174,7 +205,31 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     pairs = facts.num_experts * (facts.num_experts - 1) // 2
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
-                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk)
+                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk,
+                     task_sizing(facts, gpu_mem_gib))
+
+
+def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1) -> tuple[TaskSizing, ...]:
+    """Static and joint-reorder tasks of a whole run on a CPU and on a GPU of `gpu_mem_gib`, for a bf16
+    checkpoint with no dense reference: counts, layers or pairs per task, host and GPU memory."""
+    n_moe = len(facts.moe_layers)
+    if not n_moe or facts.num_experts < 2:
+        return ()
+    per_gpu = gpu_mem_gib * GIB
+    rows = [facts.d_mid] * facts.num_experts + ([facts.shared_d_mid] if facts.shared_d_mid else [])
+    pairs = [(i, j) for i in range(facts.num_experts) for j in range(i + 1, facts.num_experts)]
+    out = []
+    for device in ("cpu", "cuda"):
+        host, gpu = static_unit_memory(rows, facts.d_hid, BF16, BF16, False, device)
+        gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
+        out.append(TaskSizing("static", device, n_moe, 1, host, gpus, gpu))
+        per_task = R.pairs_per_task(facts.d_mid, facts.d_hid, "joint", device, cpus)
+        batches = R.batch_pairs(pairs, per_task)
+        held = max(len({e for pair in batch for e in pair}) for batch in batches)
+        host, gpu = reorder_unit_memory(facts.d_mid, facts.d_hid, BF16, held, device, overlaps(device, cpus))
+        gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
+        out.append(TaskSizing("reorder joint", device, n_moe * len(batches), min(per_task, len(pairs)), host, gpus, gpu))
+    return tuple(out)
 
 
 def _greedy(layer_bytes: tuple[int, ...], other: int, capacity: float) -> list[Shard]:
@@ -215,4 +270,4 @@ def _store_bytes(facts: ModelFacts, pairs: int) -> dict[str, int]:
     return {"static": static, "reorder (per mode)": reorder, "dynamic (per 1,000 tokens)": 1000 * per_token}
 
 
-__all__ = ["ModelPlan", "Shard", "load_config", "plan_model"]
+__all__ = ["ModelPlan", "Shard", "TaskSizing", "load_config", "plan_model", "task_sizing"]

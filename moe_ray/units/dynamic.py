@@ -9,6 +9,7 @@ and marks them done; hidden states flow on to the next shard as object refs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def _fp32_bytes(ckpt: Checkpoint, keys: list[str]) -> int:
 def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tuple[int, ...]) -> DynamicPlan:
     """Validate everything a dynamic run needs before any work starts."""
     facts, family = ckpt.facts, ckpt.family
-    options = spec.dynamic
+    options = dataclasses.replace(spec.dynamic, device=spec.device_of("dynamic"))
     if family.decoder_classes() is None:
         raise CheckpointError(f"dynamic analyses do not support the {facts.family} family yet")
     inputs = tokenize(ckpt, list(dict.fromkeys(options.inputs)), options)
