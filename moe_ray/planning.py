@@ -206,12 +206,15 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
                      facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk,
-                     task_sizing(facts, gpu_mem_gib))
+                     task_sizing(facts, gpu_mem_gib, stored_bytes=layer_disk / max(1, layer_params[largest])))
 
 
-def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1) -> tuple[TaskSizing, ...]:
-    """Static and joint-reorder tasks of a whole run on a CPU and on a GPU of `gpu_mem_gib`, for a bf16
-    checkpoint with no dense reference: counts, layers or pairs per task, host and GPU memory."""
+def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1,
+                stored_bytes: float = BF16) -> tuple[TaskSizing, ...]:
+    """Static and joint-reorder tasks of a whole run on a CPU and on a GPU of `gpu_mem_gib`, with no
+    dense reference: counts, layers or pairs per task, host and GPU memory. `stored_bytes` is what an
+    expert weight takes on disk (2 for bf16; about 1 for FP8 with its block scales, 0.53 for MXFP4):
+    quantised weights are held dequantised in float32 (`units.job.held_dtype`)."""
     n_moe = len(facts.moe_layers)
     if not n_moe or facts.num_experts < 2:
         return ()
@@ -220,13 +223,14 @@ def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1) -> 
     pairs = [(i, j) for i in range(facts.num_experts) for j in range(i + 1, facts.num_experts)]
     out = []
     for device in ("cpu", "cuda"):
-        host, gpu = static_unit_memory(rows, facts.d_hid, BF16, BF16, False, device)
+        held = BF16 if stored_bytes >= BF16 else FLOAT32
+        host, gpu = static_unit_memory(rows, facts.d_hid, stored_bytes, held, False, device)
         gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
         out.append(TaskSizing("static", device, n_moe, 1, host, gpus, gpu))
         per_task = R.pairs_per_task(facts.d_mid, facts.d_hid, "joint", device, cpus)
         batches = R.batch_pairs(pairs, per_task)
-        held = max(len({e for pair in batch for e in pair}) for batch in batches)
-        host, gpu = reorder_unit_memory(facts.d_mid, facts.d_hid, BF16, held, device, overlaps(device, cpus))
+        experts = max(len({e for pair in batch for e in pair}) for batch in batches)
+        host, gpu = reorder_unit_memory(facts.d_mid, facts.d_hid, BF16, experts, device, overlaps(device, cpus))
         gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
         out.append(TaskSizing("reorder joint", device, n_moe * len(batches), min(per_task, len(pairs)), host, gpus, gpu))
     return tuple(out)
