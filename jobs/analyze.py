@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             spec = moe_ray.Spec.from_toml(args.spec)
         resume = "`moe-ray submit` of the same spec (only unfinished units run)"
-        with handling_signals(lambda signame: progress_line(signame, spec.store, resume)):
+        with handling_signals(lambda signame: progress_line(signame, spec.store, resume, spec.analyses)):
             store = moe_ray.run(spec)
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)

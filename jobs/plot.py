@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", choices=PARALLEL, default="auto",
                         help="auto: Ray tasks inside a Ray job on a cluster larger than this machine, "
                              "else a process pool")
+    parser.add_argument("--shared-scale", action="store_true",
+                        help="one colour range across all stores' images of a figure (default: each its own)")
     args = parser.parse_args(argv)
     try:
         if args.parallel == "ray" or (args.parallel == "auto" and os.environ.get("RAY_ADDRESS")):
             from moe_ray.distributed.cluster import connect
 
             print(f"drawing on {connect()}")
-        print(render(args.stores, args.out, args.parallel).summary())
+        print(render(args.stores, args.out, args.parallel, args.shared_scale).summary())
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2

@@ -28,11 +28,11 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
 
 
-def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto") -> "Path":
+def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto", shared_scale: bool = False) -> "Path":
     """Figures and tables of the paper from one or several stores -> path of `out/index.html`
     (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib). `parallel`:
-    "auto" (Ray tasks when this process has a Ray session, else a process pool), "ray",
-    "processes" or "none"."""
+    "auto" (Ray tasks on a cluster larger than this machine, else a process pool), "ray", "processes"
+    or "none"; `shared_scale`: one colour range across the stores' images (default: each model its own)."""
     from .plotting import plot as _plot
 
-    return _plot(stores, out, parallel)
+    return _plot(stores, out, parallel, shared_scale)

@@ -1,13 +1,16 @@
 """The `moe-ray` console script: a thin layer over `moe_ray.api`.
 
 Every `run` flag is a spec field (generated from `moe_ray.spec.Spec`), so a TOML spec and the
-command line say the same things. Errors print as one line, `moe-ray: error: ...`, exit status 2.
+command line say the same things. Errors print as one line, `moe-ray: error: ...`, exit status 2
+(`explain_error`); `--debug` or MOE_RAY_DEBUG=1 prints the traceback too.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import traceback
 import typing
 from collections.abc import Callable, Sequence
 
@@ -29,14 +32,16 @@ def command(name: str, help: str):
     return wrap
 
 
-def _flag(dotted: str) -> str:
-    return "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
+def _flag(dotted: str, field) -> str:
+    """A spec field's flag: the last component of its name, unless the field names its own (where two
+    groups would otherwise share one: `dynamic.device` is `--dynamic-device`, `device` is `--device`)."""
+    return "--" + field.metadata.get("flag", dotted.rsplit(".", 1)[-1].replace("_", "-"))
 
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`)."""
     for dotted, hint, field in spec_fields():
-        flag = _flag(dotted)
+        flag = _flag(dotted, field)
         help_text = field.metadata.get("help", "") + f" [spec: {dotted}]"
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         if base[0] is bool:
@@ -73,7 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-TINY_FAMILIES = ("mixtral", "grok1", "deepseek_moe", "qwen2_moe", "qwen3_moe", "olmoe")
+TINY_FAMILIES = ("mixtral", "grok1", "deepseek_v3", "deepseek_v2", "deepseek_moe", "gpt_oss", "llama4", "qwen2_moe",
+                 "qwen3_moe", "olmoe", "llama4_text")
 """The MoE families of moe_ray.checkpoint.FAMILIES, and below make-tiny's variants, spelled out so that
 building the parser (every command, --help included) does not import torch."""
 TINY_VARIANTS = ("scratch", "upcycled", "permuted")
@@ -206,27 +212,36 @@ PLOT_PARALLEL = ("auto", "ray", "processes", "none")
 
 
 def _add_plot(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stores", nargs="+", help="results stores (several: side by side, shared colour scales)")
+    p.add_argument("stores", nargs="+", help="results stores (several: one after another, each its own colour scale)")
     p.add_argument("--out", required=True, help="directory for index.html, figures/ and tables/")
     p.add_argument("--parallel", choices=PLOT_PARALLEL, default="auto",
                    help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray on a cluster "
                         "of more CPUs than this machine's, else processes when more than one CPU is idle)")
+    p.add_argument("--shared-scale", action="store_true",
+                   help="one colour range across all stores' images of a figure (default: each model its own, "
+                        "as in the paper)")
 
 
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
 def _plot(args: argparse.Namespace) -> int:
     from .plotting import render
 
-    print(render(args.stores, args.out, args.parallel).summary())
+    print(render(args.stores, args.out, args.parallel, args.shared_scale).summary())
     return 0
+
+
+DEBUG_ENV = "MOE_RAY_DEBUG"
+DEBUG_HELP = f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, body, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(_body=body)
     return parser
 
@@ -237,7 +252,8 @@ def interruption_line(args: argparse.Namespace, argv: Sequence[str]) -> Callable
     def describe(signame: str) -> str:
         if args.command == "run":
             args.spec = args.spec_opt or args.spec_file
-            return progress_line(signame, spec_from_args(args).store, "moe-ray " + shlex.join(argv))
+            spec = spec_from_args(args)
+            return progress_line(signame, spec.store, "moe-ray " + shlex.join(argv), spec.analyses)
         job = getattr(args, "submitted", None)
         if job is not None:
             return (f"moe-ray: interrupted by {signame}; job {job.id} keeps running: `moe-ray logs {job.id} "
@@ -247,6 +263,44 @@ def interruption_line(args: argparse.Namespace, argv: Sequence[str]) -> Callable
     return describe
 
 
+def explain_error(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
+    """What went wrong, as one line, and the exit status: 2 for what moe-ray can explain (bad input,
+    a cluster or job server that cannot be reached or refuses, a damaged store), 1 for anything else
+    (a bug: the line says how to see the traceback)."""
+    if isinstance(exc, MoeRayError):
+        return str(exc), 2
+    stores = list(getattr(args, "stores", None) or [])
+    if getattr(args, "command", None) == "run":
+        try:
+            stores.append(spec_from_args(args).store)
+        except MoeRayError:
+            pass
+    for store in stores:
+        from .store import find_damage
+
+        try:
+            damage = find_damage(store)
+        except Exception:
+            damage = None
+        if damage:
+            return (f"store {store} is damaged: {damage}; compute it again into a new store (or with "
+                    "--overwrite)"), 2
+    if isinstance(exc, OSError):
+        return str(exc), 2
+    text = str(exc).strip().splitlines()
+    return (f"unexpected {type(exc).__name__}: {text[0] if text else ''} (a bug in moe-ray? rerun with "
+            f"--debug or {DEBUG_ENV}=1 for the traceback and report it)"), 1
+
+
+def report_error(exc: BaseException, args: argparse.Namespace) -> int:
+    """Print `exc` as one `moe-ray: error:` line (after its traceback with --debug); the exit status."""
+    if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        traceback.print_exception(exc)
+    message, status = explain_error(exc, args)
+    print(f"moe-ray: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -254,12 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with handling_signals(interruption_line(args, argv)):
             return args._body(args)
-    except (MoeRayError, OSError) as exc:
-        print(f"moe-ray: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # SIGINT or SIGTERM (moe_ray.interrupt)
         emit()  # the line describing it, taken when the signal came
         return exit_status()
+    except Exception as exc:
+        return report_error(exc, args)
 
 
 if __name__ == "__main__":

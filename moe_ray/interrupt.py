@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -108,23 +108,22 @@ def reassert() -> None:
         _install()
 
 
-def progress_line(signame: str, store: str, resume: str) -> str:
+def progress_line(signame: str, store: str, resume: str, analyses: Sequence[str] | None = None) -> str:
     """One line from the store's done flags: 'moe-ray: interrupted by SIGTERM. Finished: static (4/4
-    units). Not finished: reorder/joint (2/6 units), dynamic/long (2/4 layers, starts over).
+    units). Not finished: reorder (2/6 units), dynamic (2/8 units, an unfinished input starts over).
     Finished units stay in STORE; resume with: RESUME'."""
-    from .service import store_progress
+    from .store import store_progress
 
-    progress = store_progress(store) if store else {}
-    if not progress:
+    counts = store_progress(store, analyses) if store else {}
+    if not counts:
         return f"moe-ray: interrupted by {signame} before any unit was computed; run again with: {resume}"
 
-    def state(group: str, done: int, total: int) -> str:
-        dynamic = group.startswith("dynamic/")
-        again = ", starts over" if dynamic and 0 < done < total else ""  # an input is redone whole
-        return f"{group} ({done}/{total} {'layers' if dynamic else 'units'}{again})"
+    def state(analysis: str, done: int, total: int) -> str:
+        again = ", an unfinished input starts over" if analysis == "dynamic" and done else ""
+        return f"{analysis} ({done}/{total} units{again})"
 
-    finished = [state(g, d, t) for g, (d, t) in sorted(progress.items()) if d == t]
-    unfinished = [state(g, d, t) for g, (d, t) in sorted(progress.items()) if d < t]
+    finished = [state(a, d, t) for a, (d, t) in counts.items() if d == t]
+    unfinished = [state(a, d, t) for a, (d, t) in counts.items() if d < t]
     return (f"moe-ray: interrupted by {signame}. Finished: {', '.join(finished) or 'nothing'}. "
             f"Not finished: {', '.join(unfinished) or 'nothing'}. Finished units stay in {store}; "
             f"resume with: {resume}")

@@ -15,6 +15,7 @@ fields (every CLI flag is a spec field: `--dbscan-eps 50` is `[static] dbscan_ep
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -26,6 +27,8 @@ from .errors import SpecError
 
 ANALYSES = ("static", "reorder", "dynamic")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
+DEVICES = ("auto", "cuda", "cpu")
+"""Where analyses compute: `auto` is cuda when the cluster has GPUs, else the CPU."""
 
 
 @dataclass
@@ -44,6 +47,8 @@ class StaticOptions:
             raise SpecError(f"dbscan_eps must be positive, not {self.dbscan_eps}")
         if self.dbscan_min_samples < 1:
             raise SpecError(f"dbscan_min_samples must be at least 1, not {self.dbscan_min_samples}")
+        if self.seed < 0:
+            raise SpecError(f"seed must be 0 or more, not {self.seed}")
 
 
 @dataclass
@@ -53,12 +58,18 @@ class ReorderOptions:
                 "separate (the paper: one per matrix) or both"})
     pairs: list[str] | None = field(default=None, metadata={
         "help": "expert pairs to reorder, comma-separated like 0-1,2-3 (default: every pair i<j)"})
+    pairs_per_task: int | None = field(default=None, metadata={
+        "help": "at most this many expert pairs of one layer per Ray task, taken as a tile of the "
+                "pair triangle so a task reads about 2·sqrt(k) experts once (default: sized from n, "
+                "d_hid and the device so that a task runs about a minute)"})
 
     def validate(self) -> None:
         if self.reorder_mode not in ("joint", "separate", "both"):
             raise SpecError(f"reorder_mode must be joint, separate or both, not {self.reorder_mode!r}")
         for text in self.pairs or []:
             parse_pair(text)
+        if self.pairs_per_task is not None and self.pairs_per_task < 1:
+            raise SpecError(f"pairs_per_task must be at least 1, not {self.pairs_per_task}")
 
 
 def parse_pair(text: str) -> tuple[int, int]:
@@ -94,9 +105,10 @@ class DynamicOptions:
         "help": "placement group strategy of the shards: PACK, SPREAD or STRICT_SPREAD (one node each)"})
     save_expert_outputs: bool = field(default=False, metadata={
         "help": "also store every expert's raw output vectors (layer x token x expert x hidden)"})
-    device: str = field(default="auto", metadata={
-        "help": "where shard layers run: cuda (one GPU per shard actor), cpu, or auto (cuda when the "
-                "cluster has a GPU for every shard)"})
+    device: str | None = field(default=None, metadata={
+        "flag": "dynamic-device",
+        "help": "where the shard actors run, overriding the spec's device for them: cuda (one GPU per "
+                "shard), cpu, or auto (cuda when the cluster has a GPU for every shard); unset: device"})
     dtype: str = field(default="auto", metadata={
         "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
                 "float32 on CPU); captures are stored in float32 either way"})
@@ -105,20 +117,31 @@ class DynamicOptions:
                 "(a node coming back, an autoscaler's replacement) before re-planning the unfinished "
                 "inputs on the nodes left, or failing"})
 
-    def validate(self) -> None:
-        if self.device not in ("auto", "cuda", "cpu"):
+    def validate(self, runs: bool = True) -> None:
+        """Ranges always; with `runs` (dynamic is among the analyses) also which inputs need which
+        file. Without it a text or corpus file is refused: it would be silently ignored."""
+        if self.device is not None and self.device not in DEVICES:
             raise SpecError(f"dynamic.device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SpecError(f"dynamic.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not self.inputs:
-            raise SpecError("dynamic.inputs is empty; name short, long or text")
+            raise SpecError("dynamic.inputs is empty; name short, long, text or corpus")
         bad = [i for i in self.inputs if i not in ("short", "long", "text", "corpus")]
         if bad:
             raise SpecError(f"unknown dynamic input {bad[0]!r}; choose short, long, text or corpus")
-        if "text" in self.inputs and not self.text_file:
-            raise SpecError("dynamic input 'text' needs --text-file PATH")
-        if "corpus" in self.inputs and not self.corpus_file:
-            raise SpecError("dynamic input 'corpus' needs --corpus-file PATH")
+        for name, path, flag in (("text", self.text_file, "--text-file"), ("corpus", self.corpus_file, "--corpus-file")):
+            if path is not None and not path.strip():
+                raise SpecError(f"{flag} is empty; give a file or leave it out")
+            if not runs:
+                if path is not None:
+                    raise SpecError(f"{flag} is given but the analyses do not include dynamic; add dynamic "
+                                    f"to --analyses (and {name} to --inputs) or drop {flag}")
+                continue
+            if name in self.inputs and not path:
+                raise SpecError(f"dynamic input '{name}' needs {flag} PATH")
+            if path and name not in self.inputs:
+                raise SpecError(f"{flag} is given but dynamic.inputs ({','.join(self.inputs)}) does not include "
+                                f"'{name}'; add {name} to --inputs or drop {flag}")
         if self.shards < 1:
             raise SpecError(f"shards must be at least 1, not {self.shards}")
         if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):
@@ -138,6 +161,14 @@ class Resources:
     cpus_per_task: int = field(default=1, metadata={"help": "CPUs each analysis task asks Ray for"})
     memory_per_task_gb: float | None = field(default=None, metadata={
         "help": "memory each task asks Ray for, GiB (default: sized from the layer's tensors)"})
+    gpus_per_task: float | None = field(default=None, metadata={
+        "help": "GPUs each static or reorder task asks Ray for on cuda, at most 1 (a fraction lets tasks "
+                "share a GPU); default: the task's GPU memory as a share of gpu_memory_gb when that is "
+                "set, else 1"})
+    gpu_memory_gb: float | None = field(default=None, metadata={
+        "help": "memory of each GPU the tasks run on (the smallest one on a mixed cluster), GiB: tasks "
+                "then ask for their GPU memory's share of a GPU, and one that no GPU could hold is "
+                "refused before anything runs (default: unknown; each task checks its GPU when it starts)"})
     object_store_memory_gb: float = field(default=1.0, metadata={
         "help": "object store of a local Ray started by moe-ray, GiB"})
     entrypoint_num_cpus: float = field(default=0.5, metadata={
@@ -147,6 +178,25 @@ class Resources:
     check_fit: bool = field(default=True, metadata={
         "help": "refuse, before it starts (at submission too), work that no node of the cluster as it "
                 "is now could hold; turn off for clusters that add nodes on demand"})
+
+    def validate(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise SpecError(f"num_cpus must be at least 1, not {self.num_cpus}: a local Ray that moe-ray "
+                            "starts with no CPUs can never run a task (leave it out for all CPUs)")
+        if self.cpus_per_task < 1:
+            raise SpecError(f"cpus_per_task must be at least 1, not {self.cpus_per_task}")
+        for name in ("memory_per_task_gb", "object_store_memory_gb"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise SpecError(f"{name} must be positive, not {value:g}")
+        for name in ("entrypoint_num_cpus", "entrypoint_memory_gb"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"{name} may not be negative, not {getattr(self, name):g}")
+        if self.gpus_per_task is not None and not 0 < self.gpus_per_task <= 1:
+            raise SpecError(f"gpus_per_task must be more than 0 and at most 1 (a task computes on one GPU), "
+                            f"not {self.gpus_per_task:g}")
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise SpecError(f"gpu_memory_gb must be positive, not {self.gpu_memory_gb:g}")
 
 
 @dataclass
@@ -163,9 +213,16 @@ class Spec:
     overwrite: bool = field(default=False, metadata={
         "help": "replace a store made from a different model/spec"})
     progress: bool = field(default=True, metadata={"help": "show a live progress bar"})
+    mtp: bool = field(default=False, metadata={
+        "help": "also analyse the multi-token-prediction layers (DeepSeek-V3's layer 61: static and "
+                "reorder; dynamic passes run the main stack only)"})
     allow_pickle: bool = field(default=False, metadata={
         "help": "also read pickle weights (pytorch_model*.bin, loaded with weights_only=True); "
                 "off by default: pickle files can run code when loaded"})
+    device: str = field(default="auto", metadata={
+        "help": "where every analysis computes: auto (GPUs when the cluster has them), cuda, or cpu. On "
+                "cuda static and reorder tasks ask Ray for a GPU (gpus_per_task) and dynamic shards one "
+                "GPU each (dynamic.device overrides it for the shards)"})
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
     dynamic: DynamicOptions = field(default_factory=DynamicOptions)
@@ -193,25 +250,41 @@ class Spec:
     def replace(self, **changes: Any) -> "Spec":
         return dataclasses.replace(self, **changes)
 
+    def device_of(self, analysis: str) -> str:
+        """The device setting (auto, cuda, cpu) `analysis` runs with: `device`, or for the dynamic
+        shards `dynamic.device` where a spec sets it (older specs set only that)."""
+        if analysis == "dynamic" and self.dynamic.device is not None:
+            return self.dynamic.device
+        return self.device
+
     def validate(self) -> None:
-        """Checks that need no checkpoint: fields present and values in range."""
-        if not self.model:
+        """Checks that need no checkpoint: fields present, values in range, no flag that the
+        analyses would silently ignore."""
+        if not self.model.strip():
             raise SpecError("no model given (--model DIR or `model = ...` in the spec)")
+        if self.reference is not None and not self.reference.strip():
+            raise SpecError("reference is empty; give a dense checkpoint or leave it out")
         if not self.analyses:
             raise SpecError("no analyses given")
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
             raise SpecError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
-        if not self.store:
+        if not self.store.strip():
             raise SpecError("no store given (--store PATH)")
-        if self.resources.cpus_per_task < 1:
-            raise SpecError("cpus_per_task must be at least 1")
-        if self.resources.entrypoint_num_cpus < 0 or self.resources.entrypoint_memory_gb < 0:
-            raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
+        if self.address is not None and not self.address.strip():
+            raise SpecError("address is empty; give a Ray address or leave it out for a local Ray")
+        negative = [l for l in self.layers or [] if l < 0]
+        if negative:
+            raise SpecError(f"layer {negative[0]} is negative; layers are the model's layer indices 0, 1, ...")
+        if self.device not in DEVICES:
+            raise SpecError(f"device must be auto, cuda or cpu, not {self.device!r}")
+        self.resources.validate()
         self.static.validate()
         self.reorder.validate()
-        if "dynamic" in self.analyses:
-            self.dynamic.validate()
+        if self.reorder.pairs and "reorder" not in self.analyses:
+            raise SpecError("--pairs is given but the analyses do not include reorder; add reorder to "
+                            "--analyses or drop --pairs")
+        self.dynamic.validate(runs="dynamic" in self.analyses)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -236,8 +309,14 @@ def _build(cls: type, data: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check a value against a field's type (int where float is expected is fine)."""
+    """Check a value against a field's type: a string only for a string field, a whole number for an
+    integer, a finite number for a float (an integer is fine), true/false for a flag. Strings from
+    the command line are parsed (`--layers 1,3`, `--dbscan-eps 50`, `--progress false`)."""
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
@@ -250,24 +329,57 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise SpecError(f"spec field {name} must be a list")
+            raise SpecError(f"spec field {name} must be a list, not {_type_name(value)} {value!r}")
+        if not value:
+            raise SpecError(f"spec field {name} is an empty list; leave it out for the default")
         return [_coerce(v, item, name) for v in value]
-    try:
-        if target is bool:
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if target is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+
+    def wrong(what: str = "") -> SpecError:
+        return SpecError(f"spec field {name} must be {what or target.__name__}, not "
+                         f"{_type_name(value)} {value!r}")
+
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong("true or false")
+    if target is str:
+        if not isinstance(value, str):
+            raise wrong()
+        return value
+    if isinstance(value, bool):
+        raise wrong()
+    if target is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        if target is float:
-            return float(value)
-        if target is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"spec field {name} must be {target.__name__}, not {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise wrong() from None
+        raise wrong()
+    if target is float:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise wrong() from None
+        else:
+            raise wrong()
+        if not math.isfinite(number):
+            raise wrong("a finite number")
+        return number
     return value
+
+
+def _type_name(value: Any) -> str:
+    return {str: "string", bool: "boolean", int: "integer", float: "number", list: "list",
+            dict: "table"}.get(type(value), type(value).__name__)
 
 
 def spec_fields(cls: type = Spec, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from moe_ray.plotting.common import (MAX_TICKS, StoreView, fitting_ticks, grid_l
                                      token_label)
 from moe_ray.plotting.report import PARALLEL, SECTIONS, section_tasks, start_drawing
 from moe_ray.plotting.static import fig1_matrix_similarity
+from moe_ray.plotting.tables import fmt
+
+from headless_browser import Browser, find_chromium
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -58,37 +62,89 @@ def test_report_two_real_stores(stores, tmp_path):
     report = render([mix, ds], tmp_path / "rep")
     keys = {f.key for f in report.figures}
     assert {"fig1_matrix_similarity", "fig6_matrix_pca", "fig7_neuron_pca_2d", "fig7_neuron_pca_3d",
-            "fig8_gate_neuron_avg"} <= keys
+            "fig8_gate_neuron_avg", "layer_trends"} <= keys
     for f in report.figures:
         _png_ok(f.path)
+        assert f.min_font_pt >= 8 and f.size_px[0] <= 1300, (f.path.name, f.min_font_pt, f.size_px)
     links = _links_resolve(report.index)
     assert len([l for l in links if l.endswith(".png")]) >= len(report.figures)
     text = report.index.read_text()
     assert "0.1.0" in text and "mixtral" in text and "deepseek_moe" in text and "dense-parent" in text
     assert "no reorder analyses" in text and "no dynamic analyses" in text
+    # notes say what is missing where it matters, once: not "mixtral has no shared expert" in every section
+    assert "has no shared expert" not in text and text.count("no dense reference") == 0
+    assert text.count("SE is not in the maps: the shared expert SE has d_mid") == 1  # Fig 1, DeepSeek
+    assert "F is not in the X maps" in text and "none: no F in the figures" in text
+
+    mix_label, ds_label = StoreView(mix).label, StoreView(ds).label
+    assert mix_label == "ckpt (mixtral) (synthetic)" and ds_label == "ckpt (deepseek_moe) (synthetic)"
+    assert "random weights made by moe-ray make-tiny (variant upcycled" in text
+
+    def figure(key: str, label: str):
+        """The first image of `key` drawn for the store `label` (every image shows one store)."""
+        return next(f for f in report.figures if f.key == key and any(k[0] == label for k in f.data))
 
     # Fig 1 draws exactly the store's matrices, F included for mixtral, SE dropped for deepseek.
-    fig1 = next(f for f in report.figures if f.key == "fig1_matrix_similarity")
+    fig1 = figure("fig1_matrix_similarity", mix_label)
     sm = xr.open_zarr(mix, group="static")["matrix_similarity"]
-    mix_label = next(k[0] for k in fig1.data if k[0] not in ("labels", "range") and k[0].startswith("mixtral"))
     np.testing.assert_allclose(fig1.data[(mix_label, 2, "W_gate")], sm.sel(layer=2, matrix="gate").values)
     assert fig1.data[("labels", mix_label, 2, "W_gate")][0][-1] == "F"
-    ds_label = next(k[0] for k in fig1.data if k[0] not in ("labels", "range") and k[0].startswith("deepseek"))
-    rows, _ = fig1.data[("labels", ds_label, 1, "W_up")]
+    fig1_ds = figure("fig1_matrix_similarity", ds_label)
+    assert not any(k[0] == mix_label for k in fig1_ds.data)
+    rows, _ = fig1_ds.data[("labels", ds_label, 1, "W_up")]
     assert len(rows) == 64 and "SE" not in rows
+    assert "layer 0: dense FFN, no experts" in fig1_ds.caption  # DeepSeekMoE's layer 0
+    # each model its own colour range (the paper: no shared colour bar): the upcycled experts' ~0.8 and
+    # the dense parent's ~0.9 fill the mixtral scale, the scratch experts' ~0 the deepseek one
     lo, hi = fig1.data[("range", "sim")]
-    assert lo < 0.2 < 0.5 < hi  # shared scale spans scratch (near 0) and upcycled (high) similarity
+    assert 0.6 < lo < 0.85 < hi < 1.0
+    lo, hi = fig1_ds.data[("range", "sim")]
+    assert -0.5 < lo < 0 < hi < 0.5
+    shared = render([mix, ds], tmp_path / "shared", shared_scale=True)
+    ranges = {f.data[("range", "sim")] for f in shared.figures if f.key == "fig1_matrix_similarity"}
+    assert len(ranges) == 1 and next(iter(ranges))[0] < 0 < 0.85 < next(iter(ranges))[1]
+    assert "share one colour range" in shared.index.read_text()
 
     # Fig 8 keeps SE in the neuron-average maps of deepseek, and the gate map has routed experts only.
-    fig8 = next(f for f in report.figures if f.key == "fig8_gate_neuron_avg")
-    assert fig8.data[("labels", ds_label, 1, "avg W_up (Y_up)")][0][-1] == "SE"
-    assert len(fig8.data[("labels", ds_label, 1, "gate embedding X")][0]) == 64
+    fig8 = figure("fig8_gate_neuron_avg", ds_label)
+    assert fig8.data[("labels", ds_label, 1, "Y_up")][0][-1] == "SE"
+    assert len(fig8.data[("labels", ds_label, 1, "X")][0]) == 64
+    assert set(k[1] for k in fig8.data if k[0] == "range") == {"x", "y"}  # a colour bar per quantity
 
-    # Fig 6 lists DBSCAN-removed experts exactly as the store marks them.
-    fig6 = next(f for f in report.figures if f.key == "fig6_matrix_pca")
-    out = xr.open_zarr(mix, group="static")["matrix_pca_outlier"].sel(layer=0, matrix="up").values
+    # Fig 6 lists DBSCAN-removed experts exactly as the store marks them, drawn inside the panel.
+    fig6 = figure("fig6_matrix_pca", mix_label)
+    assert fig6.data[("dbscan",)] == (50.0, 2)
+    outliers = xr.open_zarr(mix, group="static")["matrix_pca_outlier"]
     labels = [str(x) for x in xr.open_zarr(mix, group="static")["expert"].values]
-    assert fig6.data[(mix_label, 0, "up")]["removed"] == [labels[i] for i in np.flatnonzero(out)]
+    assert outliers.values.any()
+    for layer in range(4):
+        for m in ("up", "gate", "down"):
+            drawn = fig6.data[(mix_label, layer, m)]
+            assert drawn["removed"] == [labels[i] for i in np.flatnonzero(outliers.sel(layer=layer, matrix=m).values)]
+            (x0, x1), (y0, y1) = drawn["limits"]
+            for x, y in drawn["removed_drawn_at"]:
+                assert x0 < x < x1 and y0 < y < y1
+    fig6_ds = figure("fig6_matrix_pca", ds_label)
+    assert fig6_ds.data[("dbscan",)][0] is None and "DBSCAN not run" in fig6_ds.caption
+
+    # Fig 7: the shared expert is named in the key beside the routed experts' colour bar; points are drawn
+    # in a shuffled order, so the last ones drawn come from many experts, not the last expert.
+    fig7 = figure("fig7_neuron_pca_2d", ds_label)
+    assert fig7.data[("key",)] == {"legend": ["SE"], "colorbar": ["0", "63"]}
+    order = fig7.data[("order", ds_label, 1, "up")]
+    assert len(set(order[-200:])) > 40 and order != sorted(order, key=lambda lab: (not lab.isdigit(), lab))
+
+    # Per-layer means: S_ee and S_ef of the weights, by hand from the store.
+    trends = figure("layer_trends", mix_label)
+    layers = list(range(4))
+    off = ~np.eye(8, dtype=bool)
+    routed = sm.sel(matrix="gate", expert_i=[str(e) for e in range(8)], expert_j=[str(e) for e in range(8)]).values
+    np.testing.assert_allclose(trends.data[(mix_label, "weights", "gate", "S_ee")],
+                               [routed[l][off].mean() for l in layers], rtol=1e-6)
+    np.testing.assert_allclose(trends.data[(mix_label, "weights", "gate", "S_ef")],
+                               sm.sel(matrix="gate", expert_i=[str(e) for e in range(8)], expert_j="F").values.mean(-1),
+                               rtol=1e-6)
+    assert (ds_label, "weights", "up", "S_ef") not in figure("layer_trends", ds_label).data  # no F there
 
     # Tables equal the store's values.
     tab3 = next(t for t in report.tables if t.key == "tab3_r2_mean")
@@ -102,7 +158,11 @@ def test_report_two_real_stores(stores, tmp_path):
     r = xr.open_zarr(mix, group="static")["gate_weight_correlation"]
     layer3 = next(r_ for r_ in tab4.rows if r_[0] == 3)
     np.testing.assert_allclose(layer3[1:4], r.sel(layer=3).values)
-    assert next(r_ for r_ in tab4.rows if r_[0] == 0)[4:] == [None, None, None]  # deepseek layer 0 is dense
+    assert next(r_ for r_ in tab4.rows if r_[0] == 0)[4:] == ["dense FFN"] * 3  # deepseek layer 0 is dense
+    assert tab4.header_groups == [("", 1), (mix_label, 3), (ds_label, 3)]  # model, then matrix
+    assert f'<th colspan="3">{mix_label}</th>' in text and "<th>Y_gate</th>" in text
+    # fixed decimals as in the paper (R to 2 places): 0.8 is not printed beside 0.7983
+    assert f"<td>{layer3[2]:.2f}</td>" in text
 
 
 def _copy(src: str, dst: Path) -> str:
@@ -135,6 +195,10 @@ def test_partial_and_empty_store_api_and_cli(stores, tmp_path, capsys):
     with pytest.raises(MoeRayError, match="not a moe-ray store"):
         render([str(tmp_path / "p")], tmp_path / "x")
     assert PLOT_PARALLEL == PARALLEL  # the CLI spells the modes out so its parser needs no matplotlib
+    from moe_ray.checkpoint.tiny import PLANTED_NAME
+    from moe_ray.plotting.common import TINY_PLANTED_NAME
+
+    assert TINY_PLANTED_NAME == PLANTED_NAME  # spelled out so the report needs no torch
     assert cli_main(["plot", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "y")]) == 2
     assert "store not found" in capsys.readouterr().err
 
@@ -159,15 +223,21 @@ def synthetic(stores, tmp_path_factory):
     labels = ex + ["F"]
     L = len(labels)
     mats = ["up", "gate", "down"]
-    before = rng.uniform(0, 0.1, (2, 3, E, E))
-    after = before * 2
+    upper = np.triu(np.ones((E, E), dtype=bool), 1)  # the store fills pairs i < j only
+    before = np.where(upper, rng.uniform(1e-4, 2e-4, (2, 3, E, E)), np.nan)
+    # separate mode grows like the paper's DeepSeek/Grok (about 1e-4 -> 1e-2: x101, relative growth 100),
+    # joint mode like its Mixtral (almost unchanged: relative growth 1e-3)
+    afters = {"separate": before * 101, "joint": before * 1.001}
+    taus = {}
     for mode, tau_dims in (("joint", ("layer", "expert_i", "expert_j")),
                            ("separate", ("layer", "matrix", "expert_i", "expert_j"))):
-        tau = rng.uniform(-1, 1, (2, E, E) if mode == "joint" else (2, 3, E, E))
+        tau = np.where(upper, rng.uniform(-1, 1, (2, E, E) if mode == "joint" else (2, 3, E, E)), np.nan)
+        taus[mode] = tau
+        after = afters[mode]
         _write(store, f"reorder/{mode}", xr.Dataset(
             {"similarity_before": (("layer", "matrix", "expert_i", "expert_j"), before),
              "similarity_after": (("layer", "matrix", "expert_i", "expert_j"), after),
-             "growth": (("layer", "matrix", "expert_i", "expert_j"), after / before),
+             "growth": (("layer", "matrix", "expert_i", "expert_j"), (after - before) / np.abs(before)),
              "kendall_tau": (tau_dims, tau)},
             coords={"layer": layers, "matrix": mats, "expert_i": ex, "expert_j": ex}))
     scores = rng.dirichlet(np.ones(E), (2, T))
@@ -199,8 +269,8 @@ def synthetic(stores, tmp_path_factory):
          "topk_experts": (("layer", "token", "k"), topk)},
         coords={n: coords[n] for n in ("layer", "token", "expert", "k")}))
     zarr.consolidate_metadata(store)
-    return store, {"E": E, "T": T, "k": k, "labels": labels, "before": before, "scores": scores, "topk": topk,
-                   "weights": weights, "counts": counts}
+    return store, {"E": E, "T": T, "k": k, "labels": labels, "before": before, "afters": afters, "taus": taus,
+                   "scores": scores, "topk": topk, "weights": weights, "counts": counts}
 
 
 def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
@@ -213,17 +283,22 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
     for f in report.figures:
         _png_ok(f.path)
     _links_resolve(report.index)
-    label = next(iter(report.figures[0].data))[0]
+    label = StoreView(store).label
 
-    tab2 = next(t for t in report.tables if t.key == "tab2_reorder")
-    off = ~np.eye(E, dtype=bool)
-    row = next(r for r in tab2.rows if r[1] == "separate" and r[2] == "gate")
-    assert row[3] == pytest.approx(w["before"][:, 1][:, off].mean())
-    assert row[5] == pytest.approx(2.0)
-    assert row[6] == pytest.approx(xr.open_zarr(store, group="reorder/separate")["kendall_tau"]
-                                   .sel(matrix="gate").values[:, off].mean())
-    joint = [r for r in tab2.rows if r[1] == "joint"]
-    assert len({r[6] for r in joint}) == 1
+    # Tab 2: one row per model and mode, the paper's separate mode first, joint labelled as the extension;
+    # medians over layers, pairs i<j and matrices; the order of growth as the paper prints it.
+    tab2, tab2_joint = (next(t for t in report.tables if t.key == key) for key in ("tab2_reorder", "tab2_reorder_joint"))
+    assert report.tables.index(tab2) < report.tables.index(tab2_joint) and "extension" in tab2_joint.title
+    upper = np.isfinite(w["before"])
+    for table, mode, order in ((tab2, "separate", "100"), (tab2_joint, "joint", "1e-3")):
+        (row,) = table.rows
+        assert row[:3] == [label, 2, E * (E - 1) // 2]
+        assert row[3] == pytest.approx(np.median(w["before"][upper]))
+        assert row[4] == pytest.approx(np.median(w["afters"][mode][upper]))
+        assert row[5] == pytest.approx(100.0 if mode == "separate" else 1e-3, rel=1e-4)
+        assert row[7] == pytest.approx(np.nanmedian(w["taus"][mode]))
+        assert f"<td>{order}</td>" in report.index.read_text()
+    assert "(after - before) / |before|" in tab2.note or "(similarity after - similarity before)" in tab2.note
 
     fig2 = next(f for f in report.figures if f.key == "fig2_output_similarity")
     assert fig2.data[("topk", label, 1, 3)] == list(topk[1, 3])
@@ -255,7 +330,19 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
     act = next(f for f in report.figures if f.key == "activation_ratio")
     assert act.data[label].shape == (2, len(w["labels"]))
     fig3 = next(f for f in report.figures if f.key == "fig3_angular_short")
-    assert (label, 3, "matrix sim W_up") in fig3.data  # static layers beside the dynamic ones
+    assert (label, 3, "W_up") in fig3.data  # static layers beside the dynamic ones
+    assert set(k[1] for k in fig3.data if k[0] == "range") == {"ang", "sim"}  # outputs and weights: two scales
+    # Fig 4's norms relative to each token's largest (its ranking in colour); Fig 9 centred on the uniform count
+    np.testing.assert_allclose(np.nanmax(fig4.data[(label, 1, "norm_relative")], axis=-1), 1.0)
+    assert fig9.data[("center", "count")] == pytest.approx(np.median(w["counts"].mean(axis=(1, 2))))
+    assert act.data[("range",)] == (0.0, 1.0)  # a fixed scale; the numbers are in the table
+    ratio_table = next(t for t in report.tables if t.key == "activation_ratio")
+    assert ratio_table.rows[0][:3] == [label, "short", T]
+    # the inputs, in full as tokenised, and the tokens each figure shows
+    assert (tmp_path / "rep" / "inputs" / "short.txt").read_text() == "<s>As an open source"
+    assert "all 5 tokens of the short input" in next(f for f in report.figures if f.key == "fig2_output_similarity").caption
+    # Fig 2 shows the short input before the long one, as the paper does
+    assert [f.title.split("(")[1].split()[0] for f in report.figures if f.key == "fig10_routing"] == ["short", "text"]
 
 
 def test_parallel_modes_draw_the_same(synthetic, ray_session):
@@ -368,10 +455,90 @@ def test_tick_labels_fit_and_grids_label_outer_panels():
     experts = [str(e) for e in range(64)] + ["SE"]
     ticks = tick_positions(experts)
     assert len(ticks) <= MAX_TICKS and experts[ticks[-1]] == "SE" and ticks[:3] == [0, 4, 8]
-    assert fitting_ticks(3.0) == 22  # 7 pt labels along 3 inches
+    assert fitting_ticks(3.0) == 20  # 8 pt labels along 3 inches
     assert token_label("Ġopen") == "␣open" and token_label("▁source") == "␣source"
     assert token_label("Ċ") == "⏎" and token_label("abcdefghijklmnop", 8) == "abcdefg…"
     same = (["0", "1"], ["0", "1"])
     shown = grid_labels({(0, 0): same, (0, 1): same, (1, 0): same, (1, 1): same, (0, 2): (["0"], ["0"])})
     assert shown == {(0, 0): (False, True), (0, 1): (False, False), (1, 0): (True, True), (1, 1): (True, False),
                      (0, 2): (True, True)}
+
+
+def test_table_cells_fixed_decimals():
+    """Fixed decimals per column as the paper prints them, orders of magnitude as it writes them."""
+    assert [fmt(0.8, ".3f"), fmt(0.79834, ".3f"), fmt(1.0, ".4f"), fmt(-0.0002, ".4f"), fmt(-0.0001, ".2f")] == \
+        ["0.800", "0.798", "1.0000", "-0.0002", "0.00"]
+    assert [fmt(0.001, "order"), fmt(100.0, "order"), fmt(float("nan"), ".3f"), fmt(None), fmt("dense FFN", ".2f")] == \
+        ["1e-3", "100", "—", "—", "dense FFN"]
+    assert [fmt(x, "sig3") for x in (0.8, 0.000150, 12.34, 100.0, 0.0, 1.5e-5)] == \
+        ["0.800", "0.000150", "12.3", "100", "0.00", "1.50e-05"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's chromium; `make test` installs it, so there a missing browser fails the test."""
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("MOE_RAY_BROWSER_REQUIRED"):
+            pytest.fail("chromium not found: make test installs Debian's chromium (apt-get install chromium)")
+        pytest.skip("chromium not installed (make test installs it)")
+    return path
+
+
+PAGE_METRICS = """(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const root = document.documentElement;
+  for (let y = 0; y < root.scrollHeight; y += window.innerHeight / 2) { window.scrollTo(0, y); await sleep(20); }
+  window.scrollTo(0, 0);
+  const images = [...document.images];
+  await Promise.all(images.map(img => img.complete ? img.decode().catch(() => null)
+                                                  : new Promise(r => { img.onload = img.onerror = r; })));
+  const texts = [...document.body.querySelectorAll('*')].filter(
+      e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()) && e.getClientRects().length);
+  return {
+    clientWidth: root.clientWidth, scrollWidth: root.scrollWidth, innerWidth: window.innerWidth,
+    smallestTextPx: Math.min(...texts.map(e => parseFloat(getComputedStyle(e).fontSize))),
+    sections: [...document.querySelectorAll('section')].map(e => [e.id, e.getBoundingClientRect().top + scrollY]),
+    tables: [...document.querySelectorAll('table')].map(t => [t.getBoundingClientRect().width,
+                                                              t.parentElement.getBoundingClientRect().width]),
+    images: images.map(img => {
+      const box = img.getBoundingClientRect();
+      return {src: img.getAttribute('src'), complete: img.complete, naturalWidth: img.naturalWidth,
+              naturalHeight: img.naturalHeight, width: box.width, left: box.left, right: box.right,
+              minFontPt: parseFloat(img.dataset.minFontPt), dpi: parseFloat(img.dataset.dpi)};
+    }),
+  };
+})()"""
+
+
+def test_report_in_a_real_browser(synthetic, stores, chromium, tmp_path):
+    """index.html in headless chromium at a 1,400 px wide window, as a reader sees it: every image loads,
+    nothing overflows sideways, each figure is shown at its own width (not shrunk) so its smallest text is
+    at least 8 pt on the screen, and every table fits. Screenshots at that width go to tmp_path (and to
+    $MOE_RAY_SCREENSHOTS when set, to look at)."""
+    store, _ = synthetic
+    _, ds = stores
+    report = render([store, ds], tmp_path / "rep")
+    shots = Path(os.environ.get("MOE_RAY_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    with Browser(chromium) as browser:
+        browser.open(report.index.as_uri(), width=1400, height=1000)
+        page = browser.evaluate(PAGE_METRICS)
+        browser.screenshot(shots / "report-top.png")
+        for key, top in page["sections"]:
+            browser.screenshot(shots / f"report-{key}.png", y=top, height=1400)
+    assert page["innerWidth"] == 1400
+    assert page["scrollWidth"] <= page["clientWidth"], "the page scrolls sideways at 1,400 px"
+    assert len(page["images"]) == len(report.figures)
+    sizes = {f.path.name: f.size_px for f in report.figures}
+    for img in page["images"]:
+        name = img["src"].rsplit("/", 1)[1]
+        assert img["complete"] and (img["naturalWidth"], img["naturalHeight"]) == sizes[name], img
+        assert img["right"] <= page["clientWidth"] and img["left"] >= 0, img
+        scale = img["width"] / img["naturalWidth"]
+        smallest_pt = img["minFontPt"] * img["dpi"] / 72 * scale * 72 / 96  # image pt -> screen px -> CSS pt
+        assert scale > 0.99 and smallest_pt >= 8, (name, scale, smallest_pt)
+    for width, room in page["tables"]:
+        assert width <= room + 0.5, (width, room)
+    assert page["smallestTextPx"] >= 12
+    assert len(list(shots.glob("report-*.png"))) == len(page["sections"]) + 1

@@ -109,7 +109,7 @@ def test_permuted_planted_permutation_recovered(ray_session, tiny, tmp_path):
         # pairs not asked for, and i >= j, stay empty
         assert np.isnan(ds.growth.sel(layer=layer, expert_i="0", expert_j="2").values).all()
         assert (ds.permutation.sel(layer=layer, expert_i="1", expert_j="0").values == -1).all()
-        assert "tab2" in ds.attrs and set(ds.attrs["tab2"]["growth_median"]) == set(MATRICES)
+        assert "tab2" in ds.attrs and set(ds.attrs["tab2"]["growth_median_per_matrix"]) == set(MATRICES)
 
 
 def test_upcycled_small_noise_keeps_identity(ray_session, tiny, tmp_path):
@@ -120,7 +120,7 @@ def test_upcycled_small_noise_keeps_identity(ray_session, tiny, tmp_path):
         pair = ds.sel(layer=1, expert_i=i, expert_j=j)
         np.testing.assert_array_equal(pair.permutation.values, np.arange(ds.sizes["neuron"]))
         assert float(pair.kendall_tau) == 1.0
-        np.testing.assert_allclose(pair.growth.values, 1.0, atol=1e-6)
+        np.testing.assert_allclose(pair.growth.values, 0.0, atol=1e-6)  # relative growth: unchanged
 
 
 def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
@@ -136,6 +136,8 @@ def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
         assert float(got.similarity_before) == pytest.approx(expected.similarity_before[m], rel=1e-6)
         assert float(got.similarity_after) == pytest.approx(expected.similarity_after[m], rel=1e-6)
         assert float(got.growth) == pytest.approx(expected.growth[m], rel=1e-6)
+        assert float(got.growth) == pytest.approx(  # relative growth (design §4)
+            (float(got.similarity_after) - float(got.similarity_before)) / abs(float(got.similarity_before)), rel=1e-5)
         assert float(got.kendall_tau) == pytest.approx(expected.kendall_tau, abs=1e-6)
         assert float(got.similarity_after) > float(got.similarity_before)
 
@@ -178,3 +180,31 @@ def test_cli_flags(tmp_path):
     spec = spec_from_args(args)
     assert spec.analyses == ["reorder"]
     assert spec.reorder.reorder_mode == "separate" and spec.reorder.pairs == ["0-1", "2-3"]
+
+
+def test_tab2_relative_growth_median_and_order():
+    """Tab 2 (§4.1.2): the paper's rows come out of hand-made similarities. Mixtral-like pairs barely move
+    (0.8 -> 0.8008: growth 1e-3), DeepSeek/Grok-like ones go from about 1e-4 to 1e-2 (growth ~100)."""
+    from moe_ray.analysis.summary import format_order, order_of_growth, relative_growth, tab2_summary
+
+    assert relative_growth(0.8, 0.8008) == pytest.approx(1e-3)
+    assert relative_growth(-0.0001, 0.0099) == pytest.approx(100.0)  # |before|: a negative start still grows
+    assert np.isnan(relative_growth(0.0, 0.5)) and np.isnan(relative_growth(float("nan"), 0.5))
+    assert [order_of_growth(x) for x in (0.0012, 0.0004, 87.0, 140.0, -0.02, 0.0)] == [1e-3, 1e-3, 100.0, 100.0,
+                                                                                     -0.01, 0.0]
+    assert [format_order(x) for x in (1e-3, 0.1, 1.0, 100.0, 1e4, -0.01)] == ["1e-3", "0.1", "1", "100", "1e4",
+                                                                              "-1e-2"]
+    # [layer, matrix, i, j], i<j filled, the rest NaN (as in the store): the median ignores the blanks
+    before = np.full((2, 3, 3, 3), np.nan)
+    after = np.full_like(before, np.nan)
+    iu = np.triu_indices(3, 1)
+    before[:, :, iu[0], iu[1]] = 1e-4
+    after[:, :, iu[0], iu[1]] = 1e-2
+    after[0, 0, 0, 1] = 5e-4  # one pair grows only 4x: the median is not moved by it
+    growth = (after - before) / np.abs(before)
+    tau = np.full((2, 3, 3), np.nan)
+    tau[:, iu[0], iu[1]] = [[-0.001, 0.0, 0.002], [0.0, 0.0, 0.001]]
+    row = tab2_summary(before, after, growth, tau)
+    assert row["growth_median"] == pytest.approx(99.0) and row["order_of_growth"] == 100.0
+    assert row["tau_median"] == 0.0 and row["n_values"] == 18
+    assert row["similarity_before"] == pytest.approx(1e-4) and row["similarity_after"] == pytest.approx(1e-2)

@@ -94,7 +94,7 @@ def test_sigint_while_shards_run_ends_with_one_line_130(big_mixtral, tmp_path):
     assert status == 130, "\n".join(lines)[-3000:]
     _assert_clean(lines)
     last = _last_line(lines)
-    assert last.startswith("moe-ray: interrupted by SIGINT. Finished: nothing. Not finished: dynamic/short (0/4 "
-                           "layers)."), "\n".join(lines)[-3000:]
+    assert last.startswith("moe-ray: interrupted by SIGINT. Finished: nothing. Not finished: dynamic (0/4 "
+                           "units)."), "\n".join(lines)[-3000:]
     assert "resume with: moe-ray run --model" in last
     assert exit_s < 30

@@ -4,5 +4,7 @@
   S6 gate-embedding similarity and its correlation with W_gate (paper §4.1.1, §4.2, App A–C);
 - `reorder.py`: S4 neuron reordering as an exact linear assignment (lapjv), Kendall's tau (§4.1.2, Tab 2);
 - `dynamic.py`: D1–D5 on captured expert outputs: per-token cosine, angular mean, norms vs router
-  scores and their rank counts, activation ratios, top-k (paper §5, App D, App E).
+  scores and their rank counts, activation ratios, top-k (paper §5, App D, App E);
+- `summary.py`: the one-number-per-model summaries of the paper's tables (Tab 2's relative growth, its
+  median and order of magnitude), numpy only so the report can import them without torch.
 """

@@ -1,14 +1,25 @@
 """Lazy, validated access to a checkpoint: config.json plus safetensors shards (local or fsspec).
 
-Opening a checkpoint reads only config.json, the index and each shard's header, and checks them
-(missing shards, truncated files, keys the index promises but a shard lacks). Tensors are read one
-at a time, on demand, and returned as float32 (or float64) whatever their stored dtype.
+Opening a checkpoint reads only config.json (through `config.parse_config`), the index and each
+shard's header, and checks them: missing shards, truncated files, keys the index promises but a
+shard lacks, header entries whose dtype, shape and byte range disagree, byte ranges outside the
+file or overlapping. Which stored formats moe-ray can analyse is decided in one place,
+`checkpoint.quant` (`analysable` asks it): float tensors, FP8 with its block scales, MXFP4 blocks and
+scales. Tensors are read one at a time, on demand, and returned as float32 (or float64) whatever
+their stored format: quantised tensors are dequantised exactly on the reader's device, and a piece of
+a fused tensor (a `TensorRef`: one expert, one matrix) is read by slice, never the whole tensor.
+`Checkpoint.fingerprint` identifies the weights themselves (not where they live), so a store can
+refuse to resume over other weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,17 +28,31 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .config import model_facts, parse_config
 from .families import Family, ModelFacts, detect_family
+from .families.base import Key, TensorRef, ref_name
+from .quant import DTYPE_BYTES, Stored, classify, dequantize_fp8_blocks, dequantize_mxfp4, logical_layout
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
+FINGERPRINT_VERSION = 1
+SAMPLE_BYTES = 1024
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+def analysable(key: str, tensors: Mapping[str, "TensorInfo"], quantization_config: dict | None = None) -> str | None:
+    """Whether moe-ray can analyse tensor `key` as stored: None if it can, else why not, a phrase naming
+    its dtype that follows the tensor's name ("tensor K " + why). Decided by `checkpoint.quant.classify`,
+    which sees every tensor of the checkpoint, so a quantised weight is accepted together with its
+    companions (scales, blocks) and anything else is refused. Header validation
+    (`Checkpoint.check_tensor`) and `Checkpoint.read` ask it (through `Checkpoint.storage`)."""
+    stored = classify(key, tensors, quantization_config)
+    return stored.refusal if stored is not None and stored.format == "refused" else None
 
 
 @dataclass(frozen=True)
@@ -50,7 +75,9 @@ def _is_local(location: str) -> bool:
 
 
 def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[str, TensorInfo]:
-    """Parse one safetensors header and check that the file is as long as the header says."""
+    """Parse one safetensors header and check it against the file: every entry's dtype, shape and
+    byte range agree, every range lies inside the file, no two overlap, and the file is exactly as
+    long as the header says."""
     try:
         size = fs.size(path)
         with fs.open(path, "rb") as f:
@@ -66,23 +93,57 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
         raise CheckpointError(f"corrupted safetensors file {name}: unreadable header ({exc})") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read safetensors file {name}: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupted safetensors file {name}: its header is a JSON "
+                              f"{type(header).__name__}, not an object of tensors")
     base = 8 + header_len
     infos: dict[str, TensorInfo] = {}
-    data_end = 0
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        try:
-            begin, end = meta["data_offsets"]
-            infos[key] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupted safetensors file {name}: bad entry for {key!r}") from None
-        data_end = max(data_end, end)
-    if base + data_end != size:
+        infos[key] = _header_entry(path, name, key, meta, base, size)
+    data_end, last = base, None
+    for key, info in sorted(infos.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start < data_end and info.nbytes:
+            raise CheckpointError(f"corrupted safetensors file {name}: tensors {last} and {key} overlap "
+                                  "(their data_offsets share bytes)")
+        if info.end > data_end:
+            data_end, last = info.end, key
+    if data_end != size:
         raise CheckpointError(
-            f"truncated or corrupted safetensors file {name}: its header describes {base + data_end} "
+            f"truncated or corrupted safetensors file {name}: its header describes {data_end} "
             f"bytes, the file has {size}")
     return infos
+
+
+def _header_entry(path: str, name: str, key: str, meta: object, base: int, size: int) -> TensorInfo:
+    """One header entry as a TensorInfo, checked: dtype a string, shape a list of sizes, data_offsets
+    [begin, end] inside the file and as long as dtype x shape needs."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"corrupted safetensors file {name}: tensor {key} {why}")
+
+    def is_size(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(meta, dict):
+        raise bad(f"has header entry {meta!r}, not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"has dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_size(d) for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_size(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end]")
+    begin, end = offsets
+    itemsize = DTYPE_BYTES.get(dtype)
+    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        raise bad(f"is {dtype} of shape {shape} ({math.prod(shape) * itemsize} bytes), but its data_offsets "
+                  f"span {end - begin} bytes")
+    if base + end > size:
+        raise CheckpointError(f"truncated or corrupted safetensors file {name}: tensor {key} ends at byte "
+                              f"{base + end}, the file has {size}")
+    return TensorInfo(path, dtype, tuple(shape), base + begin, base + end)
 
 
 class Checkpoint:
@@ -94,34 +155,32 @@ class Checkpoint:
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
         if not self.fs.isdir(self.root):
             raise CheckpointError(f"checkpoint directory not found: {self.location}")
-        self.config = self._read_config()
+        self.config = parse_config(self._read_config(), self.location)
         self.tensors = self._index()
         self.family: type[Family] = detect_family(self.config, self.tensors)
-        self.facts: ModelFacts = self.family.facts(self.config)
+        self.facts: ModelFacts = model_facts(self.family, self.config, self.location)
+        self.stored: dict[str, Stored] = logical_layout(self.tensors, self.config.get("quantization_config"))
+        """Every logical tensor (scale and block companions folded in) and how it is stored."""
         self._handles: dict[str, object] = {}
 
     # ---- opening -------------------------------------------------------------------------
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
-    def _read_config(self) -> dict:
+    def _read_config(self) -> object:
         path = self._path("config.json")
         if not self.fs.exists(path):
             raise CheckpointError(f"no config.json in {self.location}")
         try:
-            with self.fs.open(path, "r") as f:
-                return json.load(f)
-        except json.JSONDecodeError as exc:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"config.json in {self.location} is not valid JSON: {exc}") from None
 
     def _index(self) -> dict[str, TensorInfo]:
         names = sorted(os.path.basename(p) for p in self.fs.ls(self.root, detail=False))
         if INDEX_NAME in names:
-            with self.fs.open(self._path(INDEX_NAME), "r") as f:
-                try:
-                    weight_map: dict[str, str] = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise CheckpointError(f"{INDEX_NAME} in {self.location} is unreadable: {exc}") from None
+            weight_map = self._weight_map()
             shards = sorted(set(weight_map.values()))
         else:
             shards = [SINGLE_NAME] if SINGLE_NAME in names else [n for n in names if n.endswith(".safetensors")]
@@ -142,7 +201,11 @@ class Checkpoint:
             if not self.fs.exists(path):
                 where = f" (listed in {INDEX_NAME})" if weight_map else ""
                 raise CheckpointError(f"missing shard {shard}{where} in {self.location}")
-            tensors.update(_read_header(self.fs, path, shard))
+            for key, info in _read_header(self.fs, path, shard).items():
+                if key in tensors:
+                    raise CheckpointError(f"tensor {key} is in two shards of {self.location}: "
+                                          f"{os.path.basename(tensors[key].file)} and {shard}")
+                tensors[key] = info
         if weight_map is not None:
             for key, shard in weight_map.items():
                 info = tensors.get(key)
@@ -150,6 +213,25 @@ class Checkpoint:
                     raise CheckpointError(f"tensor {key} is listed in {INDEX_NAME} under {shard}, "
                                           f"but {shard} does not contain it")
         return tensors
+
+    def _weight_map(self) -> dict[str, str]:
+        """The index's weight_map (tensor -> shard file name), checked: an object of names, shard
+        names plain file names in this directory."""
+        try:
+            with self.fs.open(self._path(INDEX_NAME), "rb") as f:
+                index = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{INDEX_NAME} in {self.location} is unreadable: {exc}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{INDEX_NAME} in {self.location} has no weight_map object of "
+                                  "tensor names and shard files")
+        for shard in weight_map.values():
+            if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{INDEX_NAME} in {self.location} names shard {shard!r}, not a "
+                                      "file of this directory")
+        return weight_map
 
     def _index_pickles(self, files: list[str]) -> dict[str, TensorInfo]:
         """pytorch_model*.bin shards (only with allow_pickle): loaded with `weights_only=True`, which
@@ -176,23 +258,70 @@ class Checkpoint:
         return state
 
     # ---- metadata ----------------------------------------------------------------------------
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
+    def __contains__(self, key: Key) -> bool:
+        return ref_name(key) in self.stored or ref_name(key) in self.tensors
 
-    def info(self, key: str) -> TensorInfo:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise CheckpointError(f"tensor {key} is missing from the checkpoint {self.location}") from None
+    def storage(self, key: Key) -> Stored:
+        """How a logical tensor is stored; a format moe-ray cannot read is refused here, with the
+        tensor and its dtype named (`checkpoint.quant` is the one place that decides)."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        if stored is None:
+            info = self.tensors.get(name)  # a companion (scales, blocks) asked for by its own name
+            if info is None:
+                raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.location}")
+            stored = classify(name, {name: info}) or Stored(name, "refused", info.shape, (name,), info.dtype)
+        if stored.format == "refused":
+            raise CheckpointError(f"tensor {name} {stored.refusal}")
+        return stored
 
-    def require(self, keys: list[str], what: str = "") -> None:
-        """Fail with one clear message if any of `keys` is missing (checked before work starts)."""
-        missing = [k for k in keys if k not in self.tensors]
+    def info(self, key: Key) -> TensorInfo:
+        """Where a tensor (or a TensorRef's piece of one) lives: file, dtype, logical shape, and the
+        byte range its stored bytes (the first part's, for quantised ones) occupy."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        physical = self.tensors.get(stored.parts[0] if stored else name)
+        if physical is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.location}")
+        shape = stored.shape if stored else physical.shape
+        if not isinstance(key, TensorRef):
+            if stored is None or stored.format in ("float", "fp8_block", "refused"):
+                return physical
+            return TensorInfo(physical.file, stored.dtype, shape, physical.start, physical.end)
+        start, end = physical.start, physical.end
+        if key.index and isinstance(key.index[0], int) and physical.shape:
+            row = (end - start) // physical.shape[0]
+            start, end = start + key.index[0] * row, start + (key.index[0] + 1) * row
+        dtype = stored.dtype if stored else physical.dtype
+        return TensorInfo(physical.file, dtype, key.shape(tuple(shape)), start, end)
+
+    def require(self, keys: list[Key], what: str = "") -> None:
+        """Fail with one clear message if any of `keys` is missing or stored in a format moe-ray
+        cannot read (checked before work starts)."""
+        missing = [k for k in keys if k not in self]
         if missing:
             extra = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
             for_what = f" needed for {what}" if what else ""
             raise CheckpointError(f"tensor {missing[0]}{extra}{for_what} is missing from the checkpoint "
                                   f"{self.location}")
+        for key in keys:
+            self.storage(key)
+
+    def check_tensor(self, key: Key, shape: tuple[int, ...], what: str) -> str | None:
+        """Why tensor `key` (or a TensorRef's piece of one) cannot serve as `what` with this shape
+        (missing, a format `checkpoint.quant` refuses, another shape), as one line; None if it can.
+        From the headers alone."""
+        if key not in self:
+            return f"tensor {key} ({what}) is missing from the checkpoint {self.location}"
+        try:
+            self.storage(key)
+        except CheckpointError:
+            return f"tensor {key} ({what}) {self.stored[ref_name(key)].refusal}"
+        actual = self.info(key).shape
+        if tuple(actual) != tuple(shape):
+            return (f"tensor {key} ({what}) has shape {list(actual)}, config.json in {self.location} "
+                    f"implies {list(shape)}")
+        return None
 
     def nbytes(self, keys: list[str] | None = None) -> int:
         keys = self.tensors if keys is None else keys
@@ -200,50 +329,160 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self) -> dict:
-        """What identifies this checkpoint in a store: location, config and tensor layout."""
-        import hashlib
-        layout = json.dumps({k: [v.dtype, list(v.shape)] for k, v in sorted(self.tensors.items())})
+        """What identifies these weights, wherever they live (a path spelled differently, a copy, a
+        re-sharding are the same weights): config.json, and per unit (a decoder layer; `other` for
+        embeddings, norm, head) a digest of its tensors' names, dtypes and shapes plus one 8-hex
+        content fingerprint per tensor (its dtype, shape and sampled bytes), in sorted key order."""
+        units: dict[str, dict[str, str]] = {}
+        samples = self._sample_bytes()
+        for unit, keys in self.unit_keys.items():
+            layout = json.dumps([[k, self.tensors[k].dtype, list(self.tensors[k].shape)] for k in keys])
+            per_tensor = []
+            for k in keys:
+                info = self.tensors[k]
+                h = hashlib.blake2b(json.dumps([info.dtype, list(info.shape)]).encode(), digest_size=4)
+                h.update(samples[k])
+                per_tensor.append(h.hexdigest())
+            units[unit] = {"layout": hashlib.blake2b(layout.encode(), digest_size=8).hexdigest(),
+                           "tensors": "".join(per_tensor)}
         return {
-            "location": self.location,
-            "config_sha256": hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest(),
-            "layout_sha256": hashlib.sha256(layout.encode()).hexdigest(),
+            "fingerprint": FINGERPRINT_VERSION,
+            "location": self.location,  # for messages only: not compared
+            "config": self.config,
+            "tensors": len(self.tensors),
             "bytes": self.nbytes(),
+            "units": units,
         }
 
-    # ---- reading -----------------------------------------------------------------------------
-    def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True,
-             device: str | torch.device | None = None) -> torch.Tensor:
-        """One tensor, converted to `dtype` (float32 by default, whatever it is stored as) on `device`
-        (the CPU by default). On another device the stored bytes travel as stored and are converted
-        there, so no converted copy of the tensor is ever made on the host."""
-        info = self.info(key)
-        if info.dtype not in DTYPES:
-            raise CheckpointError(f"tensor {key} has dtype {info.dtype}, which moe-ray cannot read")
-        if info.file.endswith(".bin"):
-            state = self._handles.get(info.file)
+    @cached_property
+    def unit_keys(self) -> dict[str, list[str]]:
+        """Tensor keys by fingerprint unit, in order: `layer 0`, `layer 1`, ..., then `other`; keys
+        sorted within a unit."""
+        by_unit: dict[str, list[str]] = {}
+        layer = re.compile(re.escape(self.family.key_prefix) + r"layers\.(\d+)\.")
+        for key in sorted(self.tensors):
+            m = layer.match(key)
+            by_unit.setdefault(f"layer {int(m.group(1))}" if m else "other", []).append(key)
+        return dict(sorted(by_unit.items(), key=lambda kv: (kv[0] == "other",
+                                                            int(kv[0].split()[-1]) if kv[0] != "other" else 0)))
+
+    def _sample_bytes(self) -> dict[str, bytes]:
+        """A few bytes of every tensor (its start, middle and end, SAMPLE_BYTES each): enough to tell
+        other weights of the same layout apart, cheap enough to read for every tensor of a model."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for key, info in self.tensors.items():
+            n = info.nbytes
+            starts = sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)})
+            ranges[key] = [(s, min(n, s + SAMPLE_BYTES)) for s in starts]
+        out: dict[str, bytes] = {}
+        pickles = [k for k, i in self.tensors.items() if i.file.endswith(".bin")]
+        for key in pickles:
+            state = self._handles.get(self.tensors[key].file)
             if state is None:
-                state = self._handles[info.file] = self._load_pickle(info.file)
-            tensor = state[key]
-        elif _is_local(self.location):
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-            tensor = handle.get_tensor(key)
-        else:
-            raw = self.fs.cat_file(info.file, start=info.start, end=info.end)
-            tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape)
-        if device is not None:
-            tensor = tensor.to(device=device)
-        tensor = tensor.to(dtype)
+                state = self._handles[self.tensors[key].file] = self._load_pickle(self.tensors[key].file)
+            raw = state[key].contiguous().reshape(-1).view(torch.uint8)
+            out[key] = b"".join(raw[a:b].numpy().tobytes() for a, b in ranges[key])
+        rest = [k for k in self.tensors if k not in out]
+        if _is_local(self.location):
+            by_file: dict[str, list[str]] = {}
+            for key in rest:
+                by_file.setdefault(self.tensors[key].file, []).append(key)
+            for file, keys in by_file.items():
+                try:
+                    fd = os.open(file, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot read safetensors file {os.path.basename(file)}: {exc}") from None
+                try:
+                    for key in keys:
+                        start = self.tensors[key].start
+                        out[key] = b"".join(os.pread(fd, b - a, start + a) for a, b in ranges[key])
+                finally:
+                    os.close(fd)
+        elif rest:
+            flat = [(key, a, b) for key in rest for a, b in ranges[key]]
+            got = self.fs.cat_ranges([self.tensors[k].file for k, _, _ in flat],
+                                     [self.tensors[k].start + a for k, a, _ in flat],
+                                     [self.tensors[k].start + b for k, _, b in flat])
+            for (key, _, _), data in zip(flat, got):
+                if isinstance(data, Exception):
+                    raise CheckpointError(f"cannot read tensor {key} of {self.location}: {data}")
+                out[key] = out.get(key, b"") + data
+        return out
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read(self, key: Key, dtype: torch.dtype = torch.float32, check_finite: bool = True,
+             device: str | torch.device | None = None) -> torch.Tensor:
+        """One tensor, or a TensorRef's piece of one, converted to `dtype` (float32 by default, whatever
+        it is stored as) on `device` (the CPU by default). Stored bytes travel as stored and are
+        converted there: quantised tensors are dequantised on `device` (`checkpoint.quant`), so no
+        float copy is ever made on the host for a device read."""
+        ref = key if isinstance(key, TensorRef) else TensorRef(key)
+        stored = self.storage(ref.name)
+        index = ref.torch_index(stored.shape)
+        if stored.format == "float":
+            tensor = self._load(stored.parts[0], index)
+            if device is not None:
+                tensor = tensor.to(device=device)
+            tensor = tensor.to(dtype)
+        elif stored.format == "fp8_block":
+            tensor = self._dequantized(stored, index, 2, device, lambda w, s: dequantize_fp8_blocks(w, s, stored.block, dtype))
+        else:  # mxfp4: the logical tensor is the stored one with its last two dims swapped
+            full = index + (slice(None),) * (len(stored.shape) - len(index))
+            swapped = full[:-2] + (full[-1], full[-2])
+            tensor = self._dequantized(stored, swapped, 1, device, lambda b, s: dequantize_mxfp4(b, s, dtype))
+            if not isinstance(full[-1], int) and not isinstance(full[-2], int):
+                tensor = tensor.transpose(-1, -2)
+        if ref.transpose:
+            tensor = tensor.transpose(-1, -2)
+        tensor = tensor.contiguous()
         if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             # a NaN/Inf anywhere makes the sum non-finite (12x cheaper than isfinite().all(), which
             # cost as much as the read); only then count, since a huge finite sum can overflow too
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
-                raise CheckpointError(f"tensor {key} in {self.location} has {bad} NaN/Inf values")
+                raise CheckpointError(f"tensor {ref} in {self.location} has {bad} NaN/Inf values")
         return tensor
 
-    def prefetch(self, keys: list[str]) -> None:
+    def _dequantized(self, stored: Stored, index: tuple, blocked: int, device, dequantize) -> torch.Tensor:
+        """A quantised tensor's `[index]` in stored order: the index's dims before the `blocked`
+        trailing dims select stored bytes (weights and scales alike), which go to `device` as stored
+        and are dequantised there; the rest of the index applies to the dequantised values."""
+        lead = index[: max(len(stored.shape) - blocked, 0)]
+        parts = [self._load(p, lead) for p in stored.parts]
+        if device is not None:
+            parts = [p.to(device=device) for p in parts]
+        tensor = dequantize(*parts)
+        rest = index[len(lead):]
+        if rest:
+            kept = sum(1 for i in lead if not isinstance(i, int))
+            tensor = tensor[(slice(None),) * kept + rest]
+        return tensor
+
+    def _load(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """A physical tensor, or `tensor[index]`, as stored, on the CPU: a local shard is sliced by
+        safetensors (only the selected bytes are copied), a remote one fetches the byte range of its
+        leading index."""
+        info = self.tensors[key]
+        if info.file.endswith(".bin"):
+            state = self._handles.get(info.file)
+            if state is None:
+                state = self._handles[info.file] = self._load_pickle(info.file)
+            tensor = state[key]
+            return tensor[index] if index else tensor
+        if _is_local(self.location):
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
+            return handle.get_slice(key)[index] if index else handle.get_tensor(key)
+        start, end, shape = info.start, info.end, info.shape
+        if index and isinstance(index[0], int) and shape:
+            row = (end - start) // shape[0]
+            start, end, shape, index = start + index[0] * row, start + (index[0] + 1) * row, shape[1:], index[1:]
+        raw = self.fs.cat_file(info.file, start=start, end=end)
+        tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(shape)
+        return tensor[index] if index else tensor
+
+    def prefetch(self, keys: list[Key]) -> None:
         """Ask the kernel to start reading these tensors' bytes now (POSIX_FADV_WILLNEED), so a unit
         that reads them one after another computes on the first while the rest arrive from disk.
         Local safetensors shards only; elsewhere (and where the OS lacks fadvise) a no-op."""
@@ -251,9 +490,13 @@ class Checkpoint:
             return
         by_file: dict[str, list[TensorInfo]] = {}
         for key in keys:
-            info = self.info(key)
-            if info.file.endswith(".safetensors"):
-                by_file.setdefault(info.file, []).append(info)
+            stored = self.stored.get(ref_name(key))
+            parts = [key] if stored is None or len(stored.parts) == 1 else [
+                TensorRef(p, key.index[:1]) if isinstance(key, TensorRef) else p for p in stored.parts]
+            for part in parts:
+                info = self.info(part)
+                if info.file.endswith(".safetensors"):
+                    by_file.setdefault(info.file, []).append(info)
         for file, infos in by_file.items():
             fd = os.open(file, os.O_RDONLY)
             try:

@@ -9,6 +9,8 @@ only the chunks of the layers and tokens it shows.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -31,20 +33,32 @@ LAYERS_PER_PAGE = 4
 MAX_TICKS = 17
 """At most this many expert tick labels per axis; F and SE are always labelled."""
 DPI = 110
-TICK_FONT = 7
+MAX_WIDTH = 11.8
+"""Widest image, inches: 1,298 px at DPI, so a 1,400 px browser window shows every image unscaled and its
+smallest text (MIN_FONT) at least 8 pt; figures choose their panel sizes and panels per image to fit."""
+MIN_FONT = 8
+"""Smallest text in any image, points (tick labels); measured on every image (`Figure.min_font_pt`)."""
+TICK_FONT = MIN_FONT
+LABEL_FONT = 9
+"""Axis labels, panel titles, colour-bar labels."""
+TINY_PLANTED_NAME = "moe_ray_tiny.json"
+"""checkpoint.tiny.PLANTED_NAME, the file `make-tiny` writes beside a synthetic checkpoint, spelled out so
+the report does not import torch (tested equal)."""
 SPECIAL_LABELS = ("F", "SE")
 """Labels that are not routed experts: the dense reference FFN and the shared expert."""
 
 CMAPS = {
-    "similarity": "viridis",      # cosine similarity of weights or outputs
-    "angular": "viridis",         # angular similarity, 0..1
-    "norm": "magma",              # L2 norms of expert outputs
+    "similarity": "viridis",      # cosine similarity of weights (whole matrices or mean neurons)
+    "gate": "plasma",             # cosine similarity of router rows (gate embedding X)
+    "output": "cividis",          # similarity of expert outputs (per-token cosine, mean angular)
+    "norm": "magma",              # L2 norms of expert outputs (per token, relative to its largest)
     "score": "Blues",             # router scores
-    "count": "YlOrRd",            # rank counts
+    "count": "RdBu_r",            # rank counts, diverging around the uniform count
     "magnitude": "inferno",       # |intermediate state|
-    "ratio": "cividis",           # activation ratio
+    "ratio": "YlGn",              # activation ratio
 }
-"""One colour map per quantity, the same in every figure and every store."""
+"""One colour map per quantity, the same in every figure and every store; different quantities side by
+side never share one."""
 
 
 @dataclass
@@ -55,6 +69,11 @@ class Figure:
     path: Path
     title: str
     data: dict[Any, Any] = field(default_factory=dict)
+    caption: str = ""
+    """What the reader needs beside the title: which tokens, colour scale, outliers removed..."""
+    min_font_pt: float = 0.0
+    """The smallest text drawn in the image, points (at DPI)."""
+    size_px: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -67,6 +86,12 @@ class Table:
     rows: list[list[Any]]
     csv: Path | None = None
     note: str = ""
+    formats: list[str | None] | None = None
+    """Per column: a format spec (".3f") or "order" (see tables.fmt); None prints the value as is."""
+    header_groups: list[tuple[str, int]] | None = None
+    """A first header row of (label, columns spanned), e.g. the model above its three matrices; then
+    `subheaders` name the columns (default: `columns`)."""
+    subheaders: list[str] | None = None
 
 
 class StoreView:
@@ -104,11 +129,35 @@ class StoreView:
         view._limit(inputs, layers)
         return view
 
+    @property
+    def location(self) -> str:
+        """Where the model's checkpoint was read from."""
+        return str(((self.attrs.get("identity") or {}).get("model") or {}).get("location", self.url))
+
+    @functools.cached_property
+    def synthetic(self) -> dict | None:
+        """What `moe-ray make-tiny` planted, when the model is one of its synthetic checkpoints (its
+        `moe_ray_tiny.json` beside the weights); None for a real model or one no longer readable here."""
+        path = Path(self.location) / TINY_PLANTED_NAME
+        try:
+            return json.loads(path.read_text()) if "://" not in self.location and path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
     def _default_label(self) -> str:
-        family = self.model.get("family", "model")
-        location = (self.attrs.get("identity") or {}).get("model", {}) or {}
-        name = Path(str(location.get("location", self.url)).rstrip("/")).name
-        return f"{family} {name}"
+        """The checkpoint's name, with its family where the name does not say it, and "(synthetic)" for a
+        make-tiny model."""
+        family = str(self.model.get("family", "model"))
+        name = Path(self.location.rstrip("/")).name
+        squash = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
+        label = name if squash(family.split("_")[0]) in squash(name) else f"{name} ({family})"
+        return label + (" (synthetic)" if self.synthetic is not None else "")
+
+    @property
+    def dense_layers(self) -> list[int]:
+        """The model's layers that are dense FFNs (no experts), e.g. DeepSeekMoE's layer 0."""
+        moe = set(self.model.get("moe_layers") or [])
+        return [l for l in range(int(self.model.get("num_layers") or 0)) if moe and l not in moe]
 
     def groups(self, parent: str) -> list[str]:
         """Sub-group names of `reorder` or `dynamic` (modes or inputs), sorted; [] when absent."""
@@ -191,18 +240,9 @@ def token_label(token: str, width: int = 12) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def panel_title(ax, text: str, fontsize: float = 8) -> None:
+def panel_title(ax, text: str, fontsize: float = LABEL_FONT) -> None:
     """A panel title at a fixed height: matplotlib's automatic placement measures every tick label."""
     ax.set_title(text, fontsize=fontsize, y=1.0, pad=3)
-
-
-def store_headers(fig, axes, spans: list[tuple[str, int, int]]) -> None:
-    """Name each store once, above its columns (`spans`: label, first column, last column), under the
-    figure title, instead of in every panel title; the figure's top margin must leave HEADER_ROOM."""
-    y = 1 - 0.36 / fig.get_size_inches()[1]
-    for label, first, last in spans:
-        left, right = axes[0, first].get_position().x0, axes[0, last].get_position().x1
-        fig.text((left + right) / 2, y, label, ha="center", va="top", fontsize=9, fontweight="bold")
 
 
 def grid_labels(present: dict[tuple[int, int], tuple]) -> dict[tuple[int, int], tuple[bool, bool]]:
@@ -242,43 +282,43 @@ def shared_range(arrays: list[np.ndarray], exclude_diagonal: bool = True,
     return lo, hi
 
 
-HEADER_ROOM = 0.85
-"""Top margin (inches) that holds the figure title, the store headers and one-line panel titles."""
-
-
-MIN_WIDTH = 8.0
-"""Narrowest image (inches): a one-panel-wide grid is centred in it, so the figure title still fits."""
-RIGHT_MARGIN = 1.1
-"""Room (inches) right of the panels for the colour bars and their labels."""
+MIN_WIDTH = 6.0
+"""Narrowest image (inches): a narrow grid is centred in it, so the figure title still fits."""
+RIGHT_MARGIN = 1.15
+"""Room (inches) right of the panels for a colour bar, its tick labels and its label."""
+BLOCK_GAP = 1.6
+"""Room (inches) between two blocks of panels: the left block's colour bar, then the right block's tick labels."""
 TITLE_FONT = 11
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A grid of panels fixed in inches: `panel` is one panel plus its share of the gaps, so gaps stay the
-    same whatever the panel size; margins hold titles, tick labels and (right) the colour bars; a grid
-    narrower than MIN_WIDTH is centred."""
+    """A grid of panels fixed in inches: `panel` is one panel (width, height) and `gap` the space between
+    two panels, so gaps stay the same whatever the panel size; margins hold titles, tick labels and (right)
+    a colour bar; after each column in `breaks` a BLOCK_GAP holds the colour bar of the block it ends. A
+    grid narrower than MIN_WIDTH is centred."""
 
     nrows: int
     ncols: int
-    panel: tuple[float, float] = (2.9, 2.6)
-    gap: tuple[float, float] = (0.95, 1.1)
-    top: float = 0.75
-    bottom: float = 0.55
-    margin_left: float = 0.75
+    panel: tuple[float, float] = (2.2, 2.2)
+    gap: tuple[float, float] = (0.35, 0.55)
+    top: float = 0.6
+    bottom: float = 0.6
+    margin_left: float = 0.8
     margin_right: float = RIGHT_MARGIN
+    breaks: tuple[int, ...] = ()
 
     @property
     def panel_w(self) -> float:
-        return self.panel[0] - self.gap[0]
+        return self.panel[0]
 
     @property
     def panel_h(self) -> float:
-        return self.panel[1] - self.gap[1]
+        return self.panel[1]
 
     @property
     def grid_w(self) -> float:
-        return self.ncols * self.panel_w + (self.ncols - 1) * self.gap[0]
+        return self.ncols * self.panel_w + (self.ncols - 1) * self.gap[0] + len(self.breaks) * BLOCK_GAP
 
     @property
     def width(self) -> float:
@@ -288,6 +328,10 @@ class Layout:
     def left(self) -> float:
         """Inches from the figure's left edge to the first panel."""
         return self.margin_left + (self.width - self.margin_left - self.grid_w - self.margin_right) / 2
+
+    def col_left(self, c: int) -> float:
+        """Inches from the figure's left edge to column c."""
+        return self.left + c * (self.panel_w + self.gap[0]) + BLOCK_GAP * sum(1 for b in self.breaks if b < c)
 
     @property
     def grid_bottom(self) -> float:
@@ -299,8 +343,21 @@ class Layout:
         return self.grid_bottom + self.bottom
 
 
-def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.9, 2.6), gap: tuple[float, float] = (0.95, 1.1),
-               top: float = 0.75, bottom: float = 0.55, left: float = 0.75, right: float = RIGHT_MARGIN, **kw):
+def fit_panel(ncols: int, gap: float, largest: float, extra: float = 0.0, smallest: float = 1.2,
+              margins: float = 0.8 + RIGHT_MARGIN) -> float:
+    """The widest panel, at most `largest` inches, that lets `ncols` panels with `gap` between them, `extra`
+    inches of other room (block gaps) and the margins fit MAX_WIDTH; never below `smallest`."""
+    room = (MAX_WIDTH - margins - extra - (ncols - 1) * gap) / ncols
+    return max(smallest, min(largest, room))
+
+
+def fitting_columns(panel: float, gap: float, extra: float = 0.0, margins: float = 0.8 + RIGHT_MARGIN) -> int:
+    """How many panels `panel` inches wide, `gap` apart, fit MAX_WIDTH beside `extra` inches of other room."""
+    return max(1, int((MAX_WIDTH - margins - extra + gap) // (panel + gap)))
+
+
+def new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (2.2, 2.0), gap: tuple[float, float] = (0.9, 0.95),
+               top: float = 0.6, bottom: float = 0.55, left: float = 0.8, right: float = RIGHT_MARGIN, **kw):
     """A figure and a grid of Axes at a fixed `Layout` (for scatter panels; heat maps use `PanelGrid`).
 
     A fixed layout instead of matplotlib's constrained/tight layout: measuring every tick label is
@@ -328,20 +385,34 @@ def side_colorbar(fig, im, label: str, right: float, top: float, bottom: float, 
     span = (top - bottom) / slots
     cax = fig.add_axes([right + pad / width, top - span * (slot + 1) + span * 0.1, 0.13 / width, span * 0.8])
     cb = fig.colorbar(im, cax=cax, extend=extend)
-    cb.set_label(label, fontsize=9)
-    cb.ax.tick_params(labelsize=8)
+    cb.set_label(label, fontsize=LABEL_FONT)
+    cb.ax.tick_params(labelsize=TICK_FONT)
     return cb
 
 
-def save(fig, path: Path, title: str) -> None:
-    """The figure title (smaller, down to 8.5 pt, where a long one would not fit), PNG at a fixed DPI,
-    figure closed."""
+def save(fig, path: Path, title: str) -> tuple[float, tuple[int, int]]:
+    """The figure title (smaller, down to 9 pt, where a long one would not fit), PNG at a fixed DPI, figure
+    closed. Returns (the smallest text drawn, points; the image's size in pixels)."""
+    from matplotlib.text import Text
+
     width, height = fig.get_size_inches()
     fits = (width - 0.3) * 72 / (0.55 * len(title))  # a character is about 0.55 em wide
-    fig.suptitle(title, fontsize=max(8.5, min(TITLE_FONT, fits)), y=1 - 0.15 / height, va="top")
+    fig.suptitle(title, fontsize=max(LABEL_FONT, min(TITLE_FONT, fits)), y=1 - 0.12 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})  # zlib level 3: a third faster, ~10% larger
+    # after drawing: tick labels get their text when drawn
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    with path.open("rb") as png:  # the PNG header's width and height
+        header = png.read(24)
+    size = (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big"))
     plt.close(fig)
+    return (min(sizes) if sizes else 0.0), size
+
+
+def figure_record(fig, key: str, path: Path, title: str, data: dict, caption: str = "") -> Figure:
+    """Save `fig` (see `save`) and return its `Figure` record with what was drawn and measured."""
+    min_font, size = save(fig, path, title)
+    return Figure(key, path, title, data, caption, min_font, size)
 
 
 def nonempty_labels(values: np.ndarray, labels: list[str]) -> list[int]:

@@ -8,6 +8,7 @@ import contextlib
 import html
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MoeRayError
+from ..outdir import PLOT_OUTPUT, claim_output_dir
 from . import dynamic as D
 from . import static as S
 from . import tables as T
-from .common import Figure, StoreView, Table, pages, unique_labels
+from .common import DPI, Figure, StoreView, Table, pages, token_label, unique_labels
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,9 @@ class Section:
     parent: str            # "static", "reorder" or "dynamic"
     array: str | None      # an array the group must hold (any input/mode for reorder and dynamic)
     draw: Callable[[list[StoreView], Path], list[Figure]] | None = None
-    table: Callable[[list[StoreView]], Table] | None = None
-    per_store: bool = False  # one image per store (nothing shared across stores): drawn store by store
+    table: Callable[[list[StoreView]], list[Table]] | None = None
+    per_store: bool = False
+    """Drawn store by store even with a shared colour scale (nothing to share: scatter plots, line plots)."""
     paged_by: tuple[str, ...] | None = ("static",)
     """Groups ("{input}" for each dynamic input) whose layers the section pages over, one drawing task per
     page of layers; None: one image of every layer."""
@@ -43,57 +46,56 @@ HOW = {"static": "analyses = [\"static\"]", "reorder": "analyses = [\"reorder\"]
        "dynamic": "analyses = [\"dynamic\"]"}
 
 SECTIONS = [
-    Section("fig1", "Fig 1: matrix-level similarity", "Cosine similarity between flattened W_up, W_gate, "
-            "W_down of every expert pair per layer (§4.1.1); F = dense reference FFN. Colour range shared "
-            "across the models of an image (diagonal excluded).", "static", "matrix_similarity",
+    Section("fig1", "Fig 1: matrix-level similarity", "Cosine similarity between the flattened W_up, W_gate, "
+            "W_down of every pair of experts, per layer (§4.1.1); F = the dense reference FFN, SE = the shared "
+            "expert where its matrices have the experts' shape.", "static", "matrix_similarity",
             draw=S.fig1_matrix_similarity),
-    Section("fig6", "Fig 6: PCA of expert matrices", "Flattened matrices standardised and projected to 2 "
-            "components (App A.1); DBSCAN outliers, when computed, are grey crosses listed in the title (the "
-            "axes fit the other experts, so a far outlier may be off the panel).",
-            "static", "matrix_pca", draw=S.fig6_matrix_pca),
+    Section("fig6", "Fig 6: PCA of expert matrices", "Each expert's flattened matrix, standardised, projected on "
+            "2 principal components (App A.1). The paper removed DBSCAN outliers (eps 50) for DeepSeek only; each "
+            "panel of a store where DBSCAN ran names the experts it removed.", "static", "matrix_pca",
+            draw=S.fig6_matrix_pca, per_store=True),
     Section("fig7", "Fig 7: PCA of expert neurons", "Every neuron (row of W_up/W_gate, column of W_down) as a "
-            f"point, coloured by expert (App A.2), 2-D; at most {S.MAX_POINTS_PER_PANEL:,} neurons per panel "
-            "are drawn (every k-th neuron of each expert).", "static", "neuron_pca", draw=S.fig7_neuron_pca),
+            "point, standardised, on 2 principal components, coloured by expert (App A.2).", "static",
+            "neuron_pca", draw=S.fig7_neuron_pca, per_store=True),
     Section("fig7_3d", "Fig 7 (3-D): PCA of expert neurons", "The same neurons on the first three components.",
-            "static", "neuron_pca", draw=S.fig7_neuron_pca_3d),
-    Section("fig8", "Fig 8: gate embedding and neuron averaging", "Cosine similarity of router rows X "
-            "(leftmost) beside the similarity of experts' mean neurons Y_up, Y_gate, Y_down (§4.2, App B).",
-            "static", "gate_embedding_similarity", draw=S.fig8_gate_and_neuron_avg),
-    Section("tab2", "Tab 2: neuron reordering", "Similarity before/after the optimal neuron permutation "
-            "(Jonker-Volgenant), its growth and Kendall's tau (§4.1.2).", "reorder", "growth", table=T.tab2_reorder),
+            "static", "neuron_pca", draw=S.fig7_neuron_pca_3d, per_store=True),
+    Section("fig8", "Fig 8: gate embedding and neuron averaging", "Cosine similarity of the router's rows X "
+            "(left, its own colour bar) beside that of the experts' mean neurons Y_up, Y_gate, Y_down (§4.2, "
+            "App B, App C).", "static", "gate_embedding_similarity", draw=S.fig8_gate_and_neuron_avg),
+    Section("tab2", "Tab 2: neuron reordering", "The permutation of expert j's neurons that maximises the "
+            "flattened cosine with expert i's, solved exactly (Jonker-Volgenant), for every layer and pair i<j "
+            "(§4.1.2).", "reorder", "growth", table=T.tab2_reorder, paged_by=None),
     Section("tab3", "Tab 3: mean R²", "R² between the i<j entries of X and Y_m, averaged over layers (§4.2).",
-            "static", "gate_weight_r2_mean", table=T.tab3_r2),
+            "static", "gate_weight_r2_mean", table=T.tab3_r2, paged_by=None),
     Section("tab4", "Tab 4: R per layer", "Pearson R between X and Y_m per layer (App C).", "static",
-            "gate_weight_correlation", table=T.tab4_r_per_layer),
-    Section("comparison", "Comparison across models", "Headline numbers side by side.", "static",
-            "matrix_similarity", table=T.comparison),
+            "gate_weight_correlation", table=T.tab4_r_per_layer, paged_by=None),
     Section("fig2", "Fig 2: expert-output similarity per token", "Cosine similarity between all experts' "
-            f"outputs for each token (§5.1); each token's top-k above its map; first {D.MAX_TOKENS} tokens.",
-            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity, per_store=True,
-            paged_by=("dynamic/{input}",)),
-    Section("fig3", "Fig 3: averaged angular similarity", "1 - arccos(cos)/π averaged over the input's tokens "
-            "(§5.1), beside the matrix-level similarity of the same layer.", "dynamic",
+            "outputs (Topk = ALL) for each of the input's first tokens (§5.1); each token's top-k above its map.",
+            "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity, paged_by=("dynamic/{input}",)),
+    Section("fig3", "Fig 3: averaged angular similarity", "1 - arccos(cos)/π of two experts' outputs averaged "
+            "over the input's tokens (§5.1), beside the matrix-level similarity of the same layer.", "dynamic",
             "expert_output_angular_mean", draw=D.fig3_angular, paged_by=("dynamic/{input}", "static")),
-    Section("fig4", "Fig 4: output norms and gate scores", "L2 norm of every expert's output and its gate "
-            "score per token (§5.2); dots mark each token's top-k experts. Gate scores only for routed experts "
-            "(F and SE have no router), coloured from 0 to the page's largest score.", "dynamic",
-            "expert_output_norms",
-            draw=D.fig4_norms_scores, paged_by=("dynamic/{input}",)),
-    Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (output-norm rank, gate-score rank) over "
-            "tokens and routed experts (App D); rank 0 = largest (the paper numbers the other way round).",
-            "dynamic", "norm_score_rank_counts", draw=D.fig9_rank_counts,
-            paged_by=("dynamic/{input}",)),
-    Section("fig5", "Fig 5: intermediate states", "|act(W_gate x)| per expert and neuron for the stored tokens "
-            "(§5.3).", "dynamic", "intermediate_states", draw=D.fig5_intermediate, per_store=True,
-            paged_by=("dynamic/{input}",)),
-    Section("activation", "Activation ratio", "Fraction of intermediate elements with |value| > 1e-3, mean "
-            "over tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_summary,
+    Section("fig4", "Fig 4: output norms and gate scores", "L2 norm of every expert's output and the router's "
+            "score for it, per token (§5.2); dots mark each token's top-k experts.", "dynamic",
+            "expert_output_norms", draw=D.fig4_norms_scores, paged_by=("dynamic/{input}",)),
+    Section("fig9", "Fig 9: norm rank vs score rank", "Counts of (output-norm rank, gate-score rank) over the "
+            "input's tokens and the routed experts (App D).", "dynamic", "norm_score_rank_counts",
+            draw=D.fig9_rank_counts, paged_by=("dynamic/{input}",)),
+    Section("fig5", "Fig 5: intermediate states", "|act(W_gate x)| per expert and neuron for the first tokens "
+            "(§5.3); vertical lines across experts are neurons with the same index active alike.", "dynamic",
+            "intermediate_states", draw=D.fig5_intermediate, paged_by=("dynamic/{input}",)),
+    Section("activation", "Activation ratio", "Fraction of act(W_gate x) elements with |value| > 1e-3, mean over "
+            "tokens (§5.3).", "dynamic", "activation_ratio", draw=D.activation_ratio_map, table=T.activation_ratios,
             paged_by=None),
-    Section("fig10", "Fig 10: routing pattern", "Each token's top-k experts and their routing weights "
-            "(App E): the family's own top-k weights, or the softmax gate scores where a store has none; "
-            "routed experts only, other cells blank, coloured from 0 to the page's largest weight.", "dynamic",
-            "topk_experts", draw=D.fig10_routing,
-            paged_by=("dynamic/{input}",)),
+    Section("fig10", "Fig 10: routing pattern", "Each token's top-k experts and their routing weights (App E): "
+            "the family's own top-k weights, or the softmax gate scores where a store has none; other cells "
+            "blank.", "dynamic", "topk_experts", draw=D.fig10_routing, paged_by=("dynamic/{input}",)),
+    Section("trends", "Per-layer means", "The mean expert-expert (S_ee) and expert-F (S_ef) similarity per layer, "
+            "of the weights (Fig 1) and of the outputs (Fig 3): the paper finds both fall with depth, the last "
+            "layer an outlier (§4.3, §5.4).", "static", "matrix_similarity", draw=S.layer_trends, per_store=True,
+            paged_by=None),
+    Section("comparison", "Comparison across models", "Headline numbers side by side.", "static",
+            "matrix_similarity", table=T.comparison, paged_by=None),
 ]
 
 
@@ -149,11 +151,11 @@ Task = tuple[str, "list[StoreRef]"]
 """One unit of drawing: a section key and the stores it draws side by side."""
 
 
-def section_tasks(section: Section, views: list[StoreView]) -> list[Task]:
-    """A section split into independent drawing tasks, in the report's order: one per dynamic input,
-    per page of layers and, for per-store sections, per store (no image shares anything across them)."""
-    inputs = sorted({i for v in views for i in v.groups("dynamic")}) if section.parent == "dynamic" else [None]
-    groups = [[v] for v in views] if section.per_store else [views]
+def section_tasks(section: Section, views: list[StoreView], shared_scale: bool = False) -> list[Task]:
+    """A section split into independent drawing tasks, in the report's order: one per dynamic input, per
+    store (all stores together when they share colour scales) and per page of layers."""
+    inputs = D.ordered_inputs(i for v in views for i in v.groups("dynamic")) if section.parent == "dynamic" else [None]
+    groups = [views] if shared_scale and not section.per_store else [[v] for v in views]
     tasks = []
     for inp in inputs:
         for group in groups:
@@ -299,93 +301,189 @@ def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tu
     return lambda: [draw_section(key, stores) for key, stores in tasks]
 
 
-def render(stores: list[str | Path], out: str | Path, parallel: str = "auto") -> Report:
+def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", shared_scale: bool = False) -> Report:
     """Render every figure and table the stores hold into `out` and write `out/index.html`.
 
-    Sections are drawn in parallel (see PARALLEL); each reads only the arrays, layers and tokens it shows.
+    Every image shows one store; its colour ranges are that store's own (the paper: figures of different
+    models do not share a colour bar) unless `shared_scale`, which gives all stores' images of a figure and
+    page one range. Sections are drawn in parallel (see PARALLEL); each reads only the arrays, layers and
+    tokens it shows.
     """
     started = time.monotonic()
     if not stores:
         raise MoeRayError("no store given: moe-ray plot STORE [STORE ...] --out DIR")
     views = [StoreView(s) for s in stores]
     unique_labels(views)
-    out = Path(out)
+    output = claim_output_dir(out, PLOT_OUTPUT)  # empty or moe-ray's; never over files it did not write
+    out = output.path
     fig_dir, tab_dir = out / "figures", out / "tables"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
     report = Report(out / "index.html")
     status = {s.key: {v.label: _has(v, s) for v in views} for s in SECTIONS}
     have = {s.key: [v for v in views if status[s.key][v.label][0]] for s in SECTIONS}
-    tasks = [t for s in SECTIONS if s.draw is not None and have[s.key] for t in section_tasks(s, have[s.key])]
+    tasks = [t for s in SECTIONS if s.draw is not None and have[s.key]
+             for t in section_tasks(s, have[s.key], shared_scale)]
     with _sharing(views):
         wait = start_drawing(tasks, parallel)
         try:
-            tables = {s.key: section_table(s, have[s.key], tab_dir) for s in SECTIONS
+            tables = {s.key: section_tables(s, have[s.key], tab_dir) for s in SECTIONS
                       if s.table is not None and have[s.key]}
+            inputs_html = _inputs(views, out)
         finally:
             drawn: dict[str, list[tuple[Figure, bytes]]] = {}
             for (key, _), figures in zip(tasks, wait()):
                 drawn.setdefault(key, []).extend(figures)
     body = []
     for section in SECTIONS:
-        notes = _notes(section, have[section.key], status[section.key])
+        notes, remarks = _notes(section, have[section.key], status[section.key])
         report.missing[section.key] = notes
         items = []
+        for table in tables.get(section.key, []):
+            report.tables.append(table)
+            items.append(_table_html(table))
         for figure, png in drawn.get(section.key, []):
             figure.path = fig_dir / figure.path.name
             figure.path.write_bytes(png)
             report.figures.append(figure)
-            items.append(f'<figure><a href="figures/{figure.path.name}"><img src="figures/{figure.path.name}" '
-                         f'alt="{html.escape(figure.title)}" loading="lazy"></a><figcaption>'
-                         f"{html.escape(figure.title)}</figcaption></figure>")
-        if section.key in tables:
-            report.tables.append(tables[section.key])
-            items.append(_table_html(tables[section.key]))
-        note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+            items.append(_figure_html(figure))
         if not have[section.key]:
             items.append('<p class="missing">Not in any store.</p>')
         body.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>'
                     f"<p>{html.escape(section.caption)}</p>"
-                    + (f'<ul class="missing">{note_html}</ul>' if notes else "") + "".join(items) + "</section>")
+                    + (f'<ul class="missing">{"".join(f"<li>{html.escape(n)}</li>" for n in notes)}</ul>' if notes else "")
+                    + (f'<ul class="remark">{"".join(f"<li>{html.escape(n)}</li>" for n in remarks)}</ul>' if remarks
+                       else "")
+                    + "".join(items) + "</section>")
     report.seconds = time.monotonic() - started
-    report.index.write_text(_page(views, body, report))
+    report.index.write_text(_page(views, inputs_html, body, report, shared_scale))
+    output.finish()
     return report
 
 
-def section_table(section: Section, views: list[StoreView], tab_dir: Path) -> Table:
-    table = section.table(views)
-    T.write_csv(table, tab_dir)
-    return table
+def section_tables(section: Section, views: list[StoreView], tab_dir: Path) -> list[Table]:
+    tables = [t for t in section.table(views) if t.rows]
+    for table in tables:
+        T.write_csv(table, tab_dir)
+    return tables
 
 
-def _notes(section: Section, have: list[StoreView], status: dict[str, tuple[bool, str]]) -> list[str]:
-    """What the section's readers should know: stores without it and why, unfinished layers, absent labels."""
+LEFT_OUT = {"fig1": "the maps", "fig6": "the panels", "fig7": "the panels", "fig7_3d": "the panels",
+            "fig8": "the X maps"}
+"""Figures that say which labels their array leaves out (its `absent_labels` entry), naming where."""
+
+
+def _notes(section: Section, have: list[StoreView], status: dict[str, tuple[bool, str]]) -> tuple[list[str], list[str]]:
+    """(what is missing: stores without the section and why, unfinished layers; what is left out of the
+    figures on purpose and why). Labels a model does not have (SE of a model without shared experts, F
+    without a reference) are said once, in the store's description, not in every section."""
     notes = [f"{label}: {why}" for label, (ok, why) in status.items() if not ok]
+    remarks = []
     for v in have:
-        if section.parent == "static":
-            missing_layers = v.done_layers("static")[1]
-            if missing_layers:
-                notes.append(f"{v.label}: static layers {missing_layers} not finished (not drawn)")
-            absent = (v.dataset("static").attrs.get("absent_labels") or {})
-            for scope in ("all", section.array):
-                for lab, why in (absent.get(scope) or {}).items():
-                    notes.append(f"{v.label}: {lab} not shown: {why}")
-    return notes
+        if section.parent != "static":
+            continue
+        missing_layers = v.done_layers("static")[1]
+        if missing_layers:
+            notes.append(f"{v.label}: static layers {missing_layers} not finished (not drawn)")
+        if section.key not in LEFT_OUT:
+            continue
+        absent = (v.dataset("static").attrs.get("absent_labels") or {}).get(section.array) or {}
+        for lab, why in absent.items():
+            remarks.append(f"{v.label}: {lab} is not in {LEFT_OUT[section.key]}: {why}")
+    return notes, remarks
 
 
-def plot(stores: list[str | Path] | str | Path, out: str | Path = "report", parallel: str = "auto") -> Path:
+def plot(stores: list[str | Path] | str | Path, out: str | Path = "report", parallel: str = "auto",
+         shared_scale: bool = False) -> Path:
     """Render the report for one or several stores (side by side); return the path of index.html."""
     if isinstance(stores, (str, Path)):
         stores = [stores]
-    return render(list(stores), out, parallel).index
+    return render(list(stores), out, parallel, shared_scale).index
+
+
+def _figure_html(figure: Figure) -> str:
+    name = html.escape(figure.path.name)
+    width, height = figure.size_px
+    caption = html.escape(figure.title) + (f"<br><span class='cap'>{html.escape(figure.caption)}</span>"
+                                           if figure.caption else "")
+    return (f'<figure><a href="figures/{name}"><img src="figures/{name}" alt="{html.escape(figure.title)}" '
+            f'width="{width}" height="{height}" data-min-font-pt="{figure.min_font_pt:g}" data-dpi="{DPI}" '
+            f'loading="lazy"></a><figcaption>{caption}</figcaption></figure>')
 
 
 def _table_html(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(T.fmt(x))}</td>" for x in row) + "</tr>" for row in table.rows)
+    formats = table.formats or [None] * len(table.columns)
+    if table.header_groups:
+        top = "".join(f'<th colspan="{n}">{html.escape(label)}</th>' for label, n in table.header_groups)
+        sub = "".join(f"<th>{html.escape(c)}</th>" for c in (table.subheaders or table.columns))
+        head = f"<tr>{top}</tr><tr>{sub}</tr>"
+    else:
+        head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(T.fmt(x, f))}</td>" for x, f in zip(row, formats)) + "</tr>"
+                   for row in table.rows)
     note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
-    return (f"<h3>{html.escape(table.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            f"{note}<p><a href='tables/{table.csv.name}'>{table.csv.name}</a> (full precision)</p>")
+    return (f"<h3>{html.escape(table.title)}</h3><div class='scroll'><table><thead>{head}</thead><tbody>{rows}"
+            f"</tbody></table></div>{note}<p><a href='tables/{table.csv.name}'>{table.csv.name}</a> (full precision)</p>")
+
+
+INPUT_TEXTS = {
+    "short": "the paper's short input, “As an open source alternative to”, with the tokenizer's BOS first",
+    "long": "the long input: the Declaration of Independence (public domain, shipped with moe-ray), cut to "
+            "dynamic.max_tokens tokens",
+}
+
+
+def _inputs(views: list[StoreView], out: Path) -> str:
+    """The dynamic inputs the stores were run on, each as the model's tokenizer split it: the short ones in
+    full, every one as a text file in `inputs/` (tokens joined back)."""
+    seen: dict[tuple, list[str]] = {}
+    for v in views:
+        for inp in D.ordered_inputs(v.groups("dynamic")):
+            ds = v.dataset(D.group(inp))
+            if "tokens" not in ds:
+                continue
+            tokens = tuple(str(t) for t in ds["tokens"].values)
+            seen.setdefault((inp, tokens), []).append(v.label)
+    if not seen:
+        return ""
+    (out / "inputs").mkdir(exist_ok=True)
+    rows = []
+    for n, ((inp, tokens), labels) in enumerate(seen.items()):
+        name = f"{inp}.txt" if sum(1 for i, _ in seen if i == inp) == 1 else f"{inp}-{n}.txt"
+        (out / "inputs" / name).write_text(decode_tokens(list(tokens)))
+        what = INPUT_TEXTS.get(inp, f"the user's {inp} input")
+        shown = (" · ".join(html.escape(token_label(t, 30)) for t in tokens) if len(tokens) <= 64 else
+                 f"first tokens: {' · '.join(html.escape(token_label(t, 30)) for t in tokens[:16])} …")
+        rows.append(f"<tr><th>{html.escape(inp)}</th><td>{html.escape(', '.join(labels))}</td><td>{len(tokens):,}</td>"
+                    f"<td>{html.escape(what)}<br><span class='tokens'>{shown}</span><br>"
+                    f"<a href='inputs/{name}'>inputs/{name}</a> (the text as tokenised)</td></tr>")
+    return ("<h2 id='inputs'>Inputs</h2><p>Texts of the dynamic analyses (§5), as each model's tokenizer split "
+            "them (␣ marks a space).</p><div class='scroll'><table class='prov'><thead><tr><th>input</th><th>stores"
+            "</th><th>tokens</th><th>text</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet back to bytes (printable bytes as themselves, the rest shifted)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def decode_tokens(tokens: list[str]) -> str:
+    """Tokens joined back into text: byte-level BPE ('Ġ' = space) through its byte alphabet, SentencePiece
+    ('▁' = space, <0xNN> bytes) by its markers; anything else as is."""
+    text = "".join(tokens)
+    if "Ġ" in text or "Ċ" in text:
+        decoder = _byte_decoder()
+        if all(c in decoder for c in text):
+            return bytes(decoder[c] for c in text).decode("utf-8", errors="replace")
+    return re.sub(r"<0x([0-9A-Fa-f]{2})>", lambda m: chr(int(m.group(1), 16)), text).replace("▁", " ")
 
 
 def _provenance(view: StoreView) -> str:
@@ -393,15 +491,24 @@ def _provenance(view: StoreView) -> str:
     model, ref = view.model, view.reference
     identity = a.get("identity") or {}
     groups = (["static"] if view.has("static") else []) + [f"reorder/{m}" for m in view.groups("reorder")] \
-        + [f"dynamic/{i}" for i in view.groups("dynamic")]
-    rows = [
-        ("store", view.url),
-        ("model", f"{(identity.get('model') or {}).get('location', '?')} — {model.get('family', '?')}, "
-                  f"{model.get('num_layers', '?')} layers ({len(model.get('moe_layers', []))} MoE), "
-                  f"{model.get('num_experts', '?')} experts, top-{model.get('top_k', '?')}, "
+        + [f"dynamic/{i}" for i in D.ordered_inputs(view.groups("dynamic"))]
+    labels = [str(x) for x in ((view.dataset("static").attrs.get("params") or {}).get("labels") or [])] \
+        if view.has("static") else []
+    shared = "a shared expert (SE)" if "SE" in labels or model.get("shared_d_mid") else "no shared expert"
+    rows = [("store", view.url)]
+    if view.synthetic is not None:
+        planted = view.synthetic
+        detail = ", ".join(f"{k} {planted[k]}" for k in ("variant", "sigma", "seed") if k in planted)
+        rows.append(("synthetic", f"yes: random weights made by moe-ray make-tiny ({detail}), not a trained model"))
+    rows += [
+        ("model", f"{view.location} — {model.get('family', '?')}, "
+                  f"{model.get('num_layers', '?')} layers ({len(model.get('moe_layers', []))} MoE"
+                  + (f"; dense FFN in layer {', '.join(map(str, view.dense_layers))}" if view.dense_layers else "")
+                  + f"), {model.get('num_experts', '?')} experts, top-{model.get('top_k', '?')}, {shared}, "
                   f"d_hid {model.get('d_hid', '?')}, d_mid {model.get('d_mid', '?')}"),
         ("reference (F)", (f"{(identity.get('reference') or {}).get('location')} — {ref.get('family')}"
-                           if ref else "none")),
+                           if ref else "none: no F in the figures (run with --reference DIR to compare with a dense "
+                                       "model)")),
         ("routing", model.get("routing", "?")),
         ("moe-ray", (a.get("moe_ray") or {}).get("version", "?")
          + f" (schema {(a.get('moe_ray') or {}).get('schema_version', '?')})"),
@@ -410,21 +517,29 @@ def _provenance(view: StoreView) -> str:
     ]
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     spec = html.escape(json.dumps(a.get("spec", {}), indent=2))
-    return (f"<h3>{html.escape(view.label)}</h3><table class='prov'>{cells}</table>"
+    return (f"<h3>{html.escape(view.label)}</h3><div class='scroll'><table class='prov'>{cells}</table></div>"
             f"<details><summary>spec</summary><pre>{spec}</pre></details>")
 
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1800px}img{max-width:100%;border:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:right}
-th{background:#f4f4f4}.prov th,.prov td{text-align:left}.missing{color:#a33}figure{margin:1em 0}nav a{margin-right:1em}"""
+CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}img{max-width:100%;height:auto;
+border:1px solid #ddd}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;
+font-size:14px;text-align:right}th{background:#f4f4f4;text-align:center}.prov th,.prov td{text-align:left}
+td:first-child{text-align:left}.missing{color:#a33}.remark{color:#444}figure{margin:1.2em 0}figcaption{font-size:14px}
+.cap{color:#444}.note{font-size:14px;color:#333;max-width:75em}nav a{margin-right:1em}.scroll{overflow-x:auto}
+.tokens{font-family:monospace;font-size:13px}pre{white-space:pre-wrap}"""
 
 
-def _page(views: list[StoreView], body: list[str], report: Report) -> str:
+def _page(views: list[StoreView], inputs_html: str, body: list[str], report: Report, shared_scale: bool) -> str:
     nav = "".join(f'<a href="#{s.key}">{html.escape(s.title.split(":")[0])}</a>' for s in SECTIONS)
     prov = "".join(_provenance(v) for v in views)
     title = "moe-ray report: " + ", ".join(v.label for v in views)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    scale = ("All models' images of a figure share one colour range (--shared-scale)." if shared_scale else
+             "Each model's images have their own colour range, as in the paper (moe-ray plot --shared-scale shares "
+             "one across models).")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             "<p>Figures and tables of <i>A Closer Look into Mixture-of-Experts in Large Language Models</i> "
             f"(arXiv 2406.18219); {len(report.figures)} figures, {len(report.tables)} tables, rendered in "
-            f"{report.seconds:.1f}s.</p><nav>{nav}</nav><h2>Stores</h2>{prov}{''.join(body)}</body></html>")
+            f"{report.seconds:.1f}s. {scale}</p><nav>{nav}</nav><h2>Stores</h2>{prov}{inputs_html}"
+            f"{''.join(body)}</body></html>")

@@ -1,8 +1,11 @@
 """Figures of the static (weight) analyses: Fig 1 matrix-level similarity, Fig 6 matrix PCA, Fig 7
-neuron PCA (2-D and 3-D), Fig 8 gate embedding beside neuron averaging (paper §4.1, §4.2, App A-C).
+neuron PCA (2-D and 3-D), Fig 8 gate embedding beside neuron averaging (paper §4.1, §4.2, App A-C), and
+the per-layer trend of the mean expert-expert and expert-F similarity.
 
 `square_pages` is the shared engine for every "expert x expert map per layer" figure; the dynamic
-figures reuse it. Several stores go side by side in one image, colour range shared per quantity.
+figures reuse it. Every image shows one model (the paper: "figures of different models do not share the
+same color-bar"); its colour range is the model's own unless the stores are drawn together with a shared
+scale (`render(..., shared_scale=True)`: then a drawing task holds every store and ranges span them).
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CMAPS, HEADER_ROOM, RIGHT_MARGIN, Figure, StoreView, colorbar, grid_labels, new_figure,
-                     nonempty_labels, page_name, pages, panel_title, save, shared_range, store_headers)
+from .common import (BLOCK_GAP, CMAPS, LABEL_FONT, TICK_FONT, Figure, StoreView, colorbar, figure_record,
+                     fit_panel, grid_labels, new_figure, nonempty_labels, page_name, pages, panel_title, shared_range)
 from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
@@ -22,7 +25,8 @@ Getter = Callable[[StoreView, list[int]], "tuple[np.ndarray, list[str], list[str
 
 @dataclass
 class Column:
-    """One heat-map column per store: a title, how to read [layers, rows, cols] and its colour group."""
+    """One heat-map column of a figure: a title, how to read [layers, rows, cols] and its colour group
+    (columns of one group form a block with one colour bar and one colour map)."""
 
     title: str
     read: Getter
@@ -31,72 +35,146 @@ class Column:
     xlabel: str = "expert"
     ylabel: str = "expert"
     layers: Callable[[StoreView], list[int]] | None = None
-    """The layers this column has in a store, when fewer than the figure's (blank panels elsewhere)."""
+    """The layers this column has in a store, when fewer than the figure's (a note in the panel elsewhere)."""
+    center: Callable[[np.ndarray], float] | None = None
+    """For a diverging colour map: the value (from a layer's matrix) its middle colour stands for."""
 
 
 def layers_of(view: StoreView, group: str) -> list[int]:
     return view.done_layers(group)[0]
 
 
-def square_pages(views: list[StoreView], out: Path, key: str, title: str, columns: list[Column],
-                 layers_for: Callable[[StoreView], list[int]], groups_label: dict[str, str],
-                 exclude_diagonal: bool = True) -> list[Figure]:
-    """Heat maps per layer (rows) x column per store, one image per page of layers.
+def slug(label: str) -> str:
+    """A store label as a file-name part."""
+    return "-".join(part for part in "".join(c if c.isalnum() else " " for c in label).split())
 
-    Each colour group shares one range over every store and layer of the page (one colour bar).
-    `Figure.data[(store label, layer, column title)]` is the matrix drawn, `data[("labels", ...)]`
-    its (row, column) labels and `data[("range", group)]` the colour range.
+
+def scale_note(views: list[StoreView]) -> str:
+    """How the colour ranges of a drawing call's images were chosen (one store: its own; several: shared)."""
+    return ("colour range shared by every model's image of these layers (shared scale)" if len(views) > 1
+            else "colour range of this model's layers shown (each model its own, as in the paper)")
+
+
+def dense_note(view: StoreView, page: list[int], first: bool) -> str:
+    """Which of the model's layers near this page are dense FFNs (not drawn: they have no experts)."""
+    dense = [l for l in view.dense_layers if (first and l < page[0]) or page[0] <= l <= page[-1]]
+    if not dense:
+        return ""
+    return f"; layer{'s' if len(dense) > 1 else ''} {', '.join(map(str, dense))}: dense FFN, no experts"
+
+
+def square_pages(views: list[StoreView], out: Path, key: str, title: str, columns: list[Column],
+                 layers_for: Callable[[StoreView], list[int]], bar_labels: dict[str, str],
+                 exclude_diagonal: bool = True, what: str = "") -> list[Figure]:
+    """Heat maps per layer, one image per store and page of layers: rows are layers and columns
+    `columns` (one column: the page's layers side by side). Each block of columns of one colour group has
+    its own colour map and colour bar; its range spans the image's layers (and every store of the call,
+    see the module docstring).
+
+    `Figure.data[(store label, layer, column title)]` is the matrix drawn, `data[("labels", ...)]` its
+    (row, column) labels, `data[("range", group)]` the colour range and `data[("center", group)]` the
+    value a diverging map is centred on.
     """
-    all_layers = sorted({l for v in views for l in layers_for(v)})
+    per_view = [(v, pages(layers_for(v))) for v in views]
     figures = []
-    for page in pages(all_layers):
-        drawn: dict = {}
-        for v in views:
-            have = set(layers_for(v))
-            for col in columns:
-                col_have = set(col.layers(v)) if col.layers is not None else have
-                sel = [l for l in page if l in have and l in col_have]
-                if not sel:
-                    continue
-                values, rows, cols = col.read(v, sel)
-                for l, m in zip(sel, values):
-                    drawn[(v.label, l, col.title)] = m
-                    drawn[("labels", v.label, l, col.title)] = (rows, cols)
+    for index in range(max((len(p) for _, p in per_view), default=0)):
+        drawn_by_view = {}
+        for v, view_pages in per_view:
+            if index < len(view_pages):
+                drawn_by_view[v.label] = _read_square(v, view_pages[index], columns, layers_for)
         ranges = {}
         for col in columns:
-            mats = [m for k, m in drawn.items() if k[0] != "labels" and k[2] == col.title]
-            ranges.setdefault(col.group, []).extend(mats)
+            ranges.setdefault(col.group, []).extend(
+                m for drawn in drawn_by_view.values() for k, m in drawn.items() if k[0] != "labels" and k[2] == col.title)
         ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
-        ncols = len(views) * len(columns)
-        grid = PanelGrid(len(page), ncols, top=HEADER_ROOM)
-        for s, v in enumerate(views):
-            grid.header(v.label, s * len(columns), (s + 1) * len(columns) - 1)
-        panels = {(r, s * len(columns) + c): (v, layer, col)
-                  for r, layer in enumerate(page) for s, v in enumerate(views) for c, col in enumerate(columns)
-                  if (v.label, layer, col.title) in drawn}
-        shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)]
-                             for rc, (v, layer, col) in panels.items()})
-        images: dict[str, object] = {}
-        for r, layer in enumerate(page):
-            for s, v in enumerate(views):
-                for c, col in enumerate(columns):
-                    rc = (r, s * len(columns) + c)
-                    if rc not in panels:
-                        grid.note(*rc, f"layer {layer} · {col.title}\nnot in this store")
-                        continue
-                    rows, cols = drawn[("labels", v.label, layer, col.title)]
-                    lo, hi = ranges[col.group]
-                    images[col.group] = grid.heatmap(*rc, drawn[(v.label, layer, col.title)], cols, rows, col.cmap,
-                                                     lo, hi, col.xlabel, col.ylabel, *shown[rc])
-                    grid.title(*rc, f"layer {layer} · {col.title}")
-        for slot, (group, im) in enumerate(images.items()):
-            grid.colorbar(im, groups_label.get(group, group), slot, len(images))
-        path = out / f"{key}_{page_name(page)}.png"
-        full = f"{title} — layers {page[0]}–{page[-1]}"
-        grid.save(path, full)
-        drawn.update({("range", g): r for g, r in ranges.items()})
-        figures.append(Figure(key, path, full, drawn))
+        centers = {}
+        for col in columns:
+            if col.center is not None:
+                mats = [m for drawn in drawn_by_view.values() for k, m in drawn.items()
+                        if k[0] != "labels" and k[2] == col.title]
+                if mats:
+                    centers[col.group] = float(np.median([col.center(m) for m in mats]))
+        for v, view_pages in per_view:
+            if index >= len(view_pages):
+                continue
+            page, drawn = view_pages[index], drawn_by_view[v.label]
+            drawn.update({("range", g): r for g, r in ranges.items()})
+            drawn.update({("center", g): c for g, c in centers.items()})
+            figures.append(_draw_square(v, page, drawn, out, key, title, columns, bar_labels, ranges, centers,
+                                        f"{what}{'; ' if what else ''}{scale_note(views)}"
+                                        f"{dense_note(v, page, index == 0)}."))
     return figures
+
+
+def _read_square(v: StoreView, page: list[int], columns: list[Column], layers_for) -> dict:
+    have = set(layers_for(v))
+    drawn: dict = {}
+    for col in columns:
+        col_have = set(col.layers(v)) if col.layers is not None else have
+        sel = [l for l in page if l in have and l in col_have]
+        if not sel:
+            continue
+        values, rows, cols = col.read(v, sel)
+        for l, m in zip(sel, values):
+            drawn[(v.label, l, col.title)] = m
+            drawn[("labels", v.label, l, col.title)] = (rows, cols)
+    return drawn
+
+
+def _blocks(columns: list[Column]) -> list[tuple[int, int]]:
+    """(first, last) column of each run of columns of one colour group."""
+    blocks: list[tuple[int, int]] = []
+    for c, col in enumerate(columns):
+        if blocks and columns[blocks[-1][0]].group == col.group:
+            blocks[-1] = (blocks[-1][0], c)
+        else:
+            blocks.append((c, c))
+    return blocks
+
+
+def _draw_square(v: StoreView, page: list[int], drawn: dict, out: Path, key: str, title: str,
+                 columns: list[Column], bar_labels: dict[str, str], ranges: dict, centers: dict,
+                 caption: str) -> Figure:
+    import matplotlib
+
+    across = len(columns) == 1  # one quantity: the page's layers side by side
+    cells = ([(0, r, layer, columns[0]) for r, layer in enumerate(page)] if across else
+             [(r, c, layer, col) for r, layer in enumerate(page) for c, col in enumerate(columns)])
+    nrows, ncols = (1, len(page)) if across else (len(page), len(columns))
+    blocks = [(0, ncols - 1)] if across else _blocks(columns)
+    breaks = tuple(last for _, last in blocks[:-1])
+    panels = {(r, c): (layer, col) for r, c, layer, col in cells if (v.label, layer, col.title) in drawn}
+    shown = grid_labels({rc: drawn[("labels", v.label, layer, col.title)] for rc, (layer, col) in panels.items()})
+    block_starts = {first for first, _ in blocks}
+    # a block after a colour bar names its rows again (the gap holds them)
+    shown = {(r, c): (sx, sy or c in block_starts) for (r, c), (sx, sy) in shown.items()}
+    inner_y = any(show_y and c not in block_starts for (r, c), (_, show_y) in shown.items())
+    inner_x = any(show_x and r < nrows - 1 for (r, c), (show_x, _) in shown.items())
+    gap = (0.9 if inner_y else 0.3, 1.1 if inner_x else 0.5)
+    side = fit_panel(ncols, gap[0], 2.4, extra=len(breaks) * BLOCK_GAP)
+    grid = PanelGrid(nrows, ncols, panel=(side, side), gap=gap, bottom=0.75, breaks=breaks)
+    images: dict[str, object] = {}
+    for r, c, layer, col in cells:
+        name = f"layer {layer}" if across else f"layer {layer} · {col.title}"
+        if (r, c) not in panels:
+            grid.note(r, c, f"{name}:\nnot computed")
+            continue
+        rows, cols = drawn[("labels", v.label, layer, col.title)]
+        lo, hi = ranges[col.group]
+        norm = None
+        if col.group in centers:
+            center = centers[col.group]
+            norm = matplotlib.colors.TwoSlopeNorm(center, min(lo, center - 1e-9), max(hi, center + 1e-9))
+        images[col.group] = grid.heatmap(r, c, drawn[(v.label, layer, col.title)], cols, rows, CMAPS[col.cmap]
+                                         if col.cmap in CMAPS else col.cmap, lo, hi, col.xlabel, col.ylabel,
+                                         *shown[(r, c)], norm=norm)
+        grid.title(r, c, name)
+    for first, last in blocks:
+        group = columns[0].group if across else columns[first].group
+        if group in images:
+            grid.block_colorbar(images[group], bar_labels.get(group, group), last)
+    full = f"{title} — {v.label}, layers {page[0]}–{page[-1]}"
+    return grid.save(key, out / f"{key}_{slug(v.label)}_{page_name(page)}.png", full, drawn, caption)
 
 
 def static_square(name: str, matrix: str | None) -> Getter:
@@ -116,68 +194,71 @@ def static_square(name: str, matrix: str | None) -> Getter:
 
 def fig1_matrix_similarity(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 1 (§4.1.1): cosine similarity of flattened W_up, W_gate, W_down per layer (F row/column)."""
-    cols = [Column(f"W_{m}", static_square("matrix_similarity", m), "sim", CMAPS["similarity"]) for m in MATRICES]
-    return square_pages(views, out, "fig1_matrix_similarity", "Fig 1: matrix-level similarity of expert weights",
-                        cols, lambda v: layers_of(v, "static"), {"sim": "cosine similarity"})
+    cols = [Column(f"W_{m}", static_square("matrix_similarity", m), "sim", "similarity") for m in MATRICES]
+    return square_pages(views, out, "fig1_matrix_similarity", "Fig 1: matrix-level similarity", cols,
+                        lambda v: layers_of(v, "static"), {"sim": "cosine similarity of weights"},
+                        what="diagonal (1) excluded from the colour range")
 
 
 def fig8_gate_and_neuron_avg(views: list[StoreView], out: Path) -> list[Figure]:
-    """Fig 8 (§4.2, App B/C): gate-embedding similarity X beside neuron-averaging similarity Y_m."""
-    cols = [Column("gate embedding X", static_square("gate_embedding_similarity", None), "x", CMAPS["similarity"])]
-    cols += [Column(f"avg W_{m} (Y_{m})", static_square("neuron_avg_similarity", m), "y", CMAPS["similarity"])
-             for m in MATRICES]
-    return square_pages(views, out, "fig8_gate_neuron_avg",
-                        "Fig 8: gate embedding (left) and neuron-averaged similarity", cols,
+    """Fig 8 (§4.2, App B/C): gate-embedding similarity X beside neuron-averaging similarity Y_m, each
+    quantity with its own colour map and colour bar."""
+    cols = [Column("X", static_square("gate_embedding_similarity", None), "x", "gate")]
+    cols += [Column(f"Y_{m}", static_square("neuron_avg_similarity", m), "y", "similarity") for m in MATRICES]
+    return square_pages(views, out, "fig8_gate_neuron_avg", "Fig 8: gate embedding X and neuron averaging Y", cols,
                         lambda v: layers_of(v, "static"),
-                        {"x": "cosine (gate embedding)", "y": "cosine (neuron average)"})
+                        {"x": "X: cosine of router rows", "y": "Y_m: cosine of mean neurons"},
+                        what="X: routed experts only (F and SE have no router row); Y: F and SE where the store "
+                             "has them")
 
 
 SPECIAL_COLORS = {"F": "0.1", "SE": "0.5"}
 """Dense reference and shared expert in the PCA scatters: dark and mid grey, whatever the store."""
 
 
+NAMED_COLORS = 9
+"""Up to this many routed experts get a colour each (tab10 without its grey, kept for F, SE and outliers);
+more are coloured along a colour map with a colour bar."""
+
+
 def _expert_colors(labels: list[str]) -> list:
-    """A colour per label, by expert index so stores agree: tab10 up to 10 routed experts, turbo beyond."""
+    """A colour per label, by expert index so stores agree: tab10 less grey up to NAMED_COLORS routed
+    experts, turbo beyond."""
     import matplotlib
 
     n = sum(lab not in SPECIAL_COLORS for lab in labels)
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "turbo"]
+    palette = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
+    turbo = matplotlib.colormaps["turbo"]
     return [matplotlib.colors.to_rgba(SPECIAL_COLORS[lab]) if lab in SPECIAL_COLORS
-            else cmap(int(lab) if n <= 10 else int(lab) / max(n - 1, 1)) for lab in labels]
+            else matplotlib.colors.to_rgba(palette[int(lab)]) if n <= NAMED_COLORS
+            else turbo(int(lab) / max(n - 1, 1)) for lab in labels]
 
 
-def _expert_keys(fig, named: dict, ranged: list[tuple[list[str], str]], pad: float = 0.0) -> None:
-    """Which colour is which expert, `pad` inches further right of the panels than usual: one legend for
-    the stores with few experts (`named`: label -> colour), then a colour bar per store with many
-    (`ranged`: labels, store label)."""
+def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0) -> dict:
+    """Which colour is which expert, `pad` inches further right of the panels than usual: a legend naming
+    each shown label (up to 10 routed experts), or a colour bar over the routed experts with a legend for
+    F and SE. Returns what the key lists: {"legend": [labels], "colorbar": [first, last] or None}."""
     import matplotlib
     from matplotlib.cm import ScalarMappable
     from matplotlib.lines import Line2D
 
-    slots = len(ranged) + (1 if named else 0)
+    colors = dict(zip(labels, _expert_colors(labels)))
+    routed = [lab for lab in labels if lab not in SPECIAL_COLORS]
+    ranged = len(routed) > NAMED_COLORS
+    named = [lab for lab in labels if lab in shown and (not ranged or lab in SPECIAL_COLORS)]
+    width = fig.get_size_inches()[0]
     if named:
-        width = fig.get_size_inches()[0]
-        handles = [Line2D([], [], marker="o", ls="", color=c, label=lab) for lab, c in named.items()]
-        fig.legend(handles=handles, title="expert", fontsize=7, title_fontsize=7, frameon=False, loc="upper left",
-                   bbox_to_anchor=(fig.subplotpars.right + (0.1 + pad) / width, fig.subplotpars.top))
-    for i, (labels, store_label) in enumerate(ranged):
-        routed = [lab for lab in labels if lab not in SPECIAL_COLORS]
+        handles = [Line2D([], [], marker="o", ls="", color=colors[lab], label=lab) for lab in named]
+        fig.legend(handles=handles, title="expert", fontsize=TICK_FONT, title_fontsize=TICK_FONT, frameon=False,
+                   loc="upper left", bbox_to_anchor=(fig.subplotpars.right + (0.1 + pad) / width, fig.subplotpars.top),
+                   handletextpad=0.2, borderaxespad=0)
+    if ranged:
         norm = matplotlib.colors.Normalize(0, len(routed) - 1)
-        cb = colorbar(fig, ScalarMappable(norm, matplotlib.colormaps["turbo"]), f"expert ({store_label})",
-                      i + (1 if named else 0), slots, pad=0.25 + pad)
+        cb = colorbar(fig, ScalarMappable(norm, matplotlib.colormaps["turbo"]), "routed expert",
+                      1 if named else 0, 2 if named else 1, pad=0.25 + pad)
         ticks = [0, len(routed) // 2, len(routed) - 1]
         cb.set_ticks(ticks, labels=[routed[t] for t in ticks])
-
-
-def _note_empty(axes: np.ndarray, page: list[int]) -> None:
-    """Hide the panels of a store x matrix grid that drew nothing, saying there what is missing (as the
-    heat maps' blank panels do)."""
-    for (r, c), ax in np.ndenumerate(axes):
-        if not ax.has_data():
-            ax.set_axis_off()
-            text = getattr(ax, "text2D", ax.text)  # 3-D axes place 2-D text with text2D
-            text(0.5, 0.5, f"layer {page[r]} · W_{MATRICES[c % len(MATRICES)]}\nnot in this store",
-                 transform=ax.transAxes, ha="center", va="center", fontsize=8)
+    return {"legend": named, "colorbar": [routed[0], routed[-1]] if ranged else None}
 
 
 def _label_order(label: str) -> tuple[int, int]:
@@ -187,75 +268,106 @@ def _label_order(label: str) -> tuple[int, int]:
 
 MAX_NAMED_POINTS = 24
 """Fig 6 names each expert's point up to this many experts (colour alone beyond)."""
+EDGE_MARKERS = {(1, 0): ">", (-1, 0): "<", (0, 1): "^", (0, -1): "v"}
+
+
+def _to_edge(pts: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float]) -> tuple[np.ndarray, list[str]]:
+    """Points outside the limits moved onto the panel's edge, each with a marker pointing the way it lies
+    (a cross for one inside)."""
+    inset = 0.03
+    lo = np.array([xlim[0], ylim[0]]) + inset * np.array([xlim[1] - xlim[0], ylim[1] - ylim[0]])
+    hi = np.array([xlim[1], ylim[1]]) - inset * np.array([xlim[1] - xlim[0], ylim[1] - ylim[0]])
+    placed = np.clip(pts, lo, hi)
+    markers = []
+    for p, q in zip(pts, placed):
+        beyond = (p - q) / np.maximum(hi - lo, 1e-12)
+        if not beyond.any():
+            markers.append("x")
+            continue
+        axis = int(np.argmax(np.abs(beyond)))
+        direction = (int(np.sign(beyond[0])), 0) if axis == 0 else (0, int(np.sign(beyond[1])))
+        markers.append(EDGE_MARKERS[direction])
+    return placed, markers
 
 
 def _pca_panel(ax, pts: np.ndarray, labels: list[str], colors: list, outlier: np.ndarray) -> dict:
-    """One Fig 6 panel: kept experts coloured (and named when few), DBSCAN outliers as grey crosses,
-    axes fitted to the kept experts so one far outlier cannot squash the rest; returns what was drawn."""
+    """One Fig 6 panel: kept experts coloured (and named when few), axes fitted to them so a far outlier
+    cannot squash the rest; DBSCAN outliers grey, on the panel's edge (a triangle pointing to where they
+    lie) when outside it. Returns what was drawn."""
     present = np.isfinite(pts).all(axis=1)
     keep = np.flatnonzero(present & ~outlier)
     removed = np.flatnonzero(present & outlier)
     named = len(keep) + len(removed) <= MAX_NAMED_POINTS
     ax.scatter(pts[keep, 0], pts[keep, 1], c=[colors[i] for i in keep], s=18)
-    limits = (ax.get_xlim(), ax.get_ylim()) if len(keep) >= 2 else None
-    if len(removed):
-        ax.scatter(pts[removed, 0], pts[removed, 1], marker="x", c="0.55", s=16, linewidths=0.8)
-    if limits is not None:
-        ax.set_xlim(*limits[0])
-        ax.set_ylim(*limits[1])
+    fit = keep if len(keep) >= 2 else np.flatnonzero(present)
+    if len(fit):
+        span = np.ptp(pts[fit], axis=0)
+        span = np.where(span > 0, span, 1.0)
+        lo, hi = pts[fit].min(axis=0) - 0.12 * span, pts[fit].max(axis=0) + 0.12 * span
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+    placed, markers = _to_edge(pts[removed], ax.get_xlim(), ax.get_ylim()) if len(removed) else (pts[removed], [])
+    for (x, y), marker in zip(placed, markers):
+        ax.scatter([x], [y], marker=marker, c="0.45", s=26 if marker != "x" else 22, linewidths=1.0)
     if named:
-        for i in np.concatenate([keep, removed]):
-            ax.annotate(labels[i], pts[i], fontsize=6, xytext=(2, 2), textcoords="offset points",
-                        color="0.4" if i in removed else "black", annotation_clip=True)
-    ax.locator_params(nbins=3)
-    ax.tick_params(labelsize=6)
-    return {"labels": [labels[i] for i in keep], "xy": pts[keep], "removed": [labels[i] for i in removed]}
+        for i, xy in list(zip(keep, pts[keep])) + list(zip(removed, placed)):
+            ax.annotate(labels[i], xy, fontsize=TICK_FONT, xytext=(2, 2), textcoords="offset points",
+                        color="0.4" if i in removed else "black", annotation_clip=False)
+    ax.locator_params(nbins=4)
+    ax.tick_params(labelsize=TICK_FONT)
+    return {"labels": [labels[i] for i in keep], "xy": pts[keep], "removed": [labels[i] for i in removed],
+            "removed_drawn_at": placed, "removed_markers": markers, "limits": (ax.get_xlim(), ax.get_ylim())}
+
+
+def _dbscan(view: StoreView) -> tuple[float | None, int | None]:
+    params = view.dataset("static").attrs.get("params") or {}
+    return params.get("dbscan_eps"), params.get("dbscan_min_samples")
 
 
 def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
-    """Fig 6 (App A.1): experts' flattened matrices in 2-D PCA space; DBSCAN outliers grey and listed."""
-    all_layers = sorted({l for v in views for l in layers_of(v, "static")})
+    """Fig 6 (App A.1): experts' flattened matrices in 2-D PCA space, one image per store and page of
+    layers; where DBSCAN ran, every panel names the experts it removed (or says none), drawn grey."""
     figures = []
-    for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, top=HEADER_ROOM + 0.15)
-        store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
-        data: dict = {}
-        ranged = []
-        for s, v in enumerate(views):
-            ds = v.dataset("static")
-            have = [l for l in page if l in layers_of(v, "static")]
-            if not have:
-                continue
-            scores = np.asarray(ds["matrix_pca"].sel(layer=have).isel(component=slice(0, 2)).values,
-                                dtype=np.float64)
-            explained = np.asarray(ds["matrix_pca_explained"].sel(layer=have).values, dtype=np.float64)
-            outl = (np.asarray(ds["matrix_pca_outlier"].sel(layer=have).values).astype(bool)
-                    if "matrix_pca_outlier" in ds else np.zeros(scores.shape[:3], dtype=bool))
-            labels = [str(x) for x in ds["expert"].values]
-            colors = _expert_colors(labels)
-            if len(labels) > MAX_NAMED_POINTS:
-                ranged.append((labels, v.label))
-            for li, layer in enumerate(have):
-                r = page.index(layer)
+    for v in views:
+        ds = v.dataset("static")
+        eps, min_samples = _dbscan(v)
+        labels = [str(x) for x in ds["expert"].values]
+        colors = _expert_colors(labels)
+        for page in pages(layers_of(v, "static")):
+            side = fit_panel(3, 0.95, 2.7)
+            fig, axes = new_figure(len(page), 3, panel=(side, side * 0.9), gap=(0.95, 1.15 if eps else 0.95),
+                                   top=0.85 if eps else 0.65)
+            scores = np.asarray(ds["matrix_pca"].sel(layer=page).isel(component=slice(0, 2)).values, dtype=np.float64)
+            explained = np.asarray(ds["matrix_pca_explained"].sel(layer=page).values, dtype=np.float64)
+            outl = (np.asarray(ds["matrix_pca_outlier"].sel(layer=page).values).astype(bool)
+                    if eps is not None and "matrix_pca_outlier" in ds else np.zeros(scores.shape[:3], dtype=bool))
+            data: dict = {("dbscan",): (eps, min_samples)}
+            shown: set[str] = set()
+            for r, layer in enumerate(page):
                 for mi, m in enumerate(MATRICES):
-                    ax = axes[r, s * 3 + mi]
-                    drawn = _pca_panel(ax, scores[li, mi], labels, colors, outl[li, mi])
-                    ev = explained[li, mi]
-                    ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=8)
-                    ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=8)
-                    note = f"\noutliers (grey ×): {', '.join(drawn['removed'])}" if drawn["removed"] else ""
-                    panel_title(ax, f"layer {layer} · W_{m}{note}")
+                    ax = axes[r, mi]
+                    drawn = _pca_panel(ax, scores[r, mi], labels, colors, outl[r, mi])
+                    ev = explained[r, mi]
+                    ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=LABEL_FONT)
+                    ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=LABEL_FONT)
+                    text = f"layer {layer} · W_{m}"
+                    if eps is not None:
+                        text += "\nDBSCAN removed: " + (", ".join(drawn["removed"]) if drawn["removed"] else "none")
+                    panel_title(ax, text)
                     data[(v.label, layer, m)] = drawn
-        _expert_keys(fig, {}, ranged)
-        _note_empty(axes, page)
-        path = out / f"fig6_matrix_pca_{page_name(page)}.png"
-        title = f"Fig 6: PCA of expert weight matrices — layers {page[0]}–{page[-1]}"
-        save(fig, path, title)
-        figures.append(Figure("fig6_matrix_pca", path, title, data))
+                    shown.update(drawn["labels"])
+            data[("key",)] = _expert_key(fig, labels, shown) if len(labels) > MAX_NAMED_POINTS else {}
+            caption = (f"DBSCAN (eps {eps:g}, min_samples {min_samples}) outliers are left out of the axes' fit and "
+                       "drawn grey (a triangle on the edge points to one outside)" if eps is not None else
+                       "DBSCAN not run for this store (dbscan_eps unset), no expert removed")
+            title = f"Fig 6: PCA of expert matrices — {v.label}, layers {page[0]}–{page[-1]}"
+            figures.append(figure_record(fig, "fig6_matrix_pca",
+                                         out / f"fig6_matrix_pca_{slug(v.label)}_{page_name(page)}.png", title, data,
+                                         caption + dense_note(v, page, page == pages(layers_of(v, "static"))[0]) + "."))
     return figures
 
 
-Z_LABEL_ROOM = 0.5
+Z_LABEL_ROOM = 0.45
 """Inches a 3-D panel's z-axis label reaches right of its Axes box: the colour key starts beyond it."""
 
 MAX_POINTS_PER_PANEL = 16000
@@ -265,69 +377,150 @@ core, DeepSeekMoE's 64 x 1,408 = 90,000 in 14 s / 19 s."""
 
 
 def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Figure]:
-    """Fig 7 (App A.2): every neuron as a point in 2-D (or 3-D) PCA space, coloured by expert."""
-    all_layers = sorted({l for v in views for l in layers_of(v, "static")})
+    """Fig 7 (App A.2): every neuron as a point in 2-D (or 3-D) PCA space, coloured by expert (F and SE
+    grey, named in the key), drawn in a shuffled order so no expert hides the others."""
     figures = []
     kw = {"subplot_kw": {"projection": "3d"}} if dims == 3 else {}
-    for page in pages(all_layers):
-        fig, axes = new_figure(len(page), len(views) * 3, panel=(3.1, 2.9), top=HEADER_ROOM,
-                               right=RIGHT_MARGIN + (Z_LABEL_ROOM if dims == 3 else 0.0), **kw)
-        store_headers(fig, axes, [(v.label, 3 * s, 3 * s + 2) for s, v in enumerate(views)])
-        data: dict = {}
-        named, ranged = {}, []
-        for s, v in enumerate(views):
-            ds = v.dataset("static")
-            have = [l for l in page if l in layers_of(v, "static")]
-            if not have:
-                continue
-            n_neuron = ds.sizes["neuron"]
-            stride = max(1, -(-n_neuron * ds.sizes["expert"] // MAX_POINTS_PER_PANEL))
-            da = ds["neuron_pca"].sel(layer=have).isel(neuron=slice(None, None, stride),
-                                                       component=slice(0, dims))
-            scores = np.asarray(da.values, dtype=np.float64)
-            explained = np.asarray(ds["neuron_pca_explained"].sel(layer=have).values, dtype=np.float64)
-            labels = [str(x) for x in ds["expert"].values]
-            colors = _expert_colors(labels)
-            for li, layer in enumerate(have):
-                r = page.index(layer)
+    suffix = "3d" if dims == 3 else "2d"
+    for v in views:
+        ds = v.dataset("static")
+        labels = [str(x) for x in ds["expert"].values]
+        colors = np.array(_expert_colors(labels))
+        n_neuron = ds.sizes["neuron"]
+        stride = max(1, -(-n_neuron * ds.sizes["expert"] // MAX_POINTS_PER_PANEL))
+        for page in pages(layers_of(v, "static")):
+            room = Z_LABEL_ROOM if dims == 3 else 0.0
+            side = fit_panel(3, 0.95, 2.7, extra=room)
+            fig, axes = new_figure(len(page), 3, panel=(side, side * 0.92), gap=(0.95, 0.95), right=1.15 + room, **kw)
+            scores = np.asarray(ds["neuron_pca"].sel(layer=page).isel(neuron=slice(None, None, stride),
+                                                                      component=slice(0, dims)).values, dtype=np.float64)
+            explained = np.asarray(ds["neuron_pca_explained"].sel(layer=page).values, dtype=np.float64)
+            data: dict = {("stride",): stride}
+            shown: set[str] = set()
+            rng = np.random.default_rng(0)
+            for r, layer in enumerate(page):
                 for mi, m in enumerate(MATRICES):
-                    ax = axes[r, s * 3 + mi]
-                    drawn, all_pts, all_colors = {}, [], []
+                    ax = axes[r, mi]
+                    drawn, pts, owner = {}, [], []
                     for e, lab in enumerate(labels):
-                        pts = scores[li, mi, e]
-                        pts = pts[np.isfinite(pts).all(axis=1)]
-                        if len(pts):
-                            drawn[lab] = pts
-                            all_pts.append(pts)
-                            all_colors += [colors[e]] * len(pts)
-                    if all_pts:
-                        ax.scatter(*np.concatenate(all_pts).T, s=2, c=all_colors, rasterized=True, alpha=0.6)
-                    ev = explained[li, mi]
-                    ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=7)
-                    ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=7)
+                        p = scores[r, mi, e]
+                        p = p[np.isfinite(p).all(axis=1)]
+                        if len(p):
+                            drawn[lab] = p
+                            pts.append(p)
+                            owner += [e] * len(p)
+                    if pts:
+                        order = rng.permutation(len(owner))  # interleaved: no expert drawn last over the rest
+                        allp, owner = np.concatenate(pts)[order], np.asarray(owner)[order]
+                        ax.scatter(*allp.T, s=2, c=colors[owner], rasterized=True, alpha=0.6)
+                        data[("order", v.label, layer, m)] = [labels[e] for e in owner]
+                    ev = explained[r, mi]
+                    ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=LABEL_FONT, labelpad=1)
+                    ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=LABEL_FONT, labelpad=1)
                     if dims == 3:
-                        ax.set_zlabel(f"PC3 ({ev[2]:.0%})", fontsize=7)
-                    ax.locator_params(nbins=3)
-                    ax.tick_params(labelsize=5)
-                    if dims == 3:
+                        ax.set_zlabel(f"PC3 ({ev[2]:.0%})", fontsize=LABEL_FONT, labelpad=1)
                         ax.grid(False)  # the panes give depth; 3-D grid lines cost a third of the drawing
+                        ax.tick_params(pad=0)
+                    ax.locator_params(nbins=3)
+                    ax.tick_params(labelsize=TICK_FONT)
                     panel_title(ax, f"layer {layer} · W_{m}")
                     data[(v.label, layer, m)] = drawn
-                    if len(labels) <= 10:
-                        named.update({lab: colors[labels.index(lab)] for lab in drawn})
-            if len(labels) > 10:
-                ranged.append((labels, v.label))
-        _expert_keys(fig, dict(sorted(named.items(), key=lambda kv: _label_order(kv[0]))), ranged,
-                     pad=Z_LABEL_ROOM if dims == 3 else 0.0)
-        _note_empty(axes, page)
-        suffix = "3d" if dims == 3 else "2d"
-        path = out / f"fig7_neuron_pca_{suffix}_{page_name(page)}.png"
-        title = f"Fig 7: PCA of expert neurons ({dims}-D) — layers {page[0]}–{page[-1]}"
-        save(fig, path, title)
-        figures.append(Figure(f"fig7_neuron_pca_{suffix}", path, title, data))
+                    shown.update(drawn)
+            data[("key",)] = _expert_key(fig, sorted(labels, key=_label_order), shown, pad=room)
+            sampled = (f"every {stride}th neuron of each expert drawn ({MAX_POINTS_PER_PANEL:,} points at most a panel)"
+                       if stride > 1 else "every neuron drawn")
+            title = f"Fig 7: PCA of expert neurons ({dims}-D) — {v.label}, layers {page[0]}–{page[-1]}"
+            figures.append(figure_record(
+                fig, f"fig7_neuron_pca_{suffix}", out / f"fig7_neuron_pca_{suffix}_{slug(v.label)}_{page_name(page)}.png",
+                title, data, sampled + ", in a shuffled order" + dense_note(v, page, page == pages(
+                    layers_of(v, "static"))[0]) + "."))
     return figures
 
 
 def fig7_neuron_pca_3d(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 7 (App A.2) on the first three components."""
     return fig7_neuron_pca(views, out, dims=3)
+
+
+def _pair_means(values: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer of [layer, label, label] maps: the mean over routed-expert pairs i≠j (S_ee) and over the
+    routed experts' similarity to F (S_ef, NaN without F)."""
+    routed = [i for i, lab in enumerate(labels) if lab.isdigit()]
+    sub = values[:, routed][:, :, routed]
+    off = ~np.eye(len(routed), dtype=bool)
+    see = np.array([np.nanmean(m[off]) if np.isfinite(m[off]).any() else np.nan for m in sub])
+    if "F" in labels:
+        f = labels.index("F")
+        ef = values[:, routed, f]
+        sef = np.array([np.nanmean(row) if np.isfinite(row).any() else np.nan for row in ef])
+    else:
+        sef = np.full(len(values), np.nan)
+    return see, sef
+
+
+def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
+    """Per layer, the mean expert-expert similarity S_ee and expert-F similarity S_ef of the weights (each
+    matrix, Fig 1's maps) and of the outputs (mean angular similarity, Fig 3's maps, per input): the
+    per-layer means the paper's depth claims rest on (§4.1.1, §4.3, §5.1)."""
+    from .dynamic import group as dyn_group, ordered_inputs
+
+    figures = []
+    for v in views:
+        has_static = v.has("static") and "matrix_similarity" in v.dataset("static")
+        inputs = [i for i in ordered_inputs(v.groups("dynamic"))
+                  if "expert_output_angular_mean" in v.dataset(dyn_group(i))]
+        if not has_static and not inputs:
+            continue
+        ncols = int(has_static) + int(bool(inputs))
+        fig, axes = new_figure(1, ncols, panel=(4.0, 2.8), gap=(1.1, 0.9), top=0.75, bottom=1.45, right=0.4)
+        data: dict = {}
+        col = 0
+        if has_static:
+            ax = axes[0, col]
+            col += 1
+            layers = layers_of(v, "static")
+            da = v.dataset("static")["matrix_similarity"].sel(layer=layers)
+            labels = [str(x) for x in da["expert_i"].values]
+            for mi, m in enumerate(MATRICES):
+                see, sef = _pair_means(np.asarray(da.sel(matrix=m).values, dtype=np.float64), labels)
+                color = f"C{mi}"
+                ax.plot(layers, see, "-o", color=color, ms=3, label=f"S_ee W_{m}")
+                data[(v.label, "weights", m, "S_ee")] = see
+                if np.isfinite(sef).any():
+                    ax.plot(layers, sef, "--s", color=color, ms=3, label=f"S_ef W_{m}")
+                    data[(v.label, "weights", m, "S_ef")] = sef
+            ax.set_ylabel("mean cosine similarity", fontsize=LABEL_FONT)
+            panel_title(ax, "weights (matrix level)")
+            _trend_axes(ax, layers)
+        if inputs:
+            ax = axes[0, col]
+            for k, inp in enumerate(inputs):
+                layers = layers_of(v, dyn_group(inp))
+                da = v.dataset(dyn_group(inp))["expert_output_angular_mean"].sel(layer=layers)
+                labels = [str(x) for x in da["expert_i"].values]
+                see, sef = _pair_means(np.asarray(da.values, dtype=np.float64), labels)
+                color = f"C{3 + k}"
+                ax.plot(layers, see, "-o", color=color, ms=3, label=f"S_ee {inp}")
+                data[(v.label, "outputs", inp, "S_ee")] = see
+                if np.isfinite(sef).any():
+                    ax.plot(layers, sef, "--s", color=color, ms=3, label=f"S_ef {inp}")
+                    data[(v.label, "outputs", inp, "S_ef")] = sef
+            ax.set_ylabel("mean angular similarity", fontsize=LABEL_FONT)
+            panel_title(ax, "expert outputs (mean over tokens)")
+            _trend_axes(ax, layers)
+        title = f"Per-layer means — {v.label}"
+        figures.append(figure_record(
+            fig, "layer_trends", out / f"layer_trends_{slug(v.label)}.png", title, data,
+            "S_ee: mean over routed-expert pairs i≠j; S_ef: mean similarity of the routed experts to F (dashed)"
+            + dense_note(v, [0, int(v.model.get("num_layers") or 1) - 1], True) + "."))
+    return figures
+
+
+def _trend_axes(ax, layers: list[int]) -> None:
+    ax.set_xlabel("layer", fontsize=LABEL_FONT)
+    ax.tick_params(labelsize=TICK_FONT)
+    if len(layers) <= 16:
+        ax.set_xticks(layers)
+    ax.legend(fontsize=TICK_FONT, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+              borderaxespad=0, columnspacing=1.0, handlelength=2.2)
+    ax.grid(alpha=0.3)

@@ -1,14 +1,18 @@
 """Tables of the paper from a store, as `Table` records written to CSV (and rendered in the report):
-Tab 2 neuron reordering (growth, Kendall tau; §4.1.2), Tab 3 mean R² (§4.2), Tab 4 R per layer
-(App C), and a comparison table of headline numbers across stores.
+Tab 2 neuron reordering (relative growth, its order, Kendall tau; §4.1.2), one row per model and mode,
+the paper's separate mode as Tab 2 proper and the joint mode as moe-ray's extension; Tab 3 mean R²
+(§4.2); Tab 4 R per layer (App C); the activation ratio per model (§5.3); a comparison across stores.
+Numbers are printed with fixed decimals per column as in the paper (the CSV keeps full precision).
 """
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
 
+from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
 from .common import StoreView, Table
 from .static import MATRICES, layers_of
 
@@ -26,35 +30,58 @@ def _routed(da) -> list[str]:
     return [str(x) for x in da["expert_i"].values if str(x).isdigit()]
 
 
-def tab2_reorder(views: list[StoreView]) -> Table:
-    """Tab 2: per store, mode and matrix the mean over expert pairs (i != j) and layers of the
-    similarity before/after reordering, the order of growth, and Kendall's tau."""
+TAB2_COLUMNS = ["model", "layers", "expert pairs", "similarity before (median)", "similarity after (median)",
+                "relative growth (median)", "order of growth", "Kendall τ (median)"]
+TAB2_FORMATS = [None, None, None, "sig3", "sig3", "sig3", "order", ".4f"]
+"""Similarities and growth to 3 significant digits (the paper's DeepSeek and Grok similarities are about 1e-4,
+which fixed decimals would print as 0), the order as the paper writes it, tau to 4 decimals (its -0.0002)."""
+
+
+def tab2_rows(views: list[StoreView], mode: str) -> list[list]:
+    """One Tab 2 row per store that has `reorder/<mode>`: medians over every computed layer, pair and
+    matrix (analysis.summary.tab2_summary, the numbers `finish` stores as the group's `tab2`)."""
     rows = []
     for v in views:
-        for mode in v.groups("reorder"):
-            ds = v.dataset(f"reorder/{mode}")
-            layers = layers_of(v, f"reorder/{mode}")
-            # each array read once (a chunk per layer and pair), then split by matrix in memory
-            per_matrix = {name: ds[name].sel(layer=layers).transpose("matrix", ...).load()
-                          for name in ("similarity_before", "similarity_after", "growth") if name in ds}
-            tau = ds["kendall_tau"].sel(layer=layers).load() if "kendall_tau" in ds else None
-            for m in MATRICES:
-                row = [v.label, mode, m]
-                for name in ("similarity_before", "similarity_after", "growth"):
-                    row.append(_offdiag_mean(per_matrix[name].sel(matrix=m).values) if name in per_matrix
-                               else float("nan"))
-                if tau is None:
-                    row.append(float("nan"))
-                else:
-                    row.append(_offdiag_mean((tau.sel(matrix=m) if "matrix" in tau.dims else tau).values))
-                rows.append(row)
-    return Table("tab2_reorder", "Tab 2: neuron reordering (mean over expert pairs i≠j and layers)",
-                 ["model", "mode", "matrix", "similarity before", "similarity after", "order of growth",
-                  "Kendall tau"], rows,
-                 note="joint mode: one permutation for all three matrices, so tau is the same for each")
+        if mode not in v.groups("reorder"):
+            continue
+        ds = v.dataset(f"reorder/{mode}")
+        layers = layers_of(v, f"reorder/{mode}")
+        arrays = {name: np.asarray(ds[name].sel(layer=layers).values, dtype=np.float64)
+                  for name in ("similarity_before", "similarity_after", "growth", "kendall_tau") if name in ds}
+        if "growth" not in arrays:
+            continue
+        nan = np.full(1, np.nan)
+        row = tab2_summary(arrays.get("similarity_before", nan), arrays.get("similarity_after", nan), arrays["growth"],
+                           arrays.get("kendall_tau", nan))
+        computed = np.isfinite(arrays["growth"]).any(axis=tuple(range(arrays["growth"].ndim - 2)))
+        rows.append([v.label, len(layers), int(computed.sum()), row["similarity_before"], row["similarity_after"],
+                     row["growth_median"], row["order_of_growth"], row["tau_median"]])
+    return rows
 
 
-def tab3_r2(views: list[StoreView]) -> Table:
+def tab2_reorder(views: list[StoreView]) -> list[Table]:
+    """Tab 2 as in the paper (mode `separate`: each matrix reordered on its own), then the joint mode
+    (one permutation per neuron), labelled as this tool's extension; a table for each mode some store has."""
+    tables = []
+    separate = tab2_rows(views, "separate")
+    if separate:
+        tables.append(Table("tab2_reorder", "Tab 2: reordering results of expert neurons (each matrix reordered "
+                            "separately, as in the paper)", TAB2_COLUMNS, separate, formats=TAB2_FORMATS,
+                            note=GROWTH_DEFINITION + ". τ: Kendall's tau between the identity order and the optimal "
+                            "permutation (1 = order unchanged). The paper: Mixtral 1e-3 and τ 0.75, DeepSeek and "
+                            "Grok 100 and τ ≈ 0."))
+    joint = tab2_rows(views, "joint")
+    if joint:
+        tables.append(Table("tab2_reorder_joint", "Tab 2 (moe-ray extension, not in the paper): joint reordering, "
+                            "one permutation per neuron for W_up, W_gate and W_down together", TAB2_COLUMNS, joint,
+                            formats=TAB2_FORMATS,
+                            note="The same quantities with one permutation shared by the three matrices, which "
+                            "keeps the expert's function; each matrix's similarity grows less than when it is "
+                            "reordered on its own. " + GROWTH_DEFINITION + "."))
+    return tables
+
+
+def tab3_r2(views: list[StoreView]) -> list[Table]:
     """Tab 3: R² of (X, Y_m) averaged over layers, as stored in `static/gate_weight_r2_mean`."""
     rows = []
     for v in views:
@@ -63,31 +90,64 @@ def tab3_r2(views: list[StoreView]) -> Table:
             continue
         r2 = ds["gate_weight_r2_mean"]
         rows.append([v.label] + [float(r2.sel(matrix=m).values) for m in MATRICES])
-    return Table("tab3_r2_mean", "Tab 3: mean R² over layers between gate-embedding and neuron-averaged similarity",
-                 ["model"] + [f"(X, Y_{m})" for m in MATRICES], rows)
+    return [Table("tab3_r2_mean", "Tab 3: square of Pearson correlation coefficients averaged over all layers (R²_avg)",
+                  ["model"] + [f"(X, Y_{m})" for m in MATRICES], rows, formats=[None, ".2f", ".2f", ".2f"],
+                  note="X: similarity of gate-embedding (router) rows; Y_m: similarity of the experts' mean neurons "
+                       "of W_m; R over the pairs i<j of routed experts, per layer (Tab 4).")]
 
 
-def tab4_r_per_layer(views: list[StoreView]) -> Table:
-    """Tab 4: Pearson R of (X, Y_m) per layer, one column per store and matrix (blank = not a layer)."""
+DENSE = "dense FFN"
+"""Tab 4's cell for a layer of a model that has no experts there (DeepSeekMoE's layer 0)."""
+
+
+def tab4_r_per_layer(views: list[StoreView]) -> list[Table]:
+    """Tab 4: Pearson R of (X, Y_m) per layer, under a two-level header (model, then matrix)."""
     per_store = {}
     for v in views:
         ds = v.dataset("static")
         layers = layers_of(v, "static")
         r = ds["gate_weight_correlation"].sel(layer=layers)
-        per_store[v.label] = {l: [float(x) for x in r.sel(layer=l).sel(matrix=list(MATRICES)).values] for l in layers}
-    all_layers = sorted({l for d in per_store.values() for l in d})
+        per_store[v.label] = ({l: [float(x) for x in r.sel(layer=l).sel(matrix=list(MATRICES)).values] for l in layers},
+                              set(v.dense_layers))
+    all_layers = sorted({l for d, dense in per_store.values() for l in list(d) + list(dense)})
     columns = ["layer"] + [f"{label} R(X, Y_{m})" for label in per_store for m in MATRICES]
     rows = []
     for l in all_layers:
         row: list = [l]
-        for d in per_store.values():
-            row += d.get(l, [None] * len(MATRICES))
+        for d, dense in per_store.values():
+            row += d.get(l, [DENSE if l in dense else None] * len(MATRICES))
         rows.append(row)
-    return Table("tab4_r_per_layer", "Tab 4: Pearson R between gate-embedding similarity X and Y_m, per layer",
-                 columns, rows)
+    return [Table("tab4_r_per_layer", "Tab 4: Pearson correlation coefficients (R) of the paired dataset (X, Y_m) "
+                  "per layer", columns, rows, formats=[None] + [".2f"] * (len(columns) - 1),
+                  header_groups=[("", 1)] + [(label, len(MATRICES)) for label in per_store],
+                  subheaders=["layer"] + [f"Y_{m}" for _ in per_store for m in MATRICES])]
 
 
-def comparison(views: list[StoreView]) -> Table:
+def activation_ratios(views: list[StoreView]) -> list[Table]:
+    """§5.3: the mean activation ratio per model and input (the paper's one number per model: 99.6% of
+    Mixtral's and 99.7% of DeepSeek's intermediate elements above 1e-3 after SiLU, 25.3% of Grok's after
+    GELU)."""
+    from .dynamic import group, ordered_inputs
+
+    rows = []
+    for v in views:
+        for inp in ordered_inputs(v.groups("dynamic")):
+            ds = v.dataset(group(inp))
+            if "activation_ratio" not in ds:
+                continue
+            da = ds["activation_ratio"].sel(layer=layers_of(v, group(inp)))
+            values = np.asarray(da.values, dtype=np.float64)
+            routed = [i for i, lab in enumerate(str(x) for x in da["expert"].values) if lab.isdigit()]
+            rows.append([v.label, inp, int(ds.sizes["token"]), 100 * float(np.nanmean(values[..., routed])),
+                         str(v.model.get("activation", "?"))])
+    return [Table("activation_ratio", "Mean activation ratio: elements of act(W_gate x) with |value| > 1e-3",
+                  ["model", "input", "tokens", "routed experts (%)", "activation"], rows,
+                  formats=[None, None, None, ".1f", None],
+                  note="Mean over tokens, layers and routed experts (the paper: Mixtral 99.6%, DeepSeek 99.7%, "
+                       "Grok 25.3%).")]
+
+
+def comparison(views: list[StoreView]) -> list[Table]:
     """Headline numbers side by side: mean off-diagonal similarity among routed experts, R² (Tab 3)."""
     columns = ["quantity"] + [v.label for v in views]
     rows = []
@@ -122,7 +182,7 @@ def comparison(views: list[StoreView]) -> Table:
             row.append(float(ds["gate_weight_r2_mean"].sel(matrix=m).values)
                        if ds is not None and "gate_weight_r2_mean" in ds else None)
         rows.append(row)
-    return Table("comparison", "Comparison across models", columns, rows)
+    return [Table("comparison", "Comparison across models", columns, rows, formats=[None] + [".3f"] * len(views))]
 
 
 def write_csv(table: Table, out: Path) -> Path:
@@ -137,10 +197,17 @@ def write_csv(table: Table, out: Path) -> Path:
     return path
 
 
-def fmt(x) -> str:
-    """A table cell for HTML: 4 significant digits, '—' for missing or NaN."""
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+def fmt(x, spec: str | None = None) -> str:
+    """A table cell for HTML: `spec` a format (".3f": fixed decimals, as the paper prints them), "sig3" (3
+    significant digits) or "order" (an order of magnitude as the paper writes it, 1e-3 / 100); '—' for
+    missing or NaN."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
-    if isinstance(x, float):
-        return f"{x:.4g}"
+    if spec == "order":
+        return format_order(float(x))
+    if spec == "sig3":  # 3 significant digits, trailing zeros kept: 0.800, 0.000150, 12.3, 100
+        return f"{float(x):#.3g}".rstrip(".").replace(".e", "e")
+    if spec and isinstance(x, (float, int)) and not isinstance(x, bool):
+        text = format(float(x), spec)
+        return text.lstrip("-") if float(text) == 0 else text  # no "-0.00"
     return str(x)

@@ -155,7 +155,7 @@ def _fp32_bytes(ckpt: Checkpoint, keys: list[str]) -> int:
 def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tuple[int, ...]) -> DynamicPlan:
     """Validate everything a dynamic run needs before any work starts."""
     facts, family = ckpt.facts, ckpt.family
-    options = spec.dynamic
+    options = dataclasses.replace(spec.dynamic, device=spec.device_of("dynamic"))
     if family.decoder_classes() is None:
         raise CheckpointError(f"dynamic analyses do not support the {facts.family} family yet")
     inputs = tokenize(ckpt, list(dict.fromkeys(options.inputs)), options)
@@ -163,7 +163,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     for layer in range(n):
         if not layer_keys(ckpt, layer):
             raise CheckpointError(f"layer {layer} has no tensors in {ckpt.location}")
-    ckpt.require(["model.embed_tokens.weight"], "the embeddings")
+    ckpt.require([family.embed_key()], "the embeddings")
     labels = [str(e) for e in range(facts.num_experts)]
     neuron_dim = facts.d_mid
     ref_bytes = 0
@@ -181,7 +181,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
         labels.append("SE")
         neuron_dim = max(neuron_dim, facts.shared_d_mid)
     sizes = [_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(n)]
-    sizes[0] += _fp32_bytes(ckpt, ["model.embed_tokens.weight"])
+    sizes[0] += _fp32_bytes(ckpt, [family.embed_key()])
     balance_layers(sizes, options.shards)  # refuses more shards than layers
     longest = max(len(i.ids) for i in inputs)
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK
@@ -195,7 +195,8 @@ def group_params(plan: DynamicPlan, item: TokenizedInput) -> dict:
     """What one input's results depend on (a rerun with other values is refused)."""
     return {"labels": list(plan.labels), "text_sha256": item.sha256, "tokens": len(item.ids),
             "intermediate_tokens": plan.options.intermediate_tokens,
-            "save_expert_outputs": plan.options.save_expert_outputs}
+            "save_expert_outputs": plan.options.save_expert_outputs,
+            "dtype": plan.options.dtype}  # bfloat16 and float32 layers must not mix in one input
 
 
 def prepare(store: ResultStore, plan: DynamicPlan, overwrite: bool = False) -> list[str]:

@@ -47,7 +47,7 @@ class Grok1(Family):
         return float(config.get("embedding_multiplier_scale", 1.0))
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         return softmax_then_topk(router_logits, top_k, renormalize=False)
 
     @classmethod
