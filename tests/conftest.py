@@ -56,6 +56,26 @@ def big_mixtral(tmp_path_factory):
     return make_tiny("mixtral", "scratch", tmp_path_factory.mktemp("big") / "ckpt", seed=11, config_overrides=BIG)
 
 
+@pytest.fixture(scope="session")
+def big_clean(ray_session, big_mixtral, tmp_path_factory):
+    """big_clean(kind) -> the store of an uninterrupted run of `big_clean.runs[kind]` on the big mixtral
+    (static: every layer; reorder: 2 layers x 2 pairs), made once per session on the local Ray: the
+    reference of the tests that kill, stop or interrupt the same run."""
+    import moe_ray
+
+    stores: dict[str, str] = {}
+
+    def clean(kind: str) -> str:
+        if kind not in stores:
+            out = tmp_path_factory.mktemp(f"clean-{kind}") / "clean.zarr"
+            stores[kind] = moe_ray.run(model=str(big_mixtral.path), store=str(out), progress=False, **clean.runs[kind])
+        return stores[kind]
+
+    clean.runs = {"static": {"analyses": ["static"]},
+                  "reorder": {"analyses": ["reorder"], "layers": [0, 1], "reorder": {"pairs": ["0-1", "2-3"]}}}
+    return clean
+
+
 @pytest.fixture
 def settled_done():
     """settled_done(store, group) -> the group's unit_done (bool) once nothing has changed it for 3 s:

@@ -97,24 +97,17 @@ def _run_and_kill(model, store, run_kwargs: dict, kind: str, prefix: str) -> dic
     return result
 
 
-def test_worker_killed_mid_unit_is_retried_and_store_is_identical(ray_session, big_model, tmp_path):
-    import moe_ray
-
-    reference = moe_ray.run(model=str(big_model.path), store=str(tmp_path / "clean.zarr"), progress=False)
+def test_worker_killed_mid_unit_is_retried_and_store_is_identical(ray_session, big_model, big_clean, tmp_path):
+    reference = big_clean("static")
     store = str(tmp_path / "killed.zarr")
     _run_and_kill(big_model.path, store, {}, "task", "moe-ray static layer")
     _assert_same_store(reference, store)
 
 
-REORDER = {"analyses": ["reorder"], "layers": [0, 1], "reorder": {"pairs": ["0-1", "2-3"]}}
-
-
-def test_worker_killed_mid_reorder_unit_is_retried_and_store_is_identical(ray_session, big_model, tmp_path):
-    import moe_ray
-
-    reference = moe_ray.run(model=str(big_model.path), store=str(tmp_path / "clean.zarr"), progress=False, **REORDER)
+def test_worker_killed_mid_reorder_unit_is_retried_and_store_is_identical(ray_session, big_model, big_clean, tmp_path):
+    reference = big_clean("reorder")
     store = str(tmp_path / "killed.zarr")
-    _run_and_kill(big_model.path, store, REORDER, "task", "moe-ray reorder joint layer")
+    _run_and_kill(big_model.path, store, big_clean.runs["reorder"], "task", "moe-ray reorder joint layer")
     _assert_same_store(reference, store, "reorder/joint")
 
 
@@ -133,13 +126,13 @@ def test_shard_actor_killed_mid_run_is_restarted_and_store_is_identical(ray_sess
     _assert_same_store(reference, store, "dynamic/long")
 
 
-def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, tmp_path, settled_done):
+def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, big_clean, tmp_path, settled_done):
     """Kill a running job's driver (and with it its local Ray) after its first finished unit, then
     rerun the same spec: only the units not marked done run, and the store equals a clean run's."""
     import moe_ray
     import zarr
 
-    reference = moe_ray.run(model=str(big_model.path), store=str(tmp_path / "clean.zarr"), progress=False)
+    reference = big_clean("static")
     store = str(tmp_path / "resumed.zarr")
     cmd = [sys.executable, "-m", "moe_ray.cli", "run", "--model", str(big_model.path), "--store", store,
            "--num-cpus", "2"]

@@ -269,21 +269,17 @@ def test_third_namespace_without_the_token_can_neither_join_nor_submit(cluster, 
 
 # ---- a worker node lost in the middle of task units: retried elsewhere, same store -------------------
 
-@pytest.mark.parametrize("analysis, marker, kwargs", [
-    ("static", "ray::moe-ray static layer", {}),
-    ("reorder", "ray::moe-ray reorder joint layer", {"layers": [0, 1], "reorder": {"pairs": ["0-1", "2-3"]}}),
-], ids=["static", "reorder"])
-def test_worker_node_lost_mid_job_finishes_with_the_same_store(cluster, ray_session, big_mixtral, tmp_path,
-                                                               analysis, marker, kwargs):
-    import moe_ray
-
+@pytest.mark.parametrize("analysis, marker", [("static", "ray::moe-ray static layer"),
+                                              ("reorder", "ray::moe-ray reorder joint layer")])
+def test_worker_node_lost_mid_job_finishes_with_the_same_store(cluster, big_mixtral, big_clean, tmp_path,
+                                                               analysis, marker):
     cluster.ensure_worker()
     model = str(big_mixtral.path)
-    clean = moe_ray.run(model=model, store=str(tmp_path / "clean.zarr"), analyses=[analysis], progress=False, **kwargs)
+    clean, run = big_clean(analysis), big_clean.runs[analysis]
     store = str(tmp_path / "lost.zarr")
     flags = []
-    if "layers" in kwargs:
-        flags += ["--layers", ",".join(map(str, kwargs["layers"])), "--pairs", ",".join(kwargs["reorder"]["pairs"])]
+    if "layers" in run:
+        flags += ["--layers", ",".join(map(str, run["layers"])), "--pairs", ",".join(run["reorder"]["pairs"])]
     job = cluster.start("run", "--model", model, "--store", store, "--analyses", analysis, "--address", HEAD_ADDRESS,
                         *flags)
     lost_at, running = cluster.lose_worker_when(job, marker)

@@ -55,9 +55,8 @@ def _assert_clean(lines: list[str]) -> None:
     assert "Traceback" not in text, text[-3000:]
 
 
-def test_sigterm_mid_static_run_ends_with_one_line_143_and_its_command_resumes(ray_session, big_mixtral,
+def test_sigterm_mid_static_run_ends_with_one_line_143_and_its_command_resumes(ray_session, big_mixtral, big_clean,
                                                                              tmp_path, settled_done):
-    import moe_ray
     from moe_ray.cli import main
 
     store = str(tmp_path / "run.zarr")
@@ -79,8 +78,7 @@ def test_sigterm_mid_static_run_ends_with_one_line_143_and_its_command_resumes(r
     with contextlib.redirect_stdout(out):  # in this process: its Ray is already up
         assert main(resume[1:]) == 0
     assert f"{4 - done} of 4 units to run" in out.getvalue(), out.getvalue()
-    clean = moe_ray.run(model=str(big_mixtral.path), store=str(tmp_path / "clean.zarr"), progress=False)
-    a, b = xr.open_zarr(clean, group="static"), xr.open_zarr(store, group="static")
+    a, b = xr.open_zarr(big_clean("static"), group="static"), xr.open_zarr(store, group="static")
     for name in a.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 

@@ -95,7 +95,6 @@ class _Loss:
     node: str  # "10.0.0.2 (node 1a2b3c4d)"
     node_id: str
     line: str
-    restarts: int  # the shard actor's restarts when it was lost: a restart since then is a recovery
 
 
 def _ask_gcs(query: Callable[[], Any], default: Any) -> Any:
@@ -134,10 +133,14 @@ class _Shards:
         self.ctor_args, self.bundles, self.labels = list(ctor_args), list(bundles), labels
         self.remote_cls = ray.remote(actor_cls)
         self.pg = placement_group(self.bundles, strategy=strategy)
-        self.actors: list[Any] = []
-        self._wait_placed(strategy, notify, place_timeout_s)
+        try:
+            self._wait_placed(strategy, notify, place_timeout_s)
+        except BaseException:
+            remove_placement_group(self.pg)
+            raise
         self.actors = [self._actor(i) for i in range(len(self.bundles))]
         self.homes = self._bundle_nodes()
+        self.restarts = [0] * len(self.actors)  # each actor's restarts when last seen well
 
     def _wait_placed(self, strategy: str, notify: Notify, timeout_s: float) -> None:
         ready, _ = ray.wait([self.pg.ready()], timeout=min(READY_NOTICE_S, timeout_s))
@@ -178,8 +181,7 @@ class _Shards:
         for i, node in enumerate(self.homes):
             if node and not _alive(node, nodes):
                 where = _node_label(node, nodes)
-                return _Loss(i, where, node, f"{self.labels[i]} lost its node {where}",
-                             _actor_info(self.actors[i]).get("NumRestarts", 0))
+                return _Loss(i, where, node, f"{self.labels[i]} lost its node {where}")
         return None
 
     def unreachable(self, shard: int, exc: BaseException) -> _Loss:
@@ -187,12 +189,11 @@ class _Shards:
         nodes = _node_names()
         node = self.homes[shard]
         where = _node_label(node, nodes)
-        info = _actor_info(self.actors[shard])
         if _alive(node, nodes):
             line = f"{self.labels[shard]} on node {where} stopped answering ({type(exc).__name__})"
         else:
             line = f"{self.labels[shard]} lost its node {where}"
-        return _Loss(shard, where, node, line, info.get("NumRestarts", 0))
+        return _Loss(shard, where, node, line)
 
     def recovered(self, loss: _Loss) -> bool:
         """Whether every shard is placed and alive again, the lost one restarted since; a shard actor
@@ -202,20 +203,22 @@ class _Shards:
         nodes = _node_names()
         if nodes is None:
             return False
-        ok = True
+        ok, restarts = True, []
         for i, actor in enumerate(self.actors):
             info = _actor_info(actor)
             state = info.get("State")
+            restarts.append(info.get("NumRestarts", 0))
             if state == "DEAD":
                 self.actors[i] = self._actor(i)
+                self.restarts[i] = -1  # a new actor: alive at all is a recovery
                 ok = False
             elif state != "ALIVE" or not _alive(info.get("Address", {}).get("NodeID", ""), nodes):
                 ok = False
-            elif i == loss.shard and info.get("NumRestarts", 0) <= loss.restarts and \
+            elif i == loss.shard and info.get("NumRestarts", 0) <= self.restarts[i] and \
                     info.get("Address", {}).get("NodeID") == self.homes[i]:
                 ok = False  # still the actor that stopped answering, on the node it was lost on
         if ok:
-            self.homes = self._bundle_nodes()
+            self.homes, self.restarts = self._bundle_nodes(), restarts
         return ok
 
     def close(self, wait: bool = True) -> None:
