@@ -160,20 +160,27 @@ def _spec_file(path: Path, text: str) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def tiny_dynamic(tiny, dynamic_store_in_process, tmp_path_factory) -> tuple[str, str]:
+    """The tiny mixtral and its uninterrupted dynamic store (inputs short and long, 64 tokens at most)."""
+    model = str(tiny("mixtral", "scratch").path)
+    store = dynamic_store_in_process(model, str(tmp_path_factory.mktemp("dyn") / "clean.zarr"),
+                                     {"analyses": ["dynamic"], "dynamic": {"inputs": ["short", "long"], "max_tokens": 64}})
+    return model, store
+
+
 # ---- a job over both nodes equals a one-node run ----------------------------------------------------
 
-def test_submitted_job_over_two_nodes_equals_one_node(cluster, ray_session, tiny, tmp_path, dynamic_store_in_process):
+def test_submitted_job_over_two_nodes_equals_one_node(cluster, ray_session, tiny_dynamic, tmp_path):
     """`moe-ray submit` (in the head's namespace, to the job server on its loopback) with static,
     reorder and dynamic on 2 shards, STRICT_SPREAD: one shard per node, each node at its own IP; the
     store equals, value for value, the same analyses run on one node (static and reorder on the local
     Ray, dynamic by the shards' own code in this process)."""
     import moe_ray
 
-    model = str(tiny("mixtral", "scratch").path)
+    model, one_dynamic = tiny_dynamic
     one = moe_ray.run(model=model, store=str(tmp_path / "one.zarr"), progress=False, layers=[0, 1, 2, 3],
                       analyses=["static", "reorder"], reorder={"pairs": ["0-1", "2-3"]})
-    one_dynamic = dynamic_store_in_process(model, str(tmp_path / "one-dynamic.zarr"),
-                                           {"analyses": ["dynamic"], "dynamic": {"inputs": ["short"]}})
     spec = _spec_file(tmp_path / "spec.toml", f'model = "{model}"\nstore = "{tmp_path / "two.zarr"}"\n'
                       'analyses = ["static", "reorder", "dynamic"]\nlayers = [0, 1, 2, 3]\n'
                       '[reorder]\npairs = ["0-1", "2-3"]\n'
@@ -270,7 +277,8 @@ def test_third_namespace_without_the_token_can_neither_join_nor_submit(cluster, 
 # ---- a worker node lost in the middle of task units: retried elsewhere, same store -------------------
 
 @pytest.mark.parametrize("analysis, marker", [("static", "ray::moe-ray static layer"),
-                                              ("reorder", "ray::moe-ray reorder joint layer")])
+                                              ("reorder", "ray::moe-ray reorder joint layer")],
+                         ids=["static", "reorder"])
 def test_worker_node_lost_mid_job_finishes_with_the_same_store(cluster, big_mixtral, big_clean, tmp_path,
                                                                analysis, marker):
     cluster.ensure_worker()
@@ -341,17 +349,14 @@ def _mtimes(store: str, name: str) -> dict[str, int]:
     return {str(f): f.stat().st_mtime_ns for f in (Path(store) / "dynamic" / name).rglob("*") if f.is_file()}
 
 
-def test_dynamic_shard_node_lost_replans_on_the_nodes_left(cluster, tiny, tmp_path, dynamic_store_in_process):
+def test_dynamic_shard_node_lost_replans_on_the_nodes_left(cluster, tiny_dynamic, tmp_path):
     """The worker node dies once shard 0 has stored its half of both inputs (shard 1 held back till
     then), whichever shard the worker holds. The job says so in one line within seconds, waits
     node_wait_s, re-plans the unfinished inputs as one shard on the head (two would not fit its
     memory) with a warning, recomputes them whole (an input shard 1 had finished is left as it is),
     and the store equals an uninterrupted run's; Ray's raylet dumps do not reach the terminal."""
     cluster.ensure_worker()
-    model = str(tiny("mixtral", "scratch").path)
-    reference = dynamic_store_in_process(model, str(tmp_path / "clean.zarr"),
-                                         {"analyses": ["dynamic"], "dynamic": {"inputs": ["short", "long"],
-                                                                               "max_tokens": 64}})
+    model, reference = tiny_dynamic
     store = str(tmp_path / "lost.zarr")
     job = cluster.start(*_dynamic_args(model, store, node_wait_s=3))
     held = _hold_shard_one_until_shard_zero_is_done(cluster, job, store)
@@ -375,15 +380,11 @@ def test_dynamic_shard_node_lost_replans_on_the_nodes_left(cluster, tiny, tmp_pa
     assert "[state-dump]" not in job.text and "Last 20 lines" not in job.text, job.text[-4000:]
 
 
-def test_dynamic_shard_node_back_within_node_wait_s_resumes_in_place(cluster, tiny, tmp_path,
-                                                                    dynamic_store_in_process):
+def test_dynamic_shard_node_back_within_node_wait_s_resumes_in_place(cluster, tiny_dynamic, tmp_path):
     """The worker dies mid-pass and a new one joins at the same address within node_wait_s: the shard
     is placed on it again (still STRICT_SPREAD, no re-plan) and the store equals an uninterrupted run's."""
     cluster.ensure_worker()
-    model = str(tiny("mixtral", "scratch").path)
-    reference = dynamic_store_in_process(model, str(tmp_path / "clean.zarr"),
-                                         {"analyses": ["dynamic"], "dynamic": {"inputs": ["short", "long"],
-                                                                               "max_tokens": 64}})
+    model, reference = tiny_dynamic
     store = str(tmp_path / "back.zarr")
     job = cluster.start(*_dynamic_args(model, store, node_wait_s=90))
     cluster.lose_worker_when(job, "ray::ShardWorker")
