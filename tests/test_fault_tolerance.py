@@ -130,7 +130,6 @@ def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, b
     """Kill a running job's driver (and with it its local Ray) after its first finished unit, then
     rerun the same spec: only the units not marked done run, and the store equals a clean run's."""
     import moe_ray
-    import zarr
 
     reference = big_clean("static")
     store = str(tmp_path / "resumed.zarr")

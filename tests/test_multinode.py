@@ -326,9 +326,10 @@ def _shard_pids(cluster: Cluster) -> dict[str, int]:
     return out
 
 
-def _hold_shard_one_until_shard_zero_is_done(cluster: Cluster, job: Running, store: str) -> int:
+def _hold_shard_one_until_shard_zero_is_done(cluster: Cluster, job: Running, store: str) -> None:
     """SIGSTOP shard 1's actor as soon as it is up (on whichever node STRICT_SPREAD put it), then wait
-    until shard 0 has stored its layers 0-1 of every input. Returns the pid held."""
+    until shard 0 has stored its layers 0-1 of every input. Held on the head, it stays held: the job
+    must not count on it (its pipeline kills it, SIGKILL reaching a stopped process too)."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and job.proc.poll() is None:
         pid = _shard_pids(cluster).get("dynamic shard 1 of 2 (layers 2-3)")
@@ -340,7 +341,7 @@ def _hold_shard_one_until_shard_zero_is_done(cluster: Cluster, job: Running, sto
         raise AssertionError(f"shard 1 never came up:\n{job.text[-4000:]}")
     while time.monotonic() < deadline:
         if all(_flags(store, name)[:2].all() for name in ("short", "long")):
-            return pid
+            return
         time.sleep(0.1)
     raise AssertionError(f"shard 0 did not store its layers:\n{job.text[-4000:]}")
 
@@ -359,7 +360,7 @@ def test_dynamic_shard_node_lost_replans_on_the_nodes_left(cluster, tiny_dynamic
     model, reference = tiny_dynamic
     store = str(tmp_path / "lost.zarr")
     job = cluster.start(*_dynamic_args(model, store, node_wait_s=3))
-    held = _hold_shard_one_until_shard_zero_is_done(cluster, job, store)
+    _hold_shard_one_until_shard_zero_is_done(cluster, job, store)
     finished = [name for name in ("short", "long") if _flags(store, name).all()]  # before shard 1 was held
     half = [name for name in ("short", "long") if name not in finished]
     assert half, "shard 1 got through every input before it could be held"
