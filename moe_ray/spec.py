@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import SpecError
 
-ANALYSES = ("static", "reorder", "dynamic")
+ANALYSES = ("static", "reorder", "dynamic", "causal")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
 
 
@@ -82,9 +82,12 @@ class DynamicOptions:
                 "text (the --text-file), corpus (the --corpus-file's sequences)"})
     text_file: str | None = field(default=None, metadata={"help": "a UTF-8 text file, run as input 'text'"})
     corpus_file: str | None = field(default=None, metadata={
-        "help": "many sequences, run as input 'corpus': a .jsonl file (a \"text\" field per line) or "
-                "one sequence per line; each is stored as dynamic/corpus/<n>, their token-weighted "
-                "aggregates in dynamic/corpus"})
+        "help": "many sequences, run as input 'corpus' and by the causal analyses: a .jsonl file (a "
+                "\"text\" field per line) or one sequence per line (default: the corpus shipped with "
+                "moe-ray, 38 short public-domain passages); each is stored as dynamic/corpus/<n>, their "
+                "token-weighted aggregates in dynamic/corpus"})
+    max_sequences: int | None = field(default=None, metadata={
+        "help": "use the corpus's first N sequences (input 'corpus' and the causal analyses); unset: all"})
     shards: int = field(default=1, metadata={"help": "layer-shard actors the model is split over"})
     max_tokens: int | None = field(default=1100, metadata={
         "help": "keep the first N tokens of each input (the paper's long input is ~1,100); unset: all"})
@@ -113,8 +116,8 @@ class DynamicOptions:
             raise SpecError(f"unknown dynamic input {bad[0]!r}; choose short, long, text or corpus")
         if "text" in self.inputs and not self.text_file:
             raise SpecError("dynamic input 'text' needs --text-file PATH")
-        if "corpus" in self.inputs and not self.corpus_file:
-            raise SpecError("dynamic input 'corpus' needs --corpus-file PATH")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise SpecError(f"max_sequences must be at least 1, not {self.max_sequences}")
         if self.shards < 1:
             raise SpecError(f"shards must be at least 1, not {self.shards}")
         if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):
@@ -123,6 +126,44 @@ class DynamicOptions:
             raise SpecError(f"max_tokens must be at least 1, not {self.max_tokens}")
         if self.intermediate_tokens < 0:
             raise SpecError(f"intermediate_tokens must be 0 or more, not {self.intermediate_tokens}")
+
+
+CAUSAL_CHECKS = ("norm_routing", "ablation", "agreement")
+"""The causal checks (beyond the paper; `units.causal`): routing by expert output norm, expert ablation,
+and the agreement of weight and output similarity."""
+
+
+@dataclass
+class CausalOptions:
+    """The causal checks of the paper's claims, run on the corpus (`dynamic.corpus_file`, or the one
+    moe-ray ships) through the same layer-shard actors as the dynamic analyses (`dynamic.shards`,
+    `dynamic.device`, `dynamic.dtype`, `dynamic.max_tokens` and `dynamic.max_sequences` apply)."""
+
+    checks: list[str] = field(default_factory=lambda: list(CAUSAL_CHECKS), metadata={
+        "help": "causal checks, comma-separated: norm_routing (route by expert output norm, one layer "
+                "and all layers), ablation (each expert, and the shared expert, removed from routing), "
+                "agreement (weight vs output similarity)"})
+    bootstrap_resamples: int = field(default=1000, metadata={
+        "help": "bootstrap resamples of the corpus's sequences for the intervals of every loss change"})
+    bootstrap_seed: int = field(default=0, metadata={"help": "seed of the bootstrap resamples"})
+    confidence: float = field(default=0.95, metadata={
+        "help": "level of the bootstrap intervals (percentile intervals over sequences)"})
+    batch_tokens: int = field(default=16384, metadata={
+        "help": "interventions of one sequence pushed through the layers together: at most this many "
+                "tokens (interventions x sequence length) in one batch"})
+
+    def validate(self) -> None:
+        if not self.checks:
+            raise SpecError("causal.checks is empty; name norm_routing, ablation or agreement")
+        bad = [c for c in self.checks if c not in CAUSAL_CHECKS]
+        if bad:
+            raise SpecError(f"unknown causal check {bad[0]!r}; choose {', '.join(CAUSAL_CHECKS)}")
+        if self.bootstrap_resamples < 1:
+            raise SpecError(f"bootstrap_resamples must be at least 1, not {self.bootstrap_resamples}")
+        if not 0 < self.confidence < 1:
+            raise SpecError(f"confidence must be between 0 and 1 (e.g. 0.95), not {self.confidence}")
+        if self.batch_tokens < 1:
+            raise SpecError(f"batch_tokens must be at least 1, not {self.batch_tokens}")
 
 
 @dataclass
@@ -163,6 +204,7 @@ class Spec:
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
     dynamic: DynamicOptions = field(default_factory=DynamicOptions)
+    causal: CausalOptions = field(default_factory=CausalOptions)
     resources: Resources = field(default_factory=Resources)
 
     # ---- construction -------------------------------------------------------------------------
@@ -204,8 +246,10 @@ class Spec:
             raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
         self.static.validate()
         self.reorder.validate()
-        if "dynamic" in self.analyses:
+        if "dynamic" in self.analyses or "causal" in self.analyses:
             self.dynamic.validate()
+        if "causal" in self.analyses:
+            self.causal.validate()
 
 
 def _hints(cls: type) -> dict[str, Any]:
