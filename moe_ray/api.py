@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .distributed.cluster import alive_nodes, connect
+from .checkpoint.validate import validate_job_tensors
+from .distributed.cluster import alive_nodes, connect, started_local_ray
+from .distributed.fanout import first_line
 from .distributed.placement import check_placement
-from .errors import CheckpointError, SpecError
-from .spec import Spec
-from .store import ResultStore, open_results
+from .errors import CheckpointError, MoeRayError, SpecError
+from .spec import Spec, parse_pair
+from .store import ResultStore, open_results, progress, progress_text
 from .units import reorder as reorder_unit
 from .units import static as static_unit
 from .units import dynamic as dynamic_unit
@@ -60,11 +62,18 @@ def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
 
 
 def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
-    """Validate a spec against its checkpoints and split every analysis into units (no Ray, no store)."""
+    """Validate a spec against its checkpoints and split every analysis into units (no Ray, no store).
+
+    Everything that can be known before reading weights is checked here: the spec's fields, both
+    checkpoints' config.json and headers, and every tensor the analyses will read (present, an
+    analysable dtype, the shape config.json implies)."""
     spec.validate()
     ckpt = open_checkpoint(spec.model, spec.allow_pickle)
     ref = open_checkpoint(spec.reference, spec.allow_pickle) if spec.reference else None
     layers = select_layers(ckpt, spec)
+    pairs = [parse_pair(p) for p in spec.reorder.pairs or []] or [
+        (i, j) for i in range(ckpt.facts.num_experts) for j in range(i + 1, ckpt.facts.num_experts)]
+    validate_job_tensors(ckpt, ref, layers, spec.analyses, pairs if "reorder" in spec.analyses else ())
     jobs = [PLANNERS[name](spec, ckpt, ref, layers) for name in spec.analyses]
     return ckpt, ref, jobs
 
@@ -72,35 +81,86 @@ def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
 def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     """Run the spec's analyses and return the store's path.
 
-    Everything is validated (spec, checkpoints, tensors, shapes, cluster resources) before the store
-    is touched. A rerun into a complete store does nothing; into a partial one it runs what is left.
+    Everything is validated (spec, checkpoints, tensors, shapes, the store's weights and parameters,
+    cluster resources) before the store is touched. A rerun into a complete store writes nothing
+    (it need not even be writable) and starts no Ray; into a partial one it runs what is left. A run
+    that fails marks the store `failed` with its one-line error (`state`, `error` at the root).
     """
     spec = as_spec(spec, **overrides)
     ckpt, ref, jobs = plan(spec)
-    where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
-    if spec.resources.check_fit:
-        check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
-
-    identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
-    store = ResultStore.create_or_reuse(spec.store, identity, spec.to_dict(), overwrite=spec.overwrite)
-    store.root.attrs.update({"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
-    pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
-    store.consolidate()
-
-    started = time.monotonic()
     say = print if spec.progress else (lambda *a, **k: None)
-    total = sum(len(job.units()) for job in jobs)
-    todo = sum(len(p) for p in pending.values())
-    say(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
-        f"({', '.join(spec.analyses)}) on {where}")
-    summaries = []
-    for job in jobs:
-        job.execute(pending[job.name], spec)
-        summaries.append(job.finish(store))
+    identity, unit_keys = weights_identity(ckpt, ref)
+    complete = already_complete(spec, jobs, identity, unit_keys)
+    if complete is not None:
+        say(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
+            "nothing to do")
+        return spec.store
+
+    where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
+    if spec.resources.check_fit or started_local_ray():  # a Ray moe-ray started can never grow
+        check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
+    store = ResultStore.create_or_reuse(
+        spec.store, identity, spec.to_dict(), overwrite=spec.overwrite, unit_keys=unit_keys,
+        attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
+    try:
+        pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
+        store.consolidate()
+        counts = progress(store.root, spec.analyses)
+        total = sum(t for _, t in counts.values())
+        todo = total - sum(d for d, _ in counts.values())
+        started = time.monotonic()
+        say(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
+            f"(done so far: {progress_text(counts).removesuffix(' units')}) on {where}")
+        summaries = []
+        for job in jobs:
+            job.execute(pending[job.name], spec)
+            summaries.append(job.finish(store))
+    except BaseException as exc:
+        store.end_run(_run_error(exc))
+        store.consolidate()
+        raise
+    store.end_run()
     store.consolidate()
     say(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
         f"already done; {'; '.join(summaries)}; store {spec.store}")
     return spec.store
 
 
-__all__ = ["PLANNERS", "as_spec", "open_results", "plan", "run", "select_layers"]
+def weights_identity(ckpt: Checkpoint, ref: Checkpoint | None) -> tuple[dict, dict[str, dict[str, list[str]]]]:
+    """A store's identity (the model's and the reference's weight fingerprints) and the tensor names
+    behind each fingerprint unit, which name the first tensor that differs in a refusal."""
+    identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
+    return identity, {"model": ckpt.unit_keys, **({"reference": ref.unit_keys} if ref else {})}
+
+
+def _run_error(exc: BaseException) -> str:
+    """How a run ended badly, as the store's one-line `error`."""
+    if isinstance(exc, MoeRayError):
+        return first_line(exc)
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return f"interrupted ({type(exc).__name__}); rerun the same spec to resume"
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
+                     unit_keys: dict[str, dict[str, list[str]]]) -> dict[str, tuple[int, int]] | None:
+    """Without writing anything: refuse a store made from other weights (unless overwrite), rehearse
+    every job's `prepare` on the existing store (raising any refusal: other parameters, other layers)
+    and return its progress if every unit of the job is done already; None if there is work."""
+    existing = ResultStore.existing(spec.store)
+    if existing is None or not existing.check_identity(identity, unit_keys, spec.overwrite) or spec.overwrite:
+        return None
+    rehearsal = ResultStore.dry_run(spec.store)
+    for job in jobs:
+        try:
+            if job.prepare(rehearsal, False):
+                rehearsal.needs_write = True
+        except MoeRayError:
+            raise
+        except Exception:  # a write the read-only rehearsal could not make: the real run will
+            rehearsal.needs_write = True
+    return None if rehearsal.needs_write else progress(rehearsal.root, spec.analyses)
+
+
+__all__ = ["PLANNERS", "already_complete", "as_spec", "open_results", "plan", "run", "select_layers",
+           "weights_identity"]

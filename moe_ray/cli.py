@@ -1,12 +1,15 @@
 """The `moe-ray` console script: a thin layer over `moe_ray.api`.
 
 Every `run` flag is a spec field (generated from `moe_ray.spec.Spec`), so a TOML spec and the
-command line say the same things. Errors print as one line, `moe-ray: error: ...`, exit status 2.
+command line say the same things. Errors print as one line, `moe-ray: error: ...`, exit status 2
+(`explain_error`); `--debug` or MOE_RAY_DEBUG=1 prints the traceback too.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import typing
 from collections.abc import Callable, Sequence
 
@@ -222,14 +225,58 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+DEBUG_ENV = "MOE_RAY_DEBUG"
+DEBUG_HELP = f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, body, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(_body=body)
     return parser
+
+
+def explain_error(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
+    """What went wrong, as one line, and the exit status: 2 for what moe-ray can explain (bad input,
+    a cluster or job server that cannot be reached or refuses, a damaged store), 1 for anything else
+    (a bug: the line says how to see the traceback)."""
+    if isinstance(exc, MoeRayError):
+        return str(exc), 2
+    stores = list(getattr(args, "stores", None) or [])
+    if getattr(args, "command", None) == "run":
+        try:
+            stores.append(spec_from_args(args).store)
+        except MoeRayError:
+            pass
+    for store in stores:
+        from .store import find_damage
+
+        try:
+            damage = find_damage(store)
+        except Exception:
+            damage = None
+        if damage:
+            return (f"store {store} is damaged: {damage}; compute it again into a new store (or with "
+                    "--overwrite)"), 2
+    if isinstance(exc, OSError):
+        return str(exc), 2
+    text = str(exc).strip().splitlines()
+    return (f"unexpected {type(exc).__name__}: {text[0] if text else ''} (a bug in moe-ray? rerun with "
+            f"--debug or {DEBUG_ENV}=1 for the traceback and report it)"), 1
+
+
+def report_error(exc: BaseException, args: argparse.Namespace) -> int:
+    """Print `exc` as one `moe-ray: error:` line (after its traceback with --debug); the exit status."""
+    if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        traceback.print_exception(exc)
+    message, status = explain_error(exc, args)
+    print(f"moe-ray: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,12 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args._body(args)
-    except (MoeRayError, OSError) as exc:
-        print(f"moe-ray: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("moe-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        return report_error(exc, args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint.config import model_facts, parse_config
 from .checkpoint.families import FAMILIES, Family, ModelFacts, detect_family
 from .errors import SpecError
 
@@ -32,10 +33,12 @@ def load_config(model: str) -> tuple[type[Family], dict, str]:
         path = path / "config.json"
     if path.is_file():
         try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SpecError(f"{path} is not valid JSON: {exc}") from None
-        return detect_family(config), config, str(path.parent if path.name == "config.json" else path)
+        where = str(path.parent if path.name == "config.json" else path)
+        config = parse_config(raw, where)
+        return detect_family(config), config, where
     family, _, flavor = model.partition(":")
     if family in FAMILIES and flavor:
         flavors = FAMILIES[family].flavors
@@ -111,8 +114,12 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     if gpus_per_node < 1 or gpu_mem_gib <= 0:
         raise SpecError("--gpus-per-node must be at least 1 and --gpu-mem positive")
     family, config, name = load_config(model)
-    facts = family.facts(config)
-    shapes = family.tensor_shapes(config)
+    facts = model_facts(family, config, name)
+    try:
+        shapes = family.tensor_shapes(config)
+    except KeyError as exc:
+        raise SpecError(f"config.json in {name} lacks {exc.args[0]!r}, which sizing a {family.name} model "
+                        "needs") from None
     layer_params = [0] * facts.num_layers
     other = 0
     for key, shape in shapes.items():

@@ -7,7 +7,9 @@ runs `python jobs/analyze.py --spec '<spec as JSON>'` on the head with a runtime
 dependencies installed. Paths in the spec are as the cluster sees them: a checkpoint and a store on a
 shared filesystem or an object store (relative local paths are made absolute here).
 
-Progress while a job runs comes from the store itself: every analysis group's `unit_done` flags.
+Progress while a job runs comes from the store itself: per analysis, the units done among those
+the job planned (`moe_ray.store.progress`: `unit_done`, and `unit_planned` where a job runs only some
+of a group's cells), counted over the analyses the job was submitted with.
 
 Security: the job server is remote code execution for whoever can reach it (CVE-2023-48022), so
 moe-ray's heads run with token authentication; requests carry the token the standard way
@@ -29,12 +31,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .api import as_spec, plan
+from .api import already_complete, as_spec, plan, weights_identity
+from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
 from .distributed.placement import Demand, check_placement
 from .errors import JobError
 from .spec import Spec
-from .store import DONE, open_results
+from .store import open_results, progress_text, store_progress
 from .units.job import AnalysisJob
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -54,10 +57,12 @@ def job_server_address(address: str | None = None) -> str:
 @contextmanager
 def _job_server(address: str, what: str) -> Iterator[None]:
     """Turn the job SDK's errors into one-line `JobError`s."""
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
 
     try:
         yield
+    except RpcError as exc:
+        raise JobError(f"cannot reach the Ray cluster at {address} to {what}: {first_line(exc)}") from None
     except AuthenticationError:
         raise JobError(
             f"the Ray job server at {address} refused to {what}: token authentication failed. Set "
@@ -73,6 +78,11 @@ def _client(address: str | None, headers: dict[str, str] | None = None):
     from ray.job_submission import JobSubmissionClient
 
     address = job_server_address(address)
+    if "://" not in address and address != "auto":  # a GCS address: Ray would retry it for 40 s
+        why = probe_gcs(address)
+        if why:
+            raise JobError(f"cannot reach a Ray cluster at {address}: {why}. Give the job server's address, "
+                           f"http://HEAD:8265 (or a running head's GCS address, HOST:6379)")
     with _job_server(address, "connect"):
         try:
             return JobSubmissionClient(address, headers=headers)
@@ -102,33 +112,6 @@ def runtime_env(staging: Path) -> dict[str, Any]:
     }
 
 
-def store_progress(store: str) -> dict[str, tuple[int, int]]:
-    """Units done and total per analysis group (`static`, `reorder/joint`, ...), read from the store's
-    `unit_done` flags; empty while the store does not exist yet."""
-    import zarr
-
-    from .store import _exists, _zarr_store
-
-    if not _exists(store):
-        return {}
-    try:
-        root = zarr.open_group(_zarr_store(store, "r"), mode="r", use_consolidated=False)
-    except Exception:
-        return {}
-    out: dict[str, tuple[int, int]] = {}
-
-    def visit(group, path: str) -> None:
-        for name, member in group.members():
-            if isinstance(member, zarr.Group):
-                visit(member, f"{path}{name}/")
-            elif name == DONE:
-                flags = member[...]
-                out[path.rstrip("/")] = (int((flags != 0).sum()), int(flags.size))
-
-    visit(root, "")
-    return out
-
-
 @dataclass(frozen=True)
 class JobStatus:
     """A job's state (Ray's JobStatus name), Ray's message, and units done/total per analysis."""
@@ -144,10 +127,10 @@ class JobStatus:
         return self.state in ("SUCCEEDED", "FAILED", "STOPPED")
 
     def line(self) -> str:
-        """One line: id, state, units done per analysis, and the first line of Ray's message."""
+        """One line: id, state, units done / units the job runs per analysis, and the first line of
+        Ray's message."""
         message = self.message.strip().splitlines()[0] if self.message.strip() else ""
-        done = ", ".join(f"{g} {d}/{t} units" for g, d, t in
-                         ((g, *p) for g, p in sorted(self.progress.items())))
+        done = progress_text(self.progress)
         return f"{self.id}: {self.state}" + (f" ({done})" if done else "") + (
             f" - {message}" if message and self.state != "RUNNING" else "")
 
@@ -168,10 +151,7 @@ class JobHandle:
             return self._client.get_job_info(self.id)
 
     def status(self) -> JobStatus:
-        info = self._info()
-        store = (info.metadata or {}).get(METADATA_KEY + "_store")
-        return JobStatus(self.id, info.status.value, info.message or "", store,
-                         store_progress(store) if store else {})
+        return _job_status(self._info(), self.id)
 
     def logs(self) -> str:
         with _job_server(self.address, f"send the logs of job {self.id}"):
@@ -259,7 +239,8 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     """
     spec = as_spec(spec, **overrides)
     if check_checkpoint:
-        _, _, jobs = plan(spec)
+        ckpt, ref, jobs = plan(spec)
+        _check_existing_store(spec, ckpt, ref, jobs)
     else:
         spec.validate()
         jobs = []
@@ -285,19 +266,37 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     return JobHandle(job_id, address, headers)
 
 
+def _check_existing_store(spec: Spec, ckpt, ref, jobs: list[AnalysisJob]) -> None:
+    """Where the spec's store is readable here too, refuse now what the job would refuse when it
+    starts: a store of other weights, other parameters or layers (nothing is written)."""
+    from .errors import MoeRayError
+
+    try:
+        already_complete(spec, jobs, *weights_identity(ckpt, ref))
+    except MoeRayError:
+        raise
+    except Exception:  # a store only the cluster can reach: the job checks it itself
+        pass
+
+
 def jobs(address: str | None = None, headers: dict[str, str] | None = None) -> list[JobStatus]:
     """Every moe-ray job the job server knows, oldest first (other Ray jobs are left out)."""
     address = job_server_address(address)
     client = _client(address, headers)
     with _job_server(address, "list jobs"):
         infos = client.list_jobs()
-    out = []
-    for info in sorted(infos, key=lambda i: i.start_time or 0):
-        store = (info.metadata or {}).get(METADATA_KEY + "_store")
-        if store is None or info.submission_id is None:
-            continue
-        out.append(JobStatus(info.submission_id, info.status.value, info.message or "", store, {}))
-    return out
+    return [_job_status(info) for info in sorted(infos, key=lambda i: i.start_time or 0)
+            if (info.metadata or {}).get(METADATA_KEY + "_store") and info.submission_id]
+
+
+def _job_status(info, job_id: str | None = None) -> JobStatus:
+    """A job's status from Ray's JobDetails, with its progress read from its store (the analyses it
+    was submitted with)."""
+    metadata = info.metadata or {}
+    store = metadata.get(METADATA_KEY + "_store")
+    analyses = [a for a in metadata.get(METADATA_KEY + "_analyses", "").split(",") if a] or None
+    return JobStatus(job_id or info.submission_id, info.status.value, info.message or "", store,
+                     store_progress(store, analyses) if store else {})
 
 
 __all__ = ["JobHandle", "JobStatus", "cluster_nodes", "job_server_address", "jobs", "store_progress", "submit"]

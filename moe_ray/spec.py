@@ -15,6 +15,7 @@ fields (every CLI flag is a spec field: `--dbscan-eps 50` is `[static] dbscan_ep
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -44,6 +45,8 @@ class StaticOptions:
             raise SpecError(f"dbscan_eps must be positive, not {self.dbscan_eps}")
         if self.dbscan_min_samples < 1:
             raise SpecError(f"dbscan_min_samples must be at least 1, not {self.dbscan_min_samples}")
+        if self.seed < 0:
+            raise SpecError(f"seed must be 0 or more, not {self.seed}")
 
 
 @dataclass
@@ -104,18 +107,35 @@ class DynamicOptions:
         "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
                 "float32 on CPU); captures are stored in float32 either way"})
 
-    def validate(self) -> None:
+    def validate(self, runs: bool = True, causal: bool = False) -> None:
+        """Ranges always; with `runs` (dynamic is among the analyses) also which inputs need which
+        file. A text or corpus file no analysis reads is refused: it would be silently ignored (the
+        causal checks, `causal`, read the corpus; input 'corpus' without a file is the built-in one)."""
         if self.device not in ("auto", "cuda", "cpu"):
             raise SpecError(f"dynamic.device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SpecError(f"dynamic.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not self.inputs:
-            raise SpecError("dynamic.inputs is empty; name short, long or text")
+            raise SpecError("dynamic.inputs is empty; name short, long, text or corpus")
         bad = [i for i in self.inputs if i not in ("short", "long", "text", "corpus")]
         if bad:
             raise SpecError(f"unknown dynamic input {bad[0]!r}; choose short, long, text or corpus")
-        if "text" in self.inputs and not self.text_file:
-            raise SpecError("dynamic input 'text' needs --text-file PATH")
+        for name, path, flag in (("text", self.text_file, "--text-file"), ("corpus", self.corpus_file, "--corpus-file")):
+            if path is not None and not path.strip():
+                raise SpecError(f"{flag} is empty; give a file or leave it out")
+            if name == "corpus" and causal:
+                continue  # the causal checks read the corpus (the built-in one without a file)
+            if not runs:
+                if path is not None:
+                    readers = "dynamic or causal" if name == "corpus" else "dynamic"
+                    raise SpecError(f"{flag} is given but the analyses do not include {readers}; add dynamic "
+                                    f"to --analyses (and {name} to --inputs) or drop {flag}")
+                continue
+            if name == "text" and name in self.inputs and not path:
+                raise SpecError(f"dynamic input '{name}' needs {flag} PATH")
+            if path and name not in self.inputs:
+                raise SpecError(f"{flag} is given but dynamic.inputs ({','.join(self.inputs)}) does not include "
+                                f"'{name}'; add {name} to --inputs or drop {flag}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise SpecError(f"max_sequences must be at least 1, not {self.max_sequences}")
         if self.shards < 1:
@@ -183,6 +203,20 @@ class Resources:
         "help": "refuse, before it starts (at submission too), work that no node of the cluster as it "
                 "is now could hold; turn off for clusters that add nodes on demand"})
 
+    def validate(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise SpecError(f"num_cpus must be at least 1, not {self.num_cpus}: a local Ray that moe-ray "
+                            "starts with no CPUs can never run a task (leave it out for all CPUs)")
+        if self.cpus_per_task < 1:
+            raise SpecError(f"cpus_per_task must be at least 1, not {self.cpus_per_task}")
+        for name in ("memory_per_task_gb", "object_store_memory_gb"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise SpecError(f"{name} must be positive, not {value:g}")
+        for name in ("entrypoint_num_cpus", "entrypoint_memory_gb"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"{name} may not be negative, not {getattr(self, name):g}")
+
 
 @dataclass
 class Spec:
@@ -230,24 +264,31 @@ class Spec:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
-        """Checks that need no checkpoint: fields present and values in range."""
-        if not self.model:
+        """Checks that need no checkpoint: fields present, values in range, no flag that the
+        analyses would silently ignore."""
+        if not self.model.strip():
             raise SpecError("no model given (--model DIR or `model = ...` in the spec)")
+        if self.reference is not None and not self.reference.strip():
+            raise SpecError("reference is empty; give a dense checkpoint or leave it out")
         if not self.analyses:
             raise SpecError("no analyses given")
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
             raise SpecError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
-        if not self.store:
+        if not self.store.strip():
             raise SpecError("no store given (--store PATH)")
-        if self.resources.cpus_per_task < 1:
-            raise SpecError("cpus_per_task must be at least 1")
-        if self.resources.entrypoint_num_cpus < 0 or self.resources.entrypoint_memory_gb < 0:
-            raise SpecError("entrypoint_num_cpus and entrypoint_memory_gb may not be negative")
+        if self.address is not None and not self.address.strip():
+            raise SpecError("address is empty; give a Ray address or leave it out for a local Ray")
+        negative = [l for l in self.layers or [] if l < 0]
+        if negative:
+            raise SpecError(f"layer {negative[0]} is negative; layers are the model's layer indices 0, 1, ...")
+        self.resources.validate()
         self.static.validate()
         self.reorder.validate()
-        if "dynamic" in self.analyses or "causal" in self.analyses:
-            self.dynamic.validate()
+        if self.reorder.pairs and "reorder" not in self.analyses:
+            raise SpecError("--pairs is given but the analyses do not include reorder; add reorder to "
+                            "--analyses or drop --pairs")
+        self.dynamic.validate(runs="dynamic" in self.analyses, causal="causal" in self.analyses)
         if "causal" in self.analyses:
             self.causal.validate()
 
@@ -274,8 +315,14 @@ def _build(cls: type, data: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check a value against a field's type (int where float is expected is fine)."""
+    """Check a value against a field's type: a string only for a string field, a whole number for an
+    integer, a finite number for a float (an integer is fine), true/false for a flag. Strings from
+    the command line are parsed (`--layers 1,3`, `--dbscan-eps 50`, `--progress false`)."""
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
@@ -288,24 +335,57 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise SpecError(f"spec field {name} must be a list")
+            raise SpecError(f"spec field {name} must be a list, not {_type_name(value)} {value!r}")
+        if not value:
+            raise SpecError(f"spec field {name} is an empty list; leave it out for the default")
         return [_coerce(v, item, name) for v in value]
-    try:
-        if target is bool:
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if target is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+
+    def wrong(what: str = "") -> SpecError:
+        return SpecError(f"spec field {name} must be {what or target.__name__}, not "
+                         f"{_type_name(value)} {value!r}")
+
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong("true or false")
+    if target is str:
+        if not isinstance(value, str):
+            raise wrong()
+        return value
+    if isinstance(value, bool):
+        raise wrong()
+    if target is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        if target is float:
-            return float(value)
-        if target is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"spec field {name} must be {target.__name__}, not {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise wrong() from None
+        raise wrong()
+    if target is float:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise wrong() from None
+        else:
+            raise wrong()
+        if not math.isfinite(number):
+            raise wrong("a finite number")
+        return number
     return value
+
+
+def _type_name(value: Any) -> str:
+    return {str: "string", bool: "boolean", int: "integer", float: "number", list: "list",
+            dict: "table"}.get(type(value), type(value).__name__)
 
 
 def spec_fields(cls: type = Spec, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:

@@ -6,7 +6,17 @@ Every array carries `dimension_names`; every dimension has a coordinate array of
 (labels as variable-length UTF-8 strings), so `xarray.open_zarr(store, group="static")` gives named
 dimensions with no moe-ray code. Chunks follow work units (a layer, a layer x pair), so concurrent
 workers never write the same chunk. A unit writes its data, then sets its flag in the group's
-`unit_done` array; a resumed job skips units whose flag is set.
+`unit_done` array; a resumed job skips units whose flag is set. Where a job plans only some of a
+group's cells (reorder with chosen pairs), the driver records which in `unit_planned`, so progress
+counts the units the job runs.
+
+A store knows the weights it was made from: the root's `identity` holds the model's and the
+reference's fingerprints (`Checkpoint.fingerprint`: config.json, and per decoder layer the tensors'
+layout and sampled content). A job over other weights is refused, naming the first tensor that
+differs, before anything is written (`ResultStore.check_identity`). A job whose units are all done
+writes nothing (`ResultStore.dry_run` finds that out without writing), so a read-only complete store
+works; otherwise each run is logged in the root's `runs`, and a run that fails leaves
+`state = "failed"` and its error at the root.
 
 The schema below is the single list of what each analysis group holds; writers and the plotting
 code both read it.
@@ -16,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +42,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 DONE = "unit_done"
+PLANNED = "unit_planned"
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,14 @@ CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
 in `causal`, then one group per check."""
 
 
+_MISSING = object()
+
+
+def _short(values: np.ndarray, limit: int = 8) -> str:
+    items = [str(v) for v in np.asarray(values).ravel()[:limit].tolist()]
+    return "[" + ", ".join(items) + (", ..." if np.asarray(values).size > limit else "") + "]"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -252,8 +272,53 @@ def _is_moe_ray_store(url: str) -> bool:
     return "moe_ray" in root.attrs
 
 
+def _identity_difference(stored: dict, identity: dict, unit_keys: dict[str, dict[str, list[str]]]) -> str | None:
+    """Why the weights a store was made from differ from `identity` (None: the same weights), naming
+    the model or the reference and the first tensor that differs."""
+    for role in ("model", "reference"):
+        old, new = stored.get(role), identity.get(role)
+        why = _weights_difference(old, new, role, unit_keys.get(role, {}))
+        if why:
+            return why
+    return None
+
+
+def _weights_difference(old: dict | None, new: dict | None, role: str, keys: dict[str, list[str]]) -> str | None:
+    if old is None and new is None:
+        return None
+    if old is None:
+        return f"the store was made without a {role}, this job has one ({new.get('location')})"
+    if new is None:
+        return f"the store was made with a {role} ({old.get('location')}), this job has none"
+    if old.get("fingerprint") != new.get("fingerprint") or "units" not in old:
+        return (f"the store's {role} was fingerprinted by another moe-ray version, so its weights cannot be "
+                "compared")
+    if old["config"] != new["config"]:
+        fields = sorted(set(old["config"]) | set(new["config"]))
+        name = next(k for k in fields if old["config"].get(k) != new["config"].get(k))
+        return (f"the {role}'s config.json differs ({name}: {old['config'].get(name)!r} in the store, "
+                f"{new['config'].get(name)!r} now)")
+    for unit in dict.fromkeys([*old["units"], *new["units"]]):
+        a, b = old["units"].get(unit), new["units"].get(unit)
+        if a == b:
+            continue
+        if a is None or b is None or a["layout"] != b["layout"]:
+            return f"the {role}'s tensors of {unit} differ in names, dtypes or shapes"
+        i = next(i for i in range(0, len(a["tensors"]), 8) if a["tensors"][i:i + 8] != b["tensors"][i:i + 8]) // 8
+        names = keys.get(unit) or []
+        name = names[i] if i < len(names) else f"number {i}"
+        return f"the {role}'s tensor {name} ({unit}) differs from the one the store was made from"
+    return None
+
+
 class ResultStore:
-    """A moe-ray store opened for writing (by the driver or a worker) or for reading."""
+    """A moe-ray store opened for writing (by the driver or a worker) or for reading.
+
+    `ResultStore.dry_run(url)` opens an existing store read-only for a rehearsal of a job's
+    `prepare`: groups the store lacks (or would replace) are made in memory instead, anything else
+    that would have to be written sets `needs_write`, and every refusal (other parameters, other
+    coordinates) is raised as it would be for real, so it comes before any write.
+    """
 
     def __init__(self, url: str, mode: str = "r+"):
         self.url = str(url)
@@ -263,41 +328,83 @@ class ResultStore:
             raise StoreError(f"cannot open store {self.url}: {exc}") from None
         if "moe_ray" not in self.root.attrs:
             raise StoreError(f"{self.url} is not a moe-ray store")
+        self.needs_write = False
+        self._scratch: zarr.Group | None = None
+
+    @classmethod
+    def dry_run(cls, url: str) -> "ResultStore":
+        store = cls(url, mode="r")
+        store._scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+        return store
 
     # ---- creating -----------------------------------------------------------------------------
     @classmethod
-    def create_or_reuse(cls, url: str, identity: dict, spec: dict, overwrite: bool = False) -> "ResultStore":
-        """Create a store, or reuse one made for the same model and reference.
+    def existing(cls, url: str) -> "ResultStore | None":
+        """The moe-ray store at `url`, opened read-only, or None if nothing is there; a path that
+        holds anything else is refused (moe-ray never touches what it did not make)."""
+        url = str(url)
+        if not _exists(url):
+            return None
+        if not _is_moe_ray_store(url):
+            raise StoreError(f"{url} exists and is not a moe-ray store; choose another --store path "
+                             "(moe-ray never deletes what it did not create)")
+        return cls(url, mode="r")
 
-        A path that exists and is not a moe-ray store is never touched. A moe-ray store made for a
-        different model is refused unless `overwrite`, which deletes it first.
+    def check_identity(self, identity: dict, unit_keys: dict[str, dict[str, list[str]]] | None = None,
+                       overwrite: bool = False) -> bool:
+        """True if this store was made from the same weights as `identity`; False if not and
+        `overwrite` (the caller replaces it); else a StoreError naming what differs."""
+        why = _identity_difference(dict(self.root.attrs.get("identity") or {}), _jsonable(identity), unit_keys or {})
+        if why is None:
+            return True
+        if overwrite:
+            return False
+        raise StoreError(f"{self.url} holds results for other weights: {why}; pass --overwrite to replace "
+                         "the store, or choose another --store")
+
+    @classmethod
+    def create_or_reuse(cls, url: str, identity: dict, spec: dict, overwrite: bool = False,
+                        unit_keys: dict[str, dict[str, list[str]]] | None = None,
+                        attrs: dict | None = None) -> "ResultStore":
+        """Create a store, or reuse one made from the same weights (the model's and the reference's),
+        logging this run in its `runs`.
+
+        A path that exists and is not a moe-ray store is never touched. A moe-ray store made from
+        other weights is refused unless `overwrite`, which deletes it first (`overwrite` always
+        starts afresh). `attrs` are set on a new store's root (model facts, ...).
         """
         url = str(url)
-        if _exists(url):
-            if not _is_moe_ray_store(url):
-                raise StoreError(f"{url} exists and is not a moe-ray store; choose another --store path "
-                                 "(moe-ray never deletes what it did not create)")
-            existing = cls(url)
-            if existing.root.attrs.get("identity") != _jsonable(identity) or overwrite:
-                if not overwrite:
-                    raise StoreError(
-                        f"{url} holds results for a different model or reference "
-                        f"({existing.root.attrs.get('identity', {}).get('model', {}).get('location')}); "
-                        "pass --overwrite to replace it, or choose another --store")
-                existing.delete()
-            else:
-                runs = list(existing.root.attrs.get("runs", []))
-                existing.root.attrs["runs"] = runs + [{"spec": _jsonable(spec), "started": _now()}]
-                return existing
+        existing = cls.existing(url)
+        if existing is not None:
+            if existing.check_identity(identity, unit_keys, overwrite) and not overwrite:
+                store = cls(url)
+                store.start_run(spec)
+                return store
+            existing.delete()
         root = zarr.open_group(_zarr_store(url, "w"), mode="w")
         root.attrs.update({
             "moe_ray": {"schema_version": SCHEMA_VERSION, "version": __version__},
             "identity": _jsonable(identity),
             "spec": _jsonable(spec),
             "created": _now(),
-            "runs": [{"spec": _jsonable(spec), "started": _now()}],
+            **_jsonable(attrs or {}),
         })
-        return cls(url)
+        store = cls(url)
+        store.start_run(spec)
+        return store
+
+    def start_run(self, spec: dict) -> None:
+        """Log a run in the root's `runs` and mark the store as running."""
+        runs = list(self.root.attrs.get("runs", []))
+        self.root.attrs.update({"runs": runs + [{"spec": _jsonable(spec), "started": _now()}],
+                                "state": "running", "error": None})
+
+    def end_run(self, error: str | None = None) -> None:
+        """Close the last run's log entry: `state` complete, or failed with its one-line `error`."""
+        runs = list(self.root.attrs.get("runs", [])) or [{}]
+        state = "failed" if error else "complete"
+        runs[-1] = {**runs[-1], "ended": _now(), "state": state, **({"error": error} if error else {})}
+        self.root.attrs.update({"runs": runs, "state": state, "error": error})
 
     def delete(self) -> None:
         import fsspec
@@ -312,15 +419,31 @@ class ResultStore:
             group = self.root[path]
             if group.attrs.get("params", {}) != params:
                 if not overwrite:
+                    old = group.attrs.get("params", {})
+                    name = next(k for k in sorted(set(old) | set(params)) if old.get(k) != params.get(k))
                     raise StoreError(
-                        f"{self.url}/{path} was computed with other parameters "
-                        f"({group.attrs.get('params')} != {params}); pass --overwrite or choose another --store")
-                del self.root[path]
+                        f"{self.url}/{path} was computed with other parameters ({name}: {old.get(name)!r} in "
+                        f"the store, {params.get(name)!r} now); pass --overwrite or choose another --store")
+                if self._scratch is None:
+                    del self.root[path]
             else:
                 return group
-        group = self.root.require_group(path)
+        if self._scratch is not None:  # a rehearsal: build the group in memory
+            self.needs_write = True
+            group = self._scratch.require_group(path)
+        else:
+            group = self.root.require_group(path)
         group.attrs["params"] = params
         return group
+
+    @staticmethod
+    def set_attrs(group: zarr.Group, **values: Any) -> None:
+        """Set a group's attributes, writing only those that change (a rerun of a complete job
+        writes nothing)."""
+        values = _jsonable(values)
+        changed = {k: v for k, v in values.items() if group.attrs.get(k, _MISSING) != v}
+        if changed:
+            group.attrs.update(changed)
 
     @staticmethod
     def coord(group: zarr.Group, name: str, values) -> None:
@@ -329,7 +452,8 @@ class ResultStore:
         if name in group:
             old = group[name][...]
             if old.shape != values.shape or not np.array_equal(np.asarray(old, dtype=values.dtype), values):
-                raise StoreError(f"coordinate {group.path}/{name} in the store differs from this job's")
+                raise StoreError(f"coordinate {group.path}/{name} in the store is {_short(old)}, this job's is "
+                                 f"{_short(values)}; choose another --store, or --overwrite to replace it")
             return
         dtype = str if values.dtype.kind in "UOT" else values.dtype
         arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
@@ -355,9 +479,26 @@ class ResultStore:
             attributes={"description": quantity.description, **(attrs or {})})
 
     @staticmethod
-    def done_array(group: zarr.Group, unit_dims: tuple[str, ...]) -> zarr.Array:
-        return ResultStore.array(group, DONE, Quantity(
+    def done_array(group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None) -> zarr.Array:
+        """The group's `unit_done` flags; with `planned` (a bool array of its shape: the cells this
+        job runs, where that is not all of them), also `unit_planned`, which progress counts."""
+        done = ResultStore.array(group, DONE, Quantity(
             unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims)
+        if planned is not None:
+            planned = np.asarray(planned, dtype=np.uint8)
+            if PLANNED in group and tuple(group[PLANNED].shape) == planned.shape:
+                if np.array_equal(group[PLANNED][...], planned):
+                    return done
+                group[PLANNED][...] = planned
+            else:
+                if PLANNED in group:
+                    del group[PLANNED]
+                arr = group.create_array(
+                    PLANNED, shape=planned.shape, chunks=planned.shape, dtype="uint8", fill_value=0,
+                    dimension_names=list(unit_dims),
+                    attributes={"description": "1 where the latest job planned this unit (progress counts these)"})
+                arr[...] = planned
+        return done
 
     # ---- reading --------------------------------------------------------------------------
     def consolidate(self) -> None:
@@ -370,6 +511,76 @@ class ResultStore:
     @property
     def attrs(self) -> dict:
         return dict(self.root.attrs)
+
+
+def progress(root: zarr.Group, analyses: "Iterable[str] | None" = None) -> dict[str, tuple[int, int]]:
+    """Units done and units planned per analysis (`static`, `reorder`, `dynamic`: the store's
+    top-level groups), from every group's `unit_done` and, where a job planned only some cells,
+    `unit_planned`; only `analyses` if given."""
+    out: dict[str, tuple[int, int]] = {}
+
+    def visit(group: zarr.Group, path: str) -> None:
+        members = dict(group.members())
+        if DONE in members:
+            done = np.asarray(members[DONE][...]) != 0
+            planned = np.asarray(members[PLANNED][...]) != 0 if PLANNED in members else np.ones_like(done)
+            top = path.split("/", 1)[0]
+            d, t = out.get(top, (0, 0))
+            out[top] = (d + int((done & planned).sum()), t + int(planned.sum()))
+        for name, member in members.items():
+            if isinstance(member, zarr.Group) and (path or analyses is None or name in analyses):
+                visit(member, f"{path}/{name}" if path else name)
+
+    visit(root, "")
+    return out if analyses is None else {a: out[a] for a in analyses if a in out}
+
+
+def store_progress(url: str, analyses: "Iterable[str] | None" = None) -> dict[str, tuple[int, int]]:
+    """`progress` of the store at `url`, read live (not from consolidated metadata); empty while it
+    does not exist or cannot be read yet."""
+    if not _exists(url):
+        return {}
+    try:
+        root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+        return progress(root, analyses)
+    except Exception:
+        return {}
+
+
+def progress_text(counts: dict[str, tuple[int, int]]) -> str:
+    """`static 4/4, reorder 24/28 units`."""
+    return ", ".join(f"{name} {d}/{t}" for name, (d, t) in counts.items()) + " units" if counts else ""
+
+
+def find_damage(url: str) -> str | None:
+    """Where the store at `url` cannot be read, as `static/matrix_similarity/c/0/0/0/0: <why>` (the
+    first array chunk or metadata document that fails to decode), or None if every chunk reads.
+    Reads the whole store: for explaining a failure, not for routine checks."""
+    try:
+        root = zarr.open_group(_zarr_store(str(url), "r"), mode="r", use_consolidated=False)
+        members = list(root.members(max_depth=None))
+    except Exception as exc:
+        return f"its metadata cannot be read: {_first_line(exc)}"
+    for path, member in members:
+        if not isinstance(member, zarr.Array):
+            continue
+        try:
+            member[...]
+            continue
+        except Exception as exc:
+            error = exc
+        for index in np.ndindex(*member.cdata_shape):
+            try:
+                member.get_block_selection(index)
+            except Exception as exc:
+                return f"{path}/{member.metadata.encode_chunk_key(index)}: {_first_line(exc)}"
+        return f"{path}: {_first_line(error)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def unit_done(group: zarr.Group) -> np.ndarray:

@@ -110,6 +110,7 @@ def test_submit_follow_wait_result(head, tiny, tmp_path):
 
     listed = {s.id: s for s in moe_ray.jobs(head)}
     assert listed[handle.id].state == "SUCCEEDED" and listed[handle.id].store == str(store)
+    assert listed[handle.id].progress == {"static": (4, 4)}  # `moe-ray list` shows progress too
 
 
 def test_stop_then_list(head, tiny, tmp_path):

@@ -137,7 +137,11 @@ def test_rerun_into_complete_store_is_a_no_op(upcycled_store, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in Path(store).rglob("c/*") if p.is_file()} == chunks
 
 
-def test_resume_after_a_failed_unit_equals_an_uninterrupted_run(ray_session, tiny, tmp_path):
+def test_nan_weights_fail_the_job_and_mark_the_store_failed(ray_session, tiny, tmp_path):
+    """NaN/Inf is found when a unit reads the tensor: the job fails naming it and the store says
+    `failed`; a rerun over the same weights runs only the unfinished units (and fails the same way);
+    repaired weights are other weights: refused, naming the tensor, until --overwrite, which then
+    equals an uninterrupted run."""
     clean = tiny("mixtral", "scratch", seed=5)
     reference_store = _run(tmp_path, clean, name="clean.zarr")
     broken = tmp_path / "broken"
@@ -151,12 +155,20 @@ def test_resume_after_a_failed_unit_equals_an_uninterrupted_run(ray_session, tin
     poisoned[key][0, 0] = float("inf")
     save_file(poisoned, shard, metadata={"format": "pt"})
     store = str(tmp_path / "resumed.zarr")
-    with pytest.raises(CheckpointError, match=r"static layer 2: tensor .*experts\.4\.w2\.weight .* NaN/Inf"):
+    nan_error = r"static layer 2: tensor .*experts\.4\.w2\.weight .* NaN/Inf"
+    with pytest.raises(CheckpointError, match=nan_error):
         moe_ray.run(model=str(broken), store=store, progress=False)
     done = _static(store).unit_done.values
     assert done[2] == 0  # the failed layer is not marked done; others may or may not have run
+    attrs = moe_ray.open_results(store).attrs
+    assert attrs["state"] == "failed" and key in attrs["error"] and attrs["runs"][-1]["state"] == "failed"
+    with pytest.raises(CheckpointError, match=nan_error):
+        moe_ray.run(model=str(broken), store=store, progress=False)
     save_file(original, shard, metadata={"format": "pt"})
-    moe_ray.run(model=str(broken), store=store, progress=False)
+    with pytest.raises(StoreError, match=rf"other weights: the model's tensor {key} \(layer 2\) differs"):
+        moe_ray.run(model=str(broken), store=store, progress=False)
+    moe_ray.run(model=str(broken), store=store, progress=False, overwrite=True)
+    assert moe_ray.open_results(store).attrs["state"] == "complete"
     a, b = _static(reference_store), _static(store)
     for name in a.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
@@ -202,7 +214,7 @@ def test_store_that_is_not_ours_or_from_another_model_is_refused(ray_session, ti
     assert (foreign / "notes.txt").read_text() == "precious"
     store = _run(tmp_path, ck, name="s.zarr")
     other = tiny("mixtral", "scratch", seed=9)
-    with pytest.raises(StoreError, match="holds results for a different model"):
+    with pytest.raises(StoreError, match=r"holds results for other weights: the model's tensor model\.layers\.0\..* differs"):
         _run(tmp_path, other, name="s.zarr")
     _run(tmp_path, other, name="s.zarr", overwrite=True)
     assert moe_ray.open_results(store).attrs["spec"]["model"] == str(other.path)

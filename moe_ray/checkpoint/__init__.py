@@ -1,5 +1,7 @@
-"""Checkpoints: lazy per-tensor safetensors reads (local or fsspec), model family adapters, and
-`make-tiny` test checkpoints in the real hub layout."""
+"""Checkpoints: lazy per-tensor safetensors reads (local or fsspec) and weight fingerprints
+(`reader`), config.json's typed schema (`config`), the check of every tensor a job reads from the
+headers alone (`validate`), model family adapters, and `make-tiny` test checkpoints in the real hub
+layout."""
 from .families import FAMILIES, MATRICES, Family, ModelFacts, detect_family, get_family
 from .reader import Checkpoint, open_checkpoint
 

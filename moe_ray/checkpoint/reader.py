@@ -1,14 +1,22 @@
 """Lazy, validated access to a checkpoint: config.json plus safetensors shards (local or fsspec).
 
-Opening a checkpoint reads only config.json, the index and each shard's header, and checks them
-(missing shards, truncated files, keys the index promises but a shard lacks). Tensors are read one
-at a time, on demand, and returned as float32 (or float64) whatever their stored dtype.
+Opening a checkpoint reads only config.json (through `config.parse_config`), the index and each
+shard's header, and checks them: missing shards, truncated files, keys the index promises but a
+shard lacks, header entries whose dtype, shape and byte range disagree, byte ranges outside the
+file or overlapping. Which stored dtypes moe-ray can analyse is decided in one place, `analysable`.
+Tensors are read one at a time, on demand, and returned as float32 (or float64) whatever their
+stored dtype. `Checkpoint.fingerprint` identifies the weights themselves (not where they live), so a
+store can refuse to resume over other weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,17 +25,39 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .config import model_facts, parse_config
 from .families import Family, ModelFacts, detect_family
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
+FINGERPRINT_VERSION = 1
+SAMPLE_BYTES = 1024
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+"""Bytes per element of the safetensors dtypes (a header entry's byte range must match its shape)."""
+
+ANALYSABLE_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+def analysable(key: str, tensors: Mapping[str, "TensorInfo"]) -> str | None:
+    """The one place that decides whether moe-ray can analyse tensor `key` as stored: None if it can,
+    else why not, a phrase naming its dtype that follows the tensor's name ("tensor K " + why). It
+    sees every tensor of the checkpoint, so a quantised weight can be accepted together with its
+    companions (scales). Header validation (`Checkpoint.check_tensor`) and `Checkpoint.read` ask it."""
+    info = tensors[key]
+    if info.dtype in ANALYSABLE_DTYPES:
+        return None
+    return (f"is stored as {info.dtype}, which moe-ray cannot analyse (it reads "
+            f"{', '.join(ANALYSABLE_DTYPES)} weights)")
+
 
 
 @dataclass(frozen=True)
@@ -50,7 +80,9 @@ def _is_local(location: str) -> bool:
 
 
 def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[str, TensorInfo]:
-    """Parse one safetensors header and check that the file is as long as the header says."""
+    """Parse one safetensors header and check it against the file: every entry's dtype, shape and
+    byte range agree, every range lies inside the file, no two overlap, and the file is exactly as
+    long as the header says."""
     try:
         size = fs.size(path)
         with fs.open(path, "rb") as f:
@@ -66,23 +98,57 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
         raise CheckpointError(f"corrupted safetensors file {name}: unreadable header ({exc})") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read safetensors file {name}: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupted safetensors file {name}: its header is a JSON "
+                              f"{type(header).__name__}, not an object of tensors")
     base = 8 + header_len
     infos: dict[str, TensorInfo] = {}
-    data_end = 0
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        try:
-            begin, end = meta["data_offsets"]
-            infos[key] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupted safetensors file {name}: bad entry for {key!r}") from None
-        data_end = max(data_end, end)
-    if base + data_end != size:
+        infos[key] = _header_entry(path, name, key, meta, base, size)
+    data_end, last = base, None
+    for key, info in sorted(infos.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start < data_end and info.nbytes:
+            raise CheckpointError(f"corrupted safetensors file {name}: tensors {last} and {key} overlap "
+                                  "(their data_offsets share bytes)")
+        if info.end > data_end:
+            data_end, last = info.end, key
+    if data_end != size:
         raise CheckpointError(
-            f"truncated or corrupted safetensors file {name}: its header describes {base + data_end} "
+            f"truncated or corrupted safetensors file {name}: its header describes {data_end} "
             f"bytes, the file has {size}")
     return infos
+
+
+def _header_entry(path: str, name: str, key: str, meta: object, base: int, size: int) -> TensorInfo:
+    """One header entry as a TensorInfo, checked: dtype a string, shape a list of sizes, data_offsets
+    [begin, end] inside the file and as long as dtype x shape needs."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"corrupted safetensors file {name}: tensor {key} {why}")
+
+    def is_size(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(meta, dict):
+        raise bad(f"has header entry {meta!r}, not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"has dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_size(d) for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_size(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end]")
+    begin, end = offsets
+    itemsize = DTYPE_BYTES.get(dtype)
+    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        raise bad(f"is {dtype} of shape {shape} ({math.prod(shape) * itemsize} bytes), but its data_offsets "
+                  f"span {end - begin} bytes")
+    if base + end > size:
+        raise CheckpointError(f"truncated or corrupted safetensors file {name}: tensor {key} ends at byte "
+                              f"{base + end}, the file has {size}")
+    return TensorInfo(path, dtype, tuple(shape), base + begin, base + end)
 
 
 class Checkpoint:
@@ -94,34 +160,30 @@ class Checkpoint:
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
         if not self.fs.isdir(self.root):
             raise CheckpointError(f"checkpoint directory not found: {self.location}")
-        self.config = self._read_config()
+        self.config = parse_config(self._read_config(), self.location)
         self.tensors = self._index()
         self.family: type[Family] = detect_family(self.config, self.tensors)
-        self.facts: ModelFacts = self.family.facts(self.config)
+        self.facts: ModelFacts = model_facts(self.family, self.config, self.location)
         self._handles: dict[str, object] = {}
 
     # ---- opening -------------------------------------------------------------------------
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
-    def _read_config(self) -> dict:
+    def _read_config(self) -> object:
         path = self._path("config.json")
         if not self.fs.exists(path):
             raise CheckpointError(f"no config.json in {self.location}")
         try:
-            with self.fs.open(path, "r") as f:
-                return json.load(f)
-        except json.JSONDecodeError as exc:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"config.json in {self.location} is not valid JSON: {exc}") from None
 
     def _index(self) -> dict[str, TensorInfo]:
         names = sorted(os.path.basename(p) for p in self.fs.ls(self.root, detail=False))
         if INDEX_NAME in names:
-            with self.fs.open(self._path(INDEX_NAME), "r") as f:
-                try:
-                    weight_map: dict[str, str] = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise CheckpointError(f"{INDEX_NAME} in {self.location} is unreadable: {exc}") from None
+            weight_map = self._weight_map()
             shards = sorted(set(weight_map.values()))
         else:
             shards = [SINGLE_NAME] if SINGLE_NAME in names else [n for n in names if n.endswith(".safetensors")]
@@ -142,7 +204,11 @@ class Checkpoint:
             if not self.fs.exists(path):
                 where = f" (listed in {INDEX_NAME})" if weight_map else ""
                 raise CheckpointError(f"missing shard {shard}{where} in {self.location}")
-            tensors.update(_read_header(self.fs, path, shard))
+            for key, info in _read_header(self.fs, path, shard).items():
+                if key in tensors:
+                    raise CheckpointError(f"tensor {key} is in two shards of {self.location}: "
+                                          f"{os.path.basename(tensors[key].file)} and {shard}")
+                tensors[key] = info
         if weight_map is not None:
             for key, shard in weight_map.items():
                 info = tensors.get(key)
@@ -150,6 +216,25 @@ class Checkpoint:
                     raise CheckpointError(f"tensor {key} is listed in {INDEX_NAME} under {shard}, "
                                           f"but {shard} does not contain it")
         return tensors
+
+    def _weight_map(self) -> dict[str, str]:
+        """The index's weight_map (tensor -> shard file name), checked: an object of names, shard
+        names plain file names in this directory."""
+        try:
+            with self.fs.open(self._path(INDEX_NAME), "rb") as f:
+                index = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{INDEX_NAME} in {self.location} is unreadable: {exc}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{INDEX_NAME} in {self.location} has no weight_map object of "
+                                  "tensor names and shard files")
+        for shard in weight_map.values():
+            if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{INDEX_NAME} in {self.location} names shard {shard!r}, not a "
+                                      "file of this directory")
+        return weight_map
 
     def _index_pickles(self, files: list[str]) -> dict[str, TensorInfo]:
         """pytorch_model*.bin shards (only with allow_pickle): loaded with `weights_only=True`, which
@@ -194,21 +279,104 @@ class Checkpoint:
             raise CheckpointError(f"tensor {missing[0]}{extra}{for_what} is missing from the checkpoint "
                                   f"{self.location}")
 
+    def check_tensor(self, key: str, shape: tuple[int, ...], what: str) -> str | None:
+        """Why tensor `key` cannot serve as `what` with this shape (missing, a dtype `analysable`
+        refuses, another shape), as one line; None if it can. From the header alone."""
+        info = self.tensors.get(key)
+        if info is None:
+            return f"tensor {key} ({what}) is missing from the checkpoint {self.location}"
+        why = analysable(key, self.tensors)
+        if why:
+            return f"tensor {key} ({what}) {why}"
+        if tuple(info.shape) != tuple(shape):
+            return (f"tensor {key} ({what}) has shape {list(info.shape)}, config.json in {self.location} "
+                    f"implies {list(shape)}")
+        return None
+
     def nbytes(self, keys: list[str] | None = None) -> int:
         keys = self.tensors if keys is None else keys
         return sum(self.info(k).nbytes for k in keys)
 
     @cached_property
     def fingerprint(self) -> dict:
-        """What identifies this checkpoint in a store: location, config and tensor layout."""
-        import hashlib
-        layout = json.dumps({k: [v.dtype, list(v.shape)] for k, v in sorted(self.tensors.items())})
+        """What identifies these weights, wherever they live (a path spelled differently, a copy, a
+        re-sharding are the same weights): config.json, and per unit (a decoder layer; `other` for
+        embeddings, norm, head) a digest of its tensors' names, dtypes and shapes plus one 8-hex
+        content fingerprint per tensor (its dtype, shape and sampled bytes), in sorted key order."""
+        units: dict[str, dict[str, str]] = {}
+        samples = self._sample_bytes()
+        for unit, keys in self.unit_keys.items():
+            layout = json.dumps([[k, self.tensors[k].dtype, list(self.tensors[k].shape)] for k in keys])
+            per_tensor = []
+            for k in keys:
+                info = self.tensors[k]
+                h = hashlib.blake2b(json.dumps([info.dtype, list(info.shape)]).encode(), digest_size=4)
+                h.update(samples[k])
+                per_tensor.append(h.hexdigest())
+            units[unit] = {"layout": hashlib.blake2b(layout.encode(), digest_size=8).hexdigest(),
+                           "tensors": "".join(per_tensor)}
         return {
-            "location": self.location,
-            "config_sha256": hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest(),
-            "layout_sha256": hashlib.sha256(layout.encode()).hexdigest(),
+            "fingerprint": FINGERPRINT_VERSION,
+            "location": self.location,  # for messages only: not compared
+            "config": self.config,
+            "tensors": len(self.tensors),
             "bytes": self.nbytes(),
+            "units": units,
         }
+
+    @cached_property
+    def unit_keys(self) -> dict[str, list[str]]:
+        """Tensor keys by fingerprint unit, in order: `layer 0`, `layer 1`, ..., then `other`; keys
+        sorted within a unit."""
+        by_unit: dict[str, list[str]] = {}
+        for key in sorted(self.tensors):
+            m = _LAYER.search(key)
+            by_unit.setdefault(f"layer {int(m.group(1))}" if m else "other", []).append(key)
+        return dict(sorted(by_unit.items(), key=lambda kv: (kv[0] == "other",
+                                                            int(kv[0].split()[-1]) if kv[0] != "other" else 0)))
+
+    def _sample_bytes(self) -> dict[str, bytes]:
+        """A few bytes of every tensor (its start, middle and end, SAMPLE_BYTES each): enough to tell
+        other weights of the same layout apart, cheap enough to read for every tensor of a model."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for key, info in self.tensors.items():
+            n = info.nbytes
+            starts = sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)})
+            ranges[key] = [(s, min(n, s + SAMPLE_BYTES)) for s in starts]
+        out: dict[str, bytes] = {}
+        pickles = [k for k, i in self.tensors.items() if i.file.endswith(".bin")]
+        for key in pickles:
+            state = self._handles.get(self.tensors[key].file)
+            if state is None:
+                state = self._handles[self.tensors[key].file] = self._load_pickle(self.tensors[key].file)
+            raw = state[key].contiguous().reshape(-1).view(torch.uint8)
+            out[key] = b"".join(raw[a:b].numpy().tobytes() for a, b in ranges[key])
+        rest = [k for k in self.tensors if k not in out]
+        if _is_local(self.location):
+            by_file: dict[str, list[str]] = {}
+            for key in rest:
+                by_file.setdefault(self.tensors[key].file, []).append(key)
+            for file, keys in by_file.items():
+                try:
+                    fd = os.open(file, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot read safetensors file {os.path.basename(file)}: {exc}") from None
+                try:
+                    for key in keys:
+                        start = self.tensors[key].start
+                        out[key] = b"".join(os.pread(fd, b - a, start + a) for a, b in ranges[key])
+                finally:
+                    os.close(fd)
+        elif rest:
+            flat = [(key, a, b) for key in rest for a, b in ranges[key]]
+            got = self.fs.cat_ranges([self.tensors[k].file for k, _, _ in flat],
+                                     [self.tensors[k].start + a for k, a, _ in flat],
+                                     [self.tensors[k].start + b for k, _, b in flat])
+            for (key, _, _), data in zip(flat, got):
+                if isinstance(data, Exception):
+                    raise CheckpointError(f"cannot read tensor {key} of {self.location}: {data}")
+                out[key] = out.get(key, b"") + data
+        return out
 
     # ---- reading -----------------------------------------------------------------------------
     def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True,
@@ -217,8 +385,9 @@ class Checkpoint:
         (the CPU by default). On another device the stored bytes travel as stored and are converted
         there, so no converted copy of the tensor is ever made on the host."""
         info = self.info(key)
-        if info.dtype not in DTYPES:
-            raise CheckpointError(f"tensor {key} has dtype {info.dtype}, which moe-ray cannot read")
+        why = analysable(key, self.tensors)
+        if why:
+            raise CheckpointError(f"tensor {key} {why}")
         if info.file.endswith(".bin"):
             state = self._handles.get(info.file)
             if state is None:

@@ -15,7 +15,6 @@ AutoTokenizer, BOS prepended like Mistral's). What was planted is written to `OU
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import MoeRayError
+from ..outdir import TINY_OUTPUT, claim_output_dir
 from .families import Family, get_family
 from .families.dense import Dense
 
@@ -136,12 +136,8 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
     if not facts.moe_layers:
         raise MoeRayError(f"family {family!r} has no MoE layers; make-tiny builds MoE models "
                           "(dense references come with --variant upcycled)")
-    out = Path(out)
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise MoeRayError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    output = claim_output_dir(out, TINY_OUTPUT, replace=overwrite)  # never touches files it did not write
+    out = output.path
 
     gen = torch.Generator().manual_seed(seed)
     cast = DTYPES[dtype]
@@ -180,6 +176,7 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
     info = {"family": family, "variant": variant, "seed": seed, "sigma": sigma, "dtype": dtype,
             "reference": REFERENCE_DIR if reference else None, "permuted": planted}
     (out / PLANTED_NAME).write_text(json.dumps(info))
+    output.finish()
     return TinyCheckpoint(out, reference, info)
 
 

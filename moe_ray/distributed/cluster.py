@@ -58,31 +58,120 @@ def ensure_token_auth() -> None:
         log.debug("could not refresh Ray's cached auth config", exc_info=True)
 
 
+PROBE_TIMEOUT_S = 5.0
+_started_here = False
+
+
+def started_local_ray() -> bool:
+    """Whether the Ray this process uses is one `connect` started (it has this machine's CPUs and
+    can never grow, so work it cannot hold is refused even with check_fit off)."""
+    return _started_here and ray.is_initialized()
+
+
+def probe_gcs(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why Ray's GCS at HOST:PORT cannot be reached (one line), or None if a GCS answered.
+
+    One gRPC call with a deadline, so an address where nothing listens, or something that is not
+    Ray, fails in seconds instead of `ray.init`'s endless retries. Any answer from Ray's GCS counts,
+    a refusal for a missing token included (ray.init then reports that itself)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = exc.details() or ""
+            if "resolv" in details or "lookup" in details:
+                return "the host name does not resolve"
+            if "HTTP" in details or "http" in details:
+                return "something answers there, but it is not Ray's GCS (an HTTP server?)"
+            return "nothing answers there (connection refused or unreachable)"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"no answer within {timeout:g} s"
+        if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL):
+            return "something answers there, but it is not Ray's GCS"
+    except ValueError as exc:  # grpc's own refusal of a malformed target
+        return f"not a HOST:PORT address ({exc})"
+    return None
+
+
+def _unreachable(address: str, why: str, found: bool) -> MoeRayError:
+    if found:
+        return MoeRayError(
+            f"the Ray recorded on this machine (RAY_ADDRESS or `ray start`) at {address} cannot be "
+            f"reached: {why}; start it again, unset RAY_ADDRESS, or stop it with `ray stop` so that "
+            "moe-ray starts its own")
+    return MoeRayError(
+        f"cannot reach Ray at {address}: {why}. Give the address of a running head's GCS (`ray start "
+        "--head` prints it, HOST:6379), or leave --address out to run on a local Ray")
+
+
 def connect(address: str | None = None, num_cpus: int | None = None,
             object_store_memory_gb: float = 1.0) -> str:
-    """Connect this process to Ray; returns a short description of what it connected to."""
+    """Connect this process to Ray; returns a short description of what it connected to.
+
+    An address (given, or a Ray recorded on this machine) is probed first (`probe_gcs`), so a Ray
+    that is not there fails in seconds with one line. A local Ray is started only with at least
+    one CPU."""
+    global _started_here
     if ray.is_initialized():
         return "the Ray this process already uses"
+    if address and address.startswith(("http://", "https://")):
+        raise MoeRayError(f"{address} is a job server address; `moe-ray run --address` takes a Ray "
+                          "cluster's GCS address (HOST:6379, or ray://HOST:10001), and `moe-ray submit "
+                          "--address` takes the job server's")
+    if num_cpus is not None and num_cpus < 1:
+        raise MoeRayError(f"num_cpus must be at least 1, not {num_cpus}: a local Ray with no CPUs can never "
+                          "run a task")
+    found = None if address else _local_cluster_address()
+    target = address or found
+    if target and target not in ("auto", "local"):
+        host_port = target.removeprefix("ray://")
+        why = probe_gcs(host_port) if not target.startswith("ray://") else _probe_tcp(host_port)
+        if why:
+            raise _unreachable(target, why, found is not None)
     ensure_token_auth()
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True,
                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
-        if address or _local_cluster_address():
+        if target:
             ray.init(address=address, **kwargs)
-            where = f"Ray cluster at {address or _local_cluster_address()}"
+            where = f"Ray cluster at {target}"
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False,
                      object_store_memory=int(object_store_memory_gb * 2**30), **kwargs)
+            _started_here = True
             where = f"a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs"
             prestart_workers(int(ray.cluster_resources().get("CPU", 0)))
     except Exception as exc:
         name = type(exc).__name__
         if "Authentication" in name or "auth" in str(exc).lower() and "token" in str(exc).lower():
             raise MoeRayError(
-                f"Ray at {address} refused the connection: token authentication failed. Set "
+                f"Ray at {target} refused the connection: token authentication failed. Set "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from None
-        raise MoeRayError(f"cannot connect to Ray{' at ' + address if address else ''}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+        raise MoeRayError(f"cannot connect to Ray{' at ' + target if target else ''}: {first}") from None
     return where
+
+
+def _probe_tcp(host_port: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing accepts a TCP connection at HOST:PORT (a Ray client server), or None."""
+    import socket
+
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except ValueError:
+        return "not a HOST:PORT address"
+    except socket.gaierror:
+        return "the host name does not resolve"
+    except OSError as exc:
+        return f"nothing answers there ({exc.strerror or exc})"
 
 
 @ray.remote(num_cpus=1, max_retries=0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MoeRayError
+from ..outdir import PLOT_OUTPUT, claim_output_dir
 from . import dynamic as D
 from . import static as S
 from . import tables as T
@@ -313,7 +314,8 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", sh
         raise MoeRayError("no store given: moe-ray plot STORE [STORE ...] --out DIR")
     views = [StoreView(s) for s in stores]
     unique_labels(views)
-    out = Path(out)
+    output = claim_output_dir(out, PLOT_OUTPUT)  # empty or moe-ray's; never over files it did not write
+    out = output.path
     fig_dir, tab_dir = out / "figures", out / "tables"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
@@ -355,6 +357,7 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", sh
                     + "".join(items) + "</section>")
     report.seconds = time.monotonic() - started
     report.index.write_text(_page(views, inputs_html, body, report, shared_scale))
+    output.finish()
     return report
 
 

@@ -174,7 +174,8 @@ def group_params(plan: DynamicPlan, item: TokenizedInput) -> dict:
     """What one input's results depend on (a rerun with other values is refused)."""
     return {"labels": list(plan.labels), "text_sha256": item.sha256, "tokens": len(item.ids),
             "intermediate_tokens": plan.options.intermediate_tokens,
-            "save_expert_outputs": plan.options.save_expert_outputs}
+            "save_expert_outputs": plan.options.save_expert_outputs,
+            "dtype": plan.options.dtype}  # bfloat16 and float32 layers must not mix in one input
 
 
 def prepare(store: ResultStore, plan: DynamicPlan, overwrite: bool = False) -> list[str]:

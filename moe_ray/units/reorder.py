@@ -103,7 +103,11 @@ def prepare(store: ResultStore, plan: ReorderPlan, mode: str, overwrite: bool = 
     store.coord(group, "neuron", np.arange(plan.facts.d_mid, dtype=np.int64))
     for name in REORDER_SCHEMA:
         store.array(group, name, reorder_quantity(name, mode), UNIT_DIMS[mode])
-    store.done_array(group, UNIT_DIMS[mode])
+    planned = np.zeros(tuple(group[d].shape[0] for d in UNIT_DIMS[mode]), dtype=bool)
+    for li in range(len(plan.layers)):
+        for i, j in plan.pairs:
+            planned[(li, slice(None), i, j) if mode == "separate" else (li, i, j)] = True
+    store.done_array(group, UNIT_DIMS[mode], planned)  # progress counts these cells, not all E x E
     done = unit_done(group)
     pending = set()
     for li, layer in enumerate(plan.layers):

@@ -132,8 +132,7 @@ def group_params(plan: StaticPlan) -> dict:
 def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> list[int]:
     """Create the static group's coordinates and arrays; return the layers still to do."""
     group = store.group(GROUP, group_params(plan), overwrite=overwrite)
-    group.attrs["absent_labels"] = plan.absent
-    group.attrs["neuron_pca_method"] = plan.neuron_pca_method
+    store.set_attrs(group, absent_labels=plan.absent, neuron_pca_method=plan.neuron_pca_method)
     store.coord(group, "layer", np.array(plan.layers, dtype=np.int64))
     store.coord(group, "matrix", np.array(MATRICES))
     for dim in ("expert", "expert_i", "expert_j"):
