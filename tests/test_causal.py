@@ -89,3 +89,177 @@ def test_bootstrap_is_token_weighted_seeded_and_vectorised():
 def test_corpus_loss_is_token_weighted():
     assert C.corpus_loss(np.array([10.0, 30.0]), np.array([5, 5])) == pytest.approx(4.0)
     assert C.corpus_loss(np.array([10.0, 30.0]), np.array([1, 9])) == pytest.approx(4.0)
+
+
+# ---- the family adapters' routing rules --------------------------------------------------------
+
+def test_every_familys_weights_of_its_own_choice_are_its_route():
+    """`weigh` (the weights a family gives any choice, used by norm routing) reproduces `route` on the
+    gate's own choice, and removing nothing changes nothing, for every family with a router."""
+    from moe_ray.checkpoint.families import FAMILIES
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(11, 8, generator=gen) * 2
+    for family in FAMILIES.values():
+        if family.router_key is None:
+            continue
+        config = family.tiny_config()
+        for renorm in (False, True):
+            config = dict(config, norm_topk_prob=renorm)
+            weights, experts = family.route(logits, 3, config)
+            torch.testing.assert_close(family.weigh(logits, experts, config), weights, msg=family.name)
+            same_w, same_e = family.route_without(logits, torch.zeros(11, 8, dtype=torch.bool), 3, config)
+            assert torch.equal(same_e, experts) and torch.equal(same_w, weights), family.name
+        removed = torch.zeros(11, 8, dtype=torch.bool)
+        removed[:, experts[:, 0]] = False
+        removed[torch.arange(11), experts[:, 0]] = True  # each token loses its favourite
+        w, e = family.route_without(logits, removed, 3, config)
+        assert not (e == experts[:, :1]).any(), family.name
+        assert (e[:, 0] == experts[:, 1]).all(), family.name  # the runner-up moves up
+
+
+# ---- the runtime: rows that route differently, the output head --------------------------------
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from moe_ray.checkpoint import open_checkpoint  # noqa: E402
+from moe_ray.runtime import LayerRange  # noqa: E402
+from moe_ray.runtime.causal import LayerActions, OutputHead, Variant, expert_outputs, routing_hooks, run_rows  # noqa: E402
+from test_compact_models import _attention, _mlp, _rms, _silu, _weights, grok_reference  # noqa: E402
+
+IDS = (torch.arange(19) * 29 + 11) % 500 + 3
+
+
+def _edit_checkpoint(path, edit) -> None:
+    """Apply `edit(tensors)` to a checkpoint's tensors (all shards at once), writing each shard back."""
+    files = sorted(path.glob("*.safetensors"))
+    shards = [load_file(f) for f in files]
+    tensors = {k: v for shard in shards for k, v in shard.items()}
+    edit(tensors)
+    for f, shard in zip(files, shards):
+        save_file({k: tensors[k].contiguous() for k in shard}, f, metadata={"format": "pt"})
+
+
+def mixtral_reference_nll(ckpt, ids, layer=None, removed=None, by_norm=False) -> float:
+    """The next-token loss of one sequence through a Mixtral-style model, float64, token by token from
+    the equations: RMSNorm, attention with RoPE, top-k of the router logits with a softmax over the k
+    (or, at `layer`, without expert `removed` / by output norm), the final norm and lm_head."""
+    W, cfg = _weights(ckpt), ckpt.config
+    eps, k, E = cfg["rms_norm_eps"], cfg["num_experts_per_tok"], cfg["num_local_experts"]
+    h = W["model.embed_tokens.weight"][ids]
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}"
+        h = h + _attention(_rms(h, W[f"{p}.input_layernorm.weight"], eps), W, f"{p}.self_attn", cfg,
+                           cfg["head_dim"] ** -0.5)
+        x = _rms(h, W[f"{p}.post_attention_layernorm.weight"], eps)
+        logits = x @ W[f"{p}.block_sparse_moe.gate.weight"].T
+        outs = torch.stack([_mlp(x, *(W[f"{p}.block_sparse_moe.experts.{e}.{n}.weight"] for n in ("w1", "w3", "w2")),
+                                 _silu) for e in range(E)], dim=1)  # [T, E, H]
+        m = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            allowed = [e for e in range(E) if not (l == layer and e == removed)]
+            key = outs[t].norm(dim=-1) if (l == layer and by_norm) else logits[t]
+            chosen = sorted(allowed, key=lambda e: -float(key[e]))[:k]
+            w = torch.softmax(logits[t, chosen], dim=0)
+            m[t] = sum(w[j] * outs[t, e] for j, e in enumerate(chosen))
+        h = h + m
+    out = _rms(h, W["model.norm.weight"], eps) @ W["lm_head.weight"].T
+    return float(sum(torch.logsumexp(out[t], 0) - out[t, ids[t + 1]] for t in range(len(ids) - 1)))
+
+
+@pytest.fixture(scope="module")
+def mixtral32(tmp_path_factory):
+    from moe_ray.checkpoint.tiny import make_tiny
+
+    return make_tiny("mixtral", "scratch", tmp_path_factory.mktemp("mix32") / "ckpt", seed=5, dtype="float32")
+
+
+def _nll(runner, head, rows_at=None, ids=IDS):
+    """Row losses of one pass: row 0 normal, then the variants `rows_at` {layer: [Variant]}."""
+    hidden, rows, _ = run_rows(runner, runner.embed(ids), [None], rows_at or {}, runner.facts.moe_layers)
+    return head.nll(hidden, ids).numpy(), rows
+
+
+def test_loss_of_one_sequence_equals_the_float64_reference(mixtral32):
+    """Planted truth: the next-token loss of one sequence, hand-computed from the equations in float64."""
+    ckpt = open_checkpoint(mixtral32.path)
+    runner, head = LayerRange(ckpt, 0, ckpt.facts.num_layers), OutputHead(ckpt)
+    nll, _ = _nll(runner, head)
+    expected = mixtral_reference_nll(ckpt, IDS)
+    assert nll[0] == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.5 * (len(IDS) - 1) * math.log(ckpt.config["vocab_size"])  # a random model: near log V
+
+
+def test_grok_head_is_tied_scaled_and_normed_by_its_scale(tiny):
+    """Grok: the final norm's weight is `model.norm.scale`, the head the embeddings, logits x
+    output_multiplier_scale (the float64 reference of test_compact_models, then its head by hand)."""
+    t = tiny("grok1", "scratch")
+    ckpt = open_checkpoint(t.path)
+    runner, head = LayerRange(ckpt, 0, ckpt.facts.num_layers), OutputHead(ckpt)
+    nll, _ = _nll(runner, head)
+    h, _ = grok_reference(ckpt, IDS)
+    W, cfg = _weights(ckpt), ckpt.config
+    out = _rms(h, W["model.norm.scale"], cfg["rms_norm_eps"]) @ W["model.embed_tokens.weight"].T
+    out = out * cfg["output_multiplier_scale"]
+    expected = float(sum(torch.logsumexp(out[t], 0) - out[t, IDS[t + 1]] for t in range(len(IDS) - 1)))
+    assert nll[0] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_moe", "grok1"])
+def test_each_blocks_experts_follow_the_rerouted_choice(tiny, family):
+    """The hook on a block's `experts` module reroutes exactly the rows asked, in every family's own
+    block: removing an expert, routing by norm and leaving out the shared expert give the sums of
+    expert outputs the family's rule implies, and the unmodified rows stay the same."""
+    ckpt = open_checkpoint(tiny(family, "scratch").path)
+    layer = ckpt.facts.moe_layers[0]
+    runner = LayerRange(ckpt, layer, layer + 1)
+    block, fam, cfg, k = runner.layers[layer].mlp, ckpt.family, ckpt.config, ckpt.facts.top_k
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 9, ckpt.facts.d_hid, generator=gen)
+    batch = x.expand(4, -1, -1).contiguous()
+    rows = [None, Variant("ablate", layer, "3"), Variant("norm", layer),
+            Variant("ablate", layer, "SE") if ckpt.facts.shared_d_mid else None]
+    with torch.no_grad():
+        plain = block(x)[0]
+        with routing_hooks(runner, layer, LayerActions.of(rows, layer, [layer]), 9):
+            out = block(batch)
+        xs = x[0]
+        logits = xs @ fam.router_weight(block).T
+        outs = expert_outputs(runner, block, xs)
+
+        def routed(weights, experts):
+            return (weights[..., None] * outs.gather(1, experts[..., None].expand(-1, -1, outs.shape[-1]))).sum(1)
+        w, e = fam.route(logits, k, cfg)
+        shared = plain - routed(w, e)  # the shared expert's term (zero without one)
+        removed = torch.zeros_like(logits, dtype=torch.bool)
+        removed[:, 3] = True
+        w3, e3 = fam.route_without(logits, removed, k, cfg)
+        by_norm = C.topk_by_norm(outs.norm(dim=-1), k)
+    torch.testing.assert_close(out[0], plain, rtol=1e-6, atol=1e-7)  # the batch changes the kernels, not the math
+    assert not (e3 == 3).any()
+    torch.testing.assert_close(out[1], routed(w3, e3) + shared, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[2], routed(fam.weigh(logits, by_norm, cfg), by_norm) + shared, rtol=1e-4, atol=1e-5)
+    if ckpt.facts.shared_d_mid:
+        assert shared.abs().max() > 1e-3
+        torch.testing.assert_close(out[3], routed(w, e), rtol=1e-4, atol=1e-5)
+    else:
+        assert shared.abs().max() < 1e-5
+
+
+def test_rows_of_one_batch_equal_each_variant_run_alone_and_from_the_first_layer(mixtral32):
+    """Variants created at their layer inside one batch give the losses each gives alone, and the
+    losses a naive rerun of the whole model with the intervention gives (rows from layer 0)."""
+    ckpt = open_checkpoint(mixtral32.path)
+    runner, head = LayerRange(ckpt, 0, ckpt.facts.num_layers), OutputHead(ckpt)
+    variants = {0: [Variant("ablate", 0, "1"), Variant("norm_all", 0)], 2: [Variant("norm", 2), Variant("ablate", 2, "7")]}
+    together, rows = _nll(runner, head, variants)
+    assert rows == [None] + variants[0] + variants[2]
+    for i, v in enumerate(rows[1:], start=1):
+        alone, _ = _nll(runner, head, {v.layer: [v]})
+        naive = head.nll(run_rows(runner, runner.embed(IDS), [v], {}, ckpt.facts.moe_layers)[0], IDS).item()
+        assert together[i] == pytest.approx(alone[1], rel=1e-5)
+        assert together[i] == pytest.approx(naive, rel=1e-5)
+        assert abs(together[i] - together[0]) > 1e-4  # every intervention changes the loss here
+    assert together[0] == pytest.approx(_nll(runner, head)[0][0], rel=1e-6)
+    assert together[3] == pytest.approx(mixtral_reference_nll(ckpt, IDS, layer=2, by_norm=True), rel=1e-5)
+    assert together[4] == pytest.approx(mixtral_reference_nll(ckpt, IDS, layer=2, removed=7), rel=1e-5)

@@ -26,19 +26,22 @@ STATS = ("estimate", "low", "high")
 """What `bootstrap_delta` returns, in this order (the store's `stat` coordinate)."""
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood, nats: -log softmax(logits[..., t, :])[targets[t]] =
+    logsumexp(logits_t) - logits_t[targets_t], in float32; logits [..., n, V], targets [n]."""
+    logits = logits.float()
+    target = targets.to(device=logits.device, dtype=torch.long).expand(logits.shape[:-1]).unsqueeze(-1)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, target).squeeze(-1)
+
+
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood, nats: Σ_{t<T-1} -log softmax(logits[..., t, :])[ids[t+1]].
 
     logits [..., T, V] (any leading batch dims, e.g. one row per intervention), ids [T]; returns [...]
-    in float64. The per-token terms are logsumexp(logits_t) - logits_t[y] in the logits' precision
-    (float32), summed in float64."""
+    in float64 (the per-token terms of `token_nll` summed in float64)."""
     if logits.shape[-2] != ids.shape[-1]:
         raise ValueError(f"logits have {logits.shape[-2]} positions, ids {ids.shape[-1]}")
-    pred = logits[..., :-1, :].float()
-    target = ids[1:].to(device=logits.device, dtype=torch.long)
-    target = target.expand(pred.shape[:-1]).unsqueeze(-1)
-    per_token = torch.logsumexp(pred, dim=-1) - pred.gather(-1, target).squeeze(-1)
-    return per_token.double().sum(dim=-1)
+    return token_nll(logits[..., :-1, :], ids[1:]).double().sum(dim=-1)
 
 
 def topk_by_norm(norms: torch.Tensor, k: int) -> torch.Tensor:

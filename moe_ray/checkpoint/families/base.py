@@ -137,6 +137,61 @@ class Family:
         """The family's own top-k rule: (weights [tokens, k], expert indices [tokens, k])."""
         raise CheckpointError(f"{cls.name} models have no router")
 
+    # ---- routing interventions (the causal checks) --------------------------------------------
+    @classmethod
+    def topk_renormalized(cls, config: dict) -> bool:
+        """Whether the family rescales its chosen experts' weights to sum to 1 (`norm_topk_prob`;
+        Mixtral always: a softmax over the chosen logits)."""
+        return bool(config.get("norm_topk_prob", False))
+
+    @classmethod
+    def weigh(cls, router_logits: torch.Tensor, experts: torch.Tensor, config: dict,
+              block: torch.nn.Module | None = None) -> torch.Tensor:
+        """The weights the family's rule gives a chosen set of experts [tokens, k] (norm routing: a
+        choice other than the gate's): the softmax-over-all probabilities of the chosen experts,
+        renormalised over them where the family renormalises (`topk_renormalized`). `route` is
+        `weigh` applied to the gate's own choice (tested for every family)."""
+        weights = torch.softmax(router_logits.float(), dim=-1).gather(-1, experts.long())
+        if cls.topk_renormalized(config):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights
+
+    @classmethod
+    def route_without(cls, router_logits: torch.Tensor, removed: torch.Tensor, top_k: int, config: dict,
+                      block: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's rule on the model with the experts `removed` ([tokens, E] bool) deleted, as if
+        their router rows were gone: their logits are -inf, so the rule picks among the others and
+        normalises over them as it always does (a softmax over the remaining experts; over the chosen
+        ones where the family renormalises its top-k)."""
+        return cls.route(router_logits.float().masked_fill(removed, float("-inf")), top_k, config)
+
+    @classmethod
+    def shared_expert_module(cls, block: torch.nn.Module) -> torch.nn.Module | None:
+        """The module computing a built MoE block's shared expert (SE), whose output an ablation of
+        SE leaves out; None where the family has none."""
+        return None
+
+    # ---- output head (next-token loss) --------------------------------------------------------
+    final_norm_key: ClassVar[str] = "model.norm.weight"
+    """The final RMSNorm's weight, applied to the last layer's output before the output head."""
+
+    @classmethod
+    def output_head_key(cls, config: dict) -> str:
+        """The output projection [vocab, H]: `lm_head.weight`, or the embeddings where tied."""
+        return "model.embed_tokens.weight" if config.get("tie_word_embeddings", False) else "lm_head.weight"
+
+    @classmethod
+    def output_scale(cls, config: dict) -> float:
+        """What the output logits are multiplied by (1 for most models)."""
+        return 1.0
+
+    @classmethod
+    def final_norm(cls, hidden: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
+        """The final norm: RMSNorm, y = weight · x / sqrt(mean(x²) + rms_norm_eps), normalised in float32."""
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(config.get("rms_norm_eps", 1e-6)))
+        return weight * x.to(hidden.dtype)
+
     # ---- full-model layout (make-tiny, plan, meta-device skeletons) --------------------------
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:
