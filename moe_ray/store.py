@@ -174,7 +174,7 @@ CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
             ("sequence",), "tokens of each corpus sequence whose next token is predicted (its length - 1)", "int64"),
         "loss": Quantity(
             ("sequence",), "the unmodified model's next-token loss, -log p(token t+1 | tokens <= t) summed over "
-            "the sequence's predicted tokens (nats); the corpus loss is sum(loss) / sum(sequence_tokens)"),
+            "the sequence's predicted tokens (nats); the corpus loss is sum(loss) / sum(sequence_tokens)", "float64"),
     },
     "causal/norm_routing": {
         "topk_overlap": Quantity(
@@ -191,7 +191,7 @@ CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
         "loss": Quantity(
             ("layer", "sequence"), "next-token loss summed over the sequence (nats) when this layer routes by "
             "expert output norm (its top-k by norm, weighted as the family weighs a choice) and every other "
-            "layer as the model does"),
+            "layer as the model does", "float64"),
         "delta_loss": Quantity(
             ("layer", "stat"), "change of the corpus's loss per token (nats) from routing this layer by norm: "
             "the estimate and its bootstrap interval over sequences"),
@@ -199,7 +199,7 @@ CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
     "causal/norm_routing_all": {
         "loss": Quantity(
             ("sequence",), "next-token loss summed over the sequence (nats) when every analysed MoE layer "
-            "routes by expert output norm (norms taken on the hidden states this routing produces)"),
+            "routes by expert output norm (norms taken on the hidden states this routing produces)", "float64"),
         "delta_loss": Quantity(
             ("stat",), "change of the corpus's loss per token (nats) from routing every analysed MoE layer by "
             "norm: the estimate and its bootstrap interval over sequences"),
@@ -208,7 +208,7 @@ CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
         "loss": Quantity(
             ("layer", "expert", "sequence"), "next-token loss summed over the sequence (nats) with this expert "
             "removed from this layer's routing (the family's rule over the remaining experts; SE: the shared "
-            "expert's output left out)"),
+            "expert's output left out)", "float64"),
         "delta_loss": Quantity(
             ("layer", "expert", "stat"), "change of the corpus's loss per token (nats) from removing this "
             "expert: the estimate and its bootstrap interval over sequences"),

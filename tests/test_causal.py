@@ -1,6 +1,7 @@
 """Causal checks (issue 16): the pure math against hand-computed numbers."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -263,3 +264,126 @@ def test_rows_of_one_batch_equal_each_variant_run_alone_and_from_the_first_layer
     assert together[0] == pytest.approx(_nll(runner, head)[0][0], rel=1e-6)
     assert together[3] == pytest.approx(mixtral_reference_nll(ckpt, IDS, layer=2, by_norm=True), rel=1e-5)
     assert together[4] == pytest.approx(mixtral_reference_nll(ckpt, IDS, layer=2, removed=7), rel=1e-5)
+
+
+# ---- planted truths through the whole job (api.run on a local Ray) --------------------------------
+
+BETA = 100.0
+"""Gate-row scale of the norm-aligned model's experts (see `_plant_norm_aligned`)."""
+
+
+def _plant_norm_aligned(path, config) -> None:
+    """A Mixtral whose gate ranks experts exactly as their output norms do, for every token.
+
+    Router rows come in opposite pairs (r, -r), so at least half the logits z_e of any token are >= 0.
+    Expert e is W_down_e (silu(W_gate_e x) * W_up x) with every row of W_gate_e = BETA r_e, one W_up
+    shared by all experts and W_down_e = Q_e B (Q_e orthogonal): its output norm is
+    |silu(BETA z_e)| ||B W_up x||, the same factor for every expert times |silu(BETA z_e)|, which
+    increases with z_e wherever silu(BETA z) > 0.28 (the largest |silu| of a negative argument). So the
+    gate's top-k (the k largest z_e) is the top-k by norm as long as each token's k-th largest logit
+    exceeds 0.47 / BETA; the test checks that margin on the logits it sees."""
+    H, E, M = config["hidden_size"], config["num_local_experts"], config["intermediate_size"]
+    gen = torch.Generator().manual_seed(11)
+    up = torch.randn(M, H, generator=gen) * 0.02
+    base = torch.randn(H, M, generator=gen) * 0.002
+
+    def edit(t):
+        for layer in range(config["num_hidden_layers"]):
+            p = f"model.layers.{layer}.block_sparse_moe"
+            half = torch.randn(E // 2, H, generator=gen) / math.sqrt(H)
+            rows = torch.stack([half, -half], dim=1).reshape(E, H)
+            t[f"{p}.gate.weight"] = rows
+            for e in range(E):
+                q, _ = torch.linalg.qr(torch.randn(H, H, generator=gen))
+                t[f"{p}.experts.{e}.w1.weight"] = (BETA * rows[e]).expand(M, H).clone()
+                t[f"{p}.experts.{e}.w3.weight"] = up.clone()
+                t[f"{p}.experts.{e}.w2.weight"] = q @ base
+    _edit_checkpoint(path, edit)
+
+
+def _run_causal(ckpt_path, store, **causal):
+    from moe_ray import api
+
+    dynamic = causal.pop("dynamic", {})
+    top = {k: causal.pop(k) for k in ("layers", "overwrite") if k in causal}
+    api.run(model=str(ckpt_path), analyses=["causal"], store=str(store), progress=False,
+            dynamic={"max_sequences": 4, **dynamic}, causal={"bootstrap_resamples": 200, **causal}, **top)
+    return api.open_results(store)
+
+
+def test_gate_that_ranks_by_norm_agrees_and_norm_routing_changes_nothing(ray_session, tmp_path):
+    """Planted truth: agreement 1 and a loss change of 0 (float error) from norm routing, one layer at
+    a time and all layers at once."""
+    from moe_ray.checkpoint.tiny import make_tiny
+
+    t = make_tiny("mixtral", "scratch", tmp_path / "ckpt", seed=2, dtype="float32")
+    _plant_norm_aligned(t.path, json.loads((t.path / "config.json").read_text()))
+    ckpt = open_checkpoint(t.path)
+    runner = LayerRange(ckpt, 0, ckpt.facts.num_layers)
+    from moe_ray.data import corpus_sequences
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(t.path))
+    for text in corpus_sequences(None, 4):  # the construction's margin holds on every token seen
+        _, caps = runner.forward(runner.embed(torch.tensor(tok(text)["input_ids"])))
+        for cap in caps.values():
+            assert cap.router_logits.sort(dim=-1, descending=True).values[:, ckpt.facts.top_k - 1].min() > 0.47 / BETA
+    tree = _run_causal(t.path, tmp_path / "aligned.zarr", checks=["norm_routing"])
+    nr = tree["causal/norm_routing"].to_dataset()
+    np.testing.assert_array_equal(nr.agreement.values, 1.0)
+    np.testing.assert_array_equal(nr.match_rate.values, 1.0)
+    assert (nr.topk_overlap.values == 2 * (tree["causal"].to_dataset().sequence_tokens.values + 1)).all()
+    normal = tree["causal"].to_dataset().loss.values
+    assert np.abs(nr.loss.values - normal).max() < 1e-5 * normal.max()
+    assert np.abs(nr.delta_loss.values).max() < 1e-6
+    assert np.abs(tree["causal/norm_routing_all"].to_dataset().delta_loss.values).max() < 1e-6
+    assert set(tree["causal"].children) == {"norm_routing", "norm_routing_all"}
+
+
+def test_scratch_gate_disagrees_with_norms_and_norm_routing_changes_the_loss(ray_session, tmp_path, mixtral32):
+    """The same check on independent random experts: agreement near chance, a loss change."""
+    tree = _run_causal(mixtral32.path, tmp_path / "scratch.zarr", checks=["norm_routing"])
+    nr = tree["causal/norm_routing"].to_dataset()
+    assert (nr.agreement.values < 0.6).all() and (nr.match_rate.values < 0.3).all()
+    d = nr.delta_loss.values
+    assert (np.abs(d[:, 0]) > 1e-6).all() and (d[:, 1] <= d[:, 0]).all() and (d[:, 0] <= d[:, 2]).all()
+
+
+def test_ablating_either_copy_of_an_expert_changes_the_loss_alike(ray_session, tmp_path):
+    """Planted truth: expert 5 of layer 1 is an exact copy of expert 2 with the same router row, so
+    tokens route to both or neither (the router splits evenly between them) and removing either one
+    changes the loss by the same amount: the amount the float64 reference computes by hand."""
+    from moe_ray.checkpoint.tiny import make_tiny
+    from moe_ray.data import corpus_sequences
+    from transformers import AutoTokenizer
+
+    t = make_tiny("mixtral", "scratch", tmp_path / "ckpt", seed=4, dtype="float32")
+
+    def edit(w):
+        p = "model.layers.1.block_sparse_moe"
+        w[f"{p}.experts.2.w2.weight"] *= 8.0  # an expert that matters
+        for n in ("w1", "w2", "w3"):
+            w[f"{p}.experts.5.{n}.weight"] = w[f"{p}.experts.2.{n}.weight"].clone()
+        w[f"{p}.gate.weight"][2] *= 3.0
+        w[f"{p}.gate.weight"][5] = w[f"{p}.gate.weight"][2]
+    _edit_checkpoint(t.path, edit)
+    tree = _run_causal(t.path, tmp_path / "copies.zarr", checks=["ablation"], layers=[1],
+                       dynamic={"max_sequences": 3})
+    ab = tree["causal/ablation"].to_dataset()
+    assert list(ab.layer.values) == [1] and list(ab.expert.values) == [str(e) for e in range(8)]
+    loss = ab.loss.sel(layer=1).values  # [expert, sequence]
+    np.testing.assert_allclose(loss[2], loss[5], rtol=1e-6)
+    d = ab.delta_loss.sel(layer=1).values
+    np.testing.assert_allclose(d[2], d[5], rtol=0, atol=2e-6)  # float32 forwards: ~1e-7 of a ~200-nat loss
+    assert abs(d[2, 0]) > 1e-3 and np.abs(np.delete(d[:, 0], [2, 5]) - d[2, 0]).min() > 1e-4
+    ckpt = open_checkpoint(t.path)
+    ids = torch.tensor(AutoTokenizer.from_pretrained(str(t.path))(corpus_sequences(None, 1)[0])["input_ids"])
+    runner = LayerRange(ckpt, 0, 2)
+    top = runner.forward(runner.embed(ids))[1][1].topk_experts
+    split = (top == 2).any(-1) & (top == 5).any(-1)
+    assert split.float().mean() > 0.3  # the router splits its weight evenly between the copies
+    root = tree["causal"].to_dataset()
+    assert root.loss.values[0] == pytest.approx(mixtral_reference_nll(ckpt, ids), rel=1e-5)
+    assert loss[2, 0] == pytest.approx(mixtral_reference_nll(ckpt, ids, layer=1, removed=2), rel=1e-5)
+    assert root.sequence_tokens.values[0] == len(ids) - 1
+    assert (ab.unit_done.values == 1).all() and (root.unit_done.values == 1).all()

@@ -166,6 +166,22 @@ class Family:
         return cls.route(router_logits.float().masked_fill(removed, float("-inf")), top_k, config)
 
     @classmethod
+    def intervention_semantics(cls, config: dict) -> dict[str, str]:
+        """What norm routing and an ablation mean for this family, in words (stored with the results)."""
+        renorm = cls.topk_renormalized(config)
+        return {
+            "norm_routing": "each token's top-k experts by the L2 norm of their outputs (Topk = ALL) instead of "
+                            "the gate's; their weights are the router's softmax-over-all probabilities of those "
+                            "experts" + (", renormalised to sum 1 as the family renormalises its top-k" if renorm
+                                         else ", not renormalised (the family does not renormalise its top-k)"),
+            "ablation": "the expert's router row deleted: the family's rule over the remaining experts, i.e. a "
+                        "softmax over them, their top-k" + (", weights renormalised over the chosen k" if renorm
+                                                            else ", weights their probabilities among the remaining "
+                                                                 "experts (not renormalised over the k)"),
+            "shared_expert_ablation": "the shared expert's output (SE) left out, the routed experts unchanged",
+        }
+
+    @classmethod
     def shared_expert_module(cls, block: torch.nn.Module) -> torch.nn.Module | None:
         """The module computing a built MoE block's shared expert (SE), whose output an ablation of
         SE leaves out; None where the family has none."""
