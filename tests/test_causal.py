@@ -387,3 +387,51 @@ def test_ablating_either_copy_of_an_expert_changes_the_loss_alike(ray_session, t
     assert loss[2, 0] == pytest.approx(mixtral_reference_nll(ckpt, ids, layer=1, removed=2), rel=1e-5)
     assert root.sequence_tokens.values[0] == len(ids) - 1
     assert (ab.unit_done.values == 1).all() and (root.unit_done.values == 1).all()
+
+
+def test_two_shards_equal_one_and_a_resume_recomputes_only_what_is_missing(ray_session, tmp_path, mixtral32, capsys):
+    """The same store from 1 and 2 shard actors; checks added later run only their units; units whose
+    flags are cleared (a crash mid-unit) are recomputed to the same values; a complete store is left alone."""
+    import zarr
+
+    one = tmp_path / "one.zarr"
+    _run_causal(mixtral32.path, one, checks=["ablation"], dynamic={"max_sequences": 3})
+    ablation_first = _open(one, "causal/ablation").loss.values
+    tree = _run_causal(mixtral32.path, one, dynamic={"max_sequences": 3})  # the other checks, resumed
+    np.testing.assert_array_equal(tree["causal/ablation"].to_dataset().loss.values, ablation_first)
+    two = tmp_path / "two.zarr"
+    _run_causal(mixtral32.path, two, dynamic={"max_sequences": 3, "shards": 2})
+    groups = ["causal", "causal/norm_routing", "causal/norm_routing_all", "causal/ablation", "causal/agreement"]
+    for g in groups:
+        a, b = _open(one, g), _open(two, g)
+        assert set(a.data_vars) == set(b.data_vars)
+        for name in a.data_vars:
+            if name == "text":
+                assert list(a[name].values) == list(b[name].values)
+                continue
+            np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7, err_msg=f"{g}/{name}")
+        assert (a.unit_done.values == 1).all()
+    root = zarr.open_group(str(two), mode="r+")
+    root["causal/ablation/unit_done"][1, 3] = 0
+    root["causal/ablation/loss"][1, 3, 2] = np.nan
+    root["causal/unit_done"][0] = 0
+    capsys.readouterr()
+    from moe_ray import api
+
+    api.run(model=str(mixtral32.path), analyses=["causal"], store=str(two), dynamic={"max_sequences": 3, "shards": 2},
+            causal={"bootstrap_resamples": 200})
+    assert "2 of 46 units to run" in capsys.readouterr().out  # 3 sequences, 4 + 3 norm routing, 32 ablation, 4 agreement
+    for g in groups:
+        a, b = _open(one, g), _open(two, g)
+        for name in ("loss", "delta_loss", "unit_done"):
+            if name in a:
+                np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7, err_msg=f"{g}/{name}")
+    api.run(model=str(mixtral32.path), analyses=["causal"], store=str(two), dynamic={"max_sequences": 3, "shards": 2},
+            causal={"bootstrap_resamples": 200})
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def _open(store, group):
+    import xarray as xr
+
+    return xr.open_zarr(store, group=group, consolidated=False)

@@ -130,9 +130,10 @@ def routing_hooks(runner: LayerRange, layer: int, actions: LayerActions, tokens:
 
 
 def run_rows(runner: LayerRange, hidden: torch.Tensor, rows: list[Variant | None],
-             new_rows: dict[int, list[Variant]], moe_layers: Sequence[int],
-             capture: Sequence[int] = ()) -> tuple[torch.Tensor, list[Variant | None], dict[int, LayerCapture]]:
-    """Run this range's layers on a batch [R, T, H] whose row 0 is the unmodified model (`rows[0]` None).
+             new_rows: dict[int, list[Variant]], moe_layers: Sequence[int], capture: Sequence[int] = (),
+             start: int | None = None) -> tuple[torch.Tensor, list[Variant | None], dict[int, LayerCapture]]:
+    """Run this range's layers (from layer `start` on, if given) on a batch [R, T, H] whose row 0 is the
+    unmodified model (`rows[0]` None).
 
     Before layer l, the variants `new_rows[l]` join the batch as copies of row 0's input to l; every
     row then routes at l as its variant says. `capture` layers also return row 0's all-expert capture
@@ -145,6 +146,8 @@ def run_rows(runner: LayerRange, hidden: torch.Tensor, rows: list[Variant | None
     captures: dict[int, LayerCapture] = {}
     with torch.no_grad():
         for layer in runner.layers:
+            if start is not None and layer < start:
+                continue
             if new_rows.get(layer):
                 fresh = new_rows[layer]
                 hidden = torch.cat([hidden, hidden[:1].expand(len(fresh), -1, -1)])
