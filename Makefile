@@ -36,6 +36,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/bench_dynamic.py
 	PYTHONPATH=. $(PY) benchmarks/bench_plot.py
 	PYTHONPATH=. $(PY) benchmarks/bench_causal.py
+	$(PY) -m benchmarks.bench_fullwidth --models olmoe,deepseek
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -1,10 +1,13 @@
-"""Benchmark S4 reordering (paper §4.1.2): lapjv vs scipy, cost build, Ray scaling, memory, projection.
+"""Benchmark S4 reordering (paper §4.1.2): lapjv vs scipy, cost build, Ray scaling, memory, overlap
+of the solve with the next build, projection.
 
     PYTHONPATH=. python benchmarks/bench_reorder.py --sizes 1408,4096 --d-hid 1024
 
 Prints one JSON line per measurement and a projection table. All timings are single-threaded
-(torch.set_num_threads(1)), like a Ray task with num_cpus=1. Ratios (lapjv / scipy, 2 / 1 workers)
-are measured in the same run, so they hold on a shared machine even when absolute times wobble.
+(torch.set_num_threads(1)), like a Ray task with num_cpus=1. Ratios (lapjv / scipy, 2 / 1 workers,
+overlap on / off) are measured in the same run, so they hold on a shared machine even when absolute
+times wobble. `gil` checks that lapjv releases the GIL (a Python thread keeps counting while it
+solves), which is what lets a batch build the next pair while the current one is solved.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from moe_ray.analysis import reorder as R
+from moe_ray.units.sizing import reorder_unit_memory
 
 MODELS = {"Mixtral 8x7B": (14336, 4096, 32, "upcycled"), "Grok-1": (32768, 6144, 64, "scratch")}
 """n, d_hid, layers, and the cost kind closest to the paper's Tab 2 (Mixtral: tau 0.75; Grok: ~0)."""
@@ -76,7 +80,49 @@ def bench_memory(n: int, d_hid: int) -> dict:
     return {"what": "memory", "n": n, "d_hid": d_hid, "peak_rss_gib": round(peak_kb / 2**20, 3),
             "pair_extra_gib": round((peak_kb - base_kb) / 2**20, 3), "n2x4_gib": round(4 * n * n / 2**30, 3),
             "weights_gib": round(2 * 3 * n * d_hid * 4 / 2**30, 3),
-            "declared_gib": round(R.memory_bytes(n, d_hid) / 2**30, 3)}
+            "formula_gib": round(R.memory_bytes(n, d_hid, stored_bytes=0) / 2**30, 3)}
+
+
+def bench_gil(n: int = 3000) -> dict:
+    """Counts of a Python loop on a second thread while lapjv solves, vs the same time alone: a solver
+    that held the GIL would stop the loop."""
+    import threading
+
+    cost = np.random.default_rng(0).random((n, n), dtype=np.float32)
+
+    def spin(seconds: float | None, out: list, stop: threading.Event) -> None:
+        end = time.perf_counter() + seconds if seconds else None
+        while not stop.is_set() and (end is None or time.perf_counter() < end):
+            out[0] += 1
+
+    during, stop = [0], threading.Event()
+    thread = threading.Thread(target=spin, args=(None, during, stop))
+    thread.start()
+    started = time.perf_counter()
+    R.solve_max(cost.copy())
+    solve = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    alone = [0]
+    spin(solve, alone, threading.Event())
+    return {"what": "gil", "n": n, "solve_s": round(solve, 3), "loop_counts_during_lapjv": during[0],
+            "loop_counts_alone": alone[0], "released": during[0] > alone[0] // 10}
+
+
+def bench_overlap(n: int, d_hid: int, pairs: int) -> dict:
+    """`pairs` pairs of one batch with the solve on a host thread while the next builds, vs one after
+    the other; torch on one thread, so overlap uses a second core for lapjv."""
+    chosen = {e: experts(n, d_hid, "scratch", seed=e)[0] for e in range(pairs + 1)}
+    problems = [(e, e + 1, R.MATRICES) for e in range(pairs)]
+    row = {"what": "overlap", "n": n, "d_hid": d_hid, "pairs": pairs}
+    for overlap in (False, True):
+        started = time.perf_counter()
+        results = list(R.reorder_pairs(chosen.__getitem__, problems, overlap=overlap))
+        row[f"{'on' if overlap else 'off'}_s"] = round(time.perf_counter() - started, 2)
+        row[f"{'on' if overlap else 'off'}_build_s"] = round(sum(r.build_seconds for _, r in results), 2)
+        row[f"{'on' if overlap else 'off'}_solve_s"] = round(sum(r.solve_seconds for _, r in results), 2)
+    row["speedup"] = round(row["off_s"] / row["on_s"], 2)
+    return row
 
 
 def _ray_pair(n: int, d_hid: int, seed: int) -> float:
@@ -121,7 +167,7 @@ def project(rows: list[dict]) -> list[dict]:
         out.append({"what": "projection", "model": model, "n": n, "kind": kind, "exponent": round(float(k), 2),
                     "per_pair_h": round(per_pair / 3600, 2), "units": units,
                     **{f"wall_h_{c}_cores": round(units * per_pair / c / 3600, 1) for c in (16, 64, 256, 1024)},
-                    "mem_per_task_gib": round(R.memory_bytes(n, d_hid) / 2**30, 1)})
+                    "mem_per_task_gib": round(reorder_unit_memory(n, d_hid, 2, 2, "cpu", False)[0] / 2**30, 1)})
     return out
 
 
@@ -134,6 +180,8 @@ def main() -> None:
     parser.add_argument("--ray-pairs", type=int, default=4)
     parser.add_argument("--memory-n", default="4096,8192")
     parser.add_argument("--memory-d-hid", type=int, default=128, help="small, so the n×n cost dominates")
+    parser.add_argument("--overlap-n", type=int, default=2048)
+    parser.add_argument("--overlap-pairs", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -145,6 +193,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     for n in map(int, args.memory_n.split(",")):
         rows.append(bench_memory(n, args.memory_d_hid))
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(bench_gil())
+    print(json.dumps(rows[-1]), flush=True)
+    if args.overlap_pairs:
+        rows.append(bench_overlap(args.overlap_n, args.d_hid, args.overlap_pairs))
         print(json.dumps(rows[-1]), flush=True)
     if args.ray_pairs:
         rows.append(bench_ray(args.ray_n, args.d_hid, args.ray_pairs))

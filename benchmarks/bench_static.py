@@ -84,9 +84,12 @@ def _breakdown(path: Path) -> dict:
     from moe_ray.analysis import static as S
     ckpt = open_checkpoint(path)
     times = {"read": 0.0, "s1_s2": 0.0, "s3": 0.0, "s5": 0.0}
+    from moe_ray.units.job import held_dtype
+
     for matrix in ("up", "gate", "down"):
         t = time.perf_counter()
-        mats = [ckpt.read(ckpt.family.expert_keys(0, e)[matrix]) for e in range(ckpt.facts.num_experts)]
+        keys = [ckpt.family.expert_keys(0, e)[matrix] for e in range(ckpt.facts.num_experts)]
+        mats = [ckpt.read(k, held_dtype(ckpt.info(k).dtype)) for k in keys]  # as a unit holds them
         times["read"] += time.perf_counter() - t
         t = time.perf_counter()
         S.flattened_grams(mats)

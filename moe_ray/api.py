@@ -54,9 +54,13 @@ def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
     if not facts.moe_layers:
         raise CheckpointError(f"{ckpt.location} is a dense {facts.family} model with no MoE layers; "
                               "give an MoE checkpoint as --model (a dense model can be --reference)")
+    available = facts.moe_layers + (facts.mtp_layers if spec.mtp else ())
     if spec.layers is None:
-        return facts.moe_layers
-    bad = [l for l in spec.layers if l not in facts.moe_layers]
+        return available
+    bad = [l for l in spec.layers if l not in available]
+    if bad and bad[0] in facts.mtp_layers:
+        raise SpecError(f"layer {bad[0]} is {ckpt.location}'s multi-token-prediction layer, outside the main "
+                        "stack; pass --mtp (spec field mtp = true) to analyse it")
     if bad:
         raise SpecError(f"layer {bad[0]} is not an MoE layer of {ckpt.location}; MoE layers are "
                         f"{facts.moe_layers[0]}..{facts.moe_layers[-1]} ({len(facts.moe_layers)} layers)")
@@ -73,10 +77,17 @@ def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
     ckpt = open_checkpoint(spec.model, spec.allow_pickle)
     ref = open_checkpoint(spec.reference, spec.allow_pickle) if spec.reference else None
     layers = select_layers(ckpt, spec)
+    main_stack = tuple(l for l in layers if l not in ckpt.facts.mtp_layers)  # what a forward pass runs
+    if "dynamic" in spec.analyses and not main_stack:
+        raise SpecError("dynamic passes run the main stack; the multi-token-prediction layers take other "
+                        "inputs: choose main-stack layers for dynamic analyses")
     pairs = [parse_pair(p) for p in spec.reorder.pairs or []] or [
         (i, j) for i in range(ckpt.facts.num_experts) for j in range(i + 1, ckpt.facts.num_experts)]
-    validate_job_tensors(ckpt, ref, layers, spec.analyses, pairs if "reorder" in spec.analyses else ())
-    jobs = [PLANNERS[name](spec, ckpt, ref, layers) for name in spec.analyses]
+    validate_job_tensors(ckpt, ref, layers, [a for a in spec.analyses if a != "dynamic"],
+                         pairs if "reorder" in spec.analyses else ())
+    if "dynamic" in spec.analyses:
+        validate_job_tensors(ckpt, ref, main_stack, ["dynamic"])
+    jobs = [PLANNERS[name](spec, ckpt, ref, main_stack if name == "dynamic" else layers) for name in spec.analyses]
     return ckpt, ref, jobs
 
 

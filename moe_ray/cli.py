@@ -30,14 +30,16 @@ def command(name: str, help: str):
     return wrap
 
 
-def _flag(dotted: str) -> str:
-    return "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
+def _flag(dotted: str, field) -> str:
+    """A spec field's flag: the last component of its name, unless the field names its own (where two
+    groups would otherwise share one: `dynamic.device` is `--dynamic-device`, `device` is `--device`)."""
+    return "--" + field.metadata.get("flag", dotted.rsplit(".", 1)[-1].replace("_", "-"))
 
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`)."""
     for dotted, hint, field in spec_fields():
-        flag = _flag(dotted)
+        flag = _flag(dotted, field)
         help_text = field.metadata.get("help", "") + f" [spec: {dotted}]"
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         if base[0] is bool:
@@ -74,7 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-TINY_FAMILIES = ("mixtral", "grok1", "deepseek_moe", "qwen2_moe", "qwen3_moe", "olmoe")
+TINY_FAMILIES = ("mixtral", "grok1", "deepseek_v3", "deepseek_v2", "deepseek_moe", "gpt_oss", "llama4", "qwen2_moe",
+                 "qwen3_moe", "olmoe", "llama4_text")
 """The MoE families of moe_ray.checkpoint.FAMILIES, and below make-tiny's variants, spelled out so that
 building the parser (every command, --help included) does not import torch."""
 TINY_VARIANTS = ("scratch", "upcycled", "permuted")

@@ -1,10 +1,15 @@
 """Sizing a run before any weights exist: `moe-ray plan --model DIR_OR_CONFIG_OR_FLAVOR`.
 
 Reads only a config.json (or a published flavor such as `mixtral:8x7B`) and the family adapter's
-tensor layout (`Family.tensor_shapes`), and reports what design §6 needs to place the work: bytes
-per decoder layer in bf16, the contiguous layer ranges ("shards") that fit one GPU each for the
-dynamic pass, GPUs and nodes, the store each analysis writes, and the reorder analysis's linear
-assignment problems (§4.1.2: one n x n float32 cost matrix per expert pair and matrix, n = d_mid).
+tensor layout (`Family.tensor_shapes`, `Family.stored_layout`), and reports what design §6 needs to
+place the work: bytes on disk (as stored: FP8 with block scales, MXFP4, bf16) and dequantised to bf16,
+bytes per decoder layer, the contiguous layer ranges ("shards") that fit one GPU each for the dynamic
+pass (which holds bf16), GPUs and nodes, the store each analysis writes, the reorder analysis's
+linear assignment problems (§4.1.2: one n x n float32 cost matrix per expert pair and matrix, n = d_mid),
+and what every static and reorder task declares on a CPU and on a GPU (`units.sizing`: the same
+formulas the jobs declare to Ray), with the reorder's pairs per task. Layers outside the main stack
+(DeepSeek-V3's multi-token-prediction layer) are on disk but analysed only on request; they are
+counted on disk and listed apart.
 """
 from __future__ import annotations
 
@@ -14,16 +19,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis import reorder as R
 from .checkpoint.config import model_facts, parse_config
 from .checkpoint.families import FAMILIES, Family, ModelFacts, detect_family
+from .checkpoint.quant import DTYPE_BYTES
+from .distributed.placement import gpus_for
 from .errors import SpecError
+from .units.sizing import overlaps, reorder_unit_memory, static_unit_memory
 
 BF16 = 2
 FLOAT32 = 4
 GIB = 2**30
 GPU_HEADROOM = 0.85
 """Fraction of a GPU's memory a shard's weights may take (the rest: activations, captures, CUDA)."""
-_LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
 def load_config(model: str) -> tuple[type[Family], dict, str]:
@@ -59,6 +67,28 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class TaskSizing:
+    """What the tasks of one analysis take on one device (design §6: every unit declares it)."""
+
+    analysis: str
+    device: str
+    tasks: int
+    per_task: int
+    """MoE layers (static) or expert pairs (reorder) per task."""
+    memory: int
+    gpus: float = 0
+    gpu_memory: int = 0
+
+    def line(self, gpu_mem_gib: float) -> str:
+        what = "layer" if self.analysis == "static" else "pair"
+        head = (f"    {self.analysis} on {self.device}: {self.tasks:,} tasks of {self.per_task:,} "
+                f"{what}{'s' if self.per_task != 1 else ''}, each 1 CPU, {_size(self.memory)}")
+        if self.device != "cuda":
+            return head
+        return head + (f" + {_size(self.gpu_memory)} of GPU memory ({self.gpus:g} of one {gpu_mem_gib:g} GiB GPU)")
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     name: str
     facts: ModelFacts
@@ -72,10 +102,23 @@ class ModelPlan:
     store_bytes: dict[str, int]
     lap_bytes: int
     n_laps: int
+    disk_bytes: int = 0
+    mtp_params: int = 0
+    other_model_params: int = 0
+    """Parameters beside the language model (Llama 4's vision tower): on disk, never analysed."""
+    layer_disk_bytes: int = 0
+    """The largest decoder layer's bytes as stored (what a static unit reads)."""
+    tasks: tuple[TaskSizing, ...] = ()
 
     @property
     def nbytes(self) -> int:
+        """The language model's weights dequantised to bf16 (what the dynamic pass's GPUs hold)."""
         return self.params * BF16
+
+    @property
+    def pairs(self) -> int:
+        e = self.facts.num_experts
+        return e * (e - 1) // 2
 
     @property
     def gpus(self) -> int:
@@ -84,10 +127,16 @@ class ModelPlan:
     def report(self) -> str:
         f = self.facts
         layer = max(self.layer_bytes)
+        mtp = (f" + {len(f.mtp_layers)} multi-token-prediction layer(s) {list(f.mtp_layers)} "
+               f"({self.mtp_params / 1e9:.1f}B parameters, analysed only on request: --mtp)") if f.mtp_layers else ""
+        beside = (f"; beside it {self.other_model_params / 1e9:.2f}B parameters not analysed (vision tower, "
+                  "projector)") if self.other_model_params else ""
         lines = [
-            f"{self.name}: {f.family}, {self.params / 1e9:.1f}B parameters, {_size(self.nbytes)} in bf16",
-            f"  layers: {f.num_layers} ({len(f.moe_layers)} MoE), {f.num_experts} experts of d_mid {f.d_mid}, "
-            f"d_hid {f.d_hid}, top-{f.top_k}",
+            f"{self.name}: {f.family}, {self.params / 1e9:.1f}B parameters, {_size(self.nbytes)} in bf16{beside}",
+            f"  on disk: {_size(self.disk_bytes)} ({f.stored_format}); dequantised to bf16: "
+            f"{_size(self.nbytes + (self.mtp_params + self.other_model_params) * BF16)}",
+            f"  layers: {f.num_layers} ({len(f.moe_layers)} MoE){mtp}, {f.num_experts} experts of d_mid "
+            f"{f.d_mid}, d_hid {f.d_hid}, top-{f.top_k}",
             f"  bytes per layer: {_size(layer)} (largest); embeddings, norm and head {_size(self.other_bytes)}",
             f"  shards: {self.gpus} on {self.gpu_mem_gib:g} GiB GPUs (weights up to {GPU_HEADROOM:.0%} of each), "
             f"{_size(max(s.nbytes for s in self.shards))} per shard at most:",
@@ -95,9 +144,14 @@ class ModelPlan:
         lines += [f"    shard {i}: layers {s.first}-{s.last}, {_size(s.nbytes)}" for i, s in enumerate(self.shards)]
         lines.append(f"  GPUs: {self.gpus}; nodes: {self.nodes} with {self.gpus_per_node} GPUs each")
         lines.append("  store: " + ", ".join(f"{k} {_size(v)}" for k, v in self.store_bytes.items()))
-        lines.append(f"  reorder: {self.n_laps:,} LAPs per matrix (MoE layers x E(E-1)/2), "
+        lines.append(f"  reorder: {len(f.moe_layers)} MoE layers x {self.pairs:,} expert pairs = {self.n_laps:,} "
+                     f"LAPs per matrix (joint mode: one per pair; separate: three), n = {f.d_mid}, "
                      f"{_size(self.lap_bytes)} cost matrix each (d_mid² x 4 bytes)")
-        lines.append(f"  static: one task per MoE layer, {_size(layer)} of weights read each")
+        stored = f" ({_size(self.layer_disk_bytes)} as stored)" if self.layer_disk_bytes != layer else ""
+        lines.append(f"  static: one task per MoE layer, {_size(layer)} of weights read each{stored}")
+        if self.tasks:
+            lines.append("  tasks (what each asks of Ray; a GPU task's share of a GPU from its GPU memory):")
+            lines += [t.line(self.gpu_mem_gib) for t in self.tasks]
         return "\n".join(lines)
 
 
@@ -121,14 +175,26 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
         raise SpecError(f"config.json in {name} lacks {exc.args[0]!r}, which sizing a {family.name} model "
                         "needs") from None
     layer_params = [0] * facts.num_layers
-    other = 0
+    other = mtp = beside = 0
+    layer_key = re.compile(re.escape(family.key_prefix) + r"layers\.(\d+)\.")
     for key, shape in shapes.items():
         n = math.prod(shape)
-        m = _LAYER.search(key)
-        if m:
+        m = layer_key.match(key)
+        if not family.is_language_model_key(key):
+            beside += n
+        elif m and int(m.group(1)) >= facts.num_layers:
+            mtp += n
+        elif m:
             layer_params[int(m.group(1))] += n
         else:
             other += n
+    disk = layer_disk = 0
+    largest = max(range(facts.num_layers), key=lambda l: layer_params[l])
+    for key, (shape, dtype) in family.stored_layout(config).items():
+        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+        disk += nbytes
+        m = layer_key.match(key)
+        layer_disk += nbytes if m and int(m.group(1)) == largest else 0
     layer_bytes = tuple(p * BF16 for p in layer_params)
     shards = _shards(layer_bytes, other * BF16, gpu_mem_gib * GIB * GPU_HEADROOM, model)
     need_nodes = math.ceil(len(shards) / gpus_per_node)
@@ -139,7 +205,35 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     pairs = facts.num_experts * (facts.num_experts - 1) // 2
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
-                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs)
+                     facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk,
+                     task_sizing(facts, gpu_mem_gib, stored_bytes=layer_disk / max(1, layer_params[largest])))
+
+
+def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1,
+                stored_bytes: float = BF16) -> tuple[TaskSizing, ...]:
+    """Static and joint-reorder tasks of a whole run on a CPU and on a GPU of `gpu_mem_gib`, with no
+    dense reference: counts, layers or pairs per task, host and GPU memory. `stored_bytes` is what an
+    expert weight takes on disk (2 for bf16; about 1 for FP8 with its block scales, 0.53 for MXFP4):
+    quantised weights are held dequantised in float32 (`units.job.held_dtype`)."""
+    n_moe = len(facts.moe_layers)
+    if not n_moe or facts.num_experts < 2:
+        return ()
+    per_gpu = gpu_mem_gib * GIB
+    rows = [facts.d_mid] * facts.num_experts + ([facts.shared_d_mid] if facts.shared_d_mid else [])
+    pairs = [(i, j) for i in range(facts.num_experts) for j in range(i + 1, facts.num_experts)]
+    out = []
+    for device in ("cpu", "cuda"):
+        held = BF16 if stored_bytes >= BF16 else FLOAT32
+        host, gpu = static_unit_memory(rows, facts.d_hid, stored_bytes, held, False, device)
+        gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
+        out.append(TaskSizing("static", device, n_moe, 1, host, gpus, gpu))
+        per_task = R.pairs_per_task(facts.d_mid, facts.d_hid, "joint", device, cpus)
+        batches = R.batch_pairs(pairs, per_task)
+        experts = max(len({e for pair in batch for e in pair}) for batch in batches)
+        host, gpu = reorder_unit_memory(facts.d_mid, facts.d_hid, BF16, experts, device, overlaps(device, cpus))
+        gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
+        out.append(TaskSizing("reorder joint", device, n_moe * len(batches), min(per_task, len(pairs)), host, gpus, gpu))
+    return tuple(out)
 
 
 def _greedy(layer_bytes: tuple[int, ...], other: int, capacity: float) -> list[Shard]:
@@ -180,4 +274,4 @@ def _store_bytes(facts: ModelFacts, pairs: int) -> dict[str, int]:
     return {"static": static, "reorder (per mode)": reorder, "dynamic (per 1,000 tokens)": 1000 * per_token}
 
 
-__all__ = ["ModelPlan", "Shard", "load_config", "plan_model"]
+__all__ = ["ModelPlan", "Shard", "TaskSizing", "load_config", "plan_model", "task_sizing"]

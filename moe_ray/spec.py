@@ -27,6 +27,8 @@ from .errors import SpecError
 
 ANALYSES = ("static", "reorder", "dynamic", "causal")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
+DEVICES = ("auto", "cuda", "cpu")
+"""Where analyses compute: `auto` is cuda when the cluster has GPUs, else the CPU."""
 
 
 @dataclass
@@ -56,12 +58,18 @@ class ReorderOptions:
                 "separate (the paper: one per matrix) or both"})
     pairs: list[str] | None = field(default=None, metadata={
         "help": "expert pairs to reorder, comma-separated like 0-1,2-3 (default: every pair i<j)"})
+    pairs_per_task: int | None = field(default=None, metadata={
+        "help": "at most this many expert pairs of one layer per Ray task, taken as a tile of the "
+                "pair triangle so a task reads about 2·sqrt(k) experts once (default: sized from n, "
+                "d_hid and the device so that a task runs about a minute)"})
 
     def validate(self) -> None:
         if self.reorder_mode not in ("joint", "separate", "both"):
             raise SpecError(f"reorder_mode must be joint, separate or both, not {self.reorder_mode!r}")
         for text in self.pairs or []:
             parse_pair(text)
+        if self.pairs_per_task is not None and self.pairs_per_task < 1:
+            raise SpecError(f"pairs_per_task must be at least 1, not {self.pairs_per_task}")
 
 
 def parse_pair(text: str) -> tuple[int, int]:
@@ -100,9 +108,10 @@ class DynamicOptions:
         "help": "placement group strategy of the shards: PACK, SPREAD or STRICT_SPREAD (one node each)"})
     save_expert_outputs: bool = field(default=False, metadata={
         "help": "also store every expert's raw output vectors (layer x token x expert x hidden)"})
-    device: str = field(default="auto", metadata={
-        "help": "where shard layers run: cuda (one GPU per shard actor), cpu, or auto (cuda when the "
-                "cluster has a GPU for every shard)"})
+    device: str | None = field(default=None, metadata={
+        "flag": "dynamic-device",
+        "help": "where the shard actors run, overriding the spec's device for them: cuda (one GPU per "
+                "shard), cpu, or auto (cuda when the cluster has a GPU for every shard); unset: device"})
     dtype: str = field(default="auto", metadata={
         "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
                 "float32 on CPU); captures are stored in float32 either way"})
@@ -111,7 +120,7 @@ class DynamicOptions:
         """Ranges always; with `runs` (dynamic is among the analyses) also which inputs need which
         file. A text or corpus file no analysis reads is refused: it would be silently ignored (the
         causal checks, `causal`, read the corpus; input 'corpus' without a file is the built-in one)."""
-        if self.device not in ("auto", "cuda", "cpu"):
+        if self.device is not None and self.device not in DEVICES:
             raise SpecError(f"dynamic.device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SpecError(f"dynamic.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
@@ -193,6 +202,14 @@ class Resources:
     cpus_per_task: int = field(default=1, metadata={"help": "CPUs each analysis task asks Ray for"})
     memory_per_task_gb: float | None = field(default=None, metadata={
         "help": "memory each task asks Ray for, GiB (default: sized from the layer's tensors)"})
+    gpus_per_task: float | None = field(default=None, metadata={
+        "help": "GPUs each static or reorder task asks Ray for on cuda, at most 1 (a fraction lets tasks "
+                "share a GPU); default: the task's GPU memory as a share of gpu_memory_gb when that is "
+                "set, else 1"})
+    gpu_memory_gb: float | None = field(default=None, metadata={
+        "help": "memory of each GPU the tasks run on (the smallest one on a mixed cluster), GiB: tasks "
+                "then ask for their GPU memory's share of a GPU, and one that no GPU could hold is "
+                "refused before anything runs (default: unknown; each task checks its GPU when it starts)"})
     object_store_memory_gb: float = field(default=1.0, metadata={
         "help": "object store of a local Ray started by moe-ray, GiB"})
     entrypoint_num_cpus: float = field(default=0.5, metadata={
@@ -216,6 +233,11 @@ class Resources:
         for name in ("entrypoint_num_cpus", "entrypoint_memory_gb"):
             if getattr(self, name) < 0:
                 raise SpecError(f"{name} may not be negative, not {getattr(self, name):g}")
+        if self.gpus_per_task is not None and not 0 < self.gpus_per_task <= 1:
+            raise SpecError(f"gpus_per_task must be more than 0 and at most 1 (a task computes on one GPU), "
+                            f"not {self.gpus_per_task:g}")
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise SpecError(f"gpu_memory_gb must be positive, not {self.gpu_memory_gb:g}")
 
 
 @dataclass
@@ -232,9 +254,16 @@ class Spec:
     overwrite: bool = field(default=False, metadata={
         "help": "replace a store made from a different model/spec"})
     progress: bool = field(default=True, metadata={"help": "show a live progress bar"})
+    mtp: bool = field(default=False, metadata={
+        "help": "also analyse the multi-token-prediction layers (DeepSeek-V3's layer 61: static and "
+                "reorder; dynamic passes run the main stack only)"})
     allow_pickle: bool = field(default=False, metadata={
         "help": "also read pickle weights (pytorch_model*.bin, loaded with weights_only=True); "
                 "off by default: pickle files can run code when loaded"})
+    device: str = field(default="auto", metadata={
+        "help": "where every analysis computes: auto (GPUs when the cluster has them), cuda, or cpu. On "
+                "cuda static and reorder tasks ask Ray for a GPU (gpus_per_task) and dynamic shards one "
+                "GPU each (dynamic.device overrides it for the shards)"})
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
     dynamic: DynamicOptions = field(default_factory=DynamicOptions)
@@ -263,6 +292,13 @@ class Spec:
     def replace(self, **changes: Any) -> "Spec":
         return dataclasses.replace(self, **changes)
 
+    def device_of(self, analysis: str) -> str:
+        """The device setting (auto, cuda, cpu) `analysis` runs with: `device`, or for the dynamic
+        shards `dynamic.device` where a spec sets it (older specs set only that)."""
+        if analysis == "dynamic" and self.dynamic.device is not None:
+            return self.dynamic.device
+        return self.device
+
     def validate(self) -> None:
         """Checks that need no checkpoint: fields present, values in range, no flag that the
         analyses would silently ignore."""
@@ -282,6 +318,8 @@ class Spec:
         negative = [l for l in self.layers or [] if l < 0]
         if negative:
             raise SpecError(f"layer {negative[0]} is negative; layers are the model's layer indices 0, 1, ...")
+        if self.device not in DEVICES:
+            raise SpecError(f"device must be auto, cuda or cpu, not {self.device!r}")
         self.resources.validate()
         self.static.validate()
         self.reorder.validate()

@@ -96,27 +96,31 @@ def test_corpus_loss_is_token_weighted():
 
 def test_every_familys_weights_of_its_own_choice_are_its_route():
     """`weigh` (the weights a family gives any choice, used by norm routing) reproduces `route` on the
-    gate's own choice, and removing nothing changes nothing, for every family with a router."""
+    gate's own choice, and removing nothing changes nothing, for every family with a router; removing
+    each token's favourite never picks it again (and, without expert groups, moves the runner-up up)."""
     from moe_ray.checkpoint.families import FAMILIES
 
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(11, 8, generator=gen) * 2
     for family in FAMILIES.values():
-        if family.router_key is None:
+        base = family.tiny_config()
+        facts = family.facts(base)
+        if not facts.moe_layers:
             continue
-        config = family.tiny_config()
+        E = facts.num_experts
+        logits = torch.randn(11, E, generator=gen) * 2
         for renorm in (False, True):
-            config = dict(config, norm_topk_prob=renorm)
+            config = dict(base, norm_topk_prob=renorm)
             weights, experts = family.route(logits, 3, config)
             torch.testing.assert_close(family.weigh(logits, experts, config), weights, msg=family.name)
-            same_w, same_e = family.route_without(logits, torch.zeros(11, 8, dtype=torch.bool), 3, config)
+            same_w, same_e = family.route_without(logits, torch.zeros(11, E, dtype=torch.bool), 3, config)
             assert torch.equal(same_e, experts) and torch.equal(same_w, weights), family.name
-        removed = torch.zeros(11, 8, dtype=torch.bool)
-        removed[:, experts[:, 0]] = False
+        removed = torch.zeros(11, E, dtype=torch.bool)
         removed[torch.arange(11), experts[:, 0]] = True  # each token loses its favourite
         w, e = family.route_without(logits, removed, 3, config)
         assert not (e == experts[:, :1]).any(), family.name
-        assert (e[:, 0] == experts[:, 1]).all(), family.name  # the runner-up moves up
+        if int(family.text_config(config).get("n_group") or 1) == 1:
+            assert (e[:, 0] == experts[:, 1]).all(), family.name
+        assert set(family.intervention_semantics(config)) == {"norm_routing", "ablation", "shared_expert_ablation"}
 
 
 # ---- the runtime: rows that route differently, the output head --------------------------------
@@ -206,40 +210,58 @@ def test_grok_head_is_tied_scaled_and_normed_by_its_scale(tiny):
     assert nll[0] == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_moe", "grok1"])
+BLOCK_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_moe", "grok1", "deepseek_v3", "deepseek_v2",
+                  "gpt_oss", "llama4"]
+
+
+def _block_output(block, x: torch.Tensor) -> torch.Tensor:
+    """A MoE block's output as [B, T, H] (gpt-oss and Llama 4 return a tuple; Llama 4 flattens tokens)."""
+    out = block(x)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("family", BLOCK_FAMILIES)
 def test_each_blocks_experts_follow_the_rerouted_choice(tiny, family):
-    """The hook on a block's `experts` module reroutes exactly the rows asked, in every family's own
-    block: removing an expert, routing by norm and leaving out the shared expert give the sums of
-    expert outputs the family's rule implies, and the unmodified rows stay the same."""
+    """The family's reroute hook reroutes exactly the rows asked, in every family's own block: removing
+    an expert, routing by norm and leaving out the shared expert give the sums of expert outputs the
+    family's rule implies (Llama 4: each expert on the token scaled by its weight), and the unmodified
+    rows stay the same."""
     ckpt = open_checkpoint(tiny(family, "scratch").path)
     layer = ckpt.facts.moe_layers[0]
     runner = LayerRange(ckpt, layer, layer + 1)
-    block, fam, cfg, k = runner.layers[layer].mlp, ckpt.family, ckpt.config, ckpt.facts.top_k
+    fam, cfg, k = ckpt.family, ckpt.config, ckpt.facts.top_k
+    block = fam.moe_block(runner.layers[layer])
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 9, ckpt.facts.d_hid, generator=gen)
     batch = x.expand(4, -1, -1).contiguous()
     rows = [None, Variant("ablate", layer, "3"), Variant("norm", layer),
             Variant("ablate", layer, "SE") if ckpt.facts.shared_d_mid else None]
+    scaled_before = fam.name.startswith("llama4")
     with torch.no_grad():
-        plain = block(x)[0]
+        plain = _block_output(block, x)[0]
         with routing_hooks(runner, layer, LayerActions.of(rows, layer, [layer]), 9):
-            out = block(batch)
+            out = _block_output(block, batch)
         xs = x[0]
-        logits = xs @ fam.router_weight(block).T
+        logits = fam.router_logits(block, xs)
         outs = expert_outputs(runner, block, xs)
 
         def routed(weights, experts):
+            if scaled_before:  # Llama 4: expert(weight * token)
+                return sum(expert_outputs(runner, block, weights[:, j, None] * xs)[torch.arange(9), experts[:, j]]
+                           for j in range(experts.shape[1]))
             return (weights[..., None] * outs.gather(1, experts[..., None].expand(-1, -1, outs.shape[-1]))).sum(1)
-        w, e = fam.route(logits, k, cfg)
+        w, e = fam.route(logits, k, cfg, block=block)
         shared = plain - routed(w, e)  # the shared expert's term (zero without one)
         removed = torch.zeros_like(logits, dtype=torch.bool)
         removed[:, 3] = True
-        w3, e3 = fam.route_without(logits, removed, k, cfg)
+        w3, e3 = fam.route_without(logits, removed, k, cfg, block=block)
         by_norm = C.topk_by_norm(outs.norm(dim=-1), k)
-    torch.testing.assert_close(out[0], plain, rtol=1e-6, atol=1e-7)  # the batch changes the kernels, not the math
+        w_norm = fam.weigh(logits, by_norm, cfg, block=block)
+    torch.testing.assert_close(out[0], plain, rtol=1e-5, atol=1e-6)  # the batch changes the kernels, not the math
     assert not (e3 == 3).any()
     torch.testing.assert_close(out[1], routed(w3, e3) + shared, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out[2], routed(fam.weigh(logits, by_norm, cfg), by_norm) + shared, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[2], routed(w_norm, by_norm) + shared, rtol=1e-4, atol=1e-5)
     if ckpt.facts.shared_d_mid:
         assert shared.abs().max() > 1e-3
         torch.testing.assert_close(out[3], routed(w, e), rtol=1e-4, atol=1e-5)

@@ -186,7 +186,8 @@ def test_job_that_cannot_fit_the_cluster_is_refused_at_submission(head, tiny, tm
     with pytest.raises(SpecError, match=r"^dynamic \(2 shards on cuda, PACK\) needs 2 GPU at once \(2 bundles together "
                                         r"with the job's driver\), but the whole cluster has 1 GPU\."):
         moe_ray.submit(dynamic(2), head)
-    with pytest.raises(SpecError, match=r"^static layer 0 needs 1 CPU, 100000.0 GiB of memory on one node, but no node "
+    # device auto on a head with a GPU: the static task asks for one too
+    with pytest.raises(SpecError, match=r"^static layer 0 needs 1 CPU, 1 GPU, 100000.0 GiB of memory on one node, but no node "
                                         r"of the cluster has 100000.0 GiB of memory: the most one node offers is "):
         moe_ray.submit({"model": model, "store": str(tmp_path / "static.zarr"),
                         "resources": {"memory_per_task_gb": 100000}}, head)

@@ -38,6 +38,19 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
 
 
+def clamped_swiglu(alpha: float, limit: float) -> tuple[Callable, Callable]:
+    """gpt-oss's expert activation as (act, combine): act(g) = min(g, limit)·sigmoid(alpha·min(g, limit))
+    and the intermediate state act(g)·(clamp(u, -limit, limit) + 1)."""
+    def act(g: torch.Tensor) -> torch.Tensor:
+        g = g.clamp(max=limit)
+        return g * torch.sigmoid(alpha * g)
+
+    def combine(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return a * (u.clamp(-limit, limit) + 1)
+
+    return act, combine
+
+
 @dataclass
 class AllExpertResult:
     """Every expert applied to every token of one layer's input."""
@@ -49,9 +62,14 @@ class AllExpertResult:
 
 def all_expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                        act: Callable[[torch.Tensor], torch.Tensor], probe_tokens: int = 0,
-                       threshold: float = ACTIVE_THRESHOLD, chunk: int = 512) -> AllExpertResult:
+                       threshold: float = ACTIVE_THRESHOLD, chunk: int = 512,
+                       combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                       biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> AllExpertResult:
     """Run all E experts on all T tokens (Topk = ALL, §5): batched over experts, in token blocks
-    of `chunk` so the [chunk, E, d_mid] intermediates bound the memory (no loop over experts or tokens)."""
+    of `chunk` so the [chunk, E, d_mid] intermediates bound the memory (no loop over experts or tokens).
+
+    An expert is W_down · combine(act(W_gate x + b_gate), W_up x + b_up) + b_down; without `combine`
+    the product, without `biases` none (gpt-oss has both)."""
     T = x.shape[0]
     E, d_mid, H = gate.shape
     outputs = x.new_empty((T, E, H))
@@ -62,9 +80,13 @@ def all_expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, do
     down_t = down.transpose(1, 2)  # [E, d_mid, H]
     for start in range(0, T, chunk):
         xs = x[start:start + chunk]
-        g = act(xs @ gate_flat).reshape(-1, E, d_mid)
-        mid = g * (xs @ up_flat).reshape(-1, E, d_mid)
-        outputs[start:start + chunk] = torch.bmm(mid.transpose(0, 1), down_t).transpose(0, 1)
+        g_pre, u = (xs @ gate_flat).reshape(-1, E, d_mid), (xs @ up_flat).reshape(-1, E, d_mid)
+        if biases is not None:
+            g_pre, u = g_pre + biases[0], u + biases[1]
+        g = act(g_pre)
+        mid = g * u if combine is None else combine(g, u)
+        out = torch.bmm(mid.transpose(0, 1), down_t).transpose(0, 1)
+        outputs[start:start + chunk] = out if biases is None else out + biases[2]
         ratio[start:start + chunk] = (g.abs() > threshold).float().mean(dim=-1)
         if start < probe:
             intermediate[start:probe] = g[: probe - start]

@@ -21,11 +21,19 @@ Conventions: `perm[k]` is the neuron of b matched to neuron k of a, so `W_b[perm
 up/gate, columns of down) lines up with `W_a`. Kendall's tau is between the identity order and
 `perm` (1 = order unchanged).
 
+Where it runs: S is built with torch where the experts are (a GPU when the caller has one), in row
+chunks copied to one host buffer; lapjv solves on the host. `reorder_pairs` takes several pairs of
+one layer, prepares each expert once (float32 neuron rows divided by the matrix norm) and, with
+`overlap`, builds the next pair's S while lapjv solves the current one on a second thread.
+
 Pure torch/numpy: no Ray, no Zarr.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lapjv
@@ -39,52 +47,76 @@ MODES = ("joint", "separate")
 CHUNK_ELEMENTS = 2**24
 """Elements of one chunk of the cost matrix computed at a time (64 MiB in float32)."""
 
+Neurons = dict[str, torch.Tensor]
+"""One expert prepared for S4: per matrix, its neuron rows [n, d_hid] in float32 divided by the
+matrix's Frobenius norm, contiguous, on the device that builds the costs (see `prepare_expert`)."""
+
 
 def neuron_rows(matrix: torch.Tensor, name: str) -> torch.Tensor:
     """The neurons of one expert matrix as rows [d_mid, d_hid]: rows of up/gate, columns of down."""
     return matrix.T if name == "down" else matrix
 
 
-def permute_neurons(matrix: torch.Tensor, name: str, perm: np.ndarray) -> torch.Tensor:
-    """`matrix` with its neurons reordered: neuron k of the result is neuron perm[k] of the input."""
-    index = torch.as_tensor(np.asarray(perm, dtype=np.int64))
-    return matrix[:, index] if name == "down" else matrix[index]
+def _row_steps(n: int, width: int, chunk_elements: int) -> Iterator[tuple[int, int]]:
+    step = max(1, chunk_elements // max(1, width))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
-def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity between two matrices flattened to vectors (float64)."""
-    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
-    denom = float(a64.norm() * b64.norm())
-    return float(a64 @ b64) / denom if denom > 0 else float("nan")
+def prepare_expert(expert: Mapping[str, torch.Tensor], matrices: Sequence[str],
+                   device: str | torch.device = "cpu", chunk_elements: int = CHUNK_ELEMENTS) -> Neurons:
+    """An expert's matrices (any float dtype, any device) as `Neurons` on `device`: one float32 copy
+    per matrix, its norm accumulated in float64 block by block (no float64 copy)."""
+    out: Neurons = {}
+    for m in matrices:
+        rows = neuron_rows(expert[m].to(device=device), m)
+        prepared = torch.empty(rows.shape, dtype=torch.float32, device=device)
+        prepared.copy_(rows)
+        square = torch.zeros((), dtype=torch.float64, device=device)
+        for start, stop in _row_steps(prepared.shape[0], prepared.shape[1], chunk_elements):
+            block = prepared[start:stop]
+            square += (block * block).sum(dtype=torch.float64)
+        norm = float(square.sqrt())
+        if norm > 0:
+            prepared.mul_(1.0 / norm)
+        out[m] = prepared
+    return out
+
+
+def build_similarity(out: torch.Tensor, a: Neurons, b: Neurons, matrices: Sequence[str],
+                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Fill `out` (float32 [n, n], on the host) with S = sum over `matrices` of A^m (B^m)ᵀ, computed
+    in row chunks where `a` and `b` are (a GPU where the caller has one) and copied chunk by chunk,
+    so the device never holds more than one chunk of S. float32 is exact enough here: entries are
+    cosines' summands in [-3, 3] and the solver's dual certificate reports any loss of optimality."""
+    first, rest = matrices[0], matrices[1:]
+    n = a[first].shape[0]
+    for start, stop in _row_steps(n, n, chunk_elements):
+        block = a[first][start:stop] @ b[first].T
+        for m in rest:
+            block.addmm_(a[m][start:stop], b[m].T)
+        out[start:stop].copy_(block)
+    return out
 
 
 def similarity_matrix(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                       matrices: tuple[str, ...], device: str | torch.device = "cpu",
                       chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
-    """S = sum over `matrices` of W_a^m (W_b^m)ᵀ / (||W_a^m||_F ||W_b^m||_F), as float32 [n, n].
+    """S = sum over `matrices` of W_a^m (W_b^m)ᵀ / (||W_a^m||_F ||W_b^m||_F), as float32 [n, n] on
+    the host, built on `device`."""
+    pa, pb = (prepare_expert(x, matrices, device, chunk_elements) for x in (a, b))
+    n = pa[matrices[0]].shape[0]
+    return build_similarity(torch.empty((n, n), dtype=torch.float32), pa, pb, matrices, chunk_elements).numpy()
 
-    Built with torch in row chunks (on `device`, a GPU where the caller has one), accumulated in
-    float32 on the device and copied chunk by chunk into one host array, so the only n×n buffer is
-    the result itself. float32 is exact enough here: entries are cosines' summands in [-3, 3] and
-    the solver's dual certificate reports any loss of optimality.
-    """
-    n = neuron_rows(a[matrices[0]], matrices[0]).shape[0]
-    out = np.empty((n, n), dtype=np.float32)
-    rows_a, rows_b = [], []
-    for m in matrices:
-        ra = neuron_rows(a[m], m).to(device=device, dtype=torch.float32)
-        rb = neuron_rows(b[m], m).to(device=device, dtype=torch.float32)
-        scale = 1.0 / float(ra.double().norm() * rb.double().norm())
-        rows_a.append(ra * scale)
-        rows_b.append(rb.contiguous())
-    step = max(1, chunk_elements // n)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = rows_a[0][start:stop] @ rows_b[0].T
-        for ra, rb in zip(rows_a[1:], rows_b[1:]):
-            block.addmm_(ra[start:stop], rb.T)
-        out[start:stop] = block.cpu().numpy()
-    return out
+
+def paired_cosine(a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> float:
+    """sum_k <a[k], b[perm[k]]> over prepared (norm-divided) neuron rows: the flattened cosine between
+    two expert matrices with b's neurons reordered by `perm`, accumulated in float64 block by block."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start, stop in _row_steps(a.shape[0], a.shape[1], chunk_elements):
+        total += (a[start:stop] * b[perm[start:stop]]).sum(dtype=torch.float64)
+    return float(total)
 
 
 @dataclass(frozen=True)
@@ -120,7 +152,9 @@ def solve_max(similarity: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> A
     min_reduced = 0.0
     for start in range(0, n, step):
         stop = min(n, start + step)
-        reduced = cost[start:stop].astype(np.float64) - u64[start:stop, None] - v64[None, :]
+        reduced = cost[start:stop].astype(np.float64)
+        reduced -= u64[start:stop, None]
+        reduced -= v64[None, :]
         min_reduced = min(min_reduced, float(reduced.min()))
     chosen = cost[np.arange(n), perm].astype(np.float64)
     primal = float(chosen.sum())
@@ -168,6 +202,10 @@ class PairResult:
     similarity_after: dict[str, float]
     kendall_tau: float
     gap_bound: float
+    build_seconds: float = 0.0
+    """Wall time building S (on the device, copied to the host)."""
+    solve_seconds: float = 0.0
+    """Wall time of lapjv and the certificate on the host."""
 
     @property
     def growth(self) -> dict[str, float]:
@@ -176,34 +214,194 @@ class PairResult:
         return {m: relative_growth(self.similarity_before[m], self.similarity_after[m]) for m in self.similarity_after}
 
 
+def _check_matrices(matrices: Sequence[str]) -> None:
+    unknown = [m for m in matrices if m not in MATRICES]
+    if unknown or not matrices:
+        raise ValueError(f"matrices must be among {MATRICES}, not {tuple(matrices)}")
+
+
+def _timed_solve(similarity: np.ndarray, chunk_elements: int) -> tuple[Assignment, float]:
+    started = time.perf_counter()
+    return solve_max(similarity, chunk_elements), time.perf_counter() - started
+
+
+def _pair_result(a: Neurons, b: Neurons, matrices: tuple[str, ...], solved: tuple[Assignment, float],
+                 build_seconds: float, chunk_elements: int) -> PairResult:
+    """Similarity before and after reordering b, per matrix, computed where the neurons are."""
+    assignment, solve_seconds = solved
+    device = a[matrices[0]].device
+    n = a[matrices[0]].shape[0]
+    identity = torch.arange(n, device=device)
+    perm = torch.as_tensor(assignment.perm, device=device)
+    before = {m: paired_cosine(a[m], b[m], identity, chunk_elements) for m in matrices}
+    after = {m: paired_cosine(a[m], b[m], perm, chunk_elements) for m in matrices}
+    return PairResult(tuple(matrices), assignment.perm, before, after, kendall_tau(assignment.perm),
+                      assignment.gap_bound, build_seconds, solve_seconds)
+
+
+Problem = tuple[int, int, tuple[str, ...]]
+"""One assignment of a batch: experts (i, j) of a layer and the matrices it is solved on (joint: all
+three; separate: one)."""
+
+
+def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: Sequence[Problem],
+                  device: str | torch.device = "cpu", overlap: bool = False,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[Problem, PairResult]]:
+    """S4 for several assignments among one layer's experts, yielding (problem, result) in order.
+
+    `load(e)` returns expert e's matrices (any float dtype, at least those the problems name); each
+    expert is loaded and prepared on `device` once, and dropped after the last problem that uses it.
+    With `overlap`, lapjv solves on a host thread (it releases the GIL) while `device` builds the
+    next problem's similarity into a second host buffer: on a GPU the build then hides behind the
+    solve; on the CPU both compete for the task's cores, so overlap pays only with more than one.
+    """
+    problems = list(problems)
+    if not problems:
+        return
+    needed = {m for *_, ms in problems for m in ms}
+    _check_matrices(tuple(needed))
+    matrices = tuple(m for m in MATRICES if m in needed)
+    last_use = {e: k for k, (i, j, _) in enumerate(problems) for e in (i, j)}
+    experts: dict[int, Neurons] = {}
+    buffers: list[torch.Tensor] = []
+    pin = torch.device(device).type == "cuda"  # page-locked host buffers: faster device-to-host copies
+
+    def neurons(e: int) -> Neurons:
+        if e not in experts:
+            experts[e] = prepare_expert(load(e), matrices, device, chunk_elements)
+        return experts[e]
+
+    def buffer(k: int, n: int) -> torch.Tensor:
+        while len(buffers) < (2 if overlap else 1):
+            buffers.append(torch.empty((n, n), dtype=torch.float32, pin_memory=pin))
+        return buffers[k % len(buffers)]
+
+    def finish(k: int, job: Future | tuple, a: Neurons, b: Neurons, build: float) -> tuple[Problem, PairResult]:
+        solved = job.result() if isinstance(job, Future) else job
+        result = _pair_result(a, b, problems[k][2], solved, build, chunk_elements)
+        for e in problems[k][:2]:
+            if last_use[e] == k:
+                experts.pop(e, None)
+        return problems[k], result
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lapjv") as solver:
+        pending = None
+        for k, (i, j, ms) in enumerate(problems):
+            a, b = neurons(i), neurons(j)
+            started = time.perf_counter()
+            cost = build_similarity(buffer(k, a[ms[0]].shape[0]), a, b, ms, chunk_elements)
+            build = time.perf_counter() - started
+            if not overlap:
+                yield finish(k, _timed_solve(cost.numpy(), chunk_elements), a, b, build)
+                continue
+            done = finish(*pending) if pending is not None else None  # solved while this cost was built
+            pending = (k, solver.submit(_timed_solve, cost.numpy(), chunk_elements), a, b, build)
+            if done is not None:
+                yield done
+        if pending is not None:
+            yield finish(*pending)
+
+
 def reorder_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], matrices: tuple[str, ...],
                  device: str | torch.device = "cpu", chunk_elements: int = CHUNK_ELEMENTS) -> PairResult:
     """S4 for experts a, b: the permutation of b's neurons that maximises the summed flattened
     cosine over `matrices` with a's (all three: joint mode; one: separate mode), and the flattened
     similarity of each of those matrices before and after reordering b."""
-    unknown = [m for m in matrices if m not in MATRICES]
-    if unknown or not matrices:
-        raise ValueError(f"matrices must be among {MATRICES}, not {matrices}")
-    sim = similarity_matrix(a, b, matrices, device, chunk_elements)
-    assignment = solve_max(sim, chunk_elements)
-    del sim
-    before = {m: flat_cosine(a[m], b[m]) for m in matrices}
-    after = {m: flat_cosine(a[m], permute_neurons(b[m], m, assignment.perm)) for m in matrices}
-    return PairResult(tuple(matrices), assignment.perm, before, after, kendall_tau(assignment.perm),
-                      assignment.gap_bound)
+    experts = {0: a, 1: b}
+    ((_, result),) = reorder_pairs(experts.__getitem__, [(0, 1, tuple(matrices))], device,
+                                   chunk_elements=chunk_elements)
+    return result
 
 
-def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES),
+def expert_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES)) -> int:
+    """One prepared expert (`Neurons`): its matrices in float32."""
+    return n_matrices * n * d_hid * 4
+
+
+def _chunk_rows(n: int, width: int, chunk_elements: int) -> int:
+    """Rows of one chunk of a [n, width] computation (`_row_steps`)."""
+    return min(n, max(1, chunk_elements // max(1, width)))
+
+
+def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
+                 overlap: bool = False, on_host: bool = True, stored_bytes: int = 2,
                  chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Peak host memory of one `reorder_pair` at n neurons and hidden size d_hid.
+    """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid, beside the
+    worker process itself.
 
-    Twice the n×n float32 cost (benchmarks/bench_reorder.py measures the peak growing by about
-    1.7 × n²·4 bytes per pair: lapjv holds a copy of the cost while it solves), lapjv's O(n) workspace, the two experts'
-    `n_matrices` matrices in float32 plus their row copies, one float64 certificate chunk and one torch
-    chunk, and 256 MiB for the interpreter and libraries.
+    The n×n float32 cost buffers (two with `overlap`; lapjv solves float32 in place, measured to add
+    no copy), one expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64
+    chunk of the certificate and lapjv's O(n) workspace; when the experts are prepared on the host
+    (`on_host`) also the prepared experts (at most `experts_held` at once), the chunk being built and
+    the two temporaries of the before/after cosines.
     """
-    cost = 2 * 4 * n * n
-    weights = 2 * 2 * n_matrices * n * d_hid * 4
-    chunks = 2 * chunk_elements * 8 + 4 * chunk_elements
-    solver = 64 * n
-    return cost + weights + chunks + solver + 256 * 2**20
+    cost = (2 if overlap else 1) * 4 * n * n
+    reading = n_matrices * n * d_hid * stored_bytes
+    certificate = _chunk_rows(n, n, chunk_elements) * n * 8
+    host = cost + reading + certificate + 64 * n
+    if on_host:
+        host += experts_held * expert_bytes(n, d_hid, n_matrices) + _working_chunks(n, d_hid, chunk_elements)
+    return host
+
+
+def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
+    """The chunk of S being built and the before/after cosines' two temporaries, float32."""
+    return _chunk_rows(n, n, chunk_elements) * n * 4 + 2 * _chunk_rows(n, d_hid, chunk_elements) * d_hid * 4
+
+
+def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
+                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Peak memory on a GPU of one `reorder_pairs` batch: the prepared experts, one expert arriving
+    in its stored dtype, the chunk being built and the before/after cosines' temporaries (torch's
+    allocator; the CUDA context comes on top, see `units.sizing`)."""
+    weights = experts_held * expert_bytes(n, d_hid, n_matrices)
+    reading = n_matrices * n * d_hid * stored_bytes
+    return weights + reading + _working_chunks(n, d_hid, chunk_elements)
+
+
+# ---- batching: several pairs of a layer per task ---------------------------------------------------
+
+CPU_BUILD_FLOPS = 60e9
+"""float32 GEMM per CPU core building S: measured 76-91 GFLOP/s on an AVX2 core with little else
+running, 30-40 under load (benchmarks/bench_reorder.py, bench_fullwidth.py)."""
+GPU_BUILD_FLOPS = 20e12
+"""float32 GEMM of one GPU, assumed (an A100 does 19.5 TFLOP/s without TF32; benchmarks/gpu_check.sh
+measures the real build)."""
+LAPJV_SECONDS_8192 = 11.6
+"""lapjv on one core at n = 8,192 on random-like costs (the slow case), measured; time grows as n^2.05."""
+TARGET_TASK_SECONDS = 60.0
+"""What a batch of pairs aims at: long enough that a task's start (worker, imports, reading its
+experts) is small beside it, short enough that retries and the last tasks stay cheap."""
+EXPERTS_BUDGET_BYTES = 8 * 2**30
+"""Prepared experts one task may hold at once (host on CPU, GPU memory on cuda)."""
+
+
+def pair_seconds(n: int, d_hid: int, n_matrices: int, device: str, cpus: float = 1) -> float:
+    """Estimated seconds of one assignment: the build on `device` (cuda or cpu) plus the lapjv solve."""
+    flops = 2 * n * n * d_hid * n_matrices
+    build = flops / (GPU_BUILD_FLOPS if device == "cuda" else CPU_BUILD_FLOPS * max(1.0, cpus))
+    return build + LAPJV_SECONDS_8192 * (n / 8192) ** 2.05
+
+
+def pairs_per_task(n: int, d_hid: int, mode: str, device: str, cpus: float = 1,
+                   requested: int | None = None) -> int:
+    """How many expert pairs of one layer a task takes: `requested`, else as many as fill
+    TARGET_TASK_SECONDS by `pair_seconds` (separate mode solves three assignments per pair), capped
+    so that the experts a batch reads fit EXPERTS_BUDGET_BYTES."""
+    if requested is not None:
+        return max(1, requested)
+    per_pair = pair_seconds(n, d_hid, len(MATRICES), device, cpus)
+    if mode == "separate":
+        per_pair = 3 * pair_seconds(n, d_hid, 1, device, cpus)
+    k = max(1, int(TARGET_TASK_SECONDS // per_pair))
+    side = max(1, EXPERTS_BUDGET_BYTES // (4 * expert_bytes(n, d_hid)))  # a batch reads about 4 tile sides
+    return min(k, side * side)
+
+
+def batch_pairs(pairs: Sequence[tuple[int, int]], per_task: int) -> list[list[tuple[int, int]]]:
+    """The pairs in batches of `per_task`, taken tile by tile: pairs (i, j) grouped by (i // t, j // t)
+    with t = isqrt(per_task), so a batch covers about one t x t tile of the pair triangle and reads
+    about 2t experts (at most 4t where it spills into the next tile), not 2 per pair."""
+    side = max(1, math.isqrt(per_task))
+    ordered = sorted(pairs, key=lambda p: (p[0] // side, p[1] // side, p))
+    return [ordered[k:k + per_task] for k in range(0, len(ordered), per_task)]

@@ -1,8 +1,10 @@
 """Static analyses of expert weights (paper §4, App A–C; design §4 S1, S2, S3, S5, S6).
 
-Pure functions on tensors: no Ray, no Zarr, no checkpoint keys. Matrices are float32 tensors as read
-from a checkpoint; reductions over their (possibly 200M) elements are streamed in row chunks and
-accumulated in float64, so a layer's analysis never makes a second copy of its experts.
+Pure functions on tensors: no Ray, no Zarr, no checkpoint keys. Matrices may be held in their stored
+floating dtype (bfloat16, float16) or in float32, on any device (CPU or GPU: every function computes
+where its inputs are); reductions over their (possibly 200M) elements are streamed in row blocks,
+each block converted to float32 as it is used and accumulated in float64, so a layer's analysis never
+makes a second copy of its experts and gives the same numbers whatever dtype they are held in.
 
 Conventions
 - A *neuron* i of an expert is (W_up[i, :], W_gate[i, :], W_down[:, i]); each is a d_hid vector.
@@ -20,18 +22,37 @@ import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 20
-"""Elements per streamed block (4 MiB of float32): small enough that the several passes a block
-gets (stack, Gram, centre, scale, Gram) stay in cache, which measured 25-40% faster than 64 MiB blocks."""
+"""Elements per streamed block on the CPU (4 MiB of float32): small enough that the several passes a
+block gets (stack, Gram, centre, scale, Gram) stay in cache, which measured 25-40% faster than 64 MiB
+blocks."""
+DEVICE_CHUNK_ELEMENTS = 1 << 25
+"""Elements per streamed block on a GPU (128 MiB of float32): big enough that kernel launches do not
+dominate; a GPU has no cache to fit."""
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per streamed block for data on `device`."""
+    return CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
 def _row_blocks(mats: Sequence[torch.Tensor]):
-    """Yield aligned row blocks of equally shaped 2-D matrices, each block about CHUNK_ELEMENTS."""
+    """Yield aligned row blocks of equally shaped 2-D matrices, all of them together about
+    `chunk_elements` of their device."""
     rows, cols = mats[0].shape
-    step = max(1, CHUNK_ELEMENTS // max(1, cols * len(mats)))
+    step = max(1, chunk_elements(mats[0].device) // max(1, cols * len(mats)))
     for r0 in range(0, rows, step):
         yield [m[r0:r0 + step] for m in mats]
+
+
+def _stacked_float(block: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row blocks of several matrices flattened into the rows of one float32 matrix (one copy, converted
+    from the held dtype on the way)."""
+    flat = torch.empty((len(block), block[0].numel()), dtype=torch.float32, device=block[0].device)
+    for row, b in zip(flat, block):
+        row.copy_(b.reshape(-1))
+    return flat
 
 
 def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
@@ -49,7 +70,7 @@ def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
 def _column_signs(columns: torch.Tensor) -> torch.Tensor:
     """±1 per column: the sign of its largest-magnitude entry (1 for an all-zero column)."""
     idx = columns.abs().argmax(dim=0)
-    signs = torch.sign(columns[idx, torch.arange(columns.shape[1])])
+    signs = torch.sign(columns[idx, torch.arange(columns.shape[1], device=columns.device)])
     signs[signs == 0] = 1
     return signs
 
@@ -64,9 +85,9 @@ def _fix_signs(columns: torch.Tensor) -> torch.Tensor:
 def gram_matrix(mats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Dot products <W_i, W_j> of flattened, equally shaped matrices, streamed, float64 [n, n]."""
     n = len(mats)
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=mats[0].device)
     for block in _row_blocks(mats):
-        flat = torch.stack([b.reshape(-1) for b in block])
+        flat = _stacked_float(block)
         gram += (flat @ flat.T).double()
     return gram
 
@@ -86,10 +107,10 @@ def flattened_grams(mats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     contribution: S1 and S2 together read the matrices once.
     """
     n = len(mats)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    std_gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=mats[0].device)
+    std_gram = torch.zeros(n, n, dtype=torch.float64, device=mats[0].device)
     for block in _row_blocks(mats):
-        flat = torch.stack([b.reshape(-1) for b in block])
+        flat = _stacked_float(block)
         gram += (flat @ flat.T).double()
         flat -= flat.mean(dim=0, keepdim=True)
         std = ((flat * flat).sum(dim=0, keepdim=True) / n).sqrt()  # 25x faster than vector_norm(dim=0) on CPU
@@ -110,11 +131,12 @@ def pca_from_gram(gram: torch.Tensor, n_components: int) -> tuple[torch.Tensor, 
     c = min(n_components, gram.shape[0])
     scores = _fix_signs(evecs[:, :c] * evals[:c].sqrt())
     total = evals.sum()
-    ratio = evals[:c] / total if total > 0 else torch.full((c,), float("nan"), dtype=evals.dtype)
+    ratio = evals[:c] / total if total > 0 else torch.full((c,), float("nan"), dtype=evals.dtype, device=evals.device)
     if c < n_components:  # fewer points than components: pad with NaN
         pad = n_components - c
-        scores = torch.cat([scores, torch.full((scores.shape[0], pad), float("nan"), dtype=scores.dtype)], 1)
-        ratio = torch.cat([ratio, torch.full((pad,), float("nan"), dtype=ratio.dtype)])
+        nan = dict(fill_value=float("nan"), dtype=scores.dtype, device=scores.device)
+        scores = torch.cat([scores, torch.full((scores.shape[0], pad), **nan)], 1)
+        ratio = torch.cat([ratio, torch.full((pad,), **nan)])
     return scores, ratio
 
 
@@ -142,7 +164,7 @@ def neuron_average(matrix: torch.Tensor, name: str) -> torch.Tensor:
     """S3: mean over an expert's neurons -> one d_hid vector (float64; float32 sums per block of
     neurons, accumulated in float64 across blocks, with no float64 copy of the matrix)."""
     neurons = neuron_vectors(matrix, name)
-    total = torch.zeros(neurons.shape[1], dtype=torch.float64)
+    total = torch.zeros(neurons.shape[1], dtype=torch.float64, device=matrix.device)
     for block in _neuron_blocks([neurons]):
         total += block.sum(dim=0).double()
     return total / neurons.shape[0]
@@ -150,18 +172,30 @@ def neuron_average(matrix: torch.Tensor, name: str) -> torch.Tensor:
 
 # ---- S5: PCA of neurons (App A.2, Fig 7) ---------------------------------------------------------
 
-def _neuron_blocks(points: Sequence[torch.Tensor]):
+def _neuron_blocks(points: Sequence[torch.Tensor], offsets: bool = False):
+    """Blocks of neurons (rows) of each expert in turn, as float32 (converted from the held dtype);
+    with `offsets`, (first row, block) pairs."""
     for p in points:
-        step = max(1, CHUNK_ELEMENTS // 4 // max(1, p.shape[1]))  # neuron blocks: best at ~1 MiB
+        # neuron blocks: best at ~1 MiB on the CPU
+        step = max(1, chunk_elements(p.device) // 4 // max(1, p.shape[1]))
         for r0 in range(0, p.shape[0], step):
-            yield p[r0:r0 + step]
+            yield (r0, p[r0:r0 + step].float()) if offsets else p[r0:r0 + step].float()
+
+
+def _project(points: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """points @ weight - offset in float64, block by block into one preallocated result (a list of
+    small per-block results to concatenate fragmented the CPU heap by ~50 KiB per block, measured)."""
+    out = torch.empty((points.shape[0], weight.shape[1]), dtype=torch.float64, device=points.device)
+    for r0, block in _neuron_blocks([points], offsets=True):
+        out[r0:r0 + block.shape[0]] = block @ weight
+    return out.sub_(offset)
 
 
 def _neuron_moments(points: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean [d], population std [d] and covariance [d, d] of the neuron points, one streamed pass."""
-    d = points[0].shape[1]
-    total = torch.zeros(d, dtype=torch.float64)
-    second = torch.zeros(d, d, dtype=torch.float64)
+    d, device = points[0].shape[1], points[0].device
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    second = torch.zeros(d, d, dtype=torch.float64, device=device)
     n = 0
     for block in _neuron_blocks(points):
         total += block.sum(0).double()
@@ -184,12 +218,13 @@ def _randomized_pca(points: Sequence[torch.Tensor], k: int, width: int = 16, pow
     W = Z Q per expert, from which both the Rayleigh-Ritz eigenproblem (Qᵀ Zᵀ Z Q = Wᵀ W) and the
     scores (Z Q V = W V) follow, so no pass is spent on Qᵀ Zᵀ Z Q or on projecting the neurons.
     """
-    d = points[0].shape[1]
+    d, device = points[0].shape[1], points[0].device
     width = min(d, max(width, k))
-    omega = torch.randn(d, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    total = torch.zeros(d, dtype=torch.float64)
-    squares = torch.zeros(d, dtype=torch.float64)
-    product = torch.zeros(d, width, dtype=torch.float64)
+    # drawn on the CPU whatever the device, so every device starts from the same subspace
+    omega = torch.randn(d, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    squares = torch.zeros(d, dtype=torch.float64, device=device)
+    product = torch.zeros(d, width, dtype=torch.float64, device=device)
     omega32 = omega.float()
     n = 0
     for block in _neuron_blocks(points):
@@ -209,15 +244,13 @@ def _randomized_pca(points: Sequence[torch.Tensor], k: int, width: int = 16, pow
     q, _ = torch.linalg.qr(zt_z_times_scaled(product, omega))  # start: Zᵀ Z σΩ
     for _ in range(power_iters):
         m = q / std[:, None]
-        m32, product = m.float(), torch.zeros(d, width, dtype=torch.float64)
+        m32, product = m.float(), torch.zeros(d, width, dtype=torch.float64, device=device)
         for block in _neuron_blocks(points):
             product += (block.T @ (block @ m32)).double()
         q, _ = torch.linalg.qr(zt_z_times_scaled(product, m))
     m = q / std[:, None]
     m32, offset = m.float(), mean @ m
-    projected = []  # W = Z Q, expert by expert
-    for p in points:
-        projected.append(torch.cat([(block @ m32).double() for block in _neuron_blocks([p])]) - offset)
+    projected = [_project(p, m32, offset) for p in points]  # W = Z Q, expert by expert
     small = sum(w.T @ w for w in projected)  # Qᵀ Zᵀ Z Q
     evals, evecs = torch.linalg.eigh((small + small.T) / 2)
     order = evals.argsort(descending=True)[:k]
@@ -249,8 +282,21 @@ def neuron_pca(points: Sequence[torch.Tensor], n_components: int = 3, method: st
     loadings = _fix_signs(evecs)
     weight = (loadings / std[:, None]).float()
     offset = (mean / std) @ loadings
-    scores = [(p @ weight).double() - offset for p in points]
+    scores = [_project(p, weight, offset) for p in points]
     return scores, evals / total_var
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+def working_set_bytes(neurons: int, d_hid: int, covariance: bool, device: torch.device) -> int:
+    """Bytes the analyses of one matrix kind allocate beside the matrices (`neurons` rows of `d_hid`
+    over all of them) on `device`: a stacked float32 block and its temporaries (S1/S2), a converted
+    neuron block (S3, S5), S5's float64 projections and scores per neuron, and the d_hid x d_hid
+    moments of the exact S5 path (the randomised one keeps d_hid x 16 blocks)."""
+    block = chunk_elements(device) * 4 * 3
+    per_neuron = neurons * (16 + 2 * 3) * 8
+    moments = 3 * d_hid * d_hid * 8 if covariance else d_hid * 16 * 8 * 4
+    return block + per_neuron + moments
 
 
 # ---- S6: gate embedding vs expert W_gate (§4.2, App C, Tab 3, Tab 4) ----------------------------
@@ -262,7 +308,7 @@ def gate_embedding_similarity(router_weight: torch.Tensor) -> torch.Tensor:
 
 def upper_triangle_pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson R between the i<j entries of two square similarity matrices (NaN if undefined)."""
-    iu = torch.triu_indices(x.shape[0], x.shape[1], offset=1)
+    iu = torch.triu_indices(x.shape[0], x.shape[1], offset=1, device=x.device)
     a, b = x[iu[0], iu[1]].double(), y[iu[0], iu[1]].double()
     if a.numel() < 2:
         return float("nan")

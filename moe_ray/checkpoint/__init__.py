@@ -1,9 +1,9 @@
 """Checkpoints: lazy per-tensor safetensors reads (local or fsspec) and weight fingerprints
-(`reader`), config.json's typed schema (`config`), the check of every tensor a job reads from the
-headers alone (`validate`), model family adapters, and `make-tiny` test checkpoints in the real hub
-layout."""
-from .families import FAMILIES, MATRICES, Family, ModelFacts, detect_family, get_family
+(`reader`), the stored formats moe-ray reads and their exact dequantisation (`quant`), config.json's
+typed schema (`config`), the check of every tensor a job reads from the headers alone (`validate`),
+model family adapters, and `make-tiny` test checkpoints in the real hub layout."""
+from .families import FAMILIES, MATRICES, Family, ModelFacts, TensorRef, detect_family, get_family
 from .reader import Checkpoint, open_checkpoint
 
-__all__ = ["FAMILIES", "MATRICES", "Checkpoint", "Family", "ModelFacts", "detect_family", "get_family",
+__all__ = ["FAMILIES", "MATRICES", "Checkpoint", "Family", "ModelFacts", "TensorRef", "detect_family", "get_family",
            "open_checkpoint"]

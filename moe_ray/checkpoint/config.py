@@ -52,6 +52,21 @@ CONFIG_SCHEMA: dict[str, ConfigField] = {
     "tie_word_embeddings": ConfigField(bool),
     "rms_norm_eps": ConfigField(float, 0),
     "rope_theta": ConfigField(float, 0),
+    # DeepSeek-V2/V3, gpt-oss, Llama 4
+    "num_nextn_predict_layers": ConfigField(int, 0),
+    "n_group": ConfigField(int, 1),
+    "topk_group": ConfigField(int, 1),
+    "routed_scaling_factor": ConfigField(float, 0),
+    "kv_lora_rank": ConfigField(int, 1),
+    "q_lora_rank": ConfigField(int, 1),
+    "qk_nope_head_dim": ConfigField(int, 0),
+    "qk_rope_head_dim": ConfigField(int, 0),
+    "v_head_dim": ConfigField(int, 1),
+    "swiglu_limit": ConfigField(float, 0),
+    "swiglu_alpha": ConfigField(float, 0),
+    "intermediate_size_mlp": ConfigField(int, 1),
+    "interleave_moe_layer_step": ConfigField(int, 0),
+    "moe_layers": ConfigField(list, item=int),
 }
 """Every config.json field moe-ray reads (null counts as absent, as in transformers)."""
 
@@ -99,6 +114,8 @@ def parse_config(raw: Any, where: str) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"config.json in {where} is {_json_type(raw)}, not a JSON object of model fields")
     config = dict(raw)
+    if isinstance(config.get("text_config"), dict):  # a multimodal model's language model (Llama 4)
+        config["text_config"] = parse_config(config["text_config"], f"{where} (text_config)")
     for name, rule in CONFIG_SCHEMA.items():
         value = config.get(name)
         if value is None:
@@ -121,7 +138,7 @@ def model_facts(family: type[Family], config: dict, where: str) -> ModelFacts:
     """`family.facts(config)` with what the family needs checked: a field it lacks, an MoE family
     without an expert count or top-k, a top-k larger than the experts, all as one line."""
     for name in REQUIRED:
-        if config.get(name) is None:
+        if family.text_config(config).get(name) is None:
             raise CheckpointError(f"config.json in {where} lacks {name!r}, which every model has")
     try:
         facts = family.facts(config)

@@ -3,10 +3,13 @@
 Opening a checkpoint reads only config.json (through `config.parse_config`), the index and each
 shard's header, and checks them: missing shards, truncated files, keys the index promises but a
 shard lacks, header entries whose dtype, shape and byte range disagree, byte ranges outside the
-file or overlapping. Which stored dtypes moe-ray can analyse is decided in one place, `analysable`.
-Tensors are read one at a time, on demand, and returned as float32 (or float64) whatever their
-stored dtype. `Checkpoint.fingerprint` identifies the weights themselves (not where they live), so a
-store can refuse to resume over other weights.
+file or overlapping. Which stored formats moe-ray can analyse is decided in one place,
+`checkpoint.quant` (`analysable` asks it): float tensors, FP8 with its block scales, MXFP4 blocks and
+scales. Tensors are read one at a time, on demand, and returned as float32 (or float64) whatever
+their stored format: quantised tensors are dequantised exactly on the reader's device, and a piece of
+a fused tensor (a `TensorRef`: one expert, one matrix) is read by slice, never the whole tensor.
+`Checkpoint.fingerprint` identifies the weights themselves (not where they live), so a store can
+refuse to resume over other weights.
 """
 from __future__ import annotations
 
@@ -27,37 +30,29 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from .config import model_facts, parse_config
 from .families import Family, ModelFacts, detect_family
+from .families.base import Key, TensorRef, ref_name
+from .quant import DTYPE_BYTES, Stored, classify, dequantize_fp8_blocks, dequantize_mxfp4, logical_layout
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
 FINGERPRINT_VERSION = 1
 SAMPLE_BYTES = 1024
-_LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-"""Bytes per element of the safetensors dtypes (a header entry's byte range must match its shape)."""
 
-ANALYSABLE_DTYPES = ("BF16", "F16", "F32", "F64")
-
-
-def analysable(key: str, tensors: Mapping[str, "TensorInfo"]) -> str | None:
-    """The one place that decides whether moe-ray can analyse tensor `key` as stored: None if it can,
-    else why not, a phrase naming its dtype that follows the tensor's name ("tensor K " + why). It
-    sees every tensor of the checkpoint, so a quantised weight can be accepted together with its
-    companions (scales). Header validation (`Checkpoint.check_tensor`) and `Checkpoint.read` ask it."""
-    info = tensors[key]
-    if info.dtype in ANALYSABLE_DTYPES:
-        return None
-    return (f"is stored as {info.dtype}, which moe-ray cannot analyse (it reads "
-            f"{', '.join(ANALYSABLE_DTYPES)} weights)")
-
+def analysable(key: str, tensors: Mapping[str, "TensorInfo"], quantization_config: dict | None = None) -> str | None:
+    """Whether moe-ray can analyse tensor `key` as stored: None if it can, else why not, a phrase naming
+    its dtype that follows the tensor's name ("tensor K " + why). Decided by `checkpoint.quant.classify`,
+    which sees every tensor of the checkpoint, so a quantised weight is accepted together with its
+    companions (scales, blocks) and anything else is refused. Header validation
+    (`Checkpoint.check_tensor`) and `Checkpoint.read` ask it (through `Checkpoint.storage`)."""
+    stored = classify(key, tensors, quantization_config)
+    return stored.refusal if stored is not None and stored.format == "refused" else None
 
 
 @dataclass(frozen=True)
@@ -164,6 +159,8 @@ class Checkpoint:
         self.tensors = self._index()
         self.family: type[Family] = detect_family(self.config, self.tensors)
         self.facts: ModelFacts = model_facts(self.family, self.config, self.location)
+        self.stored: dict[str, Stored] = logical_layout(self.tensors, self.config.get("quantization_config"))
+        """Every logical tensor (scale and block companions folded in) and how it is stored."""
         self._handles: dict[str, object] = {}
 
     # ---- opening -------------------------------------------------------------------------
@@ -261,35 +258,68 @@ class Checkpoint:
         return state
 
     # ---- metadata ----------------------------------------------------------------------------
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
+    def __contains__(self, key: Key) -> bool:
+        return ref_name(key) in self.stored or ref_name(key) in self.tensors
 
-    def info(self, key: str) -> TensorInfo:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise CheckpointError(f"tensor {key} is missing from the checkpoint {self.location}") from None
+    def storage(self, key: Key) -> Stored:
+        """How a logical tensor is stored; a format moe-ray cannot read is refused here, with the
+        tensor and its dtype named (`checkpoint.quant` is the one place that decides)."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        if stored is None:
+            info = self.tensors.get(name)  # a companion (scales, blocks) asked for by its own name
+            if info is None:
+                raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.location}")
+            stored = classify(name, {name: info}) or Stored(name, "refused", info.shape, (name,), info.dtype)
+        if stored.format == "refused":
+            raise CheckpointError(f"tensor {name} {stored.refusal}")
+        return stored
 
-    def require(self, keys: list[str], what: str = "") -> None:
-        """Fail with one clear message if any of `keys` is missing (checked before work starts)."""
-        missing = [k for k in keys if k not in self.tensors]
+    def info(self, key: Key) -> TensorInfo:
+        """Where a tensor (or a TensorRef's piece of one) lives: file, dtype, logical shape, and the
+        byte range its stored bytes (the first part's, for quantised ones) occupy."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        physical = self.tensors.get(stored.parts[0] if stored else name)
+        if physical is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.location}")
+        shape = stored.shape if stored else physical.shape
+        if not isinstance(key, TensorRef):
+            if stored is None or stored.format in ("float", "fp8_block", "refused"):
+                return physical
+            return TensorInfo(physical.file, stored.dtype, shape, physical.start, physical.end)
+        start, end = physical.start, physical.end
+        if key.index and isinstance(key.index[0], int) and physical.shape:
+            row = (end - start) // physical.shape[0]
+            start, end = start + key.index[0] * row, start + (key.index[0] + 1) * row
+        dtype = stored.dtype if stored else physical.dtype
+        return TensorInfo(physical.file, dtype, key.shape(tuple(shape)), start, end)
+
+    def require(self, keys: list[Key], what: str = "") -> None:
+        """Fail with one clear message if any of `keys` is missing or stored in a format moe-ray
+        cannot read (checked before work starts)."""
+        missing = [k for k in keys if k not in self]
         if missing:
             extra = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
             for_what = f" needed for {what}" if what else ""
             raise CheckpointError(f"tensor {missing[0]}{extra}{for_what} is missing from the checkpoint "
                                   f"{self.location}")
+        for key in keys:
+            self.storage(key)
 
-    def check_tensor(self, key: str, shape: tuple[int, ...], what: str) -> str | None:
-        """Why tensor `key` cannot serve as `what` with this shape (missing, a dtype `analysable`
-        refuses, another shape), as one line; None if it can. From the header alone."""
-        info = self.tensors.get(key)
-        if info is None:
+    def check_tensor(self, key: Key, shape: tuple[int, ...], what: str) -> str | None:
+        """Why tensor `key` (or a TensorRef's piece of one) cannot serve as `what` with this shape
+        (missing, a format `checkpoint.quant` refuses, another shape), as one line; None if it can.
+        From the headers alone."""
+        if key not in self:
             return f"tensor {key} ({what}) is missing from the checkpoint {self.location}"
-        why = analysable(key, self.tensors)
-        if why:
-            return f"tensor {key} ({what}) {why}"
-        if tuple(info.shape) != tuple(shape):
-            return (f"tensor {key} ({what}) has shape {list(info.shape)}, config.json in {self.location} "
+        try:
+            self.storage(key)
+        except CheckpointError:
+            return f"tensor {key} ({what}) {self.stored[ref_name(key)].refusal}"
+        actual = self.info(key).shape
+        if tuple(actual) != tuple(shape):
+            return (f"tensor {key} ({what}) has shape {list(actual)}, config.json in {self.location} "
                     f"implies {list(shape)}")
         return None
 
@@ -329,8 +359,9 @@ class Checkpoint:
         """Tensor keys by fingerprint unit, in order: `layer 0`, `layer 1`, ..., then `other`; keys
         sorted within a unit."""
         by_unit: dict[str, list[str]] = {}
+        layer = re.compile(re.escape(self.family.key_prefix) + r"layers\.(\d+)\.")
         for key in sorted(self.tensors):
-            m = _LAYER.search(key)
+            m = layer.match(key)
             by_unit.setdefault(f"layer {int(m.group(1))}" if m else "other", []).append(key)
         return dict(sorted(by_unit.items(), key=lambda kv: (kv[0] == "other",
                                                             int(kv[0].split()[-1]) if kv[0] != "other" else 0)))
@@ -379,40 +410,79 @@ class Checkpoint:
         return out
 
     # ---- reading -----------------------------------------------------------------------------
-    def read(self, key: str, dtype: torch.dtype = torch.float32, check_finite: bool = True,
+    def read(self, key: Key, dtype: torch.dtype = torch.float32, check_finite: bool = True,
              device: str | torch.device | None = None) -> torch.Tensor:
-        """One tensor, converted to `dtype` (float32 by default, whatever it is stored as) on `device`
-        (the CPU by default). On another device the stored bytes travel as stored and are converted
-        there, so no converted copy of the tensor is ever made on the host."""
-        info = self.info(key)
-        why = analysable(key, self.tensors)
-        if why:
-            raise CheckpointError(f"tensor {key} {why}")
-        if info.file.endswith(".bin"):
-            state = self._handles.get(info.file)
-            if state is None:
-                state = self._handles[info.file] = self._load_pickle(info.file)
-            tensor = state[key]
-        elif _is_local(self.location):
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-            tensor = handle.get_tensor(key)
-        else:
-            raw = self.fs.cat_file(info.file, start=info.start, end=info.end)
-            tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape)
-        if device is not None:
-            tensor = tensor.to(device=device)
-        tensor = tensor.to(dtype)
+        """One tensor, or a TensorRef's piece of one, converted to `dtype` (float32 by default, whatever
+        it is stored as) on `device` (the CPU by default). Stored bytes travel as stored and are
+        converted there: quantised tensors are dequantised on `device` (`checkpoint.quant`), so no
+        float copy is ever made on the host for a device read."""
+        ref = key if isinstance(key, TensorRef) else TensorRef(key)
+        stored = self.storage(ref.name)
+        index = ref.torch_index(stored.shape)
+        if stored.format == "float":
+            tensor = self._load(stored.parts[0], index)
+            if device is not None:
+                tensor = tensor.to(device=device)
+            tensor = tensor.to(dtype)
+        elif stored.format == "fp8_block":
+            tensor = self._dequantized(stored, index, 2, device, lambda w, s: dequantize_fp8_blocks(w, s, stored.block, dtype))
+        else:  # mxfp4: the logical tensor is the stored one with its last two dims swapped
+            full = index + (slice(None),) * (len(stored.shape) - len(index))
+            swapped = full[:-2] + (full[-1], full[-2])
+            tensor = self._dequantized(stored, swapped, 1, device, lambda b, s: dequantize_mxfp4(b, s, dtype))
+            if not isinstance(full[-1], int) and not isinstance(full[-2], int):
+                tensor = tensor.transpose(-1, -2)
+        if ref.transpose:
+            tensor = tensor.transpose(-1, -2)
+        tensor = tensor.contiguous()
         if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             # a NaN/Inf anywhere makes the sum non-finite (12x cheaper than isfinite().all(), which
             # cost as much as the read); only then count, since a huge finite sum can overflow too
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
-                raise CheckpointError(f"tensor {key} in {self.location} has {bad} NaN/Inf values")
+                raise CheckpointError(f"tensor {ref} in {self.location} has {bad} NaN/Inf values")
         return tensor
 
-    def prefetch(self, keys: list[str]) -> None:
+    def _dequantized(self, stored: Stored, index: tuple, blocked: int, device, dequantize) -> torch.Tensor:
+        """A quantised tensor's `[index]` in stored order: the index's dims before the `blocked`
+        trailing dims select stored bytes (weights and scales alike), which go to `device` as stored
+        and are dequantised there; the rest of the index applies to the dequantised values."""
+        lead = index[: max(len(stored.shape) - blocked, 0)]
+        parts = [self._load(p, lead) for p in stored.parts]
+        if device is not None:
+            parts = [p.to(device=device) for p in parts]
+        tensor = dequantize(*parts)
+        rest = index[len(lead):]
+        if rest:
+            kept = sum(1 for i in lead if not isinstance(i, int))
+            tensor = tensor[(slice(None),) * kept + rest]
+        return tensor
+
+    def _load(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """A physical tensor, or `tensor[index]`, as stored, on the CPU: a local shard is sliced by
+        safetensors (only the selected bytes are copied), a remote one fetches the byte range of its
+        leading index."""
+        info = self.tensors[key]
+        if info.file.endswith(".bin"):
+            state = self._handles.get(info.file)
+            if state is None:
+                state = self._handles[info.file] = self._load_pickle(info.file)
+            tensor = state[key]
+            return tensor[index] if index else tensor
+        if _is_local(self.location):
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(info.file, framework="pt")
+            return handle.get_slice(key)[index] if index else handle.get_tensor(key)
+        start, end, shape = info.start, info.end, info.shape
+        if index and isinstance(index[0], int) and shape:
+            row = (end - start) // shape[0]
+            start, end, shape, index = start + index[0] * row, start + (index[0] + 1) * row, shape[1:], index[1:]
+        raw = self.fs.cat_file(info.file, start=start, end=end)
+        tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(shape)
+        return tensor[index] if index else tensor
+
+    def prefetch(self, keys: list[Key]) -> None:
         """Ask the kernel to start reading these tensors' bytes now (POSIX_FADV_WILLNEED), so a unit
         that reads them one after another computes on the first while the rest arrive from disk.
         Local safetensors shards only; elsewhere (and where the OS lacks fadvise) a no-op."""
@@ -420,9 +490,13 @@ class Checkpoint:
             return
         by_file: dict[str, list[TensorInfo]] = {}
         for key in keys:
-            info = self.info(key)
-            if info.file.endswith(".safetensors"):
-                by_file.setdefault(info.file, []).append(info)
+            stored = self.stored.get(ref_name(key))
+            parts = [key] if stored is None or len(stored.parts) == 1 else [
+                TensorRef(p, key.index[:1]) if isinstance(key, TensorRef) else p for p in stored.parts]
+            for part in parts:
+                info = self.info(part)
+                if info.file.endswith(".safetensors"):
+                    by_file.setdefault(info.file, []).append(info)
         for file, infos in by_file.items():
             fd = os.open(file, os.O_RDONLY)
             try:

@@ -5,7 +5,13 @@ Variants (deterministic by seed):
 - `upcycled`: every expert = one dense parent FFN + noise of relative size `sigma`; the parent is
   written too, as a dense reference checkpoint in `OUT/dense-parent/` (the paper's Mistral "F");
 - `permuted`: odd experts are exact neuron permutations of the even expert before them (the same
-  permutation of up rows, gate rows and down columns, so the function is unchanged).
+  permutation of up rows, gate rows and down columns, so the function is unchanged; for quantised
+  families the permutation moves whole quantisation blocks and permutes within them, so it stays
+  exact in the stored format).
+
+Each family is written in its real on-disk layout and dtype (`Family.stored_layout`): per-expert or
+fused 3-D expert tensors, FP8 E4M3 with block scales (DeepSeek-V3), MXFP4 blocks and scales (gpt-oss),
+so tests and demos go through the same reading code as real checkpoints.
 
 Every checkpoint gets a small byte-level BPE tokenizer trained with `tokenizers` on the package's
 long input text (`tokenizer.json` + `tokenizer_config.json`, loadable by transformers'
@@ -15,6 +21,7 @@ AutoTokenizer, BOS prepended like Mistral's). What was planted is written to `OU
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +32,7 @@ from ..errors import MoeRayError
 from ..outdir import TINY_OUTPUT, claim_output_dir
 from .families import Family, get_family
 from .families.dense import Dense
+from .quant import encode, fp8_block_size
 
 VARIANTS = ("scratch", "upcycled", "permuted")
 PLANTED_NAME = "moe_ray_tiny.json"
@@ -82,42 +90,61 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, std: float = WEIGHT_STD
     return torch.randn(shape, generator=gen) * std
 
 
-def _plain_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """A non-expert tensor: norms are ones, biases zeros, matrices small random."""
+def _plain_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, random_biases: bool = False) -> torch.Tensor:
+    """A non-expert tensor: norms are ones, biases zeros (small random where the family's biases are
+    part of what is tested), matrices small random."""
     if len(shape) == 1 and ("norm" in key or key.endswith(".scale")):
         return torch.ones(shape)
-    if key.endswith(".bias"):
+    if key.endswith(".bias") and not random_biases:
         return torch.zeros(shape)
     return _randn(shape, gen)
 
 
+def block_permutation(n: int, group: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation of n neurons that moves whole groups of `group` (a last partial group
+    stays in place) and permutes within each group."""
+    full = n // group
+    order = torch.randperm(full, generator=gen) if full else torch.zeros(0, dtype=torch.long)
+    starts = torch.cat([order * group, torch.tensor([full * group] if n % group else [], dtype=torch.long)])
+    sizes = [group] * full + ([n % group] if n % group else [])
+    return torch.cat([start + torch.randperm(size, generator=gen) for start, size in zip(starts.tolist(), sizes)])
+
+
 def _expert_tensors(family: type[Family], config: dict, layer: int, variant: str, sigma: float,
-                    gen: torch.Generator, planted: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Expert matrices of one MoE layer, and the dense parent FFN (upcycled only; else empty)."""
+                    gen: torch.Generator, planted: dict) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Expert matrices of one MoE layer (float, by matrix name; biases too where the family has
+    them), and the dense parent FFN (upcycled only; else empty)."""
     facts = family.facts(config)
     d_mid, d_hid = facts.d_mid, facts.d_hid
     shapes = {"up": (d_mid, d_hid), "gate": (d_mid, d_hid), "down": (d_hid, d_mid)}
-    parent = {m: _randn(s, gen) for m, s in shapes.items()} if variant == "upcycled" else {}
+    if family.has_expert_biases:
+        shapes.update({"up_bias": (d_mid,), "gate_bias": (d_mid,), "down_bias": (d_hid,)})
+    matrices = ("up", "gate", "down")
+    parent = {m: _randn(shapes[m], gen) for m in matrices} if variant == "upcycled" else {}
     experts: list[dict[str, torch.Tensor]] = []
     for e in range(facts.num_experts):
         if variant == "upcycled":
-            experts.append({m: parent[m] + sigma * _randn(s, gen) for m, s in shapes.items()})
+            mats = {m: parent[m] + sigma * _randn(shapes[m], gen) for m in matrices}
+            mats.update({m: _randn(s, gen) for m, s in shapes.items() if m not in matrices})
+            experts.append(mats)
         elif variant == "permuted" and e % 2 == 1:
-            perm = torch.randperm(d_mid, generator=gen)
+            perm = block_permutation(d_mid, family.neuron_granularity(config), gen)
             src = experts[e - 1]
-            experts.append({"up": src["up"][perm], "gate": src["gate"][perm], "down": src["down"][:, perm]})
+            mats = {"up": src["up"][perm], "gate": src["gate"][perm], "down": src["down"][:, perm]}
+            if family.has_expert_biases:
+                mats.update(up_bias=src["up_bias"][perm], gate_bias=src["gate_bias"][perm], down_bias=src["down_bias"])
+            experts.append(mats)
             planted.setdefault(str(layer), {})[str(e)] = {"source": e - 1, "perm": perm.tolist()}
         else:
             experts.append({m: _randn(s, gen) for m, s in shapes.items()})
-    tensors = {}
-    for e, mats in enumerate(experts):
-        keys = family.expert_keys(layer, e)
-        tensors.update({keys[m]: mats[m] for m in mats})
     parent_tensors = {}
     if parent:
         keys = Dense.dense_ffn_keys(layer)
         parent_tensors = {keys[m]: parent[m] for m in parent}
-    return tensors, parent_tensors
+    return experts, parent_tensors
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: float = 0.5,
@@ -130,8 +157,14 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
     if dtype not in DTYPES:
         raise MoeRayError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = adapter.tiny_config()
-    config.update(config_overrides or {})
+    for key, value in (config_overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
     config["torch_dtype"] = dtype
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["torch_dtype"] = dtype
     facts = adapter.facts(config)
     if not facts.moe_layers:
         raise MoeRayError(f"family {family!r} has no MoE layers; make-tiny builds MoE models "
@@ -145,29 +178,34 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
     writer = _ShardWriter(out, shard_bytes)
     parent_layers: dict[int, dict[str, torch.Tensor]] = {}
     shapes = adapter.tensor_shapes(config)
-    expert_keys = set()
-    for layer in facts.moe_layers:
-        for e in range(facts.num_experts):
-            expert_keys.update(adapter.expert_keys(layer, e).values())
+    expert_names = {layer: adapter.expert_tensor_names(layer, config)
+                    for layer in facts.moe_layers + facts.mtp_layers}
+    block = fp8_block_size(config.get("quantization_config"))
+
+    def write(key: str, tensor: torch.Tensor) -> None:  # in the family's on-disk format
+        for name, stored in encode(key, tensor, adapter.storage(key, config), cast, block).items():
+            writer.add(name, stored)
+
     plain_cache: dict[str, torch.Tensor] = {}
     written_layers = set()
     for key, shape in shapes.items():
-        if key in expert_keys:
-            layer = int(key.split(".")[2])
+        match = _LAYER.search(key)
+        layer = int(match.group(1)) if match else None
+        if key in expert_names.get(layer, ()):
             if layer in written_layers:
                 continue
             written_layers.add(layer)
-            tensors, parent = _expert_tensors(adapter, config, layer, variant, sigma, gen, planted)
+            experts, parent = _expert_tensors(adapter, config, layer, variant, sigma, gen, planted)
             parent_layers[layer] = parent
-            for k, t in tensors.items():
-                writer.add(k, t.to(cast))
+            for k, t in adapter.fuse_experts(config, layer, experts).items():
+                write(k, t)
         else:
-            tensor = _plain_tensor(key, shape, gen)
+            tensor = _plain_tensor(key, shape, gen, adapter.has_expert_biases)
             plain_cache[key] = tensor
-            writer.add(key, tensor.to(cast))
+            write(key, tensor)
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(out, int(config["vocab_size"]))
+    write_tokenizer(out, int(adapter.text_config(config)["vocab_size"]))
 
     reference = None
     if variant == "upcycled":
@@ -185,6 +223,7 @@ def _write_parent(adapter: type[Family], config: dict, out: Path, parent_layers:
                   shard_bytes: int) -> None:
     """The dense model the upcycled MoE came from: same attention and embeddings, expert-sized FFNs."""
     facts = adapter.facts(config)
+    config = adapter.text_config(config)
     dense_config = Dense.tiny_config()
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",

@@ -14,11 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
-from .families.base import EXPERT_COUNT_KEYS
+from .families.base import EXPERT_COUNT_KEYS, Key, ref_name
 from .reader import Checkpoint
 
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
-EMBEDDINGS = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -27,12 +26,12 @@ class Needed:
     what it is (for messages)."""
 
     source: Checkpoint
-    key: str
+    key: Key
     shape: tuple[int, ...]
     what: str
 
 
-def _mlp(source: Checkpoint, keys: dict[str, str], d_mid: int, d_hid: int, what: str) -> list[Needed]:
+def _mlp(source: Checkpoint, keys: dict[str, Key], d_mid: int, d_hid: int, what: str) -> list[Needed]:
     shapes = {"up": (d_mid, d_hid), "gate": (d_mid, d_hid), "down": (d_hid, d_mid)}
     return [Needed(source, keys[m], shapes[m], f"{what} {m}") for m in ("up", "gate", "down")]
 
@@ -86,26 +85,29 @@ def job_tensors(ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...
         except KeyError as exc:
             raise CheckpointError(f"config.json in {ckpt.location} lacks {exc.args[0]!r}, which dynamic "
                                   f"passes of {family.name} models need") from None
+        layer_key = re.compile(re.escape(family.key_prefix) + r"layers\.(\d+)\.")
         for key, shape in layout.items():
-            m = _LAYER.search(key)
-            if key not in seen and (m or key == EMBEDDINGS):
+            m = layer_key.match(key)
+            if m and int(m.group(1)) >= facts.num_layers:
+                continue  # outside the main stack (an MTP layer): a forward pass does not run it
+            if key not in seen and (m or key == family.embed_key()):
                 what = f"layer {m.group(1)} of the decoder" if m else "the embeddings"
                 needed.append(Needed(ckpt, key, tuple(shape), what))
         if "causal" in analyses:  # the next-token loss: the final norm and the output head
-            head = {family.final_norm_key: "the final norm", family.output_head_key(ckpt.config): "the output head"}
+            head = {family.final_norm_key(): "the final norm", family.output_head_key(ckpt.config): "the output head"}
             needed += [Needed(ckpt, key, tuple(layout[key]), what) for key, what in head.items()
                        if key in layout and key not in seen]
     return needed
 
 
-def _explain_missing(ckpt: Checkpoint, key: str) -> str | None:
+def _explain_missing(ckpt: Checkpoint, key: Key) -> str | None:
     """A clearer reason when a missing tensor means config.json promises more than the checkpoint
     holds: more layers than it has, or more experts."""
-    m = _LAYER.search(key)
+    m = _LAYER.search(ref_name(key))
     if m is None:
         return None
     layer, facts, family = int(m.group(1)), ckpt.facts, ckpt.family
-    if not any(k.startswith(f"model.layers.{layer}.") for k in ckpt.tensors):
+    if not any(k.startswith(family.layer_prefix(layer)) for k in ckpt.tensors):
         held = sorted({int(x.group(1)) for k in ckpt.tensors if (x := _LAYER.search(k))})
         span = f"layers {held[0]}-{held[-1]}" if held else "no decoder layers"
         return (f"config.json in {ckpt.location} says {facts.num_layers} layers (num_hidden_layers), "
@@ -133,7 +135,7 @@ def validate_job_tensors(ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple
     for item in needed:
         why = item.source.check_tensor(item.key, item.shape, item.what)
         if why:
-            missing = item.key not in item.source.tensors
+            missing = item.key not in item.source
             if missing:
                 why = _explain_missing(item.source, item.key) or why
             problems.append((not missing, why))

@@ -7,9 +7,17 @@ Only necessary conditions are checked, so nothing placeable is refused: a bundle
 holds, more resources at once than the whole cluster has, and STRICT_SPREAD bundles that cannot each
 get a node of their own. The nodes are the cluster's as it is now: a cluster that adds nodes on demand
 (an autoscaler with workers at zero) must be submitted to with the check off (`check_fit = false`).
+
+GPU memory is not a Ray resource: Ray counts GPUs, not their memory, and nodes do not report it. A
+task says how much it needs on its GPU (`GPU_MEMORY` in its bundle), and the spec may say how much
+each GPU has (`gpu_memory_gb`, a `Demand`'s `gpu_memory_per_gpu`). With that known, a task asks for
+its share of a GPU (`gpus_for`), so Ray never puts more tasks on a GPU than its memory holds, and a
+task that no GPU could hold is refused here; either way the task compares its need with its GPU's
+real memory when it starts (`units.job`), the one place the cluster tells it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +28,21 @@ Resources = dict[str, float]
 EACH = "EACH"
 """Strategy of independent tasks: each bundle needs one node that holds it, not all at once."""
 GIB = 2**30
+GPU_MEMORY = "gpu_memory"
+"""Bytes a bundle needs on its GPU: carried beside Ray's resources, never asked of Ray."""
+GPU_FRACTION_STEP = 1e-4
+"""Ray's resolution for fractional resources."""
+
+
+def gpus_for(gpu_memory_bytes: int, gpus_per_task: float | None, gpu_memory_per_gpu: float | None) -> float:
+    """GPUs a task asks Ray for: the spec's `gpus_per_task`, else its GPU memory's share of a GPU when
+    the GPUs' memory is known (rounded up to Ray's step, at most one GPU), else a whole GPU."""
+    if gpus_per_task is not None:
+        return gpus_per_task
+    if gpu_memory_per_gpu:
+        share = math.ceil(gpu_memory_bytes / gpu_memory_per_gpu / GPU_FRACTION_STEP) * GPU_FRACTION_STEP
+        return min(1.0, max(GPU_FRACTION_STEP, round(share, 4)))
+    return 1.0
 
 
 @dataclass(frozen=True)
@@ -36,21 +59,31 @@ class Demand:
     bundles: tuple[tuple[str, Resources], ...]
     strategy: str = EACH
     alongside: Resources = field(default_factory=dict)
+    gpu_memory_per_gpu: float | None = None
+    """Bytes of memory each GPU has (the spec's gpu_memory_gb), when known."""
 
 
 def _amount(name: str, amount: float) -> str:
-    return f"{amount / GIB:.1f} GiB of memory" if name == "memory" else f"{amount:g} {name}"
+    if name == "memory":
+        return f"{amount / GIB:.1f} GiB of memory"
+    if name == GPU_MEMORY:
+        return f"{amount / GIB:.1f} GiB of GPU memory"
+    return f"{amount:g} {name}"
 
 
 def describe(resources: Resources, keep_zero: bool = False) -> str:
     """'1 CPU, 2 GPU, 3.5 GiB of memory': resources as a person reads them (zero ones left out unless
     `keep_zero`)."""
-    ordered = sorted(resources.items(), key=lambda kv: (kv[0] == "memory", kv[0]))
+    ordered = sorted(resources.items(), key=lambda kv: (kv[0] in ("memory", GPU_MEMORY), kv[0] == GPU_MEMORY, kv[0]))
     return ", ".join(_amount(n, a) for n, a in ordered if a > 0 or keep_zero) or "nothing"
 
 
+def _ray_resources(bundle: Resources) -> Resources:
+    return {name: amount for name, amount in bundle.items() if name != GPU_MEMORY}
+
+
 def _holds(node: Resources, bundle: Resources) -> bool:
-    return all(node.get(name, 0) >= amount for name, amount in bundle.items() if amount > 0)
+    return all(node.get(name, 0) >= amount for name, amount in _ray_resources(bundle).items() if amount > 0)
 
 
 def _bundle_refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
@@ -58,6 +91,7 @@ def _bundle_refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
     for label, bundle in demand.bundles:
         if any(_holds(node, bundle) for node in nodes):
             continue
+        bundle = _ray_resources(bundle)
         most = {name: max((node.get(name, 0) for node in nodes), default=0) for name in bundle}
         short = {name: amount for name, amount in bundle.items() if amount > most[name]}
         if short:
@@ -73,7 +107,7 @@ def _at_once(demand: Demand) -> Resources:
     """What must be held at one time, per resource: every bundle of a placement group, or any one of
     independent tasks (so the most any of them asks), plus what runs alongside."""
     combine = max if demand.strategy == EACH else sum
-    names = {name for _, bundle in demand.bundles for name in bundle} | set(demand.alongside)
+    names = {name for _, bundle in demand.bundles for name in _ray_resources(bundle)} | set(demand.alongside)
     return {name: combine(b.get(name, 0) for _, b in demand.bundles) + demand.alongside.get(name, 0)
             for name in names} if demand.bundles else dict(demand.alongside)
 
@@ -120,9 +154,27 @@ def _spread_refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
             f"but only {placed} of the cluster's {len(nodes)} nodes can hold one at the same time")
 
 
+def _gpu_memory_refusal(demand: Demand) -> str | None:
+    """A task needing more memory on its GPU than its share of a GPU has (when the GPUs' memory is known)."""
+    per_gpu = demand.gpu_memory_per_gpu
+    if not per_gpu:
+        return None
+    for label, bundle in demand.bundles:
+        need, gpus = bundle.get(GPU_MEMORY, 0), bundle.get("GPU", 0)
+        if not need or not gpus:
+            continue
+        share = min(1.0, gpus) * per_gpu
+        if need > share:
+            of = "a whole GPU" if gpus >= 1 else f"{gpus:g} of a GPU ({share / GIB:.1f} GiB)"
+            return (f"{label} needs {need / GIB:.1f} GiB of GPU memory, but it asks for {of} of "
+                    f"{per_gpu / GIB:.1f} GiB (gpu_memory_gb)")
+    return None
+
+
 def refusal(demand: Demand, nodes: Sequence[Resources]) -> str | None:
     """Why `demand` can never be placed on `nodes` (their total resources), or None if it may be."""
-    return _bundle_refusal(demand, nodes) or _spread_refusal(demand, nodes) or _total_refusal(demand, nodes)
+    return (_bundle_refusal(demand, nodes) or _gpu_memory_refusal(demand) or _spread_refusal(demand, nodes)
+            or _total_refusal(demand, nodes))
 
 
 def check_placement(demands: Sequence[Demand], nodes: Sequence[Resources], where: str = "the cluster") -> None:
@@ -135,4 +187,4 @@ def check_placement(demands: Sequence[Demand], nodes: Sequence[Resources], where
                             "(--no-check-fit)")
 
 
-__all__ = ["EACH", "Demand", "Resources", "check_placement", "describe", "refusal"]
+__all__ = ["EACH", "GPU_MEMORY", "Demand", "Resources", "check_placement", "describe", "gpus_for", "refusal"]

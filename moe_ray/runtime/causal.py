@@ -73,7 +73,7 @@ class LayerActions:
 
 def expert_outputs(runner: LayerRange, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Every routed expert applied to x [N, H] (Topk = ALL): [N, E, H], as the capture computes them."""
-    return D.all_expert_forward(x, *runner.family.expert_stacks(block), runner.act).outputs
+    return runner.routed_experts(block, x).outputs
 
 
 def reroute(runner: LayerRange, block: torch.nn.Module, x: torch.Tensor, index: torch.Tensor,
@@ -84,42 +84,41 @@ def reroute(runner: LayerRange, block: torch.nn.Module, x: torch.Tensor, index: 
     row_of = torch.arange(x.shape[0], device=x.device) // tokens
     removed = actions.removed.to(x.device)[row_of]
     by_norm = actions.by_norm.to(x.device)[row_of]
-    logits = x.float() @ family.router_weight(block).float().T
+    logits = family.router_logits(block, x).float()
     index, weights = index.clone(), weights.clone()
     sel = removed >= 0
     if sel.any():
         gone = torch.zeros(int(sel.sum()), logits.shape[-1], dtype=torch.bool, device=x.device)
         gone[torch.arange(gone.shape[0], device=x.device), removed[sel]] = True
-        w, i = family.route_without(logits[sel], gone, k, config)
+        w, i = family.route_without(logits[sel], gone, k, config, block=block)
         index[sel], weights[sel] = i.to(index.dtype), w.to(weights.dtype)
     if by_norm.any():
         norms = D.output_norms(expert_outputs(runner, block, x[by_norm]))
         chosen = C.topk_by_norm(norms, k)
         index[by_norm] = chosen.to(index.dtype)
-        weights[by_norm] = family.weigh(logits[by_norm], chosen, config).to(weights.dtype)
+        weights[by_norm] = family.weigh(logits[by_norm], chosen, config, block=block).to(weights.dtype)
     return index, weights
 
 
 @contextmanager
 def routing_hooks(runner: LayerRange, layer: int, actions: LayerActions, tokens: int) -> Iterator[None]:
-    """While active, layer `layer`'s MoE block routes each row as `actions` say: a pre-hook on its
-    `experts` module replaces the (index, weights) the block's router chose, a hook on its shared
-    expert zeroes the rows that leave it out."""
-    block = runner.layers[layer].mlp
+    """While active, layer `layer`'s MoE block routes each row as `actions` say: the family's reroute
+    hook (`Family.reroute_hook`) replaces the (index, weights) the block's router chose, a hook on its
+    shared expert zeroes the rows that leave it out."""
+    block = runner.family.moe_block(runner.layers[layer])
     handles = []
     if actions.reroutes():
-        def pre(_module, args, kwargs):
-            x, index, weights = args[0], args[1], args[2]
-            index, weights = reroute(runner, block, x, index, weights, actions, tokens)
-            return (x, index, weights) + tuple(args[3:]), kwargs
-        handles.append(block.experts.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(runner.family.reroute_hook(
+            block, lambda x, index, weights: reroute(runner, block, x, index, weights, actions, tokens)))
     if actions.drop_shared.any():
         shared = runner.family.shared_expert_module(block)
         if shared is None:
             raise ValueError(f"layer {layer} of this {runner.family.name} model has no shared expert to remove")
 
         def post(_module, _args, output):
-            rows = actions.drop_shared.to(output.device).repeat_interleave(tokens)
+            rows = actions.drop_shared.to(output.device)  # blocks call it on [R, T, H] or on [R * T, H]
+            if output.shape[0] != rows.shape[0]:
+                rows = rows.repeat_interleave(tokens)
             return output.masked_fill(rows.view(-1, *([1] * (output.dim() - 1))), 0)
         handles.append(shared.register_forward_hook(post))
     try:
@@ -156,7 +155,7 @@ def run_rows(runner: LayerRange, hidden: torch.Tensor, rows: list[Variant | None
             seen: list[torch.Tensor] = []
             hook = None
             if layer in capture:
-                hook = runner.layers[layer].mlp.register_forward_pre_hook(
+                hook = runner.family.moe_block(runner.layers[layer]).register_forward_pre_hook(
                     lambda _m, args: seen.append(args[0][0].detach()))
             try:
                 with routing_hooks(runner, layer, actions, T):
@@ -177,7 +176,7 @@ class OutputHead:
         family, config = ckpt.family, ckpt.config
         self.family, self.config = family, config
         self.device, self.dtype = torch.device(device), dtype
-        self.norm_weight = ckpt.read(family.final_norm_key, dtype=dtype, device=self.device)
+        self.norm_weight = ckpt.read(family.final_norm_key(), dtype=dtype, device=self.device)
         self.weight = ckpt.read(family.output_head_key(config), dtype=dtype, device=self.device)
         self.scale = family.output_scale(config)
 

@@ -55,9 +55,12 @@ class LayerCapture:
 
 
 def layer_keys(ckpt: Checkpoint, layer: int) -> list[str]:
-    """Every hub key of one decoder layer (for byte-balanced sharding and presence checks)."""
-    prefix = f"model.layers.{layer}."
-    return [k for k in ckpt.tensors if k.startswith(prefix)]
+    """Every logical tensor of one decoder layer (for byte-balanced sharding and presence checks);
+    a tensor stored in a format moe-ray cannot read is refused here, before any work starts."""
+    prefix = ckpt.family.layer_prefix(layer)
+    keys = [k for k in ckpt.stored if k.startswith(prefix)]
+    ckpt.require(keys)
+    return keys
 
 
 class LayerRange:
@@ -69,18 +72,23 @@ class LayerRange:
         self.ckpt, self.start, self.end = ckpt, start, end
         self.device, self.dtype = torch.device(device), dtype
 
-        def read(key: str, source: Checkpoint = ckpt) -> torch.Tensor:
-            return source.read(key).to(device=self.device, dtype=dtype)
-
         self.family = ckpt.family
         self.facts = ckpt.facts
-        self.act = D.activation_fn(self.family.activation)
+        keep_fp32 = self.family.keep_fp32
+
+        def read(key, source: Checkpoint = ckpt) -> torch.Tensor:
+            # stored bytes go to the device as stored and are converted (dequantised) there
+            name = key if isinstance(key, str) else key.name
+            want = torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype
+            return source.read(key, dtype=want, device=self.device)
+
+        self.act, self.combine = self.family.expert_activation(ckpt.config)
         self.hf_config = self.family.decoder_config(ckpt.config)
         classes = self.family.decoder_classes()
         self.capture_layers = tuple(l for l in (capture_layers if capture_layers is not None else self.facts.moe_layers)
                                     if start <= l < end)
         self.rotary = classes["rotary"](config=self.hf_config).to(self.device)
-        self.embed_weight = read("model.embed_tokens.weight") if start == 0 else None
+        self.embed_weight = read(self.family.embed_key()) if start == 0 else None
         self.embed_scale = self.family.embedding_scale(ckpt.config)
         self.layers: dict[int, torch.nn.Module] = {}
         for layer in range(start, end):
@@ -103,7 +111,7 @@ class LayerRange:
         """Token ids [T] -> hidden states [1, T, H] on this range's device (first shard only)."""
         if self.embed_weight is None:
             raise MoeRayError("embeddings live on the first shard")
-        check_sequence(input_ids, self.ckpt.config)
+        check_sequence(input_ids, self.family.text_config(self.ckpt.config))
         ids = input_ids.long().unsqueeze(0).to(self.device)
         hidden = torch.nn.functional.embedding(ids, self.embed_weight)
         return hidden * self.embed_scale if self.embed_scale != 1.0 else hidden
@@ -121,7 +129,8 @@ class LayerRange:
             seen: list[torch.Tensor] = []
             hook = None
             if capture and layer in self.capture_layers:
-                hook = module.mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+                block = self.family.moe_block(module)
+                hook = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
             try:
                 hidden = self.run_layer(layer, hidden, positions)
             finally:
@@ -145,19 +154,25 @@ class LayerRange:
         return self.layers[layer](hidden, position_embeddings=positions["position_embeddings"],
                                   attention_mask=mask, position_ids=positions["position_ids"])
 
+    def routed_experts(self, block: torch.nn.Module, x: torch.Tensor, probe_tokens: int = 0) -> D.AllExpertResult:
+        """Every routed expert of a built MoE block applied to x [T, H] (Topk = ALL), as the model
+        computes an expert (the family's activation, combine and biases)."""
+        return D.all_expert_forward(x, *self.family.expert_stacks(block), self.act, probe_tokens,
+                                    combine=self.combine, biases=self.family.expert_bias_stacks(block))
+
     def capture(self, layer: int, x: torch.Tensor, probe_tokens: int) -> LayerCapture:
         """The forced all-expert pass on one MoE layer's input x [T, H] (D1-D5)."""
-        block = self.layers[layer].mlp
-        logits = x @ self.family.router_weight(block).T
-        weights, experts = self.family.route(logits, self.facts.top_k, self.ckpt.config)
-        routed = D.all_expert_forward(x, *self.family.expert_stacks(block), self.act, probe_tokens)
+        block = self.family.moe_block(self.layers[layer])
+        logits = self.family.router_logits(block, x)
+        weights, experts = self.family.route(logits, self.facts.top_k, self.ckpt.config, block=block)
+        routed = self.routed_experts(block, x, probe_tokens)
         outputs, ratios = [routed.outputs], [routed.activation_ratio]
         intermediate = list(routed.intermediate.unbind(1))
         extras = [self.reference.get(layer), self.family.shared_expert_stack(block)]
         for stack in extras:
             if stack is None:
                 continue
-            res = D.all_expert_forward(x, *stack, self.act, probe_tokens)
+            res = D.all_expert_forward(x, *stack, self.act, probe_tokens, combine=self.combine)
             outputs.append(res.outputs)
             ratios.append(res.activation_ratio)
             intermediate.append(res.intermediate[:, 0])
@@ -170,8 +185,9 @@ class LayerRange:
 
 
 def layer_attention_type(hf_config, layer: int) -> str:
-    """"full_attention" or "sliding_attention": the config's per-layer `layer_types` where it has
-    them (Qwen2-MoE), else sliding everywhere when it sets a `sliding_window` (Mixtral, Mistral)."""
+    """"full_attention", "sliding_attention" or "chunked_attention": the config's per-layer
+    `layer_types` where it has them (Qwen2-MoE, gpt-oss, Llama 4), else sliding everywhere when it
+    sets a `sliding_window` (Mixtral, Mistral)."""
     layer_types = getattr(hf_config, "layer_types", None)
     if layer_types:
         return layer_types[layer]
@@ -180,12 +196,15 @@ def layer_attention_type(hf_config, layer: int) -> str:
 
 def attention_masks(hf_config, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """The causal masks the layers need, by attention type, built as the transformers model does."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (create_causal_mask, create_chunked_causal_mask,
+                                            create_sliding_window_causal_mask)
 
     kwargs = dict(config=hf_config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
     masks = {"full_attention": create_causal_mask(**kwargs)}
     if getattr(hf_config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    if "chunked_attention" in (getattr(hf_config, "layer_types", None) or ()):
+        masks["chunked_attention"] = create_chunked_causal_mask(**kwargs)
     return masks
 
 

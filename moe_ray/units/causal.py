@@ -120,7 +120,7 @@ def plan_causal(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> Causal
     corpus_spec = spec.replace(dynamic=dataclasses.replace(spec.dynamic, inputs=[CORPUS]))
     base = plan_dynamic(ckpt, None, corpus_spec, layers)
     facts, family = ckpt.facts, ckpt.family
-    head_keys = [family.final_norm_key, family.output_head_key(ckpt.config)]
+    head_keys = [family.final_norm_key(), family.output_head_key(ckpt.config)]
     ckpt.require(head_keys, "the output head")
     head_bytes = sum(int(np.prod(ckpt.info(k).shape)) * 4 for k in head_keys)
     longest = max(len(s.ids) for s in base.inputs)
@@ -212,7 +212,7 @@ class CausalShard:
     def _write_weight_similarity(self, layers: list[int]) -> None:
         """S1 among the routed experts of this shard's layers (each layer's chunk is this shard's)."""
         for layer in layers:
-            stacks = [w.detach() for w in self.runner.family.expert_stacks(self.runner.layers[layer].mlp)]
+            stacks = [w.detach() for w in self.runner.family.expert_stacks(self.runner.family.moe_block(self.runner.layers[layer]))]
             by_matrix = dict(zip(("gate", "up", "down"), stacks))
             sims = [matrix_similarity(list(by_matrix[m].unbind(0))).cpu().numpy() for m in MATRICES]
             self.store.root[AGREEMENT]["weight_similarity"][self.plan.layers.index(layer)] = np.stack(sims)

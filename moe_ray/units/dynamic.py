@@ -9,6 +9,7 @@ and marks them done; hidden states flow on to the next shard as object refs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def _fp32_bytes(ckpt: Checkpoint, keys: list[str]) -> int:
 def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tuple[int, ...]) -> DynamicPlan:
     """Validate everything a dynamic run needs before any work starts."""
     facts, family = ckpt.facts, ckpt.family
-    options = spec.dynamic
+    options = dataclasses.replace(spec.dynamic, device=spec.device_of("dynamic"))
     if family.decoder_classes() is None:
         raise CheckpointError(f"dynamic analyses do not support the {facts.family} family yet")
     inputs = tokenize(ckpt, list(dict.fromkeys(options.inputs)), options)
@@ -143,7 +144,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     for layer in range(n):
         if not layer_keys(ckpt, layer):
             raise CheckpointError(f"layer {layer} has no tensors in {ckpt.location}")
-    ckpt.require(["model.embed_tokens.weight"], "the embeddings")
+    ckpt.require([family.embed_key()], "the embeddings")
     labels = [str(e) for e in range(facts.num_experts)]
     neuron_dim = facts.d_mid
     ref_bytes = 0
@@ -161,7 +162,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
         labels.append("SE")
         neuron_dim = max(neuron_dim, facts.shared_d_mid)
     sizes = [_fp32_bytes(ckpt, layer_keys(ckpt, l)) for l in range(n)]
-    sizes[0] += _fp32_bytes(ckpt, ["model.embed_tokens.weight"])
+    sizes[0] += _fp32_bytes(ckpt, [family.embed_key()])
     shards = balance_layers(sizes, options.shards)
     longest = max(len(i.ids) for i in inputs)
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK

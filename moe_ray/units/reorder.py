@@ -1,15 +1,21 @@
-"""The reorder work units (S4, paper §4.1.2, Tab 2): one Ray task per (layer, expert pair) in joint
-mode and per (layer, expert pair, matrix) in separate mode.
+"""The reorder work units (S4, paper §4.1.2, Tab 2): one Ray task per batch of expert pairs of one
+layer; done flags (and store chunks) stay per (layer, pair) in joint mode and per (layer, matrix,
+pair) in separate mode, so progress and resume count pairs, not tasks.
 
-A unit reads only its two experts' matrices, builds the n×n neuron similarity with torch in chunks
-(on a GPU when the task has one), solves the assignment exactly with lapjv, writes its chunks of
-`reorder/<mode>/*` and marks itself done. Each task declares `memory=` from n (the n×n float32
-cost dominates: 4.3 GB at Grok-1's n = 32,768), so Ray never packs more pairs on a node than fit.
-Everything (layers, pairs, memory budget, tensors and shapes) is validated in `plan_job`, before
-the store is touched.
+A batch is a run of pairs taken tile by tile from the layer's pair triangle (`analysis.reorder.
+batch_pairs`), sized so that a task runs about a minute on its device (`pairs_per_task`: one pair at
+Mixtral's or Grok-1's n on a CPU, tens to hundreds where pairs are small or a GPU builds the costs),
+which keeps Ray's task count small for models with thousands of pairs per layer (DeepSeek-V3: 32,640).
+A unit reads each of its experts once (straight to its GPU when it has one), builds each pair's n×n
+neuron similarity there in chunks, solves it exactly with lapjv on the host (while the GPU builds the
+next pair's), writes each pair's chunks of `reorder/<mode>/*` and marks that pair done. Each task
+declares its host memory (the n×n float32 cost dominates: 4.3 GB at Grok-1's n = 32,768) and, on a
+GPU, its GPU memory. Everything (layers, pairs, memory budget, tensors and shapes) is validated in
+`plan_job`, before the store is touched.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -23,7 +29,8 @@ from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
 from ..spec import Spec, parse_pair
 from ..store import ResultStore, reorder_quantity, REORDER_SCHEMA, unit_done
-from .job import TaskJob
+from .job import DeviceRequest, TaskJob, held_dtype, release, where
+from .sizing import overlaps, reorder_unit_memory
 
 GROUP = "reorder"
 UNIT_DIMS = {"joint": ("layer", "expert_i", "expert_j"),
@@ -41,6 +48,8 @@ class ReorderPlan:
     layers: tuple[int, ...]
     pairs: tuple[tuple[int, int], ...]
     modes: tuple[str, ...]
+    stored_bytes: int = 2
+    """Bytes per element of the experts as stored (bf16: 2)."""
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -59,9 +68,13 @@ def select_pairs(texts: list[str] | None, num_experts: int) -> tuple[tuple[int, 
     return tuple(pairs)
 
 
-def unit_memory_bytes(plan: ReorderPlan, mode: str) -> int:
-    """Memory one unit of `mode` declares to Ray (analysis.reorder.memory_bytes at this n)."""
-    return R.memory_bytes(plan.facts.d_mid, plan.facts.d_hid, len(MATRICES) if mode == "joint" else 1)
+Cell = tuple[int, int, "str | None"]
+"""One done flag: experts (i, j) and, in separate mode, the matrix (None in joint mode)."""
+
+
+def unit_memory(plan: ReorderPlan, experts_held: int, device: str, overlap: bool) -> tuple[int, int]:
+    """(host, GPU) bytes of a batch of this plan holding `experts_held` experts on `device`."""
+    return reorder_unit_memory(plan.facts.d_mid, plan.facts.d_hid, plan.stored_bytes, experts_held, device, overlap)
 
 
 def plan_reorder(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> ReorderPlan:
@@ -82,10 +95,12 @@ def plan_reorder(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> Reord
                 if ckpt.info(key).shape != expert_shape[m]:
                     raise CheckpointError(f"{key} has shape {ckpt.info(key).shape}, config.json implies "
                                           f"{expert_shape[m]}")
-    plan = ReorderPlan(ckpt.location, spec.store, family.name, facts, tuple(layers), pairs, modes)
+    first = ckpt.info(family.expert_keys(layers[0], 0)["up"])
+    plan = ReorderPlan(ckpt.location, spec.store, family.name, facts, tuple(layers), pairs, modes,
+                       max(1, first.nbytes // (facts.d_mid * facts.d_hid)))
     budget = spec.resources.memory_per_task_gb
     if budget is not None:
-        need = max(unit_memory_bytes(plan, mode) for mode in modes)
+        need, _ = unit_memory(plan, 2, "cpu", False)
         if budget * 2**30 < need:
             raise SpecError(f"memory_per_task_gb={budget:g} is too small for reordering n={facts.d_mid} "
                             f"neurons: one pair needs {need / 2**30:.2f} GiB (the n×n float32 cost "
@@ -122,39 +137,59 @@ def prepare(store: ResultStore, plan: ReorderPlan, mode: str, overwrite: bool = 
 
 # ---- the unit ----------------------------------------------------------------------------------
 
-def run_pair(plan: ReorderPlan, mode: str, layer: int, i: int, j: int, matrix: str | None) -> dict:
-    """Reorder expert j's neurons against expert i's at one layer and store the result (a Ray task)."""
+def _cell_index(li: int, cell: Cell) -> tuple[int, ...]:
+    i, j, matrix = cell
+    return (li, i, j) if matrix is None else (li, MATRICES.index(matrix), i, j)
+
+
+def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
+              request: DeviceRequest = DeviceRequest(), overlap: bool = False) -> dict:
+    """Reorder every cell (pair, and matrix in separate mode) of one layer in `cells` and store each
+    as soon as it is solved (a Ray task). Cells already done are skipped, so a task retried after its
+    worker died resumes with the first pair it had not finished."""
     started = time.monotonic()
-    matrices = MATRICES if matrix is None else (matrix,)
+    device, note = request.resolve()
+    group = ResultStore(plan.store).root[f"{GROUP}/{mode}"]
+    li = plan.layers.index(layer)
+    cells = tuple(c for c in cells if not group["unit_done"][_cell_index(li, c)])
     family = get_family(plan.family)
     ckpt = open_checkpoint(plan.model)
-    keys_i, keys_j = family.expert_keys(layer, i), family.expert_keys(layer, j)
-    a = {m: ckpt.read(keys_i[m]) for m in matrices}
-    b = {m: ckpt.read(keys_j[m]) for m in matrices}
-    ckpt.close()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = R.reorder_pair(a, b, matrices, device=device)
-    del a, b
 
-    store = ResultStore(plan.store)
-    group = store.root[f"{GROUP}/{mode}"]
-    li = plan.layers.index(layer)
-    growth = result.growth
-    for m in matrices:
-        mi = MATRICES.index(m)
-        group["similarity_before"][li, mi, i, j] = result.similarity_before[m]
-        group["similarity_after"][li, mi, i, j] = result.similarity_after[m]
-        group["growth"][li, mi, i, j] = growth[m]
-        group["optimality_gap"][li, mi, i, j] = result.gap_bound
-    where = (li, i, j) if mode == "joint" else (li, MATRICES.index(matrix), i, j)
-    group["kendall_tau"][where] = result.kendall_tau
-    group["permutation"][where] = result.perm.astype(np.int32)
-    group["unit_done"][where] = 1
+    def load(e: int) -> dict[str, torch.Tensor]:
+        keys = family.expert_keys(layer, e)
+        expert = {m: ckpt.read(keys[m], held_dtype(ckpt.info(keys[m]).dtype), device=device) for m in MATRICES}
+        ckpt.close()  # the memory maps go with the tensors once they are prepared
+        return expert
+
+    problems = [(i, j, MATRICES if m is None else (m,)) for i, j, m in cells]
+    before, after, taus = [], [], []
+    build = solve = 0.0
+    try:
+        for (i, j, matrices), result in R.reorder_pairs(load, problems, device, overlap):
+            growth = result.growth
+            for m in matrices:
+                mi = MATRICES.index(m)
+                group["similarity_before"][li, mi, i, j] = result.similarity_before[m]
+                group["similarity_after"][li, mi, i, j] = result.similarity_after[m]
+                group["growth"][li, mi, i, j] = growth[m]
+                group["optimality_gap"][li, mi, i, j] = result.gap_bound
+                before.append(result.similarity_before[m])
+                after.append(result.similarity_after[m])
+            cell = _cell_index(li, (i, j, None if mode == "joint" else matrices[0]))
+            group["kendall_tau"][cell] = result.kendall_tau
+            group["permutation"][cell] = result.perm.astype(np.int32)
+            group["unit_done"][cell] = 1
+            taus.append(result.kendall_tau)
+            build, solve = build + result.build_seconds, solve + result.solve_seconds
+    finally:
+        release(device)
     seconds = time.monotonic() - started
-    summary = ", ".join(f"{m} {result.similarity_before[m]:+.3f}->{result.similarity_after[m]:+.3f}"
-                        for m in matrices)
-    return {"layer": layer, "pair": (i, j), "matrix": matrix, "seconds": seconds,
-            "log": f"{summary}, tau {result.kendall_tau:+.3f}, {device}, {seconds:.1f}s"}
+    what = f"{len(cells)} {'pair' if mode == 'joint' else 'pair-matrix'}{'s' if len(cells) != 1 else ''}"
+    summary = (f"similarity {np.mean(before):+.3f}->{np.mean(after):+.3f}, tau {np.median(taus):+.3f}"
+               if cells else "already done")
+    return {"layer": layer, "cells": len(cells), "seconds": seconds, "build_seconds": build,
+            "solve_seconds": solve, "device": device.type, "note": note,
+            "log": f"{what}: {summary}, {where(device)}, {seconds:.1f}s (build {build:.1f}s, solve {solve:.1f}s)"}
 
 
 def finish(store: ResultStore, plan: ReorderPlan, mode: str) -> dict:
@@ -177,32 +212,64 @@ def finish(store: ResultStore, plan: ReorderPlan, mode: str) -> dict:
 
 
 class ReorderJob(TaskJob):
-    """S4 of a run: one unit per (layer, pair) in joint mode, per (layer, pair, matrix) in separate."""
+    """S4 of a run: one unit per batch of pairs of a layer (and mode); a done flag per pair (joint) or
+    per pair and matrix (separate)."""
 
     name = "reorder"
+    cell_name = "pair"
 
-    def __init__(self, plan: ReorderPlan, memory_override: int | None = None):
+    def __init__(self, plan: ReorderPlan, spec: Spec):
+        super().__init__(spec)
         self.plan = plan
-        self._units: list[Unit] = []
-        for mode in plan.modes:
-            memory = memory_override or unit_memory_bytes(plan, mode)
-            for layer in plan.layers:
-                for i, j in plan.pairs:
-                    for matrix in (None,) if mode == "joint" else MATRICES:
-                        what = f"reorder {mode} layer {layer} pair {i}-{j}" + (f" {matrix}" if matrix else "")
-                        self._units.append(Unit(what, (plan, mode, layer, i, j, matrix), memory))
 
-    def units(self) -> list[Unit]:
-        return self._units
+    def per_task(self, mode: str, device: str) -> int:
+        """Pairs per task of `mode` on `device` (the spec's pairs_per_task, else sized from the plan)."""
+        return R.pairs_per_task(self.plan.facts.d_mid, self.plan.facts.d_hid, mode, device,
+                                self.spec.resources.cpus_per_task, self.spec.reorder.pairs_per_task)
+
+    def batches(self, mode: str, device: str, overlap: bool) -> list[list[tuple[int, int]]]:
+        """The plan's pairs in batches of `per_task`, halved while a batch's memory exceeds the spec's
+        memory_per_task_gb (which every task then declares)."""
+        per_task = self.per_task(mode, device)
+        budget = self.spec.resources.memory_per_task_gb
+        while True:
+            batches = R.batch_pairs(self.plan.pairs, per_task)
+            held = max(len({e for pair in batch for e in pair}) for batch in batches)
+            if budget is None or per_task == 1 or unit_memory(self.plan, held, device, overlap)[0] <= budget * 2**30:
+                return batches
+            per_task //= 2
+
+    def build_units(self, device: str) -> list[Unit]:
+        units = []
+        overlap = overlaps(device, self.spec.resources.cpus_per_task)
+        for mode in self.plan.modes:
+            batches = self.batches(mode, device, overlap)
+            for layer in self.plan.layers:
+                for batch in batches:
+                    cells = tuple((i, j, m) for i, j in batch for m in ((None,) if mode == "joint" else MATRICES))
+                    held = len({e for pair in batch for e in pair})
+                    request, resources = self.request(device, *unit_memory(self.plan, held, device, overlap))
+                    pairs = (f"pair {batch[0][0]}-{batch[0][1]}" if len(batch) == 1 else
+                             f"pairs {batch[0][0]}-{batch[0][1]}..{batch[-1][0]}-{batch[-1][1]} ({len(batch)})")
+                    units.append(Unit(f"reorder {mode} layer {layer} {pairs}",
+                                      (self.plan, mode, layer, cells, request, overlap), cells=len(cells), **resources))
+        return units
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
+        """The units with cells not yet done, each cut down to those cells."""
         pending = set()
         for mode in self.plan.modes:
             pending |= prepare(store, self.plan, mode, overwrite)
-        return [u for u in self._units if u.args[1:] in pending]
+        out = []
+        for unit in self.units():
+            plan, mode, layer, cells, request, overlap = unit.args
+            todo = tuple(c for c in cells if (mode, layer, *c) in pending)
+            if todo:
+                out.append(dataclasses.replace(unit, args=(plan, mode, layer, todo, request, overlap), cells=len(todo)))
+        return out
 
     def unit_function(self):
-        return run_pair
+        return run_batch
 
     def finish(self, store: ResultStore) -> str:
         parts = []
@@ -215,5 +282,4 @@ class ReorderJob(TaskJob):
 
 def plan_job(spec: Spec, ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...]) -> ReorderJob:
     """The reorder job of a run, validated (the dense reference plays no part in S4)."""
-    memory = int(spec.resources.memory_per_task_gb * 2**30) if spec.resources.memory_per_task_gb else None
-    return ReorderJob(plan_reorder(ckpt, spec, layers), memory)
+    return ReorderJob(plan_reorder(ckpt, spec, layers), spec)

@@ -1,8 +1,13 @@
 """The static work unit: one MoE layer. Reads only that layer's tensors, computes S1, S2, S3, S5
 and S6 with `analysis.static`, writes the layer's chunks of `static/*`, then marks itself done.
 
-Memory: the layer is processed one matrix kind (up, gate, down) at a time, so at most one third of
-the layer's expert weights (plus F and SE) is held in float32, well inside twice the layer's size.
+Where: on the device its job planned (`units.job`): on cuda the tensors go from the checkpoint
+straight to the GPU as stored and every analysis runs there; the same code runs on the CPU.
+
+Memory: the layer is processed one matrix kind (up, gate, down) at a time, and the matrices are held
+as stored when that is bfloat16, float16 or float32 (each streamed block is converted to float32 as it
+is used): on the CPU they are then the checkpoint's own memory-mapped bytes, so a unit holds about a
+third of its layer's bytes, plus blocks (see `units.sizing`).
 """
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ import torch
 
 from ..analysis import static as S
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..spec import Spec, StaticOptions
 from ..distributed.fanout import Unit
 from ..store import STATIC_SCHEMA, STATIC_SUMMARY, ResultStore, unit_done
-from .job import TaskJob
+from .job import DeviceRequest, TaskJob, held_dtype, release, where
+from .sizing import static_unit_memory
 
 GROUP = "static"
 UNIT_DIMS = ("layer",)
@@ -42,6 +48,12 @@ class StaticPlan:
     options: StaticOptions
     absent: dict = field(default_factory=dict)
     allow_pickle: bool = False
+    stored_bytes: int = 2
+    """Bytes per element of the experts as stored (bf16: 2)."""
+    held_bytes: int = 2
+    """Bytes per element as a unit holds them (`units.job.held_dtype`)."""
+    label_rows: tuple[int, ...] = ()
+    """Neurons (d_mid) of each label's matrices, in label order."""
 
     def label_keys(self, ckpt: Checkpoint, ref: Checkpoint | None, layer: int, matrix: str):
         """(label, checkpoint, key) for every label of this layer and matrix kind."""
@@ -117,9 +129,14 @@ def plan_static(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tu
     method = spec.static.neuron_pca_method
     if method == "auto":
         method = "covariance" if facts.d_hid <= COVARIANCE_MAX_D_HID else "randomized"
+    first = ckpt.info(family.expert_keys(layers[0], 0)["up"])
+    rows = [facts.d_mid] * facts.num_experts + ([ref_d_mid] if ref is not None else [])
+    rows += [facts.shared_d_mid] if "SE" in labels else []
     return StaticPlan(ckpt.location, ref.location if ref else None, spec.store, family.name, facts,
                       tuple(layers), tuple(labels), neuron_dim, method, spec.static,
-                      {k: v for k, v in absent.items() if v}, spec.allow_pickle)
+                      {k: v for k, v in absent.items() if v}, spec.allow_pickle,
+                      stored_bytes=max(1, first.nbytes // (facts.d_mid * facts.d_hid)),
+                      held_bytes=held_dtype(first.dtype).itemsize, label_rows=tuple(rows))
 
 
 def group_params(plan: StaticPlan) -> dict:
@@ -148,11 +165,10 @@ def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> li
     return [layer for i, layer in enumerate(plan.layers) if not done[i]]
 
 
-def layer_memory_bytes(plan: StaticPlan) -> int:
-    """Memory a layer's unit may use: its matrices of one kind in float32, twice, plus slack."""
-    n_labels = len(plan.labels)
-    per_kind = n_labels * max(plan.facts.d_mid, plan.neuron_dim) * plan.facts.d_hid * 4
-    return 2 * per_kind + (plan.facts.d_hid ** 2) * 8 * 2 + 256 * 2**20
+def plan_memory(plan: StaticPlan, device: str) -> tuple[int, int]:
+    """(host, GPU) bytes of a unit of this plan on `device` (`units.sizing.static_unit_memory`)."""
+    return static_unit_memory(plan.label_rows, plan.facts.d_hid, plan.stored_bytes, plan.held_bytes,
+                              plan.neuron_pca_method == "covariance", device)
 
 
 # ---- the unit ----------------------------------------------------------------------------------
@@ -161,13 +177,38 @@ def _embed(values: torch.Tensor, positions: list[int], size: int) -> np.ndarray:
     """Place an [n, n] result for a subset of labels into an [L, L] NaN matrix."""
     out = np.full((size, size), np.nan, dtype=np.float32)
     idx = np.array(positions)
-    out[np.ix_(idx, idx)] = values.numpy()
+    out[np.ix_(idx, idx)] = values.cpu().numpy()
     return out
 
 
-def run_layer(plan: StaticPlan, layer: int) -> dict:
+def run_layer(plan: StaticPlan, layer: int, request: DeviceRequest = DeviceRequest()) -> dict:
     """Compute and store every static analysis for one layer (runs inside a Ray task)."""
     started = time.monotonic()
+    device, note = request.resolve()
+    try:
+        results, outliers = _analyse_layer(plan, layer, device)
+    finally:
+        release(device)
+    store = ResultStore(plan.store)
+    group = store.root[GROUP]
+    li = plan.layers.index(layer)
+    for name, values in results.items():
+        group[name][li] = values
+    if plan.options.dbscan_eps is not None:
+        group["matrix_pca_outlier"][li] = outliers
+    group["unit_done"][li] = 1
+    routed = list(range(plan.facts.num_experts))
+    offdiag = results["matrix_similarity"][:, routed][:, :, routed]
+    mean_sim = float(np.nanmean(offdiag[:, ~np.eye(len(routed), dtype=bool)])) if len(routed) > 1 else float("nan")
+    r_gate = results["gate_weight_correlation"][MATRICES.index("gate")]
+    seconds = time.monotonic() - started
+    return {"layer": layer, "seconds": seconds, "device": device.type, "note": note,
+            "log": f"mean expert similarity {mean_sim:+.3f}, R(X, Y_gate) {r_gate:+.3f}, {where(device)}, "
+                   f"{seconds:.1f}s"}
+
+
+def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every static quantity of one layer, computed on `device`, as host arrays."""
     ckpt = open_checkpoint(plan.model, plan.allow_pickle)
     ref = open_checkpoint(plan.reference, plan.allow_pickle) if plan.reference else None
     n_labels = len(plan.labels)
@@ -182,13 +223,13 @@ def run_layer(plan: StaticPlan, layer: int) -> dict:
     for mi, matrix in enumerate(MATRICES):
         mats: dict[str, torch.Tensor] = {}
         for label, source, key in plan.label_keys(ckpt, ref, layer, matrix):
-            mats[label] = source.read(key)
+            mats[label] = source.read(key, held_dtype(source.info(key).dtype), device=device)
         comparable = [i for i, lab in enumerate(plan.labels)
                       if lab not in plan.absent.get("matrix_similarity", {})]
         comp_mats = [mats[plan.labels[i]] for i in comparable]
         gram, std_gram = S.flattened_grams(comp_mats)
         results["matrix_similarity"][mi] = _embed(S.cosine_from_gram(gram), comparable, n_labels)
-        scores, ratio = S.pca_from_gram(std_gram, N_COMPONENTS)
+        scores, ratio = (t.cpu() for t in S.pca_from_gram(std_gram, N_COMPONENTS))
         results["matrix_pca"][mi, comparable] = scores.numpy()
         results["matrix_pca_explained"][mi] = ratio.numpy()
         if plan.options.dbscan_eps is not None:
@@ -196,37 +237,23 @@ def run_layer(plan: StaticPlan, layer: int) -> dict:
             outliers[mi, comparable] = mask
         avg = torch.stack([S.neuron_average(mats[lab], matrix) for lab in plan.labels])
         averages[matrix] = avg
-        results["neuron_avg_similarity"][mi] = S.cosine_matrix(avg).numpy()
+        results["neuron_avg_similarity"][mi] = S.cosine_matrix(avg).cpu().numpy()
         points = [S.neuron_vectors(mats[lab], matrix) for lab in plan.labels]
         neuron_scores, neuron_ratio = S.neuron_pca(points, N_COMPONENTS, plan.neuron_pca_method, plan.options.seed)
         for li, sc in enumerate(neuron_scores):
-            results["neuron_pca"][mi, li, : sc.shape[0]] = sc.numpy()
-        results["neuron_pca_explained"][mi] = neuron_ratio.numpy()
+            results["neuron_pca"][mi, li, : sc.shape[0]] = sc.cpu().numpy()
+        results["neuron_pca_explained"][mi] = neuron_ratio.cpu().numpy()
         del mats, comp_mats, points
         ckpt.close()
         if ref is not None:
             ref.close()
-    router = ckpt.read(get_family(plan.family).router_weight_key(layer))
+    router = ckpt.read(get_family(plan.family).router_weight_key(layer), device=device)
     gate_sim = S.gate_embedding_similarity(router)
     results["gate_embedding_similarity"] = _embed(gate_sim, routed, n_labels)
     for mi, matrix in enumerate(MATRICES):
         y = S.cosine_matrix(averages[matrix][routed])
         results["gate_weight_correlation"][mi] = S.upper_triangle_pearson(gate_sim, y)
-
-    store = ResultStore(plan.store)
-    group = store.root[GROUP]
-    li = plan.layers.index(layer)
-    for name, values in results.items():
-        group[name][li] = values
-    if plan.options.dbscan_eps is not None:
-        group["matrix_pca_outlier"][li] = outliers
-    group["unit_done"][li] = 1
-    offdiag = results["matrix_similarity"][:, routed][:, :, routed]
-    mean_sim = float(np.nanmean(offdiag[:, ~np.eye(len(routed), dtype=bool)])) if len(routed) > 1 else float("nan")
-    r_gate = results["gate_weight_correlation"][MATRICES.index("gate")]
-    return {"layer": layer, "seconds": time.monotonic() - started,
-            "log": f"mean expert similarity {mean_sim:+.3f}, R(X, Y_gate) {r_gate:+.3f}, "
-                   f"{time.monotonic() - started:.1f}s"}
+    return results, outliers
 
 
 def _shape(plan: StaticPlan, dims: tuple[str, ...]) -> tuple[int, ...]:
@@ -255,17 +282,17 @@ class StaticJob(TaskJob):
 
     name = "static"
 
-    def __init__(self, plan: StaticPlan, ckpt: Checkpoint, memory_override: int | None = None):
+    def __init__(self, plan: StaticPlan, spec: Spec):
+        super().__init__(spec)
         self.plan = plan
-        self._units = [Unit(f"static layer {layer}", (plan, layer),
-                            memory_override or layer_memory_bytes(plan)) for layer in plan.layers]
 
-    def units(self) -> list[Unit]:
-        return self._units
+    def build_units(self, device: str) -> list[Unit]:
+        request, resources = self.request(device, *plan_memory(self.plan, device))
+        return [Unit(f"static layer {layer}", (self.plan, layer, request), **resources) for layer in self.plan.layers]
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
         pending = set(prepare(store, self.plan, overwrite))
-        return [u for u in self._units if u.args[1] in pending]
+        return [u for u in self.units() if u.args[1] in pending]
 
     def unit_function(self):
         return run_layer
@@ -276,5 +303,4 @@ class StaticJob(TaskJob):
 
 
 def plan_job(spec: Spec, ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...]) -> StaticJob:
-    memory = int(spec.resources.memory_per_task_gb * 2**30) if spec.resources.memory_per_task_gb else None
-    return StaticJob(plan_static(ckpt, ref, spec, layers), ckpt, memory)
+    return StaticJob(plan_static(ckpt, ref, spec, layers), spec)

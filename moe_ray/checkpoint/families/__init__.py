@@ -7,17 +7,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ...errors import CheckpointError
-from .base import MATRICES, Family, ModelFacts
+from .base import MATRICES, Family, ModelFacts, TensorRef
 from .deepseek_moe import DeepseekMoe
+from .deepseek_v3 import DeepseekV2, DeepseekV3
 from .dense import Dense
+from .gpt_oss import GptOss
 from .grok1 import Grok1
+from .llama4 import Llama4, Llama4Text
 from .mixtral import Mixtral
 from .olmoe import Olmoe
 from .qwen_moe import Qwen2Moe, Qwen3Moe
 
-# Order matters only for key-based detection: MoE layouts before the dense one.
+# Order matters only for key-based detection: MoE layouts before the dense one, DeepSeek-V3 (which
+# has V2's MLA keys and v1's shared experts) before V2 before v1.
 FAMILIES: dict[str, type[Family]] = {
-    f.name: f for f in (Mixtral, Grok1, DeepseekMoe, Qwen2Moe, Qwen3Moe, Olmoe, Dense)
+    f.name: f for f in (Mixtral, Grok1, DeepseekV3, DeepseekV2, DeepseekMoe, GptOss, Llama4, Qwen2Moe,
+                         Qwen3Moe, Olmoe, Llama4Text, Dense)
 }
 
 
@@ -49,4 +54,4 @@ def detect_family(config: dict, keys: Iterable[str] = ()) -> type[Family]:
     )
 
 
-__all__ = ["FAMILIES", "MATRICES", "Family", "ModelFacts", "detect_family", "get_family"]
+__all__ = ["FAMILIES", "MATRICES", "Family", "ModelFacts", "TensorRef", "detect_family", "get_family"]

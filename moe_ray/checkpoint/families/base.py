@@ -2,21 +2,85 @@
 
 A family adapter is data first: key templates, the activation, the routing rule and which layers
 are MoE. Everything family-specific lives in one adapter module; nothing else in moe-ray branches
-on the family name.
+on the family name. Experts stored fused (one 3-D tensor per layer) are named by `TensorRef`s, so
+every consumer reads one expert's matrix the same way whatever the layout; how each tensor is stored
+on disk (float, FP8 blocks, MXFP4) is the adapter's `storage` and the reader's `checkpoint.quant`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 
 from ...errors import CheckpointError
+from ..quant import TORCH_NAMES, fp8_block_size, stored_parts
 
 MATRICES: tuple[str, ...] = ("up", "gate", "down")
 """The three expert matrices, in the store's `matrix` coordinate order."""
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+Index = Union[int, tuple]
+"""One dimension of a `TensorRef` index: an int; (start, stop, step) with None for open ends; or
+("chunk", i, n), the i-th of n equal parts of the dimension (an adapter's key tables need no sizes)."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A piece of a logical tensor, `name[index]`, transposed if asked: how an adapter names one
+    expert's matrix inside a fused 3-D tensor (Llama 4, gpt-oss), so that it is read by slice, one
+    expert and one matrix at a time, never the whole tensor. `Checkpoint.read/info/require/prefetch`
+    take a TensorRef wherever they take a key."""
+
+    name: str
+    index: tuple[Index, ...] = ()
+    transpose: bool = False
+
+    def torch_index(self, full: tuple[int, ...]) -> tuple:
+        """The index as ints and slices, for a logical tensor of shape `full`."""
+        def one(i: Index, size: int):
+            if isinstance(i, int):
+                return i
+            if i and i[0] == "chunk":
+                part = size // i[2]
+                return slice(i[1] * part, (i[1] + 1) * part)
+            return slice(*i)
+        return tuple(one(i, size) for i, size in zip(self.index, full))
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape this piece has, given the whole logical tensor's shape."""
+        index = self.torch_index(full)
+        out = []
+        for dim, size in enumerate(full):
+            if dim >= len(index):
+                out.append(size)
+            elif isinstance(index[dim], slice):
+                out.append(len(range(*index[dim].indices(size))))
+        if self.transpose:
+            out[-2:] = out[-2:][::-1]
+        return tuple(out)
+
+    def __str__(self) -> str:
+        def one(i: Index) -> str:
+            if isinstance(i, int):
+                return str(i)
+            if i and i[0] == "chunk":
+                return f"part {i[1] + 1} of {i[2]}"
+            start, stop, step = (list(i) + [None, None, None])[:3]
+            text = f"{'' if start is None else start}:{'' if stop is None else stop}"
+            return text + (f":{step}" if step not in (None, 1) else "")
+        index = f"[{', '.join(one(i) for i in self.index)}]" if self.index else ""
+        return f"{self.name}{index}{'.T' if self.transpose else ''}"
+
+
+Key = Union[str, TensorRef]
+
+
+def ref_name(key: Key) -> str:
+    """The logical tensor a key or TensorRef reads from."""
+    return key.name if isinstance(key, TensorRef) else key
 
 
 @dataclass(frozen=True)
@@ -35,10 +99,18 @@ class ModelFacts:
     activation: str
     routing: str
     vocab_size: int
+    mtp_layers: tuple[int, ...] = ()
+    """Layers outside the main stack that carry experts (DeepSeek-V3's multi-token-prediction layer),
+    analysed only on request (spec field `mtp`)."""
+    stored_format: str = ""
+    """How the expert weights are stored on disk (e.g. BF16, FP8 E4M3 with 128x128 block scales)."""
+    expert_biases: str = ""
+    """How expert and router biases are treated, where a family has them (gpt-oss)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["moe_layers"] = list(self.moe_layers)
+        d["mtp_layers"] = list(self.mtp_layers)
         return d
 
 
@@ -66,8 +138,27 @@ class Family:
     dense_proj: ClassVar[dict[str, str]] = {"up": "up_proj", "gate": "gate_proj", "down": "down_proj"}
     activation: ClassVar[str] = "silu"
     routing: ClassVar[str] = ""
+    key_prefix: ClassVar[str] = "model."
+    """What every hub key of the language model starts with (Llama 4: "language_model.model.")."""
+    expert_biases: ClassVar[str] = ""
+    """How the family's expert/router biases are treated, where it has them (recorded in stores)."""
 
     # ---- facts -------------------------------------------------------------------------------
+    @classmethod
+    def text_config(cls, config: dict) -> dict:
+        """The language model's config inside config.json (multimodal models nest it)."""
+        return config
+
+    @classmethod
+    def mtp_layers(cls, config: dict) -> tuple[int, ...]:
+        """Expert-carrying layers outside the main stack (multi-token prediction), if any."""
+        return ()
+
+    @classmethod
+    def stored_format(cls, config: dict) -> str:
+        """How the expert weights are stored, from config.json (the reader checks the headers)."""
+        return str(cls.text_config(config).get("torch_dtype") or config.get("torch_dtype") or "bfloat16")
+
     @classmethod
     def num_experts(cls, config: dict) -> int:
         return int(config_value(config, *EXPERT_COUNT_KEYS, default=0) or 0)
@@ -94,6 +185,7 @@ class Family:
 
     @classmethod
     def facts(cls, config: dict) -> ModelFacts:
+        full, config = config, cls.text_config(config)
         n_layers = int(config["num_hidden_layers"])
         return ModelFacts(
             family=cls.name,
@@ -108,17 +200,46 @@ class Family:
             activation=cls.activation,
             routing=cls.routing,
             vocab_size=int(config.get("vocab_size", 0)),
+            mtp_layers=cls.mtp_layers(config),
+            stored_format=cls.stored_format(full),
+            expert_biases=cls.expert_biases,
         )
 
     # ---- key names ---------------------------------------------------------------------------
+    @classmethod
+    def layer_prefix(cls, layer: int) -> str:
+        """What every hub key of decoder layer `layer` starts with."""
+        return f"{cls.key_prefix}layers.{layer}."
+
+    @classmethod
+    def embed_key(cls) -> str:
+        return f"{cls.key_prefix}embed_tokens.weight"
+
+    @classmethod
+    def lm_head_key(cls) -> str:
+        return "lm_head.weight"
+
+    @classmethod
+    def is_language_model_key(cls, key: str) -> bool:
+        """Whether a hub key belongs to the language model (not a vision tower or projector)."""
+        return key.startswith(cls.key_prefix) or key == cls.lm_head_key()
+
     @classmethod
     def router_weight_key(cls, layer: int) -> str:
         return cls.router_key.format(layer=layer)
 
     @classmethod
-    def expert_keys(cls, layer: int, expert: int) -> dict[str, str]:
-        """Checkpoint keys of one routed expert's matrices, by matrix name (up, gate, down)."""
+    def expert_keys(cls, layer: int, expert: int) -> dict[str, Key]:
+        """Where one routed expert's matrices are, by matrix name (up, gate, down), each as the
+        logical [d_mid, d_hid] (up, gate) or [d_hid, d_mid] (down) matrix: a hub key, or a TensorRef
+        into a fused tensor."""
         return {m: cls.expert_key.format(layer=layer, expert=expert, proj=p) for m, p in cls.expert_proj.items()}
+
+    @classmethod
+    def expert_tensor_names(cls, layer: int, config: dict) -> set[str]:
+        """The logical tensors holding layer `layer`'s routed experts (make-tiny writes them together)."""
+        n = cls.num_experts(cls.text_config(config))
+        return {ref_name(k) for e in range(n) for k in cls.expert_keys(layer, e).values()}
 
     @classmethod
     def shared_expert_keys(cls, layer: int) -> dict[str, str] | None:
@@ -133,9 +254,16 @@ class Family:
 
     # ---- routing -----------------------------------------------------------------------------
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The family's own top-k rule: (weights [tokens, k], expert indices [tokens, k])."""
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict,
+              block: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's own top-k rule: (weights [tokens, k], expert indices [tokens, k]). `block`
+        is the built MoE block, for rules that use more than the logits (DeepSeek-V3's bias)."""
         raise CheckpointError(f"{cls.name} models have no router")
+
+    @classmethod
+    def router_logits(cls, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The router's logits [tokens, E] for a built MoE block's input x [tokens, H]."""
+        return x @ cls.router_weight(block).T
 
     # ---- routing interventions (the causal checks) --------------------------------------------
     @classmethod
@@ -163,7 +291,19 @@ class Family:
         their router rows were gone: their logits are -inf, so the rule picks among the others and
         normalises over them as it always does (a softmax over the remaining experts; over the chosen
         ones where the family renormalises its top-k)."""
-        return cls.route(router_logits.float().masked_fill(removed, float("-inf")), top_k, config)
+        return cls.route(router_logits.float().masked_fill(removed, float("-inf")), top_k, config, block=block)
+
+    @classmethod
+    def reroute_hook(cls, block: torch.nn.Module, reroute):
+        """Make a built MoE block take its routing from `reroute(x [N, H], index [N, k], weights [N, k])
+        -> (index, weights)`, called with its input and its router's own choice; the block then computes
+        and combines the chosen experts (and its shared expert) as the model does. Returns the hook's
+        handle. Here: a pre-hook on the block's `experts` module, called as experts(x, index, weights)."""
+        def pre(_module, args, kwargs):
+            x, index, weights = args[0], args[1], args[2]
+            index, weights = reroute(x, index, weights)
+            return (x, index, weights) + tuple(args[3:]), kwargs
+        return block.experts.register_forward_pre_hook(pre, with_kwargs=True)
 
     @classmethod
     def intervention_semantics(cls, config: dict) -> dict[str, str]:
@@ -188,13 +328,16 @@ class Family:
         return None
 
     # ---- output head (next-token loss) --------------------------------------------------------
-    final_norm_key: ClassVar[str] = "model.norm.weight"
-    """The final RMSNorm's weight, applied to the last layer's output before the output head."""
+    @classmethod
+    def final_norm_key(cls) -> str:
+        """The final RMSNorm's weight, applied to the last layer's output before the output head."""
+        return f"{cls.key_prefix}norm.weight"
 
     @classmethod
     def output_head_key(cls, config: dict) -> str:
-        """The output projection [vocab, H]: `lm_head.weight`, or the embeddings where tied."""
-        return "model.embed_tokens.weight" if config.get("tie_word_embeddings", False) else "lm_head.weight"
+        """The output projection [vocab, H]: `lm_head_key`, or the embeddings where tied."""
+        tied = cls.text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+        return cls.embed_key() if tied else cls.lm_head_key()
 
     @classmethod
     def output_scale(cls, config: dict) -> float:
@@ -204,8 +347,9 @@ class Family:
     @classmethod
     def final_norm(cls, hidden: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
         """The final norm: RMSNorm, y = weight · x / sqrt(mean(x²) + rms_norm_eps), normalised in float32."""
+        eps = float(cls.text_config(config).get("rms_norm_eps", 1e-6))
         x = hidden.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(config.get("rms_norm_eps", 1e-6)))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x.to(hidden.dtype)
 
     # ---- full-model layout (make-tiny, plan, meta-device skeletons) --------------------------
@@ -222,6 +366,42 @@ class Family:
     flavors: ClassVar[dict[str, dict]] = {}
     """Published configs of real checkpoints (for `plan` and meta-device tests), by flavor name."""
 
+    @classmethod
+    def storage(cls, key: str, config: dict) -> str:
+        """The format a logical tensor is stored in on the hub (`checkpoint.quant`): "float" unless
+        the family quantises it (DeepSeek-V3's FP8 linear weights, gpt-oss's MXFP4 experts)."""
+        return "float"
+
+    @classmethod
+    def stored_layout(cls, config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every physical tensor of the hub checkpoint with its shape and stored dtype (scale and
+        block companions included): what make-tiny writes and `moe-ray plan` counts on disk."""
+        float_dtype = TORCH_NAMES.get(str(config.get("torch_dtype") or "bfloat16"), "BF16")
+        block = fp8_block_size(config.get("quantization_config"))
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for key, shape in cls.tensor_shapes(config).items():
+            out.update(stored_parts(key, shape, cls.storage(key, config), float_dtype, block))
+        return out
+
+    has_expert_biases: ClassVar[bool] = False
+    """Routed experts carry biases (gpt-oss): make-tiny plants them with the experts' matrices."""
+
+    @classmethod
+    def neuron_granularity(cls, config: dict) -> int:
+        """Neuron permutations that move whole groups of this many neurons (and permute within
+        them) leave a quantised checkpoint's blocks intact: make-tiny's `permuted` variant uses
+        them so its planted permutations stay exact after quantisation."""
+        return 1
+
+    @classmethod
+    def fuse_experts(cls, config: dict, layer: int, experts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One layer's experts (logical matrices by name, from make-tiny) as the hub's logical tensors."""
+        out: dict[str, torch.Tensor] = {}
+        for e, mats in enumerate(experts):
+            keys = cls.expert_keys(layer, e)
+            out.update({keys[m]: mats[m] for m in keys})
+        return out
+
     # ---- dynamic passes: decoder layers (transformers' own classes, or moe_ray.models) -------
     hf_module: ClassVar[str | None] = None
     """`transformers.models.<hf_module>.modeling_<hf_module>` holds the decoder classes (None: none)."""
@@ -231,6 +411,12 @@ class Family:
     """`moe_ray.models.<own_module>` holds our compact decoder layer where transformers has none."""
     moe_hub_name: ClassVar[str] = "mlp"
     """What the hub keys call a layer's MoE block (the decoder modules always call it `mlp`)."""
+    moe_module: ClassVar[str] = "mlp"
+    """What the decoder-layer module calls its MoE block (Llama 4: `feed_forward`)."""
+    attn_implementation: ClassVar[str] = "sdpa"
+    """The attention kernel dynamic passes use (gpt-oss's sinks need "eager")."""
+    keep_fp32: ClassVar[tuple[str, ...]] = ()
+    """Parameter-name suffixes the model keeps in float32 whatever the compute dtype (routers)."""
 
     @classmethod
     def decoder_classes(cls) -> dict[str, type] | None:
@@ -256,8 +442,9 @@ class Family:
         classes = cls.decoder_classes()
         if classes is None:
             raise CheckpointError(f"dynamic passes are not available for {cls.name} models")
-        hf = classes["config"](**{k: v for k, v in config.items() if k != "torch_dtype"})
-        hf._attn_implementation = "sdpa"
+        skip = ("torch_dtype", "quantization_config")
+        hf = classes["config"](**{k: v for k, v in cls.text_config(config).items() if k not in skip})
+        hf._attn_implementation = cls.attn_implementation
         hf._experts_implementation = "eager"
         hf.moe_layers = list(cls.facts(config).moe_layers)
         return hf
@@ -269,23 +456,55 @@ class Family:
 
     @classmethod
     def layer_state(cls, module_keys: list[str], layer: int, num_experts: int, read) -> dict[str, torch.Tensor]:
-        """A decoder layer's state dict from hub tensors (`read(key)`): per-expert W_gate/W_up/W_down
-        are fused into transformers' `mlp.experts.gate_up_proj` [E, 2·d_mid, H] (gate rows first) and
-        `mlp.experts.down_proj` [E, H, d_mid]; every other parameter keeps its hub name, with the
-        MoE block's `mlp.` spelled as the hub spells it."""
+        """A decoder layer's state dict from hub tensors (`read(key)`): fused expert parameters are
+        filled one expert at a time (`fused_sources`); every other parameter keeps its hub name."""
         state: dict[str, torch.Tensor] = {}
-        experts = [cls.expert_keys(layer, e) for e in range(num_experts)]
         for name in module_keys:
-            if name == "mlp.experts.gate_up_proj":
-                state[name] = fill_stack([(k["gate"], k["up"]) for k in experts], read)
-            elif name == "mlp.experts.down_proj":
-                state[name] = fill_stack([(k["down"],) for k in experts], read)
+            sources = cls.fused_sources(name, layer, num_experts)
+            if sources is not None:
+                state[name] = fill_stack(sources, read)
             else:
-                hub = name
-                if num_experts and name.startswith("mlp."):
-                    hub = f"{cls.moe_hub_name}." + name[len("mlp."):]
-                state[name] = read(f"model.layers.{layer}.{hub}")
+                state[name] = read(cls.hub_key(name, layer, num_experts))
         return state
+
+    @classmethod
+    def fused_sources(cls, name: str, layer: int, num_experts: int) -> list[tuple[Key, ...]] | None:
+        """For a fused expert parameter of the decoder module, what fills entry e of it (read and
+        concatenated along rows); None for every other parameter. transformers' `gate_up_proj`
+        [E, 2·d_mid, H] is W_gate then W_up; `down_proj` [E, H, d_mid] is W_down."""
+        if not num_experts:
+            return None
+        experts = [cls.expert_keys(layer, e) for e in range(num_experts)]
+        if name == f"{cls.moe_module}.experts.gate_up_proj":
+            return [(k["gate"], k["up"]) for k in experts]
+        if name == f"{cls.moe_module}.experts.down_proj":
+            return [(k["down"],) for k in experts]
+        return None
+
+    @classmethod
+    def hub_key(cls, name: str, layer: int, num_experts: int) -> str:
+        """The hub key of a decoder-module parameter, the MoE block spelled as the hub spells it."""
+        if num_experts and name.startswith(f"{cls.moe_module}."):
+            name = f"{cls.moe_hub_name}." + name[len(cls.moe_module) + 1:]
+        return cls.layer_prefix(layer) + name
+
+    @classmethod
+    def moe_block(cls, layer_module: torch.nn.Module) -> torch.nn.Module:
+        """The MoE block of a built decoder layer."""
+        return getattr(layer_module, cls.moe_module)
+
+    @classmethod
+    def expert_activation(cls, config: dict) -> tuple[Callable, Callable | None]:
+        """(act, combine): an expert computes W_down · combine(act(W_gate x), W_up x); combine None is
+        the product (SwiGLU/GeGLU). gpt-oss clamps and adds 1 to the up projection."""
+        from ...analysis.dynamic import activation_fn
+
+        return activation_fn(cls.activation), None
+
+    @classmethod
+    def expert_bias_stacks(cls, block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(b_gate, b_up [E, d_mid], b_down [E, H]) of a built MoE block whose experts have biases."""
+        return None
 
     @classmethod
     def expert_stacks(cls, block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,7 +526,7 @@ class Family:
 
 # ---- helpers shared by llama-style families --------------------------------------------------
 
-def fill_stack(keys: list[tuple[str, ...]], read) -> torch.Tensor:
+def fill_stack(keys: list[tuple[Key, ...]], read) -> torch.Tensor:
     """[len(keys), rows, cols]: entry i is the tensors named by keys[i] concatenated along rows.
     Filled in place, one tensor read at a time, so a layer never exists twice in memory."""
     first = read(keys[0][0])

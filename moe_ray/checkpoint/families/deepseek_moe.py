@@ -45,7 +45,7 @@ class DeepseekMoe(Family):
                 and layer % int(config.get("moe_layer_freq", 1)) == 0)
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod

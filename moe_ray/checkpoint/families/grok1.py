@@ -42,7 +42,9 @@ class Grok1(Family):
     def expert_d_mid(cls, config: dict) -> int:
         return int(config["intermediate_size"])
 
-    final_norm_key = "model.norm.scale"
+    @classmethod
+    def final_norm_key(cls) -> str:
+        return "model.norm.scale"
 
     @classmethod
     def embedding_scale(cls, config: dict) -> float:
@@ -57,7 +59,7 @@ class Grok1(Family):
         return False  # the top-2 probabilities of the softmax over all 8, as they are
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         return softmax_then_topk(router_logits, top_k, renormalize=False)
 
     @classmethod

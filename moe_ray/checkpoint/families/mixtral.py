@@ -29,7 +29,7 @@ class Mixtral(Family):
         return True  # a softmax over the chosen logits
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         # softmax over the k largest logits == softmax over all, top-k, renormalise
         return softmax_then_topk(router_logits, top_k, renormalize=True)
 
@@ -51,9 +51,10 @@ class Mixtral(Family):
             intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=32768,
             rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+        # mistralai/Mixtral-8x22B-v0.1 (tests/data/configs); the Instruct model's vocabulary is 32,768
         "8x22B": llama_tiny_base(
             architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=6144,
             intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
-            num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=65536,
-            rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+            num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=65536,
+            rope_theta=1e6, rms_norm_eps=1e-5, num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
     }

@@ -24,7 +24,7 @@ class Olmoe(Family):
         return int(config["intermediate_size"])
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod

@@ -46,7 +46,7 @@ class Qwen2Moe(Family):
                 and cls.num_experts(config) > 0 and (layer + 1) % step == 0)
 
     @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict):
+    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod
@@ -119,4 +119,20 @@ class Qwen3Moe(Qwen2Moe):
             norm_topk_prob=True, use_sliding_window=False, router_aux_loss_coef=0.001,
         )
 
-    flavors = {}
+    flavors = {
+        # Qwen/Qwen3-235B-A22B and Qwen/Qwen3-30B-A3B config.json (tests/data/configs)
+        "235B-A22B": llama_tiny_base(
+            architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288,
+            moe_intermediate_size=1536, num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+            head_dim=128, vocab_size=151936, max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8,
+            decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-6,
+            max_window_layers=94, use_sliding_window=False, sliding_window=None, bos_token_id=151643,
+            eos_token_id=151645),
+        "30B-A3B": llama_tiny_base(
+            architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+            moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+            head_dim=128, vocab_size=151936, max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8,
+            decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-6,
+            max_window_layers=48, use_sliding_window=False, sliding_window=None, bos_token_id=151643,
+            eos_token_id=151645),
+    }

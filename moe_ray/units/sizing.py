@@ -1,0 +1,66 @@
+"""What one static or reorder unit takes, from shapes alone: host memory, GPU memory, and whether a
+reorder batch overlaps its solves with its builds. Used by the jobs (each unit declares it to Ray) and
+by `moe-ray plan` (no checkpoint, no Ray), so both say the same numbers.
+
+Every figure is a sum of named parts, checked against measured peaks in benchmarks/bench_fullwidth.py
+(declared must be at least the measured peak and at most 1.5x of it).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..analysis import reorder as R
+from ..analysis import static as S
+
+GIB = 2**30
+PROCESS_BYTES = 440 * 2**20
+"""Host memory of a worker process beside its data: a Ray worker with the units imported (measured
+279 MiB) and what reading the checkpoint and writing the store add (up to ~130 MiB in
+bench_fullwidth.py's smallest units)."""
+CUDA_CONTEXT_BYTES = 1 * GIB
+"""GPU memory a task's process takes beside its tensors: the CUDA context, cuBLAS workspaces and the
+caching allocator's rounding (not measured here: benchmarks/gpu_check.sh measures it on a GPU)."""
+CUDA_HOST_BYTES = 1 * GIB
+"""Host memory the CUDA runtime and its libraries add to a task's process (likewise unmeasured here)."""
+
+
+def static_unit_memory(label_rows: Sequence[int], d_hid: int, stored_bytes: int, held_bytes: int,
+                       covariance: bool, device: str) -> tuple[int, int]:
+    """(host, GPU) bytes of a static unit whose labels' matrices of one kind are `label_rows[l]` x
+    `d_hid` (d_mid of each expert, of F and of SE).
+
+    Host: the kind's stored bytes (read through memory maps, resident while the kind is analysed), a
+    converted copy where the held dtype differs from the stored one (CPU only), the analysis's working
+    set where it runs there, the neuron-PCA results and the worker process (plus the CUDA runtime on
+    cuda). GPU: the kind as held, one tensor arriving as stored, the working set, the CUDA context.
+    """
+    import torch
+
+    kind = sum(label_rows) * d_hid
+    working = S.working_set_bytes(sum(label_rows), d_hid, covariance, torch.device(device))
+    results = 3 * len(label_rows) * max(label_rows) * 3 * 8
+    host = kind * stored_bytes + results + PROCESS_BYTES
+    if device == "cuda":
+        gpu = kind * held_bytes + max(label_rows) * d_hid * stored_bytes + working + CUDA_CONTEXT_BYTES
+        return host + CUDA_HOST_BYTES, gpu
+    if held_bytes != stored_bytes:
+        host += kind * held_bytes
+    return host + working, 0
+
+
+def overlaps(device: str, cpus: float) -> bool:
+    """Whether a reorder batch solves on a host thread while the next pair builds: on a GPU, or with
+    more than one CPU (on one core the build and the solve compete for it; bench_reorder.py measures)."""
+    return device == "cuda" or cpus > 1
+
+
+def reorder_unit_memory(n: int, d_hid: int, stored_bytes: int, experts_held: int, device: str,
+                        overlap: bool) -> tuple[int, int]:
+    """(host, GPU) bytes of a reorder batch holding `experts_held` prepared experts at n neurons; each
+    expert is prepared with all three matrices (separate mode solves them one by one from them)."""
+    m = len(R.MATRICES)
+    if device != "cuda":
+        return R.memory_bytes(n, d_hid, m, experts_held, overlap, True, stored_bytes) + PROCESS_BYTES, 0
+    host = R.memory_bytes(n, d_hid, m, experts_held, overlap, False, stored_bytes) + PROCESS_BYTES + CUDA_HOST_BYTES
+    gpu = R.device_memory_bytes(n, d_hid, m, experts_held, stored_bytes) + CUDA_CONTEXT_BYTES
+    return host, gpu
