@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import numpy as np
@@ -457,3 +458,74 @@ def _open(store, group):
     import xarray as xr
 
     return xr.open_zarr(store, group=group, consolidated=False)
+
+
+# ---- the command line, bad input, the report -----------------------------------------------------
+
+def test_cli_runs_the_checks_and_the_report_shows_them(ray_session, tiny, tmp_path, capsys):
+    """`moe-ray run --analyses causal` on an upcycled Mixtral; the report's causal figures hold the stored
+    numbers, fit the page (no image wider than 1,298 px, text >= 8 pt) and, in headless Chromium at 1,400
+    px, load at their own width with every table fitting."""
+    from moe_ray.cli import main
+    from moe_ray.plotting import render
+    from moe_ray.plotting.common import MAX_WIDTH, DPI
+    from headless_browser import Browser, find_chromium
+    from test_plotting import PAGE_METRICS
+
+    t = tiny("mixtral", "upcycled")
+    store = tmp_path / "cli.zarr"
+    assert main(["run", "--model", str(t.path), "--analyses", "causal", "--max-sequences", "2", "--shards", "2",
+                 "--bootstrap-resamples", "100", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "causal: loss" in out and "norm routing Δloss all layers" in out and "largest ablation" in out
+    report = render([str(store)], tmp_path / "report", parallel="none")
+    keys = {f.key for f in report.figures}
+    assert keys == {"causal_norm_routing", "causal_ablation", "causal_weight_output"}
+    assert {tb.key for tb in report.tables} == {"causal_summary", "causal_norm_routing", "causal_ablation_top",
+                                                  "causal_weight_output"}
+    nr, ab = _open(store, "causal/norm_routing"), _open(store, "causal/ablation")
+    fig = next(f for f in report.figures if f.key == "causal_norm_routing")
+    label = next(iter(fig.data))[0]
+    np.testing.assert_allclose(fig.data[(label, "agreement")], nr.agreement.values)
+    np.testing.assert_allclose(fig.data[(label, "delta_loss")], nr.delta_loss.values)
+    fig = next(f for f in report.figures if f.key == "causal_ablation")
+    np.testing.assert_allclose(fig.data[(label, "delta_loss")], ab.delta_loss.values)
+    for f in report.figures:
+        assert f.size_px[0] <= round(MAX_WIDTH * DPI) and f.min_font_pt >= 8, (f.path.name, f.size_px, f.min_font_pt)
+        assert "predicted tokens" in f.caption and "2 sequences" in f.caption
+    top = next(tb for tb in report.tables if tb.key == "causal_ablation_top")
+    assert top.rows[0][3] == pytest.approx(float(np.nanmax(ab.delta_loss.values[..., 0])))
+    chromium = find_chromium()
+    if chromium is None:
+        if os.environ.get("MOE_RAY_BROWSER_REQUIRED"):
+            pytest.fail("chromium not found: make test installs Debian's chromium")
+        pytest.skip("chromium not installed (make test installs it)")
+    with Browser(chromium) as browser:
+        browser.open(report.index.as_uri(), width=1400, height=1000)
+        page = browser.evaluate(PAGE_METRICS)
+    assert page["scrollWidth"] <= page["clientWidth"]
+    for img in page["images"]:
+        assert img["complete"] and img["width"] / img["naturalWidth"] > 0.99, img
+    for width, room in page["tables"]:
+        assert width <= room + 0.5, (width, room)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checks", "ablation,routing"], "unknown causal check 'routing'"),
+    (["--confidence", "95"], "confidence must be between 0 and 1"),
+    (["--bootstrap-resamples", "0"], "bootstrap_resamples must be at least 1"),
+    (["--max-sequences", "0"], "max_sequences must be at least 1"),
+    (["--corpus-file", "{bad}"], "line 2 is not JSON"),
+])
+def test_bad_causal_input_is_one_line_exit_2_and_no_store(tiny, tmp_path, capsys, argv, message):
+    from moe_ray.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    store = tmp_path / "bad.zarr"
+    argv = [a.replace("{bad}", str(bad)) for a in argv]
+    assert main(["run", "--model", str(tiny("mixtral", "scratch").path), "--analyses", "causal", "--store", str(store),
+                 *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moe-ray: error:") and message in err[0], err
+    assert not store.exists()
