@@ -128,7 +128,7 @@ def plan_causal(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> Causal
     heads = int(ckpt.config.get("num_attention_heads") or 1)
     activation = (rows * longest * (facts.d_hid * LAYER_TEMPORARIES + heads * longest) * 4
                   + longest * facts.num_experts * (facts.d_hid * 3 + facts.num_experts) * 8
-                  + 2 * LOGIT_ELEMENTS * 4 + base.activation_bytes)
+                  + 2 * min(LOGIT_ELEMENTS, longest * facts.vocab_size) * 4 + base.activation_bytes)
     weights = base.shard_weight_bytes[:-1] + (base.shard_weight_bytes[-1] + head_bytes,)
     base = dataclasses.replace(base, shard_weight_bytes=weights, activation_bytes=activation)
     labels = tuple(str(e) for e in range(facts.num_experts))
