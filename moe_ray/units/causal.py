@@ -125,7 +125,7 @@ def plan_causal(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> Causal
     head_bytes = sum(int(np.prod(ckpt.info(k).shape)) * 4 for k in head_keys)
     longest = max(len(s.ids) for s in base.inputs)
     rows = max(2, spec.causal.batch_tokens // longest) + 1
-    heads = int(ckpt.config.get("num_attention_heads") or 1)
+    heads = int(family.text_config(ckpt.config).get("num_attention_heads") or 1)
     activation = (rows * longest * (facts.d_hid * LAYER_TEMPORARIES + heads * longest) * 4
                   + longest * facts.num_experts * (facts.d_hid * 3 + facts.num_experts) * 8
                   + 2 * min(LOGIT_ELEMENTS, longest * facts.vocab_size) * 4 + base.activation_bytes)
