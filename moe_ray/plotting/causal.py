@@ -123,8 +123,8 @@ def ablation(views: list[StoreView], out: Path) -> list[Figure]:
         beyond = bool(np.nanmax(np.abs(delta[..., 0])) > m)
         for page in pages(list(range(len(layers))), ABLATION_ROWS_PER_IMAGE):
             values = delta[page, :, 0]
-            cell = min(0.32, (MAX_WIDTH - LEFT - RIGHT_MARGIN) / len(labels))
-            grid = PanelGrid(1, 1, panel=(max(1.5, cell * len(labels)), max(1.2, 0.22 * len(page))), top=0.75,
+            cell = min(0.45, (MAX_WIDTH - LEFT - RIGHT_MARGIN) / len(labels))
+            grid = PanelGrid(1, 1, panel=(max(1.5, cell * len(labels)), max(1.2, 0.3 * len(page))), top=0.75,
                              bottom=0.75, left=LEFT)
             im = grid.heatmap(0, 0, values, labels, [str(layers[i]) for i in page], DELTA_CMAP, -m, m,
                               ylabel="layer")

@@ -123,7 +123,8 @@ def _has(view: StoreView, section: Section) -> tuple[bool, str]:
         sub, name = section.array.rsplit("/", 1)
         path = sub if sub == "causal" else f"causal/{sub}"
         if not view.has(path):
-            return False, f"no causal {sub.replace('_', ' ')} results (run with {HOW['causal']})"
+            what = "causal checks" if sub == "causal" else f"causal {sub.replace('_', ' ')} results"
+            return False, f"no {what} (run with {HOW['causal']})"
         if not K.done(view, path):
             return False, f"{path} not finished (rerun the same spec to resume)"
         return name in view.dataset(path), f"{path}/{name} not in the store"
