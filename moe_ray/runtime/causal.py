@@ -170,7 +170,8 @@ def run_rows(runner: LayerRange, hidden: torch.Tensor, rows: list[Variant | None
 
 class OutputHead:
     """The final norm and output projection of a model (the family adapter says where they are and how
-    the logits are scaled), on one device: next-token losses of a batch's rows."""
+    the logits are scaled), on one device: next-token losses of a batch's rows. It computes in float32
+    whatever the layers' dtype (the losses are differenced: bfloat16 logits would bury small changes)."""
 
     def __init__(self, ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         family, config = ckpt.family, ckpt.config

@@ -200,7 +200,7 @@ class CausalShard:
                 device = "cpu"
             dtype = plan.base.dtype_for(device)
             self.runner = LayerRange(open_checkpoint(plan.base.model), start, end, None, plan.layers, device, dtype)
-            self.head = OutputHead(open_checkpoint(plan.base.model), device, dtype) if self.last else None
+            self.head = OutputHead(open_checkpoint(plan.base.model), device) if self.last else None  # float32
             self.store = ResultStore(plan.base.store)
             self._write_weight_similarity([l for l in agreement_layers if start <= l < end])
         except Exception as exc:
