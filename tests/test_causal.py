@@ -1,15 +1,22 @@
-"""Causal checks (issue 16): the pure math against hand-computed numbers."""
+"""Causal checks (issue 16): the pure math against hand-computed numbers, every family's routing rules and
+MoE block under intervention, float64 references of the loss, planted truths through the whole job, shards
+and resume, the command line, bad input and the report."""
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moe_ray.analysis import causal as C
+from moe_ray.checkpoint import open_checkpoint
+from moe_ray.runtime import LayerRange
+from moe_ray.runtime.causal import LayerActions, OutputHead, Variant, expert_outputs, routing_hooks, run_rows
+from test_compact_models import _attention, _mlp, _rms, _silu, _weights, grok_reference
 
 
 # ---- pure math -----------------------------------------------------------------------------------
@@ -126,12 +133,6 @@ def test_every_familys_weights_of_its_own_choice_are_its_route():
 
 # ---- the runtime: rows that route differently, the output head --------------------------------
 
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from moe_ray.checkpoint import open_checkpoint  # noqa: E402
-from moe_ray.runtime import LayerRange  # noqa: E402
-from moe_ray.runtime.causal import LayerActions, OutputHead, Variant, expert_outputs, routing_hooks, run_rows  # noqa: E402
-from test_compact_models import _attention, _mlp, _rms, _silu, _weights, grok_reference  # noqa: E402
 
 IDS = (torch.arange(19) * 29 + 11) % 500 + 3
 
