@@ -43,6 +43,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/bench_reorder.py --sizes 1408,4096,8192 --scipy-max-n 8192
 	PYTHONPATH=. $(PY) benchmarks/bench_dynamic.py
 	PYTHONPATH=. $(PY) benchmarks/bench_plot.py
+	PYTHONPATH=. $(PY) benchmarks/bench_causal.py
 	$(PY) -m benchmarks.bench_fullwidth --models olmoe,deepseek
 
 clean:

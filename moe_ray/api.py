@@ -19,6 +19,7 @@ from .spec import Spec, parse_pair
 from .store import ResultStore, open_results, progress, progress_text
 from .units import reorder as reorder_unit
 from .units import static as static_unit
+from .units import causal as causal_unit
 from .units import dynamic as dynamic_unit
 from .units.job import AnalysisJob
 
@@ -28,6 +29,7 @@ PLANNERS: dict[str, Planner] = {
     "reorder": reorder_unit.plan_job,
 }
 PLANNERS["dynamic"] = dynamic_unit.plan_job
+PLANNERS["causal"] = causal_unit.plan_job
 """How each analysis named in a spec is planned (validated and split into units)."""
 
 

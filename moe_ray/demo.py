@@ -4,8 +4,9 @@
 
 Writes `demo/checkpoints/*` (tiny models in the real hub layout), `demo/spec.toml` (rerun it with
 `moe-ray run demo/spec.toml`), `demo/results.zarr` (an upcycled Mixtral-style model with its dense
-parent as F: static, reorder and dynamic analyses), `demo/results-<name>.zarr` for the comparison
-models, and `demo/report/index.html` with the paper's figures and tables for all of them.
+parent as F: static, reorder, dynamic analyses and the causal checks on the first CAUSAL_SEQUENCES
+sequences of the built-in corpus), `demo/results-<name>.zarr` for the comparison models, and
+`demo/report/index.html` with the paper's figures and tables for all of them.
 """
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ from .checkpoint.tiny import make_tiny
 from .errors import MoeRayError
 
 MODELS = {  # store name -> (family, variant, seed, analyses, DBSCAN eps)
-    "results": ("mixtral", "upcycled", 0, ["static", "reorder", "dynamic"], None),
-    "results-scratch": ("mixtral", "scratch", 1, ["static", "reorder", "dynamic"], None),
+    "results": ("mixtral", "upcycled", 0, ["static", "reorder", "dynamic", "causal"], None),
+    "results-scratch": ("mixtral", "scratch", 1, ["static", "reorder", "dynamic", "causal"], None),
     # DBSCAN at the paper's eps 50 where the paper used it: DeepSeekMoE's 64 experts (App A.1)
     "results-deepseek": ("deepseek_moe", "scratch", 2, ["static"], 50.0),
 }
+
+
+CAUSAL_SEQUENCES = 16
+"""Sequences of the built-in corpus (38) the demo's causal checks run on."""
 
 
 def _spec_toml(model: Path, reference: Path | None, store: Path, analyses: list[str], dbscan_eps: float | None) -> str:
@@ -37,8 +42,10 @@ def _spec_toml(model: Path, reference: Path | None, store: Path, analyses: list[
         lines += ["", "[static]", f"dbscan_eps = {dbscan_eps}"]
     if "reorder" in analyses:  # the paper's per-matrix reordering (Tab 2) and moe-ray's joint one
         lines += ["", "[reorder]", 'reorder_mode = "both"']
-    if "dynamic" in analyses:
+    if "dynamic" in analyses or "causal" in analyses:
         lines += ["", "[dynamic]", 'inputs = ["short", "long"]', "shards = 2"]
+    if "causal" in analyses:  # the corpus's first sequences keep the demo near two minutes on 2 cores
+        lines.append(f"max_sequences = {CAUSAL_SEQUENCES}")
     return "\n".join(lines) + "\n"
 
 
@@ -63,6 +70,18 @@ def summarize(store: str) -> str:
     from .analysis.summary import format_order
 
     group = zarr.open_group(store, mode="r")
+    if "causal" in group:
+        causal = group["causal"].attrs
+        line = f"  causal: loss {causal['loss']:.3f} nats/token"
+        if "causal/norm_routing" in group:
+            agreement = np.asarray(group["causal/norm_routing/agreement"][...])
+            d = group["causal/norm_routing_all"].attrs
+            line += (f"; gate/norm top-k agreement {agreement.min():.2f}-{agreement.max():.2f}, every layer routed by "
+                     f"norm: Δ loss {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+        if "causal/agreement" in group:
+            r2 = group["causal/agreement"].attrs["r2_mean"]
+            line += f"; weights vs outputs mean R² (W_gate, angular) {r2['gate/angular']:.2f}"
+        lines.append(line)
     for mode, what in (("separate", "the paper's, each matrix on its own"), ("joint", "moe-ray's joint")):
         if f"reorder/{mode}" in group:
             tab2 = group[f"reorder/{mode}"].attrs.get("tab2", {})

@@ -99,8 +99,10 @@ def _absolute(location: str | None) -> str | None:
 
 def job_spec(spec: Spec) -> Spec:
     """The spec as the job runs it: local paths absolute, and the job's own cluster as the address."""
+    inputs = replace(spec.dynamic, text_file=_absolute(spec.dynamic.text_file),
+                     corpus_file=_absolute(spec.dynamic.corpus_file))  # read by the job (dynamic, causal)
     return spec.replace(model=_absolute(spec.model), reference=_absolute(spec.reference),
-                        store=_absolute(spec.store), address=None)
+                        store=_absolute(spec.store), address=None, dynamic=inputs)
 
 
 def runtime_env(staging: Path) -> dict[str, Any]:

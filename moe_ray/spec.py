@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import SpecError
 
-ANALYSES = ("static", "reorder", "dynamic")
+ANALYSES = ("static", "reorder", "dynamic", "causal")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
 DEVICES = ("auto", "cuda", "cpu")
 """Where analyses compute: `auto` is cuda when the cluster has GPUs, else the CPU."""
@@ -93,9 +93,12 @@ class DynamicOptions:
                 "text (the --text-file), corpus (the --corpus-file's sequences)"})
     text_file: str | None = field(default=None, metadata={"help": "a UTF-8 text file, run as input 'text'"})
     corpus_file: str | None = field(default=None, metadata={
-        "help": "many sequences, run as input 'corpus': a .jsonl file (a \"text\" field per line) or "
-                "one sequence per line; each is stored as dynamic/corpus/<n>, their token-weighted "
-                "aggregates in dynamic/corpus"})
+        "help": "many sequences, run as input 'corpus' and by the causal analyses: a .jsonl file (a "
+                "\"text\" field per line) or one sequence per line (default: the corpus shipped with "
+                "moe-ray, 38 short public-domain passages); each is stored as dynamic/corpus/<n>, their "
+                "token-weighted aggregates in dynamic/corpus"})
+    max_sequences: int | None = field(default=None, metadata={
+        "help": "use the corpus's first N sequences (input 'corpus' and the causal analyses); unset: all"})
     shards: int = field(default=1, metadata={"help": "layer-shard actors the model is split over"})
     max_tokens: int | None = field(default=1100, metadata={
         "help": "keep the first N tokens of each input (the paper's long input is ~1,100); unset: all"})
@@ -117,9 +120,10 @@ class DynamicOptions:
                 "(a node coming back, an autoscaler's replacement) before re-planning the unfinished "
                 "inputs on the nodes left, or failing"})
 
-    def validate(self, runs: bool = True) -> None:
+    def validate(self, runs: bool = True, causal: bool = False) -> None:
         """Ranges always; with `runs` (dynamic is among the analyses) also which inputs need which
-        file. Without it a text or corpus file is refused: it would be silently ignored."""
+        file. A text or corpus file no analysis reads is refused: it would be silently ignored (the
+        causal checks, `causal`, read the corpus; input 'corpus' without a file is the built-in one)."""
         if self.device is not None and self.device not in DEVICES:
             raise SpecError(f"dynamic.device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -132,16 +136,21 @@ class DynamicOptions:
         for name, path, flag in (("text", self.text_file, "--text-file"), ("corpus", self.corpus_file, "--corpus-file")):
             if path is not None and not path.strip():
                 raise SpecError(f"{flag} is empty; give a file or leave it out")
+            if name == "corpus" and causal:
+                continue  # the causal checks read the corpus (the built-in one without a file)
             if not runs:
                 if path is not None:
-                    raise SpecError(f"{flag} is given but the analyses do not include dynamic; add dynamic "
+                    readers = "dynamic or causal" if name == "corpus" else "dynamic"
+                    raise SpecError(f"{flag} is given but the analyses do not include {readers}; add dynamic "
                                     f"to --analyses (and {name} to --inputs) or drop {flag}")
                 continue
-            if name in self.inputs and not path:
+            if name == "text" and name in self.inputs and not path:
                 raise SpecError(f"dynamic input '{name}' needs {flag} PATH")
             if path and name not in self.inputs:
                 raise SpecError(f"{flag} is given but dynamic.inputs ({','.join(self.inputs)}) does not include "
                                 f"'{name}'; add {name} to --inputs or drop {flag}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise SpecError(f"max_sequences must be at least 1, not {self.max_sequences}")
         if self.shards < 1:
             raise SpecError(f"shards must be at least 1, not {self.shards}")
         if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):
@@ -152,6 +161,44 @@ class DynamicOptions:
             raise SpecError(f"intermediate_tokens must be 0 or more, not {self.intermediate_tokens}")
         if not self.node_wait_s >= 0:
             raise SpecError(f"node_wait_s must be 0 or more seconds, not {self.node_wait_s}")
+
+
+CAUSAL_CHECKS = ("norm_routing", "ablation", "agreement")
+"""The causal checks (beyond the paper; `units.causal`): routing by expert output norm, expert ablation,
+and the agreement of weight and output similarity."""
+
+
+@dataclass
+class CausalOptions:
+    """The causal checks of the paper's claims, run on the corpus (`dynamic.corpus_file`, or the one
+    moe-ray ships) through the same layer-shard actors as the dynamic analyses (`dynamic.shards`,
+    `dynamic.device`, `dynamic.dtype`, `dynamic.max_tokens` and `dynamic.max_sequences` apply)."""
+
+    checks: list[str] = field(default_factory=lambda: list(CAUSAL_CHECKS), metadata={
+        "help": "causal checks, comma-separated: norm_routing (route by expert output norm, one layer "
+                "and all layers), ablation (each expert, and the shared expert, removed from routing), "
+                "agreement (weight vs output similarity)"})
+    bootstrap_resamples: int = field(default=1000, metadata={
+        "help": "bootstrap resamples of the corpus's sequences for the intervals of every loss change"})
+    bootstrap_seed: int = field(default=0, metadata={"help": "seed of the bootstrap resamples"})
+    confidence: float = field(default=0.95, metadata={
+        "help": "level of the bootstrap intervals (percentile intervals over sequences)"})
+    batch_tokens: int = field(default=16384, metadata={
+        "help": "interventions of one sequence pushed through the layers together: at most this many "
+                "tokens (interventions x sequence length) in one batch"})
+
+    def validate(self) -> None:
+        if not self.checks:
+            raise SpecError("causal.checks is empty; name norm_routing, ablation or agreement")
+        bad = [c for c in self.checks if c not in CAUSAL_CHECKS]
+        if bad:
+            raise SpecError(f"unknown causal check {bad[0]!r}; choose {', '.join(CAUSAL_CHECKS)}")
+        if self.bootstrap_resamples < 1:
+            raise SpecError(f"bootstrap_resamples must be at least 1, not {self.bootstrap_resamples}")
+        if not 0 < self.confidence < 1:
+            raise SpecError(f"confidence must be between 0 and 1 (e.g. 0.95), not {self.confidence}")
+        if self.batch_tokens < 1:
+            raise SpecError(f"batch_tokens must be at least 1, not {self.batch_tokens}")
 
 
 @dataclass
@@ -226,6 +273,7 @@ class Spec:
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
     dynamic: DynamicOptions = field(default_factory=DynamicOptions)
+    causal: CausalOptions = field(default_factory=CausalOptions)
     resources: Resources = field(default_factory=Resources)
 
     # ---- construction -------------------------------------------------------------------------
@@ -284,7 +332,9 @@ class Spec:
         if self.reorder.pairs and "reorder" not in self.analyses:
             raise SpecError("--pairs is given but the analyses do not include reorder; add reorder to "
                             "--analyses or drop --pairs")
-        self.dynamic.validate(runs="dynamic" in self.analyses)
+        self.dynamic.validate(runs="dynamic" in self.analyses, causal="causal" in self.analyses)
+        if "causal" in self.analyses:
+            self.causal.validate()
 
 
 def _hints(cls: type) -> dict[str, Any]:

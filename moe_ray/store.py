@@ -1,6 +1,7 @@
 """The results store: one Zarr v3 store per job, the one contract between compute and plotting.
 
-Layout (design §5): `static/<quantity>`, `reorder/<mode>/<quantity>`, `dynamic/<input>/<quantity>`.
+Layout (design §5): `static/<quantity>`, `reorder/<mode>/<quantity>`, `dynamic/<input>/<quantity>`,
+`causal/<check>/<quantity>` (the causal checks, beyond the paper).
 Every array carries `dimension_names`; every dimension has a coordinate array of the same name
 (labels as variable-length UTF-8 strings), so `xarray.open_zarr(store, group="static")` gives named
 dimensions with no moe-ray code. Chunks follow work units (a layer, a layer x pair), so concurrent
@@ -164,6 +165,74 @@ DYNAMIC_SCHEMA: dict[str, Quantity] = {
         ("layer", "token", "expert", "hidden"),
         "optional (save_expert_outputs): every expert's raw output vector (Topk = ALL), F and SE"),
 }
+
+
+LOSS_UNIT = "nats"
+CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
+    "causal": {
+        "sequence_tokens": Quantity(
+            ("sequence",), "tokens of each corpus sequence whose next token is predicted (its length - 1)", "int64"),
+        "loss": Quantity(
+            ("sequence",), "the unmodified model's next-token loss, -log p(token t+1 | tokens <= t) summed over "
+            "the sequence's predicted tokens (nats); the corpus loss is sum(loss) / sum(sequence_tokens)", "float64"),
+    },
+    "causal/norm_routing": {
+        "topk_overlap": Quantity(
+            ("layer", "sequence"), "§5.2 claim: sum over the sequence's tokens of |gate top-k ∩ top-k by expert "
+            "output norm| (Topk = ALL outputs of the routed experts)", "int64", -1),
+        "topk_match": Quantity(
+            ("layer", "sequence"), "tokens of the sequence whose gate top-k and norm top-k are the same set",
+            "int64", -1),
+        "agreement": Quantity(
+            ("layer",), "mean over the corpus's tokens of |gate top-k ∩ norm top-k| / k (1: the gate always picks "
+            "the experts with the largest output norms)"),
+        "match_rate": Quantity(
+            ("layer",), "fraction of the corpus's tokens whose gate top-k is exactly the norm top-k"),
+        "loss": Quantity(
+            ("layer", "sequence"), "next-token loss summed over the sequence (nats) when this layer routes by "
+            "expert output norm (its top-k by norm, weighted as the family weighs a choice) and every other "
+            "layer as the model does", "float64"),
+        "delta_loss": Quantity(
+            ("layer", "stat"), "change of the corpus's loss per token (nats) from routing this layer by norm: "
+            "the estimate and its bootstrap interval over sequences"),
+    },
+    "causal/norm_routing_all": {
+        "loss": Quantity(
+            ("sequence",), "next-token loss summed over the sequence (nats) when every analysed MoE layer "
+            "routes by expert output norm (norms taken on the hidden states this routing produces)", "float64"),
+        "delta_loss": Quantity(
+            ("stat",), "change of the corpus's loss per token (nats) from routing every analysed MoE layer by "
+            "norm: the estimate and its bootstrap interval over sequences"),
+    },
+    "causal/ablation": {
+        "loss": Quantity(
+            ("layer", "expert", "sequence"), "next-token loss summed over the sequence (nats) with this expert "
+            "removed from this layer's routing (the family's rule over the remaining experts; SE: the shared "
+            "expert's output left out)", "float64"),
+        "delta_loss": Quantity(
+            ("layer", "expert", "stat"), "change of the corpus's loss per token (nats) from removing this "
+            "expert: the estimate and its bootstrap interval over sequences"),
+    },
+    "causal/agreement": {
+        "tokens": Quantity(
+            ("layer", "sequence"), "tokens of the sequence summed into output_similarity_sum", "int64"),
+        "output_similarity_sum": Quantity(
+            ("layer", "sequence", "output", "expert_i", "expert_j"), "sum over the sequence's tokens of D1's "
+            "cosine (output 'cosine') and D2's angular similarity 1 - arccos(cos)/π ('angular') between two "
+            "routed experts' outputs (Topk = ALL)"),
+        "output_similarity": Quantity(
+            ("layer", "output", "expert_i", "expert_j"), "§6 'Correlation measurement': the corpus mean (over "
+            "all its tokens) of D1's cosine and D2's angular similarity between two routed experts' outputs"),
+        "weight_similarity": Quantity(
+            ("layer", "matrix", "expert_i", "expert_j"), "S1 (§4.1.1): cosine between the flattened matrices "
+            "of two routed experts, as static/matrix_similarity"),
+        "correlation": Quantity(
+            ("layer", "matrix", "output"), "Pearson R between the i<j entries of weight_similarity (S1) and of "
+            "output_similarity (D1 cosine or D2 angular, over the corpus)"),
+    },
+}
+"""Arrays of the causal checks (beyond the paper), by group: the corpus and the unmodified model's loss
+in `causal`, then one group per check."""
 
 
 _MISSING = object()

@@ -58,7 +58,7 @@ def job_tensors(ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...
     analyses = set(analyses)
     facts, family = ckpt.facts, ckpt.family
     h = facts.d_hid
-    reads_layers = bool(analyses & {"static", "dynamic"})
+    reads_layers = bool(analyses & {"static", "dynamic", "causal"})
     if reads_layers:
         experts = list(range(facts.num_experts))
     else:
@@ -78,7 +78,7 @@ def job_tensors(ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...
         if ref is not None:
             needed += _mlp(ref, ref.family.dense_ffn_keys(layer), ref.facts.dense_d_mid or ref.facts.d_mid, h,
                            f"reference layer {layer} FFN")
-    if "dynamic" in analyses:
+    if analyses & {"dynamic", "causal"}:
         seen = {n.key for n in needed if n.source is ckpt}
         try:
             layout = family.tensor_shapes(ckpt.config)
@@ -93,6 +93,10 @@ def job_tensors(ckpt: Checkpoint, ref: Checkpoint | None, layers: tuple[int, ...
             if key not in seen and (m or key == family.embed_key()):
                 what = f"layer {m.group(1)} of the decoder" if m else "the embeddings"
                 needed.append(Needed(ckpt, key, tuple(shape), what))
+        if "causal" in analyses:  # the next-token loss: the final norm and the output head
+            head = {family.final_norm_key(): "the final norm", family.output_head_key(ckpt.config): "the output head"}
+            needed += [Needed(ckpt, key, tuple(layout[key]), what) for key, what in head.items()
+                       if key in layout and key not in seen]
     return needed
 
 

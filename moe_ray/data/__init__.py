@@ -1,6 +1,7 @@
 """Built-in inputs of the dynamic analyses (paper §5): the paper's short prompt and a long
 public-domain text (the opening of the US Declaration of Independence, 1776), plus user text files
-and corpora of many sequences."""
+and corpora of many sequences; and the default corpus of the causal analyses (`corpus.jsonl`: 38 short
+public-domain passages, each with its `source`)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ from ..errors import MoeRayError
 SHORT_TEXT = "As an open source alternative to"
 """The paper's short input (§5), tokenised with BOS where the tokenizer adds one."""
 LONG_FILE = Path(__file__).with_name("declaration.txt")
+DEFAULT_CORPUS = Path(__file__).with_name("corpus.jsonl")
+"""The corpus used when no `corpus_file` is given: short public-domain passages, one JSON object per line."""
 BUILTIN_INPUTS = ("short", "long")
 
 
@@ -54,6 +57,13 @@ def corpus_texts(path: str | Path) -> list[str]:
                 raise InputError(f"corpus {path} line {number} has an empty text")
         sequences.append(line)
     return sequences
+
+
+def corpus_sequences(path: str | Path | None = None, max_sequences: int | None = None) -> list[str]:
+    """The corpus's sequences (`corpus_texts`; the default corpus when `path` is None), the first
+    `max_sequences` of them when given."""
+    sequences = corpus_texts(DEFAULT_CORPUS if path is None else path)
+    return sequences if max_sequences is None else sequences[:max_sequences]
 
 
 def input_text(name: str, text_file: str | None = None) -> str:

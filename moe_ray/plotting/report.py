@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import MoeRayError
 from ..outdir import PLOT_OUTPUT, claim_output_dir
+from . import causal as K
 from . import dynamic as D
 from . import static as S
 from . import tables as T
@@ -43,7 +44,7 @@ class Section:
 
 
 HOW = {"static": "analyses = [\"static\"]", "reorder": "analyses = [\"reorder\"]",
-       "dynamic": "analyses = [\"dynamic\"]"}
+       "dynamic": "analyses = [\"dynamic\"]", "causal": "analyses = [\"causal\"]"}
 
 SECTIONS = [
     Section("fig1", "Fig 1: matrix-level similarity", "Cosine similarity between the flattened W_up, W_gate, "
@@ -69,6 +70,10 @@ SECTIONS = [
             "static", "gate_weight_r2_mean", table=T.tab3_r2, paged_by=None),
     Section("tab4", "Tab 4: R per layer", "Pearson R between X and Y_m per layer (App C).", "static",
             "gate_weight_correlation", table=T.tab4_r_per_layer, paged_by=None),
+    Section("causal_weight_output", "Beside Tab 4: weights vs outputs (beyond the paper)", "§6 'Correlation "
+            "measurement': per layer, Pearson R between S1's matrix-level similarity of the routed experts and their "
+            "outputs' similarity averaged over a corpus (D1 cosine, D2 angular), from the causal checks.", "causal",
+            "agreement/correlation", draw=K.weight_output, table=K.weight_output_table, per_store=True, paged_by=None),
     Section("fig2", "Fig 2: expert-output similarity per token", "Cosine similarity between all experts' "
             "outputs (Topk = ALL) for each of the input's first tokens (§5.1); each token's top-k above its map.",
             "dynamic", "expert_output_similarity", draw=D.fig2_output_similarity, paged_by=("dynamic/{input}",)),
@@ -96,11 +101,33 @@ SECTIONS = [
             paged_by=None),
     Section("comparison", "Comparison across models", "Headline numbers side by side.", "static",
             "matrix_similarity", table=T.comparison, paged_by=None),
+    Section("causal_summary", "Causal checks (beyond the paper)", "What the paper suggests, tested by intervening: "
+            "the model's next-token loss over a corpus with its routing changed, every expert of every layer "
+            "computed as in §5 (Topk = ALL). Losses in nats per predicted token; intervals are percentile "
+            "bootstraps over the corpus's sequences.", "causal", "causal/loss", table=K.summary_table, paged_by=None),
+    Section("causal_norm_routing", "Norm routing (§5.2, §6)", "The paper: the gate tends to pick the experts with "
+            "the largest output norms, so 'employing the norm as the routing mechanism is reasonable'. Left: how often "
+            "the gate's top-k are the top-k by output norm; right: the change of the loss when a layer, or every "
+            "layer, routes by output norm instead (weights as the family weighs a choice).", "causal",
+            "norm_routing/agreement", draw=K.norm_routing, table=K.norm_routing_table, per_store=True, paged_by=None),
+    Section("causal_ablation", "Expert ablation", "The change of the loss with one expert (and the shared expert "
+            "SE) removed from one layer's routing, the family renormalising over the rest: which experts the model "
+            "relies on.", "causal", "ablation/delta_loss", draw=K.ablation, table=K.ablation_table, per_store=True,
+            paged_by=None),
 ]
 
 
 def _has(view: StoreView, section: Section) -> tuple[bool, str]:
     """(whether the store can give this section, why not)."""
+    if section.parent == "causal":  # array is "<group>/<array>" below causal/ ("causal/..." for the root)
+        sub, name = section.array.rsplit("/", 1)
+        path = sub if sub == "causal" else f"causal/{sub}"
+        if not view.has(path):
+            what = "causal checks" if sub == "causal" else f"causal {sub.replace('_', ' ')} results"
+            return False, f"no {what} (run with {HOW['causal']})"
+        if not K.done(view, path):
+            return False, f"{path} not finished (rerun the same spec to resume)"
+        return name in view.dataset(path), f"{path}/{name} not in the store"
     if section.parent == "static":
         if not view.has("static"):
             return False, f"no static analyses (run with {HOW['static']})"
@@ -491,7 +518,8 @@ def _provenance(view: StoreView) -> str:
     model, ref = view.model, view.reference
     identity = a.get("identity") or {}
     groups = (["static"] if view.has("static") else []) + [f"reorder/{m}" for m in view.groups("reorder")] \
-        + [f"dynamic/{i}" for i in D.ordered_inputs(view.groups("dynamic"))]
+        + [f"dynamic/{i}" for i in D.ordered_inputs(view.groups("dynamic"))] \
+        + [f"causal/{g}" for g in view.groups("causal")]
     labels = [str(x) for x in ((view.dataset("static").attrs.get("params") or {}).get("labels") or [])] \
         if view.has("static") else []
     shared = "a shared expert (SE)" if "SE" in labels or model.get("shared_d_mid") else "no shared expert"

@@ -123,9 +123,7 @@ class LayerRange:
         output (on that device) and the MoE layers' captures."""
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         T = hidden.shape[1]
-        position_ids = torch.arange(T, device=self.device).unsqueeze(0)
-        masks = attention_masks(self.hf_config, hidden, position_ids)
-        position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        positions = self.positions(hidden)
         captures: dict[int, LayerCapture] = {}
         for layer, module in self.layers.items():
             seen: list[torch.Tensor] = []
@@ -134,9 +132,7 @@ class LayerRange:
                 block = self.family.moe_block(module)
                 hook = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
             try:
-                mask = masks[layer_attention_type(self.hf_config, layer)]
-                hidden = module(hidden, position_embeddings=position_embeddings, attention_mask=mask,
-                                position_ids=position_ids)
+                hidden = self.run_layer(layer, hidden, positions)
             finally:
                 if hook is not None:
                     hook.remove()
@@ -144,13 +140,32 @@ class LayerRange:
                 captures[layer] = self.capture(layer, seen[0].reshape(T, -1), probe_tokens)
         return hidden, captures
 
+    def positions(self, hidden: torch.Tensor) -> dict:
+        """What every layer of one forward pass takes besides the hidden states [B, T, H]: position ids,
+        rotary embeddings and causal masks, built for one sequence and broadcast over the batch."""
+        one = hidden[:1].to(device=self.device, dtype=self.dtype)
+        position_ids = torch.arange(one.shape[1], device=self.device).unsqueeze(0)
+        return {"position_ids": position_ids, "position_embeddings": self.rotary(one, position_ids=position_ids),
+                "masks": attention_masks(self.hf_config, one, position_ids)}
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, positions: dict) -> torch.Tensor:
+        """Decoder layer `layer` on hidden states [B, T, H] (`positions` from `positions`)."""
+        mask = positions["masks"][layer_attention_type(self.hf_config, layer)]
+        return self.layers[layer](hidden, position_embeddings=positions["position_embeddings"],
+                                  attention_mask=mask, position_ids=positions["position_ids"])
+
+    def routed_experts(self, block: torch.nn.Module, x: torch.Tensor, probe_tokens: int = 0) -> D.AllExpertResult:
+        """Every routed expert of a built MoE block applied to x [T, H] (Topk = ALL), as the model
+        computes an expert (the family's activation, combine and biases)."""
+        return D.all_expert_forward(x, *self.family.expert_stacks(block), self.act, probe_tokens,
+                                    combine=self.combine, biases=self.family.expert_bias_stacks(block))
+
     def capture(self, layer: int, x: torch.Tensor, probe_tokens: int) -> LayerCapture:
         """The forced all-expert pass on one MoE layer's input x [T, H] (D1-D5)."""
         block = self.family.moe_block(self.layers[layer])
         logits = self.family.router_logits(block, x)
         weights, experts = self.family.route(logits, self.facts.top_k, self.ckpt.config, block=block)
-        routed = D.all_expert_forward(x, *self.family.expert_stacks(block), self.act, probe_tokens,
-                                      combine=self.combine, biases=self.family.expert_bias_stacks(block))
+        routed = self.routed_experts(block, x, probe_tokens)
         outputs, ratios = [routed.outputs], [routed.activation_ratio]
         intermediate = list(routed.intermediate.unbind(1))
         extras = [self.reference.get(layer), self.family.shared_expert_stack(block)]

@@ -26,7 +26,7 @@ import torch
 
 from ..analysis.dynamic import angular_mean
 from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
-from ..data import InputError, corpus_texts, input_text
+from ..data import InputError, corpus_sequences, input_text
 from ..distributed.fanout import Unit
 from ..distributed.pipeline import READY_TIMEOUT_S, PlacementTimeout, ShardLost, balance_layers, run_pipeline, say
 from ..distributed.placement import Demand, Resources, refusal
@@ -132,7 +132,7 @@ def tokenize(ckpt: Checkpoint, names: list[str], options: DynamicOptions) -> tup
     texts: list[tuple[str, str]] = []
     for name in names:
         if name == CORPUS:
-            sequences = corpus_texts(options.corpus_file)
+            sequences = corpus_sequences(options.corpus_file, options.max_sequences)
             width = len(str(len(sequences) - 1))
             texts += [(f"{CORPUS}/{k:0{width}d}", text) for k, text in enumerate(sequences)]
         else:

@@ -265,6 +265,93 @@ class Family:
         """The router's logits [tokens, E] for a built MoE block's input x [tokens, H]."""
         return x @ cls.router_weight(block).T
 
+    # ---- routing interventions (the causal checks) --------------------------------------------
+    @classmethod
+    def topk_renormalized(cls, config: dict) -> bool:
+        """Whether the family rescales its chosen experts' weights to sum to 1 (`norm_topk_prob`;
+        Mixtral always: a softmax over the chosen logits)."""
+        return bool(config.get("norm_topk_prob", False))
+
+    @classmethod
+    def weigh(cls, router_logits: torch.Tensor, experts: torch.Tensor, config: dict,
+              block: torch.nn.Module | None = None) -> torch.Tensor:
+        """The weights the family's rule gives a chosen set of experts [tokens, k] (norm routing: a
+        choice other than the gate's): the softmax-over-all probabilities of the chosen experts,
+        renormalised over them where the family renormalises (`topk_renormalized`). `route` is
+        `weigh` applied to the gate's own choice (tested for every family)."""
+        weights = torch.softmax(router_logits.float(), dim=-1).gather(-1, experts.long())
+        if cls.topk_renormalized(config):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights
+
+    @classmethod
+    def route_without(cls, router_logits: torch.Tensor, removed: torch.Tensor, top_k: int, config: dict,
+                      block: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's rule on the model with the experts `removed` ([tokens, E] bool) deleted, as if
+        their router rows were gone: their logits are -inf, so the rule picks among the others and
+        normalises over them as it always does (a softmax over the remaining experts; over the chosen
+        ones where the family renormalises its top-k)."""
+        return cls.route(router_logits.float().masked_fill(removed, float("-inf")), top_k, config, block=block)
+
+    @classmethod
+    def reroute_hook(cls, block: torch.nn.Module, reroute):
+        """Make a built MoE block take its routing from `reroute(x [N, H], index [N, k], weights [N, k])
+        -> (index, weights)`, called with its input and its router's own choice; the block then computes
+        and combines the chosen experts (and its shared expert) as the model does. Returns the hook's
+        handle. Here: a pre-hook on the block's `experts` module, called as experts(x, index, weights)."""
+        def pre(_module, args, kwargs):
+            x, index, weights = args[0], args[1], args[2]
+            index, weights = reroute(x, index, weights)
+            return (x, index, weights) + tuple(args[3:]), kwargs
+        return block.experts.register_forward_pre_hook(pre, with_kwargs=True)
+
+    @classmethod
+    def intervention_semantics(cls, config: dict) -> dict[str, str]:
+        """What norm routing and an ablation mean for this family, in words (stored with the results)."""
+        renorm = cls.topk_renormalized(config)
+        return {
+            "norm_routing": "each token's top-k experts by the L2 norm of their outputs (Topk = ALL) instead of "
+                            "the gate's; their weights are the router's softmax-over-all probabilities of those "
+                            "experts" + (", renormalised to sum 1 as the family renormalises its top-k" if renorm
+                                         else ", not renormalised (the family does not renormalise its top-k)"),
+            "ablation": "the expert's router row deleted: the family's rule over the remaining experts, i.e. a "
+                        "softmax over them, their top-k" + (", weights renormalised over the chosen k" if renorm
+                                                            else ", weights their probabilities among the remaining "
+                                                                 "experts (not renormalised over the k)"),
+            "shared_expert_ablation": "the shared expert's output (SE) left out, the routed experts unchanged",
+        }
+
+    @classmethod
+    def shared_expert_module(cls, block: torch.nn.Module) -> torch.nn.Module | None:
+        """The module computing a built MoE block's shared expert (SE), whose output an ablation of
+        SE leaves out; None where the family has none."""
+        return None
+
+    # ---- output head (next-token loss) --------------------------------------------------------
+    @classmethod
+    def final_norm_key(cls) -> str:
+        """The final RMSNorm's weight, applied to the last layer's output before the output head."""
+        return f"{cls.key_prefix}norm.weight"
+
+    @classmethod
+    def output_head_key(cls, config: dict) -> str:
+        """The output projection [vocab, H]: `lm_head_key`, or the embeddings where tied."""
+        tied = cls.text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+        return cls.embed_key() if tied else cls.lm_head_key()
+
+    @classmethod
+    def output_scale(cls, config: dict) -> float:
+        """What the output logits are multiplied by (1 for most models)."""
+        return 1.0
+
+    @classmethod
+    def final_norm(cls, hidden: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
+        """The final norm: RMSNorm, y = weight · x / sqrt(mean(x²) + rms_norm_eps), normalised in float32."""
+        eps = float(cls.text_config(config).get("rms_norm_eps", 1e-6))
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(hidden.dtype)
+
     # ---- full-model layout (make-tiny, plan, meta-device skeletons) --------------------------
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:

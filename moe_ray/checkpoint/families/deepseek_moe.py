@@ -26,6 +26,10 @@ class DeepseekMoe(Family):
         return None if shared is None else mlp_as_stack(shared)
 
     @classmethod
+    def shared_expert_module(cls, block):
+        return getattr(block, "shared_experts", None)
+
+    @classmethod
     def shared_d_mid(cls, config: dict) -> int | None:
         n_shared = int(config.get("n_shared_experts") or 0)
         return n_shared * int(config["moe_intermediate_size"]) if n_shared else None

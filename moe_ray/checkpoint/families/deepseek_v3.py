@@ -107,10 +107,14 @@ class DeepseekV3(DeepseekMoe):
         return cls.select(router_logits, top_k, config, bias)
 
     @classmethod
-    def select(cls, router_logits: torch.Tensor, top_k: int, config: dict, bias: torch.Tensor | None = None):
-        """The V3 rule on logits [T, E] with an optional e_score_correction_bias [E]."""
+    def select(cls, router_logits: torch.Tensor, top_k: int, config: dict, bias: torch.Tensor | None = None,
+               removed: torch.Tensor | None = None):
+        """The V3 rule on logits [T, E] with an optional e_score_correction_bias [E]; experts `removed`
+        ([T, E] bool, an ablation) are never chosen."""
         scores = router_logits.float().sigmoid()
         choice = scores if bias is None else scores + bias.float()
+        if removed is not None:
+            choice = choice.masked_fill(removed, float("-inf"))
         experts = group_limited_topk(scores, choice, top_k, int(config.get("n_group") or 1),
                                      int(config.get("topk_group") or 1), "top2_sum", float("-inf"))
         weights = scores.gather(1, experts)
@@ -121,6 +125,36 @@ class DeepseekV3(DeepseekMoe):
     @classmethod
     def router_logits(cls, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ cls.router_weight(block).float().T  # the router runs in float32
+
+    @classmethod
+    def topk_renormalized(cls, config: dict) -> bool:
+        return bool(config.get("norm_topk_prob", True))
+
+    @classmethod
+    def weigh(cls, router_logits: torch.Tensor, experts: torch.Tensor, config: dict, block=None):
+        weights = router_logits.float().sigmoid().gather(-1, experts.long())
+        if cls.topk_renormalized(config):
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * float(config.get("routed_scaling_factor") or 1.0)
+
+    @classmethod
+    def route_without(cls, router_logits: torch.Tensor, removed: torch.Tensor, top_k: int, config: dict, block=None):
+        bias = None if block is None else block.gate.e_score_correction_bias
+        return cls.select(router_logits, top_k, config, bias, removed)
+
+    @classmethod
+    def intervention_semantics(cls, config: dict) -> dict[str, str]:
+        renorm = cls.topk_renormalized(config)
+        scale = float(config.get("routed_scaling_factor") or 1.0)
+        return {
+            "norm_routing": "each token's top-k experts by the L2 norm of their outputs instead of the router's "
+                            "(groups ignored); weights their sigmoid scores" + (", normalised over the k" if renorm else "")
+                            + f", x routed_scaling_factor {scale:g}",
+            "ablation": "the expert never chosen: the family's group-limited choice among the others (scores plus "
+                        "the correction bias), weights their sigmoid scores" + (", normalised over the k" if renorm
+                                                                                else "") + f", x {scale:g}",
+            "shared_expert_ablation": "the shared experts' output (SE) left out, the routed experts unchanged",
+        }
 
     # ---- storage -----------------------------------------------------------------------------
     @classmethod
@@ -231,6 +265,30 @@ class DeepseekV2(DeepseekV3):
     @classmethod
     def mtp_layers(cls, config: dict) -> tuple[int, ...]:
         return ()
+
+    @classmethod
+    def weigh(cls, router_logits: torch.Tensor, experts: torch.Tensor, config: dict, block=None):
+        probs = router_logits.float().softmax(dim=-1).gather(-1, experts.long())
+        return probs * float(config.get("routed_scaling_factor") or 1.0)
+
+    @classmethod
+    def topk_renormalized(cls, config: dict) -> bool:
+        return False
+
+    @classmethod
+    def route_without(cls, router_logits: torch.Tensor, removed: torch.Tensor, top_k: int, config: dict, block=None):
+        return cls.route(router_logits.float().masked_fill(removed, float("-inf")), top_k, config, block=block)
+
+    @classmethod
+    def intervention_semantics(cls, config: dict) -> dict[str, str]:
+        scale = float(config.get("routed_scaling_factor") or 1.0)
+        return {
+            "norm_routing": "each token's top-k experts by the L2 norm of their outputs (groups ignored); weights "
+                            f"their softmax-over-all probabilities x routed_scaling_factor {scale:g}, not renormalised",
+            "ablation": "the expert's router row deleted: a softmax over the others, the family's (group-limited) "
+                        f"top-k of them, weights those probabilities x {scale:g}",
+            "shared_expert_ablation": "the shared experts' output (SE) left out, the routed experts unchanged",
+        }
 
     @classmethod
     def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):

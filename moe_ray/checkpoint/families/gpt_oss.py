@@ -112,6 +112,10 @@ class GptOss(Family):
         return torch.nn.functional.linear(x, block.router.weight, block.router.bias)
 
     @classmethod
+    def topk_renormalized(cls, config: dict) -> bool:
+        return True  # a softmax over the chosen logits
+
+    @classmethod
     def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
         # softmax over the k largest logits == softmax over all, top-k, renormalise
         return softmax_then_topk(router_logits, top_k, renormalize=True)

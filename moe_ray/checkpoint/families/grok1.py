@@ -43,8 +43,20 @@ class Grok1(Family):
         return int(config["intermediate_size"])
 
     @classmethod
+    def final_norm_key(cls) -> str:
+        return "model.norm.scale"
+
+    @classmethod
     def embedding_scale(cls, config: dict) -> float:
         return float(config.get("embedding_multiplier_scale", 1.0))
+
+    @classmethod
+    def output_scale(cls, config: dict) -> float:
+        return float(config.get("output_multiplier_scale", 1.0))
+
+    @classmethod
+    def topk_renormalized(cls, config: dict) -> bool:
+        return False  # the top-2 probabilities of the softmax over all 8, as they are
 
     @classmethod
     def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):

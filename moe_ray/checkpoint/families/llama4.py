@@ -126,6 +126,35 @@ class Llama4(Family):
         return torch.sigmoid(values), experts
 
     @classmethod
+    def weigh(cls, router_logits: torch.Tensor, experts: torch.Tensor, config: dict, block=None):
+        return torch.sigmoid(router_logits.float().gather(-1, experts.long()))
+
+    @classmethod
+    def reroute_hook(cls, block: torch.nn.Module, reroute):
+        """The router's scores [N, E] (sigmoid of the chosen logits, 0 elsewhere) scale each expert's
+        input, so a choice is rerouted there: `reroute`'s (index, weights) scattered into zeros."""
+        def post(_module, args, output):
+            scores, logits = output
+            index = logits.topk(block.router.top_k, dim=-1).indices
+            index, weights = reroute(args[0], index, scores.gather(1, index))
+            return torch.zeros_like(scores).scatter(1, index, weights.to(scores.dtype)), logits
+        return block.router.register_forward_hook(post)
+
+    @classmethod
+    def shared_expert_module(cls, block):
+        return block.shared_expert
+
+    @classmethod
+    def intervention_semantics(cls, config: dict) -> dict[str, str]:
+        return {
+            "norm_routing": "each token's top-k experts by the L2 norm of their outputs instead of the router's; "
+                            "the weight of each is sigmoid(its logit), which scales the token before the expert",
+            "ablation": "the expert's router row deleted: the top-k of the other experts' logits, weights "
+                        "sigmoid(logit) as always (no normalisation to remove)",
+            "shared_expert_ablation": "the shared expert's output (SE) left out, the routed experts unchanged",
+        }
+
+    @classmethod
     def expert_stacks(cls, block: torch.nn.Module):
         gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
         d_mid = down.shape[1]

@@ -27,6 +27,11 @@ class Qwen2Moe(Family):
         return mlp_as_stack(block.shared_expert)
 
     @classmethod
+    def shared_expert_module(cls, block):
+        """`mlp.shared_expert`; its output is then scaled by sigmoid(shared_expert_gate(x))."""
+        return block.shared_expert
+
+    @classmethod
     def shared_d_mid(cls, config: dict) -> int | None:
         return config.get("shared_expert_intermediate_size") or None
 
@@ -87,6 +92,10 @@ class Qwen3Moe(Qwen2Moe):
 
     @classmethod
     def shared_expert_stack(cls, block):
+        return None
+
+    @classmethod
+    def shared_expert_module(cls, block):
         return None
 
     @classmethod
