@@ -50,6 +50,7 @@ SIZES = {
 full = Mixtral 8x7B's own widths), the CPU build's fraction of rows, the dynamic input's tokens."""
 
 RESULTS: list[dict] = []
+PCA_SCORES = ("matrix_pca", "neuron_pca")
 
 
 def say(**row) -> dict:
@@ -133,7 +134,9 @@ def check_static(work: Path, device: str, sizes: dict) -> bool:
             SU.run_layer(plan, layer, _request(unit, where))
         stores[where] = store
     worst = _compare_groups(stores["cpu"], stores[device], "static")
-    ok = all(v <= 1e-4 for v in worst.values())
+    # PCA scores are eigenvectors: where eigenvalues lie close (nine near-isotropic upcycled points),
+    # float32 sums taken in another order (cuBLAS vs the CPU) turn them by more than the Gram moves
+    ok = all(v <= (1e-3 if name in PCA_SCORES else 1e-5) for name, v in worst.items())
     say(check="static", device=device, ok=ok, max_relative_difference=worst)
     return ok
 
@@ -157,22 +160,25 @@ def check_reorder(work: Path, device: str, sizes: dict) -> bool:
     import zarr
 
     ok = True
+    cpu_group = zarr.open_group(stores["cpu"], mode="r")
     for mode in ("joint", "separate"):
         g = zarr.open_group(stores[device], mode="r")[f"reorder/{mode}"]
-        li = 0
+        perms = np.asarray(g["permutation"][...])
+        recovered = True
         for e in ("1", "3"):
             src = int(planted[e]["source"])
             want = np.argsort(np.array(planted[e]["perm"]))
-            perms = np.asarray(g["permutation"][...])
-            got = perms[li, src, int(e)] if mode == "joint" else perms[li, :, src, int(e)]
-            ok &= bool(np.all(np.asarray(got).reshape(-1, want.size) == want))
+            got = perms[0, src, int(e)] if mode == "joint" else perms[0, :, src, int(e)]
+            recovered &= bool(np.all(np.asarray(got).reshape(-1, want.size) == want))
         worst = _compare_groups(stores["cpu"], stores[device], f"reorder/{mode}")
-        agree = float(np.mean(np.asarray(zarr.open_group(stores["cpu"], mode="r")[f"reorder/{mode}/permutation"][...])
-                              == np.asarray(g["permutation"][...])))
-        mode_ok = worst.get("similarity_after", 0) <= 1e-5 and worst.get("optimality_gap", 0) <= 1e-3
+        agree = float(np.mean(np.asarray(cpu_group[f"reorder/{mode}/permutation"][...]) == perms))
+        # the certificate is a bound near 0 (in units of summed neuron cosines): compared as it is, not relative
+        gap = float(np.nanmax(np.asarray(g["optimality_gap"][...], dtype=np.float64)))
+        mode_ok = recovered and worst.get("similarity_after", 0) <= 1e-5 and gap <= 1e-3
         ok &= mode_ok
-        say(check=f"reorder {mode}", device=device, ok=bool(ok), planted_recovered=bool(ok),
-            permutation_agreement=agree, max_relative_difference=worst)
+        say(check=f"reorder {mode}", device=device, ok=mode_ok, planted_recovered=recovered,
+            permutation_agreement=agree, largest_optimality_gap=gap,
+            max_relative_difference={k: v for k, v in worst.items() if k != "optimality_gap"})
     return bool(ok)
 
 
@@ -329,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     say(machine=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
         mode="quick" if args.quick else "full", cpus=os.cpu_count())
-    ok = check_static(work, args.device, sizes)
-    ok &= check_reorder(work, args.device, sizes)
-    ok &= check_dynamic(work, args.device, sizes)
-    speed_static_and_reorder(work, args.device, sizes)
-    speed_dynamic(work, args.device, sizes)
+    ok = True
+    for part in (check_static, check_reorder, check_dynamic, speed_static_and_reorder, speed_dynamic):
+        try:  # each part on its own, so one failure still leaves the others' figures
+            result = part(work, args.device, sizes)
+        except Exception as exc:
+            say(part=part.__name__, ok=False, error=f"{type(exc).__name__}: {exc}")
+            result = False
+        if part.__name__.startswith("check_"):
+            ok &= bool(result)
     say(summary="correctness " + ("passed" if ok else "FAILED"), seconds=round(time.perf_counter() - started, 1),
         goals_met=[r["figure"] for r in RESULTS if r.get("met")],
         goals_missed=[r["figure"] for r in RESULTS if r.get("met") is False])

@@ -12,10 +12,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(lapjv==1.3.29 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0)
+WHEELS=(zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 transformers==5.24.0)
+# lapjv 1.3.29 is on PyPI as a source archive only: its cp312 wheel is built here with a Python 3.12
+# (PY312, default: pyenv's or the PATH's python3.12). transformers: the image's 5.17 lacks the mask API
+# moe-ray uses.
 
 if [[ "${1:-}" == "wheels" ]]; then
     PY=${PYTHON:-.venv/bin/python}
+    PY312=${PY312:-$(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -n 1)}
+    [[ -x "$PY312" ]] || PY312=$(command -v python3.12 || true)
+    [[ -x "$PY312" ]] || { echo "gpu_check: need a Python 3.12 (PY312=...) to build lapjv's wheel" >&2; exit 2; }
+    PIP_CONSTRAINT= "$PY312" -m pip wheel -q --no-deps lapjv==1.3.29 -w .whl
     for w in "${WHEELS[@]}"; do
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
