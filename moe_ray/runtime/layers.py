@@ -12,6 +12,7 @@ shared expert SE. The capture never changes the hidden states that flow on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,25 +29,29 @@ class SequenceError(MoeRayError):
 
 @dataclass
 class LayerCapture:
-    """Everything the dynamic analyses keep from one MoE layer for one sequence (float32, on the CPU
-    whatever device the layers run on)."""
+    """Everything the dynamic analyses keep from one MoE layer for one sequence, in float32.
+
+    `outputs` (every label's output vectors) stays on the device the layers run on; what is derived
+    from it (`norms`, `similarity`) is computed there and comes to the CPU as the small result it is,
+    like every other field. Copying the [T, L, H] outputs to the host was most of a GPU capture pass
+    (an H200 at Mixtral's width: 9.6 of 19.9 ms of device time, `benchmarks/profile_dynamic.py`)."""
 
     layer: int
     router_logits: torch.Tensor  # [T, E]
     gate_scores: torch.Tensor  # [T, E] softmax over all experts
     topk_weights: torch.Tensor  # [T, k] the family's own top-k weights
     topk_experts: torch.Tensor  # [T, k]
-    outputs: torch.Tensor  # [T, L, H] over labels (experts, then F, SE)
+    outputs: torch.Tensor  # [T, L, H] over labels (experts, then F, SE), on the layers' device
     activation_ratio: torch.Tensor  # [T, L]
     intermediate: list[torch.Tensor]  # per label: [P, d_mid of that label]
 
-    @property
+    @cached_property
     def norms(self) -> torch.Tensor:
-        return D.output_norms(self.outputs)
+        return D.output_norms(self.outputs).cpu()
 
-    @property
+    @cached_property
     def similarity(self) -> torch.Tensor:
-        return D.cosine_per_token(self.outputs)
+        return D.cosine_per_token(self.outputs).cpu()
 
     @property
     def rank_counts(self) -> torch.Tensor:
@@ -181,7 +186,7 @@ class LayerRange:
         def host(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
         return LayerCapture(layer, host(logits), host(D.router_scores(logits)), host(weights), host(experts),
-                            host(outputs), host(torch.cat(ratios, dim=1)), [host(t) for t in intermediate])
+                            outputs.detach(), host(torch.cat(ratios, dim=1)), [host(t) for t in intermediate])
 
 
 def layer_attention_type(hf_config, layer: int) -> str:

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from ..analysis import causal as C
-from ..analysis.dynamic import output_norms
 from ..analysis.static import matrix_similarity, upper_triangle_pearson
 from ..checkpoint import MATRICES, Checkpoint, open_checkpoint
 from ..distributed.fanout import Unit
@@ -235,10 +234,10 @@ class CausalShard:
         for layer, cap in captures.items():
             gate = cap.topk_experts
             routed = cap.outputs[:, :E]
-            overlap, match = C.topk_overlap(gate, C.topk_by_norm(output_norms(routed), k), E)
+            overlap, match = C.topk_overlap(gate, C.topk_by_norm(cap.norms[:, :E], k), E)
             cos_sum, ang_sum = C.output_similarity_sums(routed)
             stats[layer] = {"overlap": overlap, "match": match, "tokens": routed.shape[0],
-                            "similarity": torch.stack([cos_sum, ang_sum]).numpy()}
+                            "similarity": torch.stack([cos_sum, ang_sum]).cpu().numpy()}
         if not self.last:
             return {"item": item, "ids": payload["ids"], "hidden": hidden.cpu(), "rows": rows, "stats": stats}
         nll = self.head.nll(hidden, ids).numpy()

@@ -269,7 +269,7 @@ def capture_arrays(plan: DynamicPlan, cap: LayerCapture) -> dict[str, np.ndarray
         "intermediate_states": inter,
     }
     if plan.options.save_expert_outputs:
-        out["expert_outputs"] = cap.outputs.numpy().astype(np.float32)
+        out["expert_outputs"] = cap.outputs.cpu().numpy().astype(np.float32)
     return out
 
 
