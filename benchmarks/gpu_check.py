@@ -249,6 +249,7 @@ def speed_static_and_reorder(work: Path, device: str, sizes: dict) -> None:
                    warm_cuda=device == "cuda")
     build, solve = got["summary"]["build_seconds"], got["summary"]["solve_seconds"]
     # the same build on one CPU thread, on a slab of 1/fraction of the rows, scaled up
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     keys = [ckpt.family.expert_keys(layer, e) for e in (0, 1)]
     a, b = ({m: ckpt.read(k[m]) for m in R.MATRICES} for k in keys)
@@ -259,6 +260,7 @@ def speed_static_and_reorder(work: Path, device: str, sizes: dict) -> None:
     started = time.perf_counter()
     R.build_similarity(torch.empty((rows, n)), slab, pb, R.MATRICES)
     cpu_build = (time.perf_counter() - started) * n / rows
+    torch.set_num_threads(threads)  # the dynamic figure after this one measured 4x slower on one thread
     say(figure=f"reorder pair 0-1 at n = {n}", device=device, seconds=round(got["seconds"], 1),
         build_seconds=round(build, 2), solve_seconds=round(solve, 1),
         cpu_build_seconds_one_thread=round(cpu_build, 1), build_speedup=round(cpu_build / max(build, 1e-9), 1),
