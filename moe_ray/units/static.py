@@ -19,6 +19,7 @@ import torch
 
 from ..analysis import static as S
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
+from ..checkpoint.validate import check_reference
 from ..errors import CheckpointError
 from ..spec import Spec, StaticOptions
 from ..distributed.fanout import Unit
@@ -92,17 +93,7 @@ def plan_static(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tu
             absent.setdefault("matrix_pca", {})[label] = reason
 
     if ref is not None:
-        rf = ref.facts
-        if rf.d_hid != facts.d_hid:
-            raise CheckpointError(f"reference {ref.location} has hidden size {rf.d_hid}, the model has "
-                                  f"{facts.d_hid}: shapes don't match")
-        missing_layers = [l for l in layers if l >= rf.num_layers]
-        if missing_layers:
-            raise CheckpointError(f"reference {ref.location} has {rf.num_layers} layers, the model's layer "
-                                  f"{missing_layers[0]} has no counterpart: shapes don't match")
-        if rf.moe_layers or ref.family.dense_key is None:
-            raise CheckpointError(f"reference {ref.location} is a {rf.family} MoE model; --reference takes "
-                                  "a dense model (mistral/llama)")
+        check_reference(ckpt, ref, layers)
         ref_d_mid = None
         for layer in layers:
             ref_keys = ref.family.dense_ffn_keys(layer)

@@ -257,8 +257,12 @@ class Family:
     def route(cls, router_logits: torch.Tensor, top_k: int, config: dict,
               block: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's own top-k rule: (weights [tokens, k], expert indices [tokens, k]). `block`
-        is the built MoE block, for rules that use more than the logits (DeepSeek-V3's bias)."""
-        raise CheckpointError(f"{cls.name} models have no router")
+        is the built MoE block, for rules that use more than the logits (DeepSeek-V3's bias).
+        Here the common rule: a softmax over all experts, the k largest, renormalised over them
+        where the family renormalises (`topk_renormalized`)."""
+        if cls.router_key is None:
+            raise CheckpointError(f"{cls.name} models have no router")
+        return softmax_then_topk(router_logits, top_k, renormalize=cls.topk_renormalized(config))
 
     @classmethod
     def router_logits(cls, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base, softmax_then_topk
+from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base
 
 
 class DeepseekMoe(Family):
@@ -43,10 +43,6 @@ class DeepseekMoe(Family):
         return (cls.num_experts(config) > 0
                 and layer >= int(config.get("first_k_dense_replace", 0))
                 and layer % int(config.get("moe_layer_freq", 1)) == 0)
-
-    @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
-        return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, TensorRef, llama_attention_shapes, softmax_then_topk
+from .base import Family, TensorRef, llama_attention_shapes
 
 _ALL = (None, None, None)
 
@@ -114,11 +114,6 @@ class GptOss(Family):
     @classmethod
     def topk_renormalized(cls, config: dict) -> bool:
         return True  # a softmax over the chosen logits
-
-    @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
-        # softmax over the k largest logits == softmax over all, top-k, renormalise
-        return softmax_then_topk(router_logits, top_k, renormalize=True)
 
     @classmethod
     def expert_stacks(cls, block: torch.nn.Module):

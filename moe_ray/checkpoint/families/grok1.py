@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_attention_shapes, softmax_then_topk
+from .base import Family, llama_attention_shapes
 
 _GROK_BASE = {
     "architectures": ["Grok1ModelForCausalLM"],
@@ -57,10 +57,6 @@ class Grok1(Family):
     @classmethod
     def topk_renormalized(cls, config: dict) -> bool:
         return False  # the top-2 probabilities of the softmax over all 8, as they are
-
-    @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
-        return softmax_then_topk(router_logits, top_k, renormalize=False)
 
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:

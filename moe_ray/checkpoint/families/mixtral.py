@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_model_shapes, llama_tiny_base, softmax_then_topk
+from .base import Family, llama_model_shapes, llama_tiny_base
 
 
 class Mixtral(Family):
@@ -27,11 +27,6 @@ class Mixtral(Family):
     @classmethod
     def topk_renormalized(cls, config: dict) -> bool:
         return True  # a softmax over the chosen logits
-
-    @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
-        # softmax over the k largest logits == softmax over all, top-k, renormalise
-        return softmax_then_topk(router_logits, top_k, renormalize=True)
 
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_model_shapes, llama_tiny_base, softmax_then_topk
+from .base import Family, llama_model_shapes, llama_tiny_base
 
 
 class Olmoe(Family):
@@ -22,10 +22,6 @@ class Olmoe(Family):
     @classmethod
     def expert_d_mid(cls, config: dict) -> int:
         return int(config["intermediate_size"])
-
-    @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
-        return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base, softmax_then_topk
+from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base
 
 
 class Qwen2Moe(Family):
@@ -44,10 +44,6 @@ class Qwen2Moe(Family):
         step = int(config.get("decoder_sparse_step", 1) or 1)
         return (layer not in (config.get("mlp_only_layers") or [])
                 and cls.num_experts(config) > 0 and (layer + 1) % step == 0)
-
-    @classmethod
-    def route(cls, router_logits: torch.Tensor, top_k: int, config: dict, block=None):
-        return softmax_then_topk(router_logits, top_k, renormalize=bool(config.get("norm_topk_prob", False)))
 
     @classmethod
     def tensor_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:
