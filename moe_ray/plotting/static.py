@@ -521,6 +521,10 @@ def _trend_axes(ax, layers: list[int]) -> None:
     ax.tick_params(labelsize=TICK_FONT)
     if len(layers) <= 16:
         ax.set_xticks(layers)
-    ax.legend(fontsize=TICK_FONT, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+    # one column per colour (a matrix or an input), S_ee above S_ef, when every colour has both
+    colours = [line.get_color() for line in ax.get_lines()]
+    per_colour = {colours.count(c) for c in colours}
+    ncol = len(set(colours)) if len(per_colour) == 1 else len(colours)
+    ax.legend(fontsize=TICK_FONT, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
               borderaxespad=0, columnspacing=1.0, handlelength=2.2)
     ax.grid(alpha=0.3)

@@ -205,8 +205,12 @@ def fmt(x, spec: str | None = None) -> str:
         return "—"
     if spec == "order":
         return format_order(float(x))
-    if spec == "sig3":  # 3 significant digits, trailing zeros kept: 0.800, 0.000150, 12.3, 100
-        return f"{float(x):#.3g}".rstrip(".").replace(".e", "e")
+    if spec == "sig3":  # 3 significant digits, trailing zeros kept, no exponent in a column of small
+        # numbers: 0.800, 0.000150, -0.0000673, 12.3, 100 (an exponent only outside 1e-6 .. 1e6)
+        v = float(f"{float(x):.2e}")  # rounded first, so 0.0009996 is 0.00100, not 0.001000
+        if v == 0 or not 1e-6 <= abs(v) < 1e6:
+            return f"{v:#.3g}".rstrip(".").replace(".e", "e")
+        return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}"
     if spec and isinstance(x, (float, int)) and not isinstance(x, bool):
         text = format(float(x), spec)
         return text.lstrip("-") if float(text) == 0 else text  # no "-0.00"
