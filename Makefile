@@ -41,6 +41,7 @@ test: $(STAMP) browser netns
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_static
 	PYTHONPATH=. $(PY) benchmarks/bench_reorder.py --sizes 1408,4096,8192 --scipy-max-n 8192
+	PYTHONPATH=. $(PY) benchmarks/bench_reorder_store.py
 	PYTHONPATH=. $(PY) benchmarks/bench_dynamic.py
 	PYTHONPATH=. $(PY) benchmarks/bench_plot.py
 	PYTHONPATH=. $(PY) benchmarks/bench_causal.py

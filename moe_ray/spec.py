@@ -59,9 +59,10 @@ class ReorderOptions:
     pairs: list[str] | None = field(default=None, metadata={
         "help": "expert pairs to reorder, comma-separated like 0-1,2-3 (default: every pair i<j)"})
     pairs_per_task: int | None = field(default=None, metadata={
-        "help": "at most this many expert pairs of one layer per Ray task, taken as a tile of the "
-                "pair triangle so a task reads about 2·sqrt(k) experts once (default: sized from n, "
-                "d_hid and the device so that a task runs about a minute)"})
+        "help": "at most this many expert pairs of one layer per Ray task: a t x t tile of the pair "
+                "triangle with t = isqrt(k), so a task reads at most 2t experts once; the store is "
+                "chunked in the same tiles when it is created, and a resume keeps them (default: sized "
+                "from n, d_hid and the device so that a task runs about a minute)"})
 
     def validate(self) -> None:
         if self.reorder_mode not in ("joint", "separate", "both"):

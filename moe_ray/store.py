@@ -461,15 +461,17 @@ class ResultStore:
 
     @staticmethod
     def array(group: zarr.Group, name: str, quantity: Quantity, unit_dims: tuple[str, ...],
-              attrs: dict | None = None) -> zarr.Array:
-        """The array for `quantity`, sized from the group's coordinates, chunked 1 along unit dims."""
+              attrs: dict | None = None, chunks: dict[str, int] | None = None) -> zarr.Array:
+        """The array for `quantity`, sized from the group's coordinates, chunked 1 along unit dims
+        (or as `chunks` says for some of them: tiles of units that one task writes together)."""
         shape = tuple(group[d].shape[0] for d in quantity.dims)
         if name in group:
             arr = group[name]
             if tuple(arr.shape) != shape:
                 raise StoreError(f"{group.path}/{name} has shape {arr.shape} in the store, this job needs {shape}")
             return arr
-        chunks = tuple(1 if d in unit_dims else n for d, n in zip(quantity.dims, shape))
+        tile = chunks or {}
+        chunks = tuple(min(n, tile.get(d, 1)) if d in unit_dims else n for d, n in zip(quantity.dims, shape))
         fill = np.nan if quantity.dtype.startswith("float") else 0
         if quantity.fill is not None:
             fill = quantity.fill
@@ -479,11 +481,13 @@ class ResultStore:
             attributes={"description": quantity.description, **(attrs or {})})
 
     @staticmethod
-    def done_array(group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None) -> zarr.Array:
+    def done_array(group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None,
+                   chunks: dict[str, int] | None = None) -> zarr.Array:
         """The group's `unit_done` flags; with `planned` (a bool array of its shape: the cells this
         job runs, where that is not all of them), also `unit_planned`, which progress counts."""
         done = ResultStore.array(group, DONE, Quantity(
-            unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims)
+            unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims,
+            chunks=chunks)
         if planned is not None:
             planned = np.asarray(planned, dtype=np.uint8)
             if PLANNED in group and tuple(group[PLANNED].shape) == planned.shape:

@@ -133,16 +133,24 @@ def test_a_batch_with_and_without_overlap_equals_pair_by_pair():
                     assert got_value == pytest.approx(ref, abs=1e-6)
 
 
-def test_batches_cover_every_pair_once_tile_by_tile():
+def _tile_count(experts: int, side: int) -> int:
+    """Tiles of the pair triangle with a pair in them: every (block i < block j), and the diagonal
+    blocks of two or more experts."""
+    blocks = [min(side, experts - start) for start in range(0, experts, side)]
+    return len(blocks) * (len(blocks) - 1) // 2 + sum(b >= 2 for b in blocks)
+
+
+def test_tiles_cover_every_pair_once():
     pairs = [(i, j) for i in range(64) for j in range(i + 1, 64)]
-    for per_task in (1, 9, 100, 2016):
-        batches = R.batch_pairs(pairs, per_task)
+    for per_task, side in ((1, 1), (9, 3), (100, 10), (2016, 44)):
+        assert R.tile_side(per_task) == side
+        batches = R.tile_batches(pairs, side)
         flat = [p for b in batches for p in b]
         assert sorted(flat) == pairs and all(len(b) <= per_task for b in batches)
-        assert len(batches) == math.ceil(len(pairs) / per_task)
-        side = math.isqrt(per_task)
-        # a batch reads about 2 sqrt(k) experts (4 where it spills into the next tile), not 2 per pair
-        assert max(len({e for p in b for e in p}) for b in batches) <= min(64, 4 * side + 2)
+        assert len(batches) == _tile_count(64, side)  # 2016, 252, 28, 3
+        # one tile per batch, so a batch reads at most 2 x side experts, not 2 per pair
+        assert all(len({(i // side, j // side) for i, j in b}) == 1 for b in batches)
+        assert max(len({e for p in b for e in p}) for b in batches) <= 2 * side
 
 
 def test_pairs_per_task_is_sized_from_the_plan():
@@ -222,7 +230,8 @@ def test_plan_says_what_tasks_take_on_cpu_and_gpu(capsys):
     assert re.search(r"static on cuda: 27 tasks of 1 layer, each 1 CPU, .* of GPU memory \(0\.\d+ of one 80 GiB GPU\)", out)
     cpu = re.search(r"reorder joint on cpu: ([\d,]+) tasks of (\d+) pairs", out)
     tasks, per_task = int(cpu.group(1).replace(",", "")), int(cpu.group(2))
-    assert per_task > 1 and tasks == 27 * math.ceil(2016 / per_task)
+    side = math.isqrt(per_task)
+    assert side > 1 and per_task == side * side and tasks == 27 * _tile_count(64, side)
 
 
 # ---- Ray scheduling with logical GPUs ---------------------------------------------------------------

@@ -152,6 +152,44 @@ def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
     assert ds.unit_done.sel(layer=2, expert_i="0", expert_j="2").values.all()
 
 
+def test_store_chunks_are_the_tasks_tiles_and_a_resume_keeps_them(ray_session, tiny, tmp_path):
+    """pairs_per_task 4: tasks take 2x2 tiles of the pair triangle and the store's chunks are those
+    tiles (10 chunk files per array for 8 experts, not 28), with the same values as a chunk per pair.
+    A resume with another pairs_per_task keeps the store's tiles and writes a tile's pairs together:
+    a pair not done is computed, a done pair of the same chunk keeps what the store holds."""
+    import zarr
+
+    ckpt = tiny("mixtral", "scratch", dtype="float32")
+    tiled, single = tmp_path / "tiled.zarr", tmp_path / "single.zarr"
+    _run(ckpt, tiled, layers=[1], pairs_per_task=4)
+    _run(ckpt, single, layers=[1], pairs_per_task=1)
+    group = zarr.open_group(str(tiled), mode="r+", path="reorder/joint")
+    assert group["unit_done"].chunks == (1, 2, 2) and group["permutation"].chunks == (1, 2, 2, 128)
+    assert group["similarity_after"].chunks == (1, 3, 2, 2)
+    chunk_files = [f for f in (tiled / "reorder/joint/unit_done").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(chunk_files) == 10
+    a, b = xr.open_zarr(str(single), group="reorder/joint"), xr.open_zarr(str(tiled), group="reorder/joint")
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+    # tile (0, 1) holds pairs 0-2, 0-3, 1-2, 1-3: 0-2 not done (its results gone), 1-3 done with a sentinel
+    group["unit_done"][0, 0, 2] = 0
+    for name in ("similarity_before", "similarity_after", "growth", "optimality_gap"):
+        group[name][0, :, 0, 2] = np.nan
+    group["kendall_tau"][0, 0, 2] = np.nan
+    group["permutation"][0, 0, 2] = -1
+    group["similarity_after"][0, 0, 1, 3] = 42.0
+    _run(ckpt, tiled, layers=[1], pairs_per_task=9)
+    c = xr.open_zarr(str(tiled), group="reorder/joint", consolidated=False)
+    assert zarr.open_group(str(tiled), mode="r", path="reorder/joint")["unit_done"].chunks == (1, 2, 2)
+    assert c.unit_done.values.sum() == 28
+    for name in a.data_vars:
+        expected = a[name].values.copy()
+        if name == "similarity_after":
+            expected[0, 0, 1, 3] = 42.0
+        np.testing.assert_array_equal(c[name].values, expected, err_msg=name)
+
+
 # ---- bad inputs: one-line errors before the store exists --------------------------------------------
 
 @pytest.mark.parametrize("options, message", [

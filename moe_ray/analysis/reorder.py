@@ -394,14 +394,20 @@ def pairs_per_task(n: int, d_hid: int, mode: str, device: str, cpus: float = 1,
     if mode == "separate":
         per_pair = 3 * pair_seconds(n, d_hid, 1, device, cpus)
     k = max(1, int(TARGET_TASK_SECONDS // per_pair))
-    side = max(1, EXPERTS_BUDGET_BYTES // (4 * expert_bytes(n, d_hid)))  # a batch reads about 4 tile sides
+    side = max(1, EXPERTS_BUDGET_BYTES // (2 * expert_bytes(n, d_hid)))  # a tile's batch reads 2 sides
     return min(k, side * side)
 
 
-def batch_pairs(pairs: Sequence[tuple[int, int]], per_task: int) -> list[list[tuple[int, int]]]:
-    """The pairs in batches of `per_task`, taken tile by tile: pairs (i, j) grouped by (i // t, j // t)
-    with t = isqrt(per_task), so a batch covers about one t x t tile of the pair triangle and reads
-    about 2t experts (at most 4t where it spills into the next tile), not 2 per pair."""
-    side = max(1, math.isqrt(per_task))
-    ordered = sorted(pairs, key=lambda p: (p[0] // side, p[1] // side, p))
-    return [ordered[k:k + per_task] for k in range(0, len(ordered), per_task)]
+def tile_side(per_task: int) -> int:
+    """The side t of the square tiles of the pair triangle that batches take: t * t <= per_task pairs."""
+    return max(1, math.isqrt(per_task))
+
+
+def tile_batches(pairs: Sequence[tuple[int, int]], side: int) -> list[list[tuple[int, int]]]:
+    """The pairs (i, j) grouped by their tile (i // side, j // side) of the pair triangle, tile by
+    tile: a batch holds at most side * side pairs and reads at most 2 * side experts (side on the
+    diagonal), not 2 per pair, and no pair of one tile lands in another's batch."""
+    tiles: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, j in sorted(pairs):
+        tiles.setdefault((i // side, j // side), []).append((i, j))
+    return [tiles[tile] for tile in sorted(tiles)]

@@ -1,14 +1,17 @@
-"""The reorder work units (S4, paper §4.1.2, Tab 2): one Ray task per batch of expert pairs of one
-layer; done flags (and store chunks) stay per (layer, pair) in joint mode and per (layer, matrix,
-pair) in separate mode, so progress and resume count pairs, not tasks.
+"""The reorder work units (S4, paper §4.1.2, Tab 2): one Ray task per tile of expert pairs of one
+layer; done flags stay per (layer, pair) in joint mode and per (layer, matrix, pair) in separate mode,
+so progress and resume count pairs, not tasks.
 
-A batch is a run of pairs taken tile by tile from the layer's pair triangle (`analysis.reorder.
-batch_pairs`), sized so that a task runs about a minute on its device (`pairs_per_task`: one pair at
-Mixtral's or Grok-1's n on a CPU, tens to hundreds where pairs are small or a GPU builds the costs),
-which keeps Ray's task count small for models with thousands of pairs per layer (DeepSeek-V3: 32,640).
+A tile is a t x t square of the layer's pair triangle (`analysis.reorder.tile_batches`), t sized so
+that a task runs about a minute on its device (`pairs_per_task`: one pair at Mixtral's or Grok-1's n
+on a CPU, tens to hundreds where pairs are small or a GPU builds the costs), which keeps Ray's task
+count small for models with thousands of pairs per layer (DeepSeek-V3: 32,640). The store's chunks
+are the same tiles (t along expert_i and expert_j), fixed when the group is created and read back from
+it on a resume, so one task writes each chunk and a store holds a few files per tile, not per pair
+(DeepSeek-V3: 13 M files per mode with a chunk per pair).
 A unit reads each of its experts once (straight to its GPU when it has one), builds each pair's n×n
 neuron similarity there in chunks, solves it exactly with lapjv on the host (while the GPU builds the
-next pair's), writes each pair's chunks of `reorder/<mode>/*` and marks that pair done. Each task
+next pair's), then writes its tile of `reorder/<mode>/*` at once and marks its pairs done. Each task
 declares its host memory (the n×n float32 cost dominates: 4.3 GB at Grok-1's n = 32,768) and, on a
 GPU, its GPU memory. Everything (layers, pairs, memory budget, tensors and shapes) is validated in
 `plan_job`, before the store is touched.
@@ -29,7 +32,7 @@ from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
 from ..spec import Spec, parse_pair
 from ..store import ResultStore, reorder_quantity, REORDER_SCHEMA, unit_done
-from .job import DeviceRequest, TaskJob, held_dtype, release, where
+from .job import DeviceRequest, TaskJob, cluster_gpus, held_dtype, release, where
 from .sizing import overlaps, reorder_unit_memory
 
 GROUP = "reorder"
@@ -108,21 +111,23 @@ def plan_reorder(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> Reord
     return plan
 
 
-def prepare(store: ResultStore, plan: ReorderPlan, mode: str, overwrite: bool = False) -> set[tuple]:
-    """Create `reorder/<mode>` with its coordinates and arrays; return the unit keys not yet done."""
+def prepare(store: ResultStore, plan: ReorderPlan, mode: str, side: int = 1, overwrite: bool = False) -> set[tuple]:
+    """Create `reorder/<mode>` with its coordinates and arrays, chunked in tiles of `side` x `side`
+    pairs (an existing group keeps its own: `stored_tile_side`); return the unit keys not yet done."""
     group = store.group(f"{GROUP}/{mode}", {"mode": mode, "solver": "lapjv"}, overwrite=overwrite)
+    chunks = {"expert_i": side, "expert_j": side}
     store.coord(group, "layer", np.array(plan.layers, dtype=np.int64))
     store.coord(group, "matrix", np.array(MATRICES))
     for dim in ("expert_i", "expert_j"):
         store.coord(group, dim, np.array(plan.labels))
     store.coord(group, "neuron", np.arange(plan.facts.d_mid, dtype=np.int64))
     for name in REORDER_SCHEMA:
-        store.array(group, name, reorder_quantity(name, mode), UNIT_DIMS[mode])
+        store.array(group, name, reorder_quantity(name, mode), UNIT_DIMS[mode], chunks=chunks)
     planned = np.zeros(tuple(group[d].shape[0] for d in UNIT_DIMS[mode]), dtype=bool)
     for li in range(len(plan.layers)):
         for i, j in plan.pairs:
             planned[(li, slice(None), i, j) if mode == "separate" else (li, i, j)] = True
-    store.done_array(group, UNIT_DIMS[mode], planned)  # progress counts these cells, not all E x E
+    store.done_array(group, UNIT_DIMS[mode], planned, chunks=chunks)  # progress counts these cells, not all E x E
     done = unit_done(group)
     pending = set()
     for li, layer in enumerate(plan.layers):
@@ -135,6 +140,15 @@ def prepare(store: ResultStore, plan: ReorderPlan, mode: str, overwrite: bool = 
     return pending
 
 
+def stored_tile_side(store_url: str, mode: str) -> int | None:
+    """The tile side of an existing `reorder/<mode>` group (its chunks along expert_i), or None."""
+    existing = ResultStore.existing(store_url)
+    path = f"{GROUP}/{mode}/unit_done"
+    if existing is None or path not in existing.root:
+        return None
+    return int(existing.root[path].chunks[UNIT_DIMS[mode].index("expert_i")])
+
+
 # ---- the unit ----------------------------------------------------------------------------------
 
 def _cell_index(li: int, cell: Cell) -> tuple[int, ...]:
@@ -142,11 +156,24 @@ def _cell_index(li: int, cell: Cell) -> tuple[int, ...]:
     return (li, i, j) if matrix is None else (li, MATRICES.index(matrix), i, j)
 
 
+def write_cells(array, cells: list[tuple[tuple[int, ...], object]]) -> None:
+    """array[index] = value for every (index, value), in one read and one write of the region the
+    indices span (within one tile, so within one chunk: a task's whole tile is written at once, and two
+    tasks writing one tile, a task Ray gave up for lost and its retry, write the same values)."""
+    indices = np.array([index for index, _ in cells])
+    low, high = indices.min(axis=0), indices.max(axis=0) + 1
+    region_at = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    region = np.asarray(array[region_at])
+    for index, value in cells:
+        region[tuple(np.subtract(index, low))] = value
+    array[region_at] = region
+
+
 def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
               request: DeviceRequest = DeviceRequest(), overlap: bool = False) -> dict:
-    """Reorder every cell (pair, and matrix in separate mode) of one layer in `cells` and store each
-    as soon as it is solved (a Ray task). Cells already done are skipped, so a task retried after its
-    worker died resumes with the first pair it had not finished."""
+    """Reorder every cell (pair, and matrix in separate mode) of one tile of one layer in `cells` and
+    store them together once all are solved (a Ray task of about a minute). Cells already done are
+    skipped; a task retried after its worker died redoes its tile."""
     started = time.monotonic()
     device, note = request.resolve()
     group = ResultStore(plan.store).root[f"{GROUP}/{mode}"]
@@ -162,27 +189,30 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
         return expert
 
     problems = [(i, j, MATRICES if m is None else (m,)) for i, j, m in cells]
+    writes: dict[str, list[tuple[tuple[int, ...], object]]] = {name: [] for name in (*REORDER_SCHEMA, "unit_done")}
     before, after, taus = [], [], []
     build = solve = 0.0
     try:
         for (i, j, matrices), result in R.reorder_pairs(load, problems, device, overlap):
-            growth = result.growth
             for m in matrices:
                 mi = MATRICES.index(m)
-                group["similarity_before"][li, mi, i, j] = result.similarity_before[m]
-                group["similarity_after"][li, mi, i, j] = result.similarity_after[m]
-                group["growth"][li, mi, i, j] = growth[m]
-                group["optimality_gap"][li, mi, i, j] = result.gap_bound
+                writes["similarity_before"].append(((li, mi, i, j), result.similarity_before[m]))
+                writes["similarity_after"].append(((li, mi, i, j), result.similarity_after[m]))
+                writes["growth"].append(((li, mi, i, j), result.growth[m]))
+                writes["optimality_gap"].append(((li, mi, i, j), result.gap_bound))
                 before.append(result.similarity_before[m])
                 after.append(result.similarity_after[m])
             cell = _cell_index(li, (i, j, None if mode == "joint" else matrices[0]))
-            group["kendall_tau"][cell] = result.kendall_tau
-            group["permutation"][cell] = result.perm.astype(np.int32)
-            group["unit_done"][cell] = 1
+            writes["kendall_tau"].append((cell, result.kendall_tau))
+            writes["permutation"].append((cell, result.perm.astype(np.int32)))
+            writes["unit_done"].append((cell, 1))
             taus.append(result.kendall_tau)
             build, solve = build + result.build_seconds, solve + result.solve_seconds
     finally:
         release(device)
+    for name, values in writes.items():  # unit_done last: a tile is done only once all of it is written
+        if values:
+            write_cells(group[name], values)
     seconds = time.monotonic() - started
     what = f"{len(cells)} {'pair' if mode == 'joint' else 'pair-matrix'}{'s' if len(cells) != 1 else ''}"
     summary = (f"similarity {np.mean(before):+.3f}->{np.mean(after):+.3f}, tau {np.median(taus):+.3f}"
@@ -227,17 +257,28 @@ class ReorderJob(TaskJob):
         return R.pairs_per_task(self.plan.facts.d_mid, self.plan.facts.d_hid, mode, device,
                                 self.spec.resources.cpus_per_task, self.spec.reorder.pairs_per_task)
 
-    def batches(self, mode: str, device: str, overlap: bool) -> list[list[tuple[int, int]]]:
-        """The plan's pairs in batches of `per_task`, halved while a batch's memory exceeds the spec's
-        memory_per_task_gb (which every task then declares)."""
-        per_task = self.per_task(mode, device)
+    def tile_side(self, mode: str, device: str, overlap: bool) -> int:
+        """The side of the pair tiles a task of `mode` takes: the store's own when it has the group
+        (its chunks are those tiles), else from `per_task`, halved while a tile's memory exceeds the
+        spec's memory_per_task_gb (which every task then declares)."""
         budget = self.spec.resources.memory_per_task_gb
-        while True:
-            batches = R.batch_pairs(self.plan.pairs, per_task)
-            held = max(len({e for pair in batch for e in pair}) for batch in batches)
-            if budget is None or per_task == 1 or unit_memory(self.plan, held, device, overlap)[0] <= budget * 2**30:
-                return batches
-            per_task //= 2
+        fits = lambda t: budget is None or unit_memory(self.plan, min(2 * t, self.plan.facts.num_experts),
+                                                       device, overlap)[0] <= budget * 2**30
+        stored = None if self.spec.overwrite else stored_tile_side(self.spec.store, mode)
+        if stored is not None:
+            if stored > 1 and not fits(stored):
+                raise SpecError(f"{self.spec.store} holds reorder/{mode} in tiles of {stored}x{stored} pairs, "
+                                f"whose task needs more than memory_per_task_gb={budget:g}; give more memory "
+                                "or --overwrite")
+            return stored
+        side = R.tile_side(self.per_task(mode, device))
+        while side > 1 and not fits(side):
+            side //= 2
+        return side
+
+    def batches(self, mode: str, device: str, overlap: bool) -> list[list[tuple[int, int]]]:
+        """The plan's pairs in tiles (see `tile_side`), one batch per tile."""
+        return R.tile_batches(self.plan.pairs, self.tile_side(mode, device, overlap))
 
     def build_units(self, device: str) -> list[Unit]:
         units = []
@@ -258,8 +299,10 @@ class ReorderJob(TaskJob):
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
         """The units with cells not yet done, each cut down to those cells."""
         pending = set()
+        device = self.device_for(cluster_gpus())
+        overlap = overlaps(device, self.spec.resources.cpus_per_task)
         for mode in self.plan.modes:
-            pending |= prepare(store, self.plan, mode, overwrite)
+            pending |= prepare(store, self.plan, mode, self.tile_side(mode, device, overlap), overwrite)
         out = []
         for unit in self.units():
             plan, mode, layer, cells, request, overlap = unit.args
