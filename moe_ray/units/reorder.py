@@ -214,7 +214,8 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
         if values:
             write_cells(group[name], values)
     seconds = time.monotonic() - started
-    what = f"{len(cells)} {'pair' if mode == 'joint' else 'pair-matrix'}{'s' if len(cells) != 1 else ''}"
+    one, many = ("pair", "pairs") if mode == "joint" else ("pair-matrix", "pair-matrices")
+    what = f"{len(cells)} {one if len(cells) == 1 else many}"
     summary = (f"similarity {np.mean(before):+.3f}->{np.mean(after):+.3f}, tau {np.median(taus):+.3f}"
                if cells else "already done")
     return {"layer": layer, "cells": len(cells), "seconds": seconds, "build_seconds": build,
