@@ -606,7 +606,13 @@ def llama_model_shapes(family: type[Family], config: dict, attn_bias: bool = Fal
         else:
             d_dense = facts.dense_d_mid or int(config["intermediate_size"])
             shapes.update(mlp_shapes(family.dense_ffn_keys(layer), d_dense, h))
-    shapes["model.norm.weight"] = (h,)
+    shapes.update(output_shapes(config, h, v))
+    return shapes
+
+
+def output_shapes(config: dict, h: int, v: int) -> dict[str, tuple[int, ...]]:
+    """The final norm and, unless the embeddings are tied, the output head of a llama-style model."""
+    shapes = {"model.norm.weight": (h,)}
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (v, h)
     return shapes

@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..quant import fp8_block_size, is_fp8_config
-from .base import mlp_shapes
+from .base import mlp_shapes, output_shapes
 from .deepseek_moe import DeepseekMoe
 
 _FP8_EXAMPLE = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
@@ -206,9 +206,7 @@ class DeepseekV3(DeepseekMoe):
                            f"{p}.eh_proj.weight": (h, 2 * h)})
             shapes.update(cls.decoder_layer_shapes(config, layer, True))
             shapes.update({f"{p}.shared_head.norm.weight": (h,), f"{p}.shared_head.head.weight": (v, h)})
-        shapes["model.norm.weight"] = (h,)
-        if not config.get("tie_word_embeddings", False):
-            shapes["lm_head.weight"] = (v, h)
+        shapes.update(output_shapes(config, h, v))
         return shapes
 
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, TensorRef, llama_attention_shapes
+from .base import Family, TensorRef, llama_attention_shapes, output_shapes
 
 _ALL = (None, None, None)
 
@@ -151,9 +151,7 @@ class GptOss(Family):
             e = cls._experts(layer)
             shapes.update({f"{e}.gate_up_proj": (n, h, 2 * d_mid), f"{e}.gate_up_proj_bias": (n, 2 * d_mid),
                            f"{e}.down_proj": (n, d_mid, h), f"{e}.down_proj_bias": (n, h)})
-        shapes["model.norm.weight"] = (h,)
-        if not config.get("tie_word_embeddings", False):
-            shapes["lm_head.weight"] = (v, h)
+        shapes.update(output_shapes(config, h, v))
         return shapes
 
     @classmethod
