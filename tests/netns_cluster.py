@@ -195,14 +195,7 @@ class Lab:
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT), "--include-dashboard", "true",
                 "--temp-dir", str(temp), "--num-cpus", str(num_cpus), "--object-store-memory", str(150 * 2**20),
                 "--disable-usage-stats", *extra]
-        if memory is not None:
-            args += ["--memory", str(memory)]
-        out = self.run(role, args, env=env, timeout=180)
-        if out.returncode != 0:
-            raise RuntimeError(f"ray start --head in {ns.name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        node = RayNode(ns, temp, head=True)
-        self.nodes.append(node)
-        return node
+        return self._start(role, args, memory, env, temp, head=True)
 
     def start_worker(self, role: str, head: RayNode, *, num_cpus: int, memory: int | None = None,
                      env: dict[str, str] | None = None, generation: int = 0) -> RayNode:
@@ -210,12 +203,19 @@ class Lab:
         temp = self.root / f"ray-{role}{generation}"
         args = [RAY, "start", "--address", head.address, "--node-ip-address", ns.ip, "--temp-dir", str(temp),
                 "--num-cpus", str(num_cpus), "--object-store-memory", str(150 * 2**20), "--disable-usage-stats"]
+        return self._start(role, args, memory, env, temp, head=False)
+
+    def _start(self, role: str, args: list[str], memory: int | None, env: dict[str, str] | None, temp: Path,
+               head: bool) -> RayNode:
+        """Run `ray start` in namespace `role` (with --memory where given) and record its node."""
+        ns = self[role]
         if memory is not None:
-            args += ["--memory", str(memory)]
+            args = [*args, "--memory", str(memory)]
         out = self.run(role, args, env=env, timeout=180)
         if out.returncode != 0:
-            raise RuntimeError(f"ray start in {ns.name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        node = RayNode(ns, temp, head=False)
+            what = "ray start --head" if head else "ray start"
+            raise RuntimeError(f"{what} in {ns.name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        node = RayNode(ns, temp, head=head)
         self.nodes.append(node)
         return node
 

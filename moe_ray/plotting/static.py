@@ -482,13 +482,8 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
             da = v.dataset("static")["matrix_similarity"].sel(layer=layers)
             labels = [str(x) for x in da["expert_i"].values]
             for mi, m in enumerate(MATRICES):
-                see, sef = _pair_means(np.asarray(da.sel(matrix=m).values, dtype=np.float64), labels)
-                color = f"C{mi}"
-                ax.plot(layers, see, "-o", color=color, ms=3, label=f"S_ee W_{m}")
-                data[(v.label, "weights", m, "S_ee")] = see
-                if np.isfinite(sef).any():
-                    ax.plot(layers, sef, "--s", color=color, ms=3, label=f"S_ef W_{m}")
-                    data[(v.label, "weights", m, "S_ef")] = sef
+                data.update(_trend_lines(ax, layers, da.sel(matrix=m).values, labels, f"C{mi}", f"W_{m}",
+                                         (v.label, "weights", m)))
             ax.set_ylabel("mean cosine similarity", fontsize=LABEL_FONT)
             panel_title(ax, "weights (matrix level)")
             _trend_axes(ax, layers)
@@ -498,13 +493,7 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
                 layers = layers_of(v, dyn_group(inp))
                 da = v.dataset(dyn_group(inp))["expert_output_angular_mean"].sel(layer=layers)
                 labels = [str(x) for x in da["expert_i"].values]
-                see, sef = _pair_means(np.asarray(da.values, dtype=np.float64), labels)
-                color = f"C{3 + k}"
-                ax.plot(layers, see, "-o", color=color, ms=3, label=f"S_ee {inp}")
-                data[(v.label, "outputs", inp, "S_ee")] = see
-                if np.isfinite(sef).any():
-                    ax.plot(layers, sef, "--s", color=color, ms=3, label=f"S_ef {inp}")
-                    data[(v.label, "outputs", inp, "S_ef")] = sef
+                data.update(_trend_lines(ax, layers, da.values, labels, f"C{3 + k}", inp, (v.label, "outputs", inp)))
             ax.set_ylabel("mean angular similarity", fontsize=LABEL_FONT)
             panel_title(ax, "expert outputs (mean over tokens)")
             _trend_axes(ax, layers)
@@ -514,6 +503,19 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
             "S_ee: mean over routed-expert pairs i≠j; S_ef: mean similarity of the routed experts to F (dashed)"
             + dense_note(v, [0, int(v.model.get("num_layers") or 1) - 1], True) + "."))
     return figures
+
+
+def _trend_lines(ax, layers: list[int], similarity, labels: list[str], color: str, name: str,
+                 key: tuple) -> dict:
+    """Draw one quantity's per-layer S_ee (solid) and, where F is there, S_ef (dashed) in `color`;
+    return the plotted values keyed `key + ("S_ee",)` / `key + ("S_ef",)`."""
+    see, sef = _pair_means(np.asarray(similarity, dtype=np.float64), labels)
+    ax.plot(layers, see, "-o", color=color, ms=3, label=f"S_ee {name}")
+    drawn = {key + ("S_ee",): see}
+    if np.isfinite(sef).any():
+        ax.plot(layers, sef, "--s", color=color, ms=3, label=f"S_ef {name}")
+        drawn[key + ("S_ef",)] = sef
+    return drawn
 
 
 def _trend_axes(ax, layers: list[int]) -> None:
