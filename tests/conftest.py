@@ -134,3 +134,13 @@ def dynamic_store_in_process():
     """dynamic_store_in_process(model, store, run_kwargs) -> store: an uninterrupted dynamic run's
     store, computed in this process by the shard actors' own code."""
     return _dynamic_store_in_process
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server (moto's) on 127.0.0.1 for the whole session (tests/s3_server.py)."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

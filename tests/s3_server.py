@@ -1,0 +1,88 @@
+"""A real S3 API server on 127.0.0.1 for the object-storage tests: moto's server (from PyPI) in a process
+of its own, so Ray workers, job drivers and subprocesses reach it over HTTP exactly as they would reach
+AWS or MinIO. Credentials and endpoint go the standard way (AWS_* variables, or `storage_options`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    """A running moto server: its endpoint, the credentials it accepts (any, as S3 signs them), and the
+    environment a client needs to reach it."""
+
+    endpoint_url: str
+    process: subprocess.Popen
+    region: str = "eu-west-1"
+    key: str = "moe-ray-test"
+    secret: str = "moe-ray-test-secret"
+    log: Path | None = None
+    _buckets: set[str] = field(default_factory=set)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """AWS_* variables that point boto3/s3fs at this server."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint_url,
+                "AWS_ENDPOINT_URL_S3": self.endpoint_url}
+
+    @property
+    def storage_options(self) -> dict:
+        """The same as fsspec `storage_options` (for s3fs)."""
+        return {"key": self.key, "secret": self.secret, "endpoint_url": self.endpoint_url,
+                "client_kwargs": {"region_name": self.region}}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name` (once); its URL, s3://name."""
+        if name not in self._buckets:
+            self.filesystem().mkdir(name)
+            self._buckets.add(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_s3_server(log_dir: Path, timeout_s: float = 30.0) -> S3Server:
+    """Start `python -m moto.server` on 127.0.0.1 (a free port) and wait until it answers."""
+    port = _free_port()
+    log = log_dir / "moto-server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto's S3 server exited at start ({process.returncode}): {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            return S3Server(url, process, log=log)
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"moto's S3 server did not answer at {url} within {timeout_s:.0f} s")
+            time.sleep(0.2)
