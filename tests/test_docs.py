@@ -79,16 +79,27 @@ def _default(field: dataclasses.Field) -> str:
     return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
 
 
+def run_flags() -> dict[str, list[str]]:
+    """Each spec field's flags as `moe-ray run` really parses them (dest = the field's dotted name)."""
+    import argparse
+
+    from moe_ray.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {action.dest: action.option_strings for action in commands.choices["run"]._actions}
+
+
 def spec_table() -> str:
     """The spec-field table: one row per leaf field of `moe_ray.spec.Spec`, in declaration order,
-    with its TOML name, its `moe-ray run` flag, its default and its help text."""
-    from moe_ray.cli import _flag
+    with its TOML name, its `moe-ray run` flags, its default and its help text."""
     from moe_ray.spec import spec_fields
 
+    flags = run_flags()
     rows = ["| field (TOML) | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for dotted, _hint, field in spec_fields():
-        meaning = field.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| `{dotted}` | `{_flag(dotted, field)}` | {_default(field)} | {meaning} |")
+        meaning = field.metadata.get("help", "").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        flag = " / ".join(f"`{f}`" for f in flags.get(dotted, [])) or "(spec file only)"
+        rows.append(f"| `{dotted}` | {flag} | {_default(field)} | {meaning} |")
     return "\n".join(rows)
 
 
