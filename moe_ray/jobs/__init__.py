@@ -1,0 +1,3 @@
+"""The Ray job entrypoints, modules of the installed package so that a cluster running the wheel (or
+an image built from it) has them: `python -m moe_ray.jobs.analyze` (what `moe-ray submit` runs) and
+`python -m moe_ray.jobs.plot`."""
