@@ -11,6 +11,7 @@ the fresh venv, and `pip check` finds every requirement of the wheel met.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,26 +152,78 @@ def test_submit_from_the_wheel_equals_a_local_run(wheel_head, fresh_venv, ray_se
     (user / "spec.toml").write_text(
         f'model = "{model}"\nstore = "wheel.zarr"\nanalyses = ["static", "reorder", "dynamic"]\n'
         'layers = [0, 1, 2, 3]\n[reorder]\npairs = ["0-1", "2-3"]\n[dynamic]\ninputs = ["short"]\n')
-    out = subprocess.run([str(fresh_venv / "bin" / "moe-ray"), "submit", "spec.toml", "--address", address, "--wait"],
-                         cwd=user, env=env, capture_output=True, text=True, timeout=400)
+    (user / "env.yaml").write_text("env_vars:\n  MOE_RAY_DEPLOY_MARK: wheel\n")
+    out = subprocess.run([str(fresh_venv / "bin" / "moe-ray"), "submit", "spec.toml", "--address", address, "--wait",
+                          "--runtime-env", "env.yaml"], cwd=user, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "SUCCEEDED" in out.stdout
     assert f"moe-ray {moe_ray.__version__} ({fresh_venv}/lib/" in out.stdout  # the job's moe_ray: the wheel's
+    # the job ran with the user's runtime_env merged into moe-ray's own, and nothing shipped
+    (job_id,) = re.findall(r"submitted job (raysubmit_\w+)", out.stdout)
+    from ray.job_submission import JobSubmissionClient
+
+    ran_with = JobSubmissionClient(address).get_job_info(job_id).runtime_env
+    assert ran_with["env_vars"] == {"PYTHONUNBUFFERED": "1", "MOE_RAY_DEPLOY_MARK": "wheel"}
+    assert "py_modules" not in ran_with and "working_dir" not in ran_with
     for group in ("static", "reorder/joint"):
         _assert_same(one, str(user / "wheel.zarr"), group)
     _assert_same(one_dynamic, str(user / "wheel.zarr"), "dynamic/short")
 
 
-def test_submitter_of_another_version_is_refused_in_one_line(wheel_head, tiny, tmp_path, monkeypatch):
-    """A submitter whose moe-ray is not the cluster's: the job fails before any work, and says why."""
+def test_submitter_of_another_version_is_refused_unless_it_ships_its_package(wheel_head, tiny, tmp_path,
+                                                                                monkeypatch):
+    """A submitter whose moe-ray is not the cluster's: the job fails before any work, and says why; with
+    `ship_package` (`--ship-package`) the job runs the submitter's own moe_ray instead."""
     import moe_ray
     from moe_ray.errors import JobError
 
     address, _ = wheel_head
     monkeypatch.setattr(moe_ray, "__version__", "0.0.1")
-    handle = moe_ray.submit({"model": str(tiny("mixtral", "upcycled").path), "store": str(tmp_path / "v.zarr")},
-                            address)
+    spec = {"model": str(tiny("mixtral", "upcycled").path), "store": str(tmp_path / "v.zarr"), "layers": [1]}
+    handle = moe_ray.submit(spec, address)
     with pytest.raises(JobError, match=r"this cluster runs moe-ray \S+ \(.*moe-ray-wheel-.*\), the job was "
                                        r"submitted with moe-ray 0.0.1"):
         handle.result(timeout=120)
     assert not (tmp_path / "v.zarr").exists()
+
+    shipped = moe_ray.submit(spec, address, ship_package=True)
+    assert shipped.wait(timeout=300).state == "SUCCEEDED", shipped.logs()[-3000:]
+    (ran,) = re.findall(r"^moe-ray \S+ \((.*)\)$", shipped.logs(), re.M)
+    assert "runtime_resources/py_modules_files" in ran and "moe-ray-wheel-" not in ran  # Ray's copy of ours
+
+
+# ---- the job's runtime_env: moe-ray's own and the user's (`submit --runtime-env FILE`) ----------------
+
+def test_runtime_env_merges_the_users_with_moe_rays(tmp_path):
+    from moe_ray.service import job_runtime_env, load_runtime_env
+
+    (tmp_path / "env.yaml").write_text("env_vars:\n  HF_HOME: /cache\n  PYTHONUNBUFFERED: '0'\n"
+                                       "py_modules: [/opt/extra]\npip: [einops]\n")
+    (tmp_path / "env.json").write_text('{"env_vars": {"A": "1"}, "config": {"setup_timeout_seconds": 60}}')
+    user = load_runtime_env(tmp_path / "env.yaml")
+    assert job_runtime_env(user) == {"env_vars": {"PYTHONUNBUFFERED": "0", "HF_HOME": "/cache"},
+                                     "py_modules": ["/opt/extra"], "pip": ["einops"]}
+    shipped = job_runtime_env(load_runtime_env(tmp_path / "env.json"), ship_package=True)
+    assert shipped == {"env_vars": {"PYTHONUNBUFFERED": "1", "A": "1"}, "config": {"setup_timeout_seconds": 60},
+                       "py_modules": [str(ROOT / "moe_ray")]}
+    assert job_runtime_env() == {"env_vars": {"PYTHONUNBUFFERED": "1"}}  # the cluster's installed moe-ray
+
+
+@pytest.mark.parametrize("text, says", [
+    (None, "cannot read the runtime env file {path}: No such file or directory"),
+    ("env_vars: [a\n", "the runtime env file {path} is not YAML or JSON"),
+    ("- pip\n", "the runtime env file {path} must hold a mapping of runtime_env fields"),
+    ("env_vars: [A]\n", "the runtime env file {path}: env_vars must be a mapping and py_modules a list"),
+])
+def test_bad_runtime_env_file_is_one_line_before_anything_is_sent(tmp_path, capsys, text, says):
+    from moe_ray.cli import main
+
+    path = tmp_path / "env.yaml"
+    if text is not None:
+        path.write_text(text)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'model = "{tmp_path / "ckpt"}"\nstore = "{tmp_path / "s.zarr"}"\n')
+    status = main(["submit", str(spec), "--runtime-env", str(path), "--address", "http://127.0.0.1:9"])
+    assert status == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("moe-ray: error: " + says.format(path=path)), line
