@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The one installable artifact: dist/moe_ray-<version>-py3-none-any.whl, what a cluster runs (installed on
-# every node, or in the image of cluster/image/Dockerfile). Built with the venv's setuptools (no download).
+# every node, or in the image of cluster/image/Dockerfile). Built from the sdist (also in dist/) with the
+# venv's setuptools (no download).
 wheel: $(STAMP)
-	$(PY) -m build --wheel --no-isolation --outdir dist .
+	$(PY) -m build --no-isolation --outdir dist .
 
 demo: $(STAMP)
 	$(PY) -m moe_ray.demo --out demo

@@ -33,10 +33,11 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel of this checkout, built as `make wheel` builds it."""
+    """The wheel of this checkout, built as `make wheel` builds it: from the sdist, unpacked in a temp
+    folder (so no stale build/ of the checkout gets in)."""
     out = tmp_path_factory.mktemp("dist")
-    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out),
-                            str(ROOT)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+                           capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (path,) = out.glob("moe_ray-*.whl")
     return path
@@ -227,3 +228,16 @@ def test_bad_runtime_env_file_is_one_line_before_anything_is_sent(tmp_path, caps
     assert status == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("moe-ray: error: " + says.format(path=path)), line
+
+
+def test_jobs_stays_the_public_function_next_to_the_entrypoint_package(monkeypatch):
+    """`moe_ray.jobs(address)` lists jobs even once the entrypoint package `moe_ray.jobs` is imported."""
+    import moe_ray
+    import moe_ray.jobs.analyze  # noqa: F401 (binds moe_ray.jobs to the package)
+    from moe_ray import service
+
+    monkeypatch.setattr(service, "jobs", lambda address=None, headers=None: [("listed", address)])
+    assert moe_ray.jobs("http://head:8265") == [("listed", "http://head:8265")]
+    from moe_ray import jobs
+
+    assert jobs() == [("listed", None)]
