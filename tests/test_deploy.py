@@ -241,3 +241,19 @@ def test_jobs_stays_the_public_function_next_to_the_entrypoint_package(monkeypat
     from moe_ray import jobs
 
     assert jobs() == [("listed", None)]
+
+
+def test_a_cluster_without_moe_ray_is_named_as_such(monkeypatch):
+    """A job whose Python cannot import moe_ray (a cluster without the wheel) fails with what to do."""
+    from moe_ray.errors import JobError
+    from moe_ray.service import JobHandle, JobStatus
+
+    handle = object.__new__(JobHandle)  # its job server is stood in for by the two calls result() makes
+    handle.id = "raysubmit_x"
+    monkeypatch.setattr(handle, "wait", lambda timeout=None: JobStatus("raysubmit_x", "FAILED", "exit 1", None, {}),
+                        raising=False)
+    monkeypatch.setattr(handle, "logs", lambda: "/usr/bin/python: Error while finding module specification for "
+                        "'moe_ray.jobs.analyze' (ModuleNotFoundError: No module named 'moe_ray')\n", raising=False)
+    with pytest.raises(JobError, match=r"^job raysubmit_x failed: the cluster's Python has no moe-ray: install the "
+                                       r"wheel on every node, or run the image built from it"):
+        handle.result()
