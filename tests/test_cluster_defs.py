@@ -52,7 +52,8 @@ def _load_all(path: Path) -> list[dict]:
 
 def _dockerfile() -> tuple[dict[str, str], list[str]]:
     """The Dockerfile's ARG defaults and its instructions (continuation lines joined, comments out)."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#")))
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
     instructions = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
     args = dict(re.fullmatch(r"ARG (\w+)=(\S+)", i).groups() for i in instructions if re.fullmatch(r"ARG \w+=\S+", i))
     return args, instructions
@@ -100,9 +101,8 @@ def test_image_installs_only_the_wheel_it_is_given():
 def _closed(schema: dict) -> dict:
     """A CRD's openAPIV3Schema as JSON Schema that refuses unknown fields, as the API server's strict
     field validation (kubectl's default) does: objects with properties are closed unless
-    `x-kubernetes-preserve-unknown-fields`; `x-kubernetes-int-or-string` takes an integer or a string."""
-    schema = copy.deepcopy(schema)
-
+    `x-kubernetes-preserve-unknown-fields`; `x-kubernetes-int-or-string` takes an integer or a string.
+    Changes `schema` in place (a fresh load) and returns it."""
     def walk(node):
         if isinstance(node, dict):
             if node.get("x-kubernetes-int-or-string"):
@@ -184,7 +184,8 @@ def test_closed_schema_refuses_what_kubectl_would():
     validator.validate(cluster)
     for change in (lambda c: c["spec"].update(authOption={"mode": "token"}),
                    lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-                   lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append({"value": "x"}),
+                   lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+                   .append({"value": "x"}),
                    lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
                    ["limits"].update({"cpu": [1]})):
         bad = copy.deepcopy(cluster)
