@@ -90,10 +90,12 @@ def test_image_installs_only_the_wheel_it_is_given():
             assert re.fullmatch(r"https://download\.pytorch\.org/whl/\w+", next(rest)), install
         elif not word.startswith("-"):
             targets.append(word)
-    assert targets == ["/tmp/wheels/*.whl"], install  # the copied wheel, nothing by name
+    # the copied wheel (with its s3 extra), nothing by name
+    assert targets == ["$(ls /tmp/wheels/moe_ray-*.whl)[s3]"], install
     (copy_,) = [i for i in instructions if i.startswith("COPY ")]
     assert copy_.split()[-1] == "/tmp/wheels/" and "${WHEEL}" in copy_
     assert "WHEEL" not in args  # no default: the build must be given the wheel's path
+    assert "s3" in PYPROJECT["project"]["optional-dependencies"]
 
 
 # ---- KubeRay ------------------------------------------------------------------------------------
