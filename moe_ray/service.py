@@ -2,7 +2,7 @@
 
 A thin layer over Ray's own job SDK (`ray.job_submission.JobSubmissionClient`). The spec is fully
 validated here, on the submitting machine, before anything is sent (`moe_ray.api.plan`). The job
-runs `python -m moe_ray.jobs.analyze --submitter-version V --spec '<spec as JSON>'` on the head with
+runs `python -m moe_ray.entrypoints.analyze --submitter-version V --spec '<spec as JSON>'` on the head with
 the cluster's own installed moe-ray: the one path a package reaches a cluster is the wheel (`make
 wheel`) installed on every node, or the image built from it (cluster/image); the job checks first that
 it is this submitter's version and fails in one line if not. `ship_package` (`--ship-package`) is the
@@ -43,7 +43,7 @@ from .store import open_results, progress_text, store_progress
 from .units.job import AnalysisJob
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ENTRYPOINT_MODULE = "moe_ray.jobs.analyze"
+ENTRYPOINT_MODULE = "moe_ray.entrypoints.analyze"
 METADATA_KEY = "moe_ray"
 
 

@@ -242,7 +242,7 @@ def test_kuberay_jobs_run_a_valid_spec_with_the_clusters_submitter():
         assert spec["clusterSelector"] == {"ray.io/cluster": cluster_name}
         assert spec["submitterPodTemplate"]["spec"]["containers"][0]["image"].endswith("-cpu")
         args = shlex.split(spec["entrypoint"])  # as the head's shell splits it...
-        assert args[:3] == ["python", "-m", "moe_ray.jobs.analyze"]
+        assert args[:3] == ["python", "-m", "moe_ray.entrypoints.analyze"]
         # ...after `ray job submit -- ENTRYPOINT` joined KubeRay's words again (subprocess.list2cmdline)
         assert shlex.split(subprocess.list2cmdline(args)) == args
         run = Spec.from_dict(json.loads(args[args.index("--spec") + 1]))

@@ -75,7 +75,7 @@ def test_wheel_holds_every_module_and_data_file_a_job_needs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     source = {str(p.relative_to(ROOT)) for p in (ROOT / "moe_ray").rglob("*")
               if p.is_file() and "__pycache__" not in p.parts}
-    assert {"moe_ray/jobs/analyze.py", "moe_ray/jobs/plot.py", "moe_ray/data/corpus.jsonl",
+    assert {"moe_ray/entrypoints/analyze.py", "moe_ray/entrypoints/plot.py", "moe_ray/data/corpus.jsonl",
             "moe_ray/data/declaration.txt"} <= source
     assert {n for n in names if n.startswith("moe_ray/")} == source  # every module and data file, no more
     assert not any(n.startswith(("jobs/", "tests/", "cluster/")) for n in names)
@@ -98,7 +98,7 @@ def test_fresh_venv_runs_the_wheels_moe_ray(fresh_venv, tmp_path):
                              capture_output=True, text=True, check=True).stdout
     assert version == f"moe-ray {PYPROJECT['project']['version']}\n"
     # the job entrypoint refuses a submitter of another version in one line, before any work
-    other = subprocess.run([python, "-m", "moe_ray.jobs.analyze", "--submitter-version", "0.0.1",
+    other = subprocess.run([python, "-m", "moe_ray.entrypoints.analyze", "--submitter-version", "0.0.1",
                             "--spec", '{"model": "/nowhere"}'], cwd=tmp_path, env=_env(fresh_venv),
                            capture_output=True, text=True)
     assert other.returncode == 2
@@ -230,19 +230,6 @@ def test_bad_runtime_env_file_is_one_line_before_anything_is_sent(tmp_path, caps
     assert line.startswith("moe-ray: error: " + says.format(path=path)), line
 
 
-def test_jobs_stays_the_public_function_next_to_the_entrypoint_package(monkeypatch):
-    """`moe_ray.jobs(address)` lists jobs even once the entrypoint package `moe_ray.jobs` is imported."""
-    import moe_ray
-    import moe_ray.jobs.analyze  # noqa: F401 (binds moe_ray.jobs to the package)
-    from moe_ray import service
-
-    monkeypatch.setattr(service, "jobs", lambda address=None, headers=None: [("listed", address)])
-    assert moe_ray.jobs("http://head:8265") == [("listed", "http://head:8265")]
-    from moe_ray import jobs
-
-    assert jobs() == [("listed", None)]
-
-
 def test_a_cluster_without_moe_ray_is_named_as_such(monkeypatch):
     """A job whose Python cannot import moe_ray (a cluster without the wheel) fails with what to do."""
     from moe_ray.errors import JobError
@@ -253,7 +240,7 @@ def test_a_cluster_without_moe_ray_is_named_as_such(monkeypatch):
     monkeypatch.setattr(handle, "wait", lambda timeout=None: JobStatus("raysubmit_x", "FAILED", "exit 1", None, {}),
                         raising=False)
     monkeypatch.setattr(handle, "logs", lambda: "/usr/bin/python: Error while finding module specification for "
-                        "'moe_ray.jobs.analyze' (ModuleNotFoundError: No module named 'moe_ray')\n", raising=False)
+                        "'moe_ray.entrypoints.analyze' (ModuleNotFoundError: No module named 'moe_ray')\n", raising=False)
     with pytest.raises(JobError, match=r"^job raysubmit_x failed: the cluster's Python has no moe-ray: install the "
                                        r"wheel on every node, or run the image built from it"):
         handle.result()

@@ -1,6 +1,6 @@
 """Ray job entrypoint: run one moe-ray spec inside the cluster this job was submitted to.
 
-`moe-ray submit` (`moe_ray.submit`) runs `python -m moe_ray.jobs.analyze --submitter-version V --spec
+`moe-ray submit` (`moe_ray.submit`) runs `python -m moe_ray.entrypoints.analyze --submitter-version V --spec
 '<spec as JSON>'` with the cluster's own installed moe-ray (the wheel, or the image built from it); a TOML
 path readable on the head works too. With `--submitter-version` the job first checks that the moe-ray it
 imports is the submitter's version, and otherwise fails in one line before any work (a cluster of another
