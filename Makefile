@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moe-ray-installed
 
-.PHONY: demo test bench install browser clean
+.PHONY: demo test bench install browser clean wheel
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The one installable artifact: dist/moe_ray-<version>-py3-none-any.whl, what a cluster runs (installed on
+# every node, or in the image of cluster/image/Dockerfile). Built from the sdist (also in dist/) with the
+# venv's setuptools (no download).
+wheel: $(STAMP)
+	$(PY) -m build --no-isolation --outdir dist .
 
 demo: $(STAMP)
 	$(PY) -m moe_ray.demo --out demo
@@ -48,4 +54,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_fullwidth --models olmoe,deepseek
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache dist build

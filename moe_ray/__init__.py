@@ -4,7 +4,13 @@
     store = moe_ray.run({"model": "ckpt/", "analyses": ["static"], "store": "out.zarr"})
     tree = moe_ray.open_results(store)   # xarray.DataTree: static, reorder/<mode>, dynamic/<input>
 """
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version as _distribution_version
+
+try:
+    __version__ = _distribution_version("moe-ray")
+    """The installed distribution's version: pyproject.toml's `version`, the one place it is written."""
+except PackageNotFoundError:  # a source tree on sys.path without an install (a job's shipped py_modules)
+    __version__ = "0+unknown"
 
 _PUBLIC = {"run": ".api", "JobHandle": ".service", "jobs": ".service", "submit": ".service", "Spec": ".spec",
            "open_results": ".store"}

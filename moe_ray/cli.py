@@ -14,6 +14,7 @@ import traceback
 import typing
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .errors import MoeRayError
 from .interrupt import emit, exit_status, handling_signals, progress_line
 from .spec import Spec, set_path, spec_fields
@@ -123,15 +124,22 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check-fit", dest="check_fit", action="store_false",
                    help="submit even if no node of the cluster as it is now could hold the work "
                         "(for clusters that add nodes on demand) [spec: resources.check_fit]")
+    p.add_argument("--runtime-env", metavar="FILE", help="a Ray runtime_env (YAML or JSON) for the job, merged "
+                   "with moe-ray's own: its env_vars win, its py_modules are added, its other fields kept")
+    p.add_argument("--ship-package", action="store_true",
+                   help="development: send this moe_ray with the job (runtime_env py_modules) instead of "
+                        "running the cluster's installed moe-ray (which must be this version)")
 
 
 @command("submit", "submit a spec as a Ray job to a cluster's job server")(_add_submit)
 def _submit(args: argparse.Namespace) -> int:
-    from .service import submit
+    from .service import load_runtime_env, submit
 
     spec = Spec.from_toml(args.spec_file)
     spec.resources.check_fit = spec.resources.check_fit and args.check_fit
-    handle = args.submitted = submit(spec, args.address, check_checkpoint=args.check)
+    runtime_env = load_runtime_env(args.runtime_env) if args.runtime_env else None
+    handle = args.submitted = submit(spec, args.address, check_checkpoint=args.check, runtime_env=runtime_env,
+                                     ship_package=args.ship_package)
     print(f"moe-ray: submitted job {handle.id} to {handle.address}")
     if not args.wait:
         print(f"moe-ray: follow it with `moe-ray logs {handle.id} --follow`")
@@ -237,6 +245,7 @@ DEBUG_HELP = f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"moe-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, body, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -2,10 +2,14 @@
 
 A thin layer over Ray's own job SDK (`ray.job_submission.JobSubmissionClient`). The spec is fully
 validated here, on the submitting machine, before anything is sent (`moe_ray.api.plan`). The job
-runs `python jobs/analyze.py --spec '<spec as JSON>'` on the head with a runtime_env that ships the
-`moe_ray` package (py_modules) and the entrypoint (working_dir), so the cluster needs only moe-ray's
-dependencies installed. Paths in the spec are as the cluster sees them: a checkpoint and a store on a
-shared filesystem or an object store (relative local paths are made absolute here).
+runs `python -m moe_ray.entrypoints.analyze --submitter-version V --spec '<spec as JSON>'` on the head with
+the cluster's own installed moe-ray: the one path a package reaches a cluster is the wheel (`make
+wheel`) installed on every node, or the image built from it (cluster/image); the job checks first that
+it is this submitter's version and fails in one line if not. `ship_package` (`--ship-package`) is the
+development path instead: this moe_ray travels with the job (runtime_env py_modules) and wins over the
+cluster's. A user's runtime_env (`--runtime-env FILE`) is merged with moe-ray's own. Paths in the spec
+are as the cluster sees them: a checkpoint and a store on a shared filesystem or an object store
+(relative local paths are made absolute here).
 
 Progress while a job runs comes from the store itself: per analysis, the units done among those
 the job planned (`moe_ray.store.progress`: `unit_done`, and `unit_planned` where a job runs only some
@@ -22,8 +26,6 @@ import asyncio
 import json
 import os
 import shlex
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,13 +37,13 @@ from .api import already_complete, as_spec, plan, weights_identity
 from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
 from .distributed.placement import Demand, check_placement
-from .errors import JobError
+from .errors import JobError, SpecError
 from .spec import Spec
 from .store import open_results, progress_text, store_progress
 from .units.job import AnalysisJob
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ENTRYPOINT = Path(__file__).resolve().parent.parent / "jobs" / "analyze.py"
+ENTRYPOINT_MODULE = "moe_ray.entrypoints.analyze"
 METADATA_KEY = "moe_ray"
 
 
@@ -105,13 +107,44 @@ def job_spec(spec: Spec) -> Spec:
                         store=_absolute(spec.store), address=None, dynamic=inputs)
 
 
-def runtime_env(staging: Path) -> dict[str, Any]:
-    """What the job carries to the cluster: the entrypoint (working_dir) and this moe_ray (py_modules)."""
-    return {
-        "working_dir": str(staging),
-        "py_modules": [str(Path(__file__).resolve().parent)],
-        "env_vars": {"PYTHONUNBUFFERED": "1"},
-    }
+def job_runtime_env(user: dict[str, Any] | None = None, ship_package: bool = False) -> dict[str, Any]:
+    """The job's Ray runtime_env: moe-ray's own (unbuffered output; with `ship_package`, this moe_ray as
+    a py_module) merged with the user's: the user's env_vars win over moe-ray's, py_modules add up, any
+    other field is the user's."""
+    user = dict(user or {})
+    env = {"env_vars": {"PYTHONUNBUFFERED": "1", **(user.pop("env_vars", None) or {})}}
+    modules = [str(Path(__file__).resolve().parent)] if ship_package else []
+    modules += list(user.pop("py_modules", None) or [])
+    if modules:
+        env["py_modules"] = modules
+    return {**user, **env}
+
+
+def load_runtime_env(path: str | Path) -> dict[str, Any]:
+    """A Ray runtime_env from a YAML or JSON file (what `ray job submit --runtime-env` reads)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).expanduser().read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read the runtime env file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"the runtime env file {path} is not YAML or JSON: {first_line(exc)}") from None
+    if not isinstance(loaded, dict) or not all(isinstance(key, str) for key in loaded):
+        raise SpecError(f"the runtime env file {path} must hold a mapping of runtime_env fields "
+                        f"(env_vars, pip, py_modules, ...), not {type(loaded).__name__}")
+    if not isinstance(loaded.get("env_vars", {}), dict) or not isinstance(loaded.get("py_modules", []), list):
+        raise SpecError(f"the runtime env file {path}: env_vars must be a mapping and py_modules a list")
+    return loaded
+
+
+def entrypoint(spec: Spec, check_version: bool = True) -> str:
+    """The job's shell command: the installed package's entrypoint module, told the submitter's version
+    to check (not when this moe_ray is shipped with the job)."""
+    from . import __version__
+
+    version = ["--submitter-version", __version__] if check_version else []
+    return shlex.join(["python", "-m", ENTRYPOINT_MODULE, *version, "--spec", json.dumps(spec.to_dict())])
 
 
 @dataclass(frozen=True)
@@ -188,8 +221,12 @@ class JobHandle:
         """The job's results (`moe_ray.open_results` of its store) once it has succeeded."""
         status = self.wait(timeout)
         if status.state != "SUCCEEDED":
-            tail = [l for l in self.logs().splitlines() if l.startswith("moe-ray: error:")]
+            logs = self.logs()
+            tail = [l for l in logs.splitlines() if l.startswith("moe-ray: error:")]
             reason = tail[-1].removeprefix("moe-ray: error: ") if tail else status.message
+            if not tail and "No module named 'moe_ray'" in logs:
+                reason = ("the cluster's Python has no moe-ray: install the wheel on every node, or run the "
+                          "image built from it (cluster/README.md), or submit with --ship-package")
             raise JobError(f"job {self.id} {status.state.lower()}: {reason}")
         return open_results(status.store)
 
@@ -230,6 +267,7 @@ def check_fits_cluster(jobs: list[AnalysisJob], spec: Spec, address: str,
 
 def submit(spec: Spec | dict | str | Path | None = None, address: str | None = None, *,
            check_checkpoint: bool = True, headers: dict[str, str] | None = None,
+           runtime_env: dict[str, Any] | None = None, ship_package: bool = False,
            **overrides: Any) -> JobHandle:
     """Validate `spec` and submit it as a Ray job to the job server at `address`; returns its handle.
 
@@ -237,7 +275,9 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     first (they must be readable from this machine too), and, unless the spec's `check_fit` is off,
     a job that the cluster's nodes could never hold is refused before it is sent; without it only
     the spec's own fields are checked, for checkpoints the cluster alone can see (the job then checks
-    the fit itself when it starts).
+    the fit itself when it starts). The job runs the cluster's installed moe-ray, which must be this
+    version; with `ship_package` this moe_ray travels with the job instead. `runtime_env`: Ray
+    runtime_env fields merged with moe-ray's own (`job_runtime_env`).
     """
     spec = as_spec(spec, **overrides)
     if check_checkpoint:
@@ -251,20 +291,14 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     client = _client(address, headers)
     if check_checkpoint and spec.resources.check_fit:
         check_fits_cluster(jobs, spec, address, headers)
-    entrypoint = "python jobs/analyze.py --spec " + shlex.quote(json.dumps(spec.to_dict()))
-    staging = Path(tempfile.mkdtemp(prefix="moe-ray-job-"))
-    try:
-        (staging / "jobs").mkdir()
-        shutil.copy(ENTRYPOINT, staging / "jobs" / "analyze.py")
-        with _job_server(address, "accept the job"):
-            job_id = client.submit_job(
-                entrypoint=entrypoint, runtime_env=runtime_env(staging),
-                entrypoint_num_cpus=spec.resources.entrypoint_num_cpus,
-                entrypoint_memory=int(spec.resources.entrypoint_memory_gb * 2**30),
-                metadata={METADATA_KEY + "_store": spec.store, METADATA_KEY + "_model": spec.model,
-                          METADATA_KEY + "_analyses": ",".join(spec.analyses)})
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _job_server(address, "accept the job"):
+        job_id = client.submit_job(
+            entrypoint=entrypoint(spec, check_version=not ship_package),
+            runtime_env=job_runtime_env(runtime_env, ship_package),
+            entrypoint_num_cpus=spec.resources.entrypoint_num_cpus,
+            entrypoint_memory=int(spec.resources.entrypoint_memory_gb * 2**30),
+            metadata={METADATA_KEY + "_store": spec.store, METADATA_KEY + "_model": spec.model,
+                      METADATA_KEY + "_analyses": ",".join(spec.analyses)})
     return JobHandle(job_id, address, headers)
 
 

@@ -1,6 +1,6 @@
 """Ray job entrypoint: render the report for one or several stores.
 
-    ray job submit --working-dir . -- python jobs/plot.py STORE [STORE ...] --out DIR
+    ray job submit -- python -m moe_ray.entrypoints.plot STORE [STORE ...] --out DIR
 
 Inside a Ray job (RAY_ADDRESS set) on a cluster of more CPUs than this machine has, the figures are
 drawn as Ray tasks and their PNGs come back to this process, which writes the report; stores must be
