@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import MoeRayError
+from .lease import hold_output, release_output
 
 MARKER = ".moe-ray-output.json"
 
@@ -69,6 +70,7 @@ class OutputDir:
         """Record the files this run wrote (everything that is not someone else's) in the marker."""
         ours = sorted(_files(self.path) - self.foreign)
         _write_marker(self.path, self.kind, ours, self.foreign, finished=True)
+        release_output(self.path)
 
 
 def _write_marker(path: Path, kind: OutputKind, files: list[str], foreign: frozenset[str], finished: bool) -> None:
@@ -91,6 +93,7 @@ def claim_output_dir(path: str | os.PathLike, kind: OutputKind, replace: bool = 
     """
     path = Path(path)
     command = f"moe-ray {kind.command}"
+    hold_output(path, command)  # one writer at a time (moe_ray.lease), before anything is written
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} is a file, not a directory; choose another --out")
     present = _files(path) if path.exists() else set()

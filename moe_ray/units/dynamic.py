@@ -33,8 +33,8 @@ from ..distributed.placement import Demand, Resources, refusal
 from ..errors import CheckpointError, MoeRayError, SpecError
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
-from ..store import DONE, DYNAMIC_SCHEMA, ResultStore, unit_done
-from .job import AnalysisJob
+from ..store import DONE, DYNAMIC_SCHEMA, WEIGHTS, ResultStore, unit_done
+from .job import AnalysisJob, WeightsRecord
 
 GROUP = "dynamic"
 UNIT_DIMS = ("layer",)
@@ -278,6 +278,24 @@ def shard_label(plan: DynamicPlan, shard: int) -> str:
     return f"dynamic shard {shard} of {len(plan.shards)} (layers {start}-{end - 1})"
 
 
+def range_weights(runner: LayerRange, ref: Checkpoint | None) -> WeightsRecord:
+    """The digests of what a shard's layers were read from: every tensor of its decoder layers (the
+    embeddings on the first shard) and, where given, the reference FFNs of its captured layers.
+    Each of its units records them all: a unit's outputs depend on every layer before it, and a
+    dynamic input is recomputed whole unless all its units are done (`start_over`), so the done
+    units of an input together record every layer the pass ran."""
+    record = WeightsRecord()
+    ckpt = runner.ckpt
+    keys = [runner.family.embed_key()] if runner.start == 0 else []
+    for layer in range(runner.start, runner.end):
+        keys += layer_keys(ckpt, layer)
+    record.add("model", ckpt, keys)
+    if ref is not None:
+        record.add("reference", ref, [k for layer in runner.capture_layers
+                                      for k in ref.family.dense_ffn_keys(layer).values()])
+    return record
+
+
 class ShardWorker:
     """A Ray actor holding layers [start, end) of the model; `run` pushes one input through them.
 
@@ -300,6 +318,7 @@ class ShardWorker:
             ref = open_checkpoint(plan.reference) if plan.reference else None
             self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device,
                                      plan.dtype_for(device))
+            self.weights = range_weights(self.runner, ref).json()
         except Exception as exc:  # re-raised by run(), with its type, as the job's error
             self.load_error = exc
         self.store = ResultStore(plan.store)
@@ -318,7 +337,8 @@ class ShardWorker:
             li = self.plan.layers.index(layer)
             for key, values in capture_arrays(self.plan, cap).items():
                 group[key][li] = values
-            group["unit_done"][li] = 1
+            group[WEIGHTS][li] = self.weights
+            group[DONE][li] = 1
         return hidden.cpu()  # the next shard may sit on another GPU or node
 
 
