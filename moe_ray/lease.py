@@ -273,7 +273,7 @@ class Lease:
             why = stale_reason(doc)
             if why is None:
                 raise LeaseHeld(f"{self.url} is being written by {holder_text(doc)}; wait for it to finish "
-                                f"(or stop it), or choose another path")
+                                "(or stop it), or choose another path")
             if self._backend.remove_if(version):
                 self.took_over = f"took over the lease of {holder_text(doc)}: {why}"
         raise LeaseHeld(f"{self.url}: could not take its lease ({self.lease_url}), other writers keep taking it")
@@ -337,6 +337,15 @@ def release_output(path: "str | os.PathLike") -> None:
         lease.release()
 
 
+def refuse_if_held(url: str) -> None:
+    """LeaseHeld, naming the holder, if a live writer holds `url` now (for commands that would
+    start one, such as `submit`, to refuse before they do)."""
+    doc = holder(url)
+    if doc is not None:
+        raise LeaseHeld(f"{str(url).rstrip('/')} is being written by {holder_text(doc)}; wait for it to finish "
+                        "(or stop it), or choose another path")
+
+
 def holder(url: str) -> dict | None:
     """The lease document on `url` while a live writer holds it, else None."""
     doc, _ = _backend(str(url).rstrip("/") + SUFFIX).read()
@@ -345,5 +354,5 @@ def holder(url: str) -> dict | None:
     return doc
 
 
-__all__ = ["HEARTBEAT_S", "Lease", "LeaseHeld", "STALE_S", "hold_output", "holder", "holder_text", "release_output",
-           "stale_reason"]
+__all__ = ["HEARTBEAT_S", "Lease", "LeaseHeld", "STALE_S", "hold_output", "holder", "holder_text", "refuse_if_held",
+           "release_output", "stale_reason"]

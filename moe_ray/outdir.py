@@ -74,6 +74,8 @@ class OutputDir:
 
 
 def _write_marker(path: Path, kind: OutputKind, files: list[str], foreign: frozenset[str], finished: bool) -> None:
+    if not finished:  # a run starts writing here: one writer at a time (moe_ray.lease)
+        hold_output(path, f"moe-ray {kind.command}")
     marker = {"made_by": f"moe-ray {kind.command}", "version": __version__, "finished": finished,
               "files": sorted(files), "foreign": sorted(foreign)}
     tmp = path / f"{MARKER}.tmp"
@@ -93,7 +95,6 @@ def claim_output_dir(path: str | os.PathLike, kind: OutputKind, replace: bool = 
     """
     path = Path(path)
     command = f"moe-ray {kind.command}"
-    hold_output(path, command)  # one writer at a time (moe_ray.lease), before anything is written
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} is a file, not a directory; choose another --out")
     present = _files(path) if path.exists() else set()

@@ -278,21 +278,21 @@ def shard_label(plan: DynamicPlan, shard: int) -> str:
     return f"dynamic shard {shard} of {len(plan.shards)} (layers {start}-{end - 1})"
 
 
-def range_weights(runner: LayerRange, ref: Checkpoint | None) -> WeightsRecord:
-    """The digests of what a shard's layers were read from: every tensor of its decoder layers (the
-    embeddings on the first shard) and, where given, the reference FFNs of its captured layers.
-    Each of its units records them all: a unit's outputs depend on every layer before it, and a
-    dynamic input is recomputed whole unless all its units are done (`start_over`), so the done
-    units of an input together record every layer the pass ran."""
+def layer_weights(ckpt: Checkpoint, ref: Checkpoint | None, captured: Sequence[int], layer: int) -> WeightsRecord:
+    """The digests of what the dynamic unit of captured `layer` depends on, whatever the sharding: the
+    decoder layers after the previous captured layer up to `layer` (from the embeddings for the first),
+    and its reference FFN. A dynamic input is recomputed whole unless all its units are done
+    (`start_over`), so the done units of an input together record every tensor its stored results
+    came from."""
     record = WeightsRecord()
-    ckpt = runner.ckpt
-    keys = [runner.family.embed_key()] if runner.start == 0 else []
-    for layer in range(runner.start, runner.end):
-        keys += layer_keys(ckpt, layer)
+    before = [l for l in captured if l < layer]
+    first = before[-1] + 1 if before else 0
+    keys = [] if before else [ckpt.family.embed_key()]
+    for decoder in range(first, layer + 1):
+        keys += layer_keys(ckpt, decoder)
     record.add("model", ckpt, keys)
     if ref is not None:
-        record.add("reference", ref, [k for layer in runner.capture_layers
-                                      for k in ref.family.dense_ffn_keys(layer).values()])
+        record.add("reference", ref, list(ref.family.dense_ffn_keys(layer).values()))
     return record
 
 
@@ -309,6 +309,8 @@ class ShardWorker:
         self.plan = plan
         self.label = shard_label(plan, shard)
         self.load_error: Exception | None = None
+        self.reference: Checkpoint | None = None
+        self._weight_records: dict[int, str] = {}
         start, end = plan.shards[shard]
         try:
             if device == "cuda" and not torch.cuda.is_available():
@@ -318,13 +320,20 @@ class ShardWorker:
             ref = open_checkpoint(plan.reference) if plan.reference else None
             self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device,
                                      plan.dtype_for(device))
-            self.weights = range_weights(self.runner, ref).json()
+            self.reference = ref
         except Exception as exc:  # re-raised by run(), with its type, as the job's error
             self.load_error = exc
         self.store = ResultStore(plan.store)
 
     def __repr__(self) -> str:  # names the shard in Ray's log prefixes and state API (repr_name)
         return self.label
+
+    def _weights(self, layer: int) -> str:
+        """`layer_weights` of a captured layer as stored JSON, computed once per actor."""
+        if layer not in self._weight_records:
+            self._weight_records[layer] = layer_weights(self.runner.ckpt, self.reference, self.plan.layers,
+                                                        layer).json()
+        return self._weight_records[layer]
 
     def run(self, name: str, value) -> torch.Tensor:
         """Token ids (first shard) or hidden states in; hidden states out; this shard's layers stored."""
@@ -337,7 +346,7 @@ class ShardWorker:
             li = self.plan.layers.index(layer)
             for key, values in capture_arrays(self.plan, cap).items():
                 group[key][li] = values
-            group[WEIGHTS][li] = self.weights
+            group[WEIGHTS][li] = self._weights(layer)
             group[DONE][li] = 1
         return hidden.cpu()  # the next shard may sit on another GPU or node
 
