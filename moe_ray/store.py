@@ -11,12 +11,18 @@ group's cells (reorder with chosen pairs), the driver records which in `unit_pla
 counts the units the job runs.
 
 A store knows the weights it was made from: the root's `identity` holds the model's and the
-reference's fingerprints (`Checkpoint.fingerprint`: config.json, and per decoder layer the tensors'
-layout and sampled content). A job over other weights is refused, naming the first tensor that
-differs, before anything is written (`ResultStore.check_identity`). A job whose units are all done
-writes nothing (`ResultStore.dry_run` finds that out without writing), so a read-only complete store
-works; otherwise each run is logged in the root's `runs`, and a run that fails leaves
-`state = "failed"` and its error at the root.
+reference's config.json and tensor layout (`Checkpoint.fingerprint`), and each group's `unit_weights`
+the content digests of every tensor each done unit read (`Checkpoint.digests`, written with the
+unit's results, before its done flag). A job over other weights is refused before anything is
+written: another config or layout (`ResultStore.check_identity`), or any changed byte of a tensor a
+done unit read (`ResultStore.check_weights` recomputes the digests), naming the tensor. A store knows
+what it holds: every done unit must have its chunk of every array its group's units write (the
+group's `unit_arrays`); one that does not is damage (`missing_results`, `store_status`), and the next
+run recomputes exactly those units (`ResultStore.done_array`, `repairs`). One writer at a time: `run`
+holds the store's lease (`moe_ray.lease`). A job whose units are all done writes nothing
+(`ResultStore.dry_run` finds that out without writing), so a read-only complete store works;
+otherwise each run is logged in the root's `runs`, and a run that fails leaves `state = "failed"`
+and its error at the root.
 
 The schema below is the single list of what each analysis group holds; writers and the plotting
 code both read it.

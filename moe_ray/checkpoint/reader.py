@@ -8,8 +8,9 @@ file or overlapping. Which stored formats moe-ray can analyse is decided in one 
 scales. Tensors are read one at a time, on demand, and returned as float32 (or float64) whatever
 their stored format: quantised tensors are dequantised exactly on the reader's device, and a piece of
 a fused tensor (a `TensorRef`: one expert, one matrix) is read by slice, never the whole tensor.
-`Checkpoint.fingerprint` identifies the weights themselves (not where they live), so a store can
-refuse to resume over other weights.
+`Checkpoint.fingerprint` identifies the weights' config and layout (not where they live) and
+`Checkpoint.digests` their bytes (xxh3_128 of each stored tensor), so a store can refuse to resume
+over other weights.
 """
 from __future__ import annotations
 
@@ -166,6 +167,8 @@ class Checkpoint:
         self.stored: dict[str, Stored] = logical_layout(self.tensors, self.config.get("quantization_config"))
         """Every logical tensor (scale and block companions folded in) and how it is stored."""
         self._handles: dict[str, object] = {}
+        self._digested: dict[tuple[str, int, int], str] = {}
+        """Digests of byte ranges fetched from remote storage, hashed as they arrived (`digests`)."""
 
     # ---- opening -------------------------------------------------------------------------
     def _path(self, name: str) -> str:
@@ -400,13 +403,17 @@ class Checkpoint:
             if name not in self.tensors:
                 return None
             info = self.tensors[name] if not row else self.info(TensorRef(name, (int(row.rstrip("]")),)))
-            return self._digest(name, info)
+            return self._digest(name, info, fresh=True)
 
         pieces = list(pieces)
         with ThreadPoolExecutor(max(1, min(threads, len(pieces)))) as pool:
             return dict(zip(pieces, pool.map(one, pieces)))
 
-    def _digest(self, name: str, info: TensorInfo) -> str:
+    def _digest(self, name: str, info: TensorInfo, fresh: bool = False) -> str:
+        """The digest of one stored byte range: hashed as a remote read fetched it, unless `fresh`
+        (a resume's check reads it anew); else read (a local file: from the page cache after a read)."""
+        if not fresh and (info.file, info.start, info.end) in self._digested:
+            return self._digested[(info.file, info.start, info.end)]
         h = xxhash.xxh3_128()
         if info.file.endswith(".bin"):
             state = self._handles.get(info.file)
@@ -503,6 +510,7 @@ class Checkpoint:
             row = (end - start) // shape[0]
             start, end, shape, index = start + index[0] * row, start + (index[0] + 1) * row, shape[1:], index[1:]
         raw = self.fs.cat_file(info.file, start=start, end=end)
+        self._digested[(info.file, start, end)] = xxhash.xxh3_128(raw).hexdigest()  # `digests` needs no refetch
         tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(shape)
         return tensor[index] if index else tensor
 
