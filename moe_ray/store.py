@@ -368,6 +368,11 @@ class ResultStore:
         self.repairs: list[str] = []
         """What `done_array` found missing for done units, one line each (their flags are cleared)."""
 
+    @property
+    def rehearsal(self) -> bool:
+        """True for a `dry_run` store (nothing is written; what would be sets `needs_write`)."""
+        return self._scratch is not None
+
     @classmethod
     def dry_run(cls, url: str) -> "ResultStore":
         store = cls(url, mode="r")
@@ -741,7 +746,15 @@ def recorded_weights(root: zarr.Group) -> dict[str, dict[str, tuple[str, str]]]:
     unit that recorded each (`(digest, unit label)`). Two units that recorded one tensor with two
     digests mean the store already mixes two weights: refused here."""
     out: dict[str, dict[str, tuple[str, str]]] = {}
-    for path, group in _all_groups(root):
+    groups = _all_groups(root)
+    for path, group in groups:  # a record for all of a group's units (causal: every unit reads the model)
+        shared = group.attrs.get(WEIGHTS)
+        if shared and any(unit_done(g).any() for p, g in groups if (p == path or p.startswith(path + "/"))
+                          and DONE in g):
+            for role, digests in shared.items():
+                for piece, digest in digests.items():
+                    out.setdefault(role, {}).setdefault(piece, (digest, f"{path} (its done units)"))
+    for path, group in groups:
         if DONE not in group or WEIGHTS not in group:
             continue
         done = unit_done(group)

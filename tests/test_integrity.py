@@ -190,3 +190,27 @@ def test_a_partial_reorder_store_says_so_and_resumes_to_an_equal_store(clean, tm
     moe_ray.run(_spec(ck.path, store))
     _assert_same(reference, str(store))
     assert store_status(str(store))["reorder"]["text"] == "complete"
+
+
+def test_a_causal_resume_over_an_edited_tensor_is_refused(clean, tmp_path):
+    """Every causal unit runs the whole model: its digests (taken once, before the first unit) cover
+    the final norm and the output head too; one changed byte there refuses the resume."""
+    ck, _ = clean
+    model = tmp_path / "model"
+    shutil.copytree(ck.path, model)
+    store = tmp_path / "c.zarr"
+    spec = {"model": str(model), "store": str(store), "progress": False, "analyses": ["causal"], "layers": [1],
+            "dynamic": {"max_sequences": 2}, "causal": {"checks": ["norm_routing"], "bootstrap_resamples": 20}}
+    moe_ray.run(spec)
+    ckpt = open_checkpoint(model)
+    key = ckpt.family.final_norm_key()
+    info = ckpt.info(key)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        first = f.read(1)
+    _edit_in_place(info.file, info.start, bytes([first[0] ^ 4]))
+    with pytest.raises(StoreError, match=rf"the model's tensor {key} \(other\) differs .*\(causal \(its done units\) "
+                                         "read it"):
+        moe_ray.run(spec)
+    _edit_in_place(info.file, info.start, first)
+    moe_ray.run(spec)  # the same bytes again: complete, nothing to do
