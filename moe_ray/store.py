@@ -719,14 +719,18 @@ def missing_results(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iter
         if not set(unit_dims) <= set(dims):
             continue
         stored = _stored_chunks(arr)
-        at = [unit_dims.index(d) if d in unit_dims else None for d in dims]
-        for cell in cells:
-            ranges = [[int(cell[a]) // arr.chunks[i]] if a is not None else list(range(arr.cdata_shape[i]))
-                      for i, a in enumerate(at)]
+        unit_axes = [i for i, d in enumerate(dims) if d in unit_dims]
+        # each done cell's chunk coordinates along the unit dims (a tile holds several cells)
+        coords = np.stack([cells[:, unit_dims.index(dims[i])] // arr.chunks[i] for i in unit_axes], axis=1)
+        unique, which = np.unique(coords, axis=0, return_inverse=True)
+        for u, chunk in enumerate(unique):
+            ranges = [range(arr.cdata_shape[i]) for i in range(len(dims))]
+            for k, i in enumerate(unit_axes):
+                ranges[i] = range(int(chunk[k]), int(chunk[k]) + 1)
             for index in np.ndindex(*(len(r) for r in ranges)):
-                key = arr.metadata.encode_chunk_key(tuple(r[k] for r, k in zip(ranges, index)))
+                key = arr.metadata.encode_chunk_key(tuple(r[j] for r, j in zip(ranges, index)))
                 if f"{arr.path}/{key}" not in stored:
-                    damaged[tuple(cell)] = True
+                    damaged[tuple(cells[which.ravel() == u].T)] = True
                     first = first or f"chunk {arr.path}/{key} is missing"
                     break
     return damaged, first
@@ -807,14 +811,20 @@ def store_status(url: str) -> dict[str, dict]:
     except Exception:
         return {}
     root_state = root.attrs.get("state")
-    live = holder(url) is not None
+    try:
+        live = holder(url) is not None
+    except Exception:  # a lease that cannot be read says nothing about the store
+        live = False
     out: dict[str, dict] = {}
     for name, (done, planned) in counts.items():
         damage = None
         for path, group in groups:
             if (path == name or path.startswith(name + "/")) and DONE in group:
                 dims = tuple(group[DONE].metadata.dimension_names or ())
-                _, damage = missing_results(group, dims, group.attrs.get("unit_arrays", ()))
+                try:
+                    _, damage = missing_results(group, dims, group.attrs.get("unit_arrays", ()))
+                except Exception as exc:
+                    damage = f"{path} cannot be listed: {_first_line(exc)}"
                 if damage:
                     break
         if damage:
