@@ -16,6 +16,7 @@ from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, MoeRayError, SpecError
 from .interrupt import reassert as reassert_signal_handlers
 from .spec import Spec, parse_pair
+from .lease import Lease
 from .store import ResultStore, open_results, progress, progress_text
 from .units import reorder as reorder_unit
 from .units import static as static_unit
@@ -105,12 +106,25 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     ckpt, ref, jobs = plan(spec)
     say = print if spec.progress else (lambda *a, **k: None)
     identity, unit_keys = weights_identity(ckpt, ref)
-    complete = already_complete(spec, jobs, identity, unit_keys)
+    complete = already_complete(spec, jobs, identity, unit_keys, checkpoints={"model": ckpt, "reference": ref})
     if complete is not None:
         say(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
             "nothing to do")
         return spec.store
 
+    with Lease(spec.store, "moe-ray run") as lease:  # one writer at a time, from before the first write
+        if lease.took_over:
+            say(f"moe-ray: {spec.store}: {lease.took_over}")
+        started, todo, total, summaries = _write(spec, jobs, ckpt, ref, identity, unit_keys, say)
+    say(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
+        f"already done; {'; '.join(summaries)}; store {spec.store}")
+    return spec.store
+
+
+def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoint | None, identity: dict,
+           unit_keys: dict, say: Callable[..., None]) -> tuple[float, int, int, list[str]]:
+    """The writing part of `run`, under the store's lease: connect to Ray, create or reuse the store,
+    prepare every job's group (repairing what a done unit lacks), run the pending units, finish."""
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
     shorten_ray_events()  # Ray's event messages: one line each on the terminal, whole in a log file
     reassert_signal_handlers()  # ray.init replaced SIGTERM's (moe-ray's commands: one line, exit 143)
@@ -121,6 +135,8 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
     try:
         pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
+        for repair in store.repairs:
+            say(f"moe-ray: {spec.store} is damaged: {repair}")
         store.consolidate()
         counts = progress(store.root, spec.analyses)
         total = sum(t for _, t in counts.values())
@@ -138,9 +154,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
         raise
     store.end_run()
     store.consolidate()
-    say(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
-        f"already done; {'; '.join(summaries)}; store {spec.store}")
-    return spec.store
+    return started, todo, total, summaries
 
 
 def weights_identity(ckpt: Checkpoint, ref: Checkpoint | None) -> tuple[dict, dict[str, dict[str, list[str]]]]:
@@ -160,13 +174,18 @@ def _run_error(exc: BaseException) -> str:
 
 
 def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
-                     unit_keys: dict[str, dict[str, list[str]]]) -> dict[str, tuple[int, int]] | None:
-    """Without writing anything: refuse a store made from other weights (unless overwrite), rehearse
-    every job's `prepare` on the existing store (raising any refusal: other parameters, other layers)
-    and return its progress if every unit of the job is done already; None if there is work."""
+                     unit_keys: dict[str, dict[str, list[str]]],
+                     checkpoints: "dict[str, Checkpoint | None] | None" = None) -> dict[str, tuple[int, int]] | None:
+    """Without writing anything: refuse a store made from other weights (unless overwrite): another
+    config.json or layout, or, given the `checkpoints`, any changed byte of a tensor a done unit read
+    (`ResultStore.check_weights`); rehearse every job's `prepare` on the existing store (raising any
+    refusal: other parameters, other layers) and return its progress if every unit of the job is done
+    already and none lacks its results (a deleted array or chunk); None if there is work."""
     existing = ResultStore.existing(spec.store)
     if existing is None or not existing.check_identity(identity, unit_keys, spec.overwrite) or spec.overwrite:
         return None
+    if checkpoints is not None:
+        existing.check_weights(checkpoints)
     rehearsal = ResultStore.dry_run(spec.store)
     for job in jobs:
         try:

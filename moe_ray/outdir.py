@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import MoeRayError
+from .lease import hold_output, release_output
 
 MARKER = ".moe-ray-output.json"
 
@@ -69,9 +70,12 @@ class OutputDir:
         """Record the files this run wrote (everything that is not someone else's) in the marker."""
         ours = sorted(_files(self.path) - self.foreign)
         _write_marker(self.path, self.kind, ours, self.foreign, finished=True)
+        release_output(self.path)
 
 
 def _write_marker(path: Path, kind: OutputKind, files: list[str], foreign: frozenset[str], finished: bool) -> None:
+    if not finished:  # a run starts writing here: one writer at a time (moe_ray.lease)
+        hold_output(path, f"moe-ray {kind.command}")
     marker = {"made_by": f"moe-ray {kind.command}", "version": __version__, "finished": finished,
               "files": sorted(files), "foreign": sorted(foreign)}
     tmp = path / f"{MARKER}.tmp"

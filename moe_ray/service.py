@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import already_complete, as_spec, plan, weights_identity
+from .lease import refuse_if_held
 from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
 from .distributed.placement import Demand, check_placement
@@ -308,7 +309,8 @@ def _check_existing_store(spec: Spec, ckpt, ref, jobs: list[AnalysisJob]) -> Non
     from .errors import MoeRayError
 
     try:
-        already_complete(spec, jobs, *weights_identity(ckpt, ref))
+        already_complete(spec, jobs, *weights_identity(ckpt, ref), checkpoints={"model": ckpt, "reference": ref})
+        refuse_if_held(spec.store)  # a job into a store another writer holds would fail as it starts
     except MoeRayError:
         raise
     except Exception:  # a store only the cluster can reach: the job checks it itself

@@ -11,12 +11,18 @@ group's cells (reorder with chosen pairs), the driver records which in `unit_pla
 counts the units the job runs.
 
 A store knows the weights it was made from: the root's `identity` holds the model's and the
-reference's fingerprints (`Checkpoint.fingerprint`: config.json, and per decoder layer the tensors'
-layout and sampled content). A job over other weights is refused, naming the first tensor that
-differs, before anything is written (`ResultStore.check_identity`). A job whose units are all done
-writes nothing (`ResultStore.dry_run` finds that out without writing), so a read-only complete store
-works; otherwise each run is logged in the root's `runs`, and a run that fails leaves
-`state = "failed"` and its error at the root.
+reference's config.json and tensor layout (`Checkpoint.fingerprint`), and each group's `unit_weights`
+the content digests of every tensor each done unit read (`Checkpoint.digests`, written with the
+unit's results, before its done flag). A job over other weights is refused before anything is
+written: another config or layout (`ResultStore.check_identity`), or any changed byte of a tensor a
+done unit read (`ResultStore.check_weights` recomputes the digests), naming the tensor. A store knows
+what it holds: every done unit must have its chunk of every array its group's units write (the
+group's `unit_arrays`); one that does not is damage (`missing_results`, `store_status`), and the next
+run recomputes exactly those units (`ResultStore.done_array`, `repairs`). One writer at a time: `run`
+holds the store's lease (`moe_ray.lease`). A job whose units are all done writes nothing
+(`ResultStore.dry_run` finds that out without writing), so a read-only complete store works;
+otherwise each run is logged in the root's `runs`, and a run that fails leaves `state = "failed"`
+and its error at the root.
 
 The schema below is the single list of what each analysis group holds; writers and the plotting
 code both read it.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,9 +47,18 @@ from .errors import StoreError
 if TYPE_CHECKING:
     import xarray as xr
 
+    from .checkpoint import Checkpoint
+
 SCHEMA_VERSION = 1
 DONE = "unit_done"
 PLANNED = "unit_planned"
+WEIGHTS = "unit_weights"
+"""Per work unit, the content digests (`Checkpoint.digests`) of every tensor it read, as JSON
+`{"model": {tensor: digest}, "reference": {...}}`, written with its results before its done flag."""
+
+zarr.config.set({"array.write_empty_chunks": True})
+"""Every chunk a unit writes is stored, even one that equals the fill value (zarr's default skips
+those), so a done unit whose chunk is absent is damage, never a result that happened to be NaN."""
 
 
 @dataclass(frozen=True)
@@ -272,9 +288,32 @@ def _is_moe_ray_store(url: str) -> bool:
     return "moe_ray" in root.attrs
 
 
+def enclosing_store(url: str) -> str | None:
+    """The moe-ray store that `url` would lie inside (one of its parent directories or prefixes),
+    or None: a store made inside another's group would change that store's groups and counts."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if "://" not in str(url) or str(url).startswith("file://"):
+        path = os.path.abspath(path)
+    parts = path.rstrip("/").split("/")
+    for n in range(len(parts) - 1, 0, -1):
+        parent = "/".join(parts[:n]) or "/"
+        try:
+            if not fs.exists(f"{parent.rstrip('/')}/zarr.json"):
+                continue
+            with fs.open(f"{parent.rstrip('/')}/zarr.json", "rb") as f:
+                if "moe_ray" in (json.loads(f.read()).get("attributes") or {}):
+                    return parent if "://" not in str(url) else f"{str(url).split('://')[0]}://{parent}"
+        except Exception:
+            continue
+    return None
+
+
 def _identity_difference(stored: dict, identity: dict, unit_keys: dict[str, dict[str, list[str]]]) -> str | None:
-    """Why the weights a store was made from differ from `identity` (None: the same weights), naming
-    the model or the reference and the first tensor that differs."""
+    """Why the weights a store was made from differ from `identity` in config.json or layout (None:
+    the same; their bytes are compared by `ResultStore.check_weights`), naming the model or the
+    reference and what differs."""
     for role in ("model", "reference"):
         old, new = stored.get(role), identity.get(role)
         why = _weights_difference(old, new, role, unit_keys.get(role, {}))
@@ -300,14 +339,8 @@ def _weights_difference(old: dict | None, new: dict | None, role: str, keys: dic
                 f"{new['config'].get(name)!r} now)")
     for unit in dict.fromkeys([*old["units"], *new["units"]]):
         a, b = old["units"].get(unit), new["units"].get(unit)
-        if a == b:
-            continue
-        if a is None or b is None or a["layout"] != b["layout"]:
+        if a != b:
             return f"the {role}'s tensors of {unit} differ in names, dtypes or shapes"
-        i = next(i for i in range(0, len(a["tensors"]), 8) if a["tensors"][i:i + 8] != b["tensors"][i:i + 8]) // 8
-        names = keys.get(unit) or []
-        name = names[i] if i < len(names) else f"number {i}"
-        return f"the {role}'s tensor {name} ({unit}) differs from the one the store was made from"
     return None
 
 
@@ -330,6 +363,15 @@ class ResultStore:
             raise StoreError(f"{self.url} is not a moe-ray store")
         self.needs_write = False
         self._scratch: zarr.Group | None = None
+        self._unit_arrays: dict[str, list[str]] = {}
+        self._lost: dict[str, list[str]] = {}
+        self.repairs: list[str] = []
+        """What `done_array` found missing for done units, one line each (their flags are cleared)."""
+
+    @property
+    def rehearsal(self) -> bool:
+        """True for a `dry_run` store (nothing is written; what would be sets `needs_write`)."""
+        return self._scratch is not None
 
     @classmethod
     def dry_run(cls, url: str) -> "ResultStore":
@@ -349,6 +391,30 @@ class ResultStore:
             raise StoreError(f"{url} exists and is not a moe-ray store; choose another --store path "
                              "(moe-ray never deletes what it did not create)")
         return cls(url, mode="r")
+
+    def check_weights(self, checkpoints: "dict[str, Checkpoint | None]") -> None:
+        """Refuse (StoreError naming the tensor) if any tensor a done unit read has other bytes in
+        `checkpoints` (by role: model, reference) than when it was read: every recorded digest is
+        recomputed from the checkpoint (`Checkpoint.piece_digests`, at read speed). Nothing cheaper
+        cannot miss an edit: sizes and mtimes survive an in-place write, sampled bytes miss the rest."""
+        for role, pieces in recorded_weights(self.root).items():
+            ckpt = checkpoints.get(role)
+            if ckpt is None:
+                continue  # the identity check refused a store made with a role this job lacks
+            unit_of = {k: unit for unit, keys in ckpt.unit_keys.items() for k in keys}
+            order = {unit: i for i, unit in enumerate(ckpt.unit_keys)}
+            base = lambda piece: piece.split("[", 1)[0]
+            names = sorted(pieces, key=lambda p: (order.get(unit_of.get(base(p)), len(order)), p))
+            current = ckpt.piece_digests(names)
+            for piece in names:
+                digest, reader = pieces[piece]
+                if current.get(piece) != digest:
+                    now = "is missing from it now" if current.get(piece) is None else "has other bytes now"
+                    raise StoreError(
+                        f"{self.url} holds results for other weights: the {role}'s tensor {piece} "
+                        f"({unit_of.get(base(piece), 'other')}) differs from the one the store was made from "
+                        f"({reader} read it; it {now}); pass --overwrite to replace the store, or choose "
+                        "another --store")
 
     def check_identity(self, identity: dict, unit_keys: dict[str, dict[str, list[str]]] | None = None,
                        overwrite: bool = False) -> bool:
@@ -381,6 +447,11 @@ class ResultStore:
                 store.start_run(spec)
                 return store
             existing.delete()
+        else:
+            outer = enclosing_store(url)
+            if outer is not None:
+                raise StoreError(f"{url} lies inside the moe-ray store {outer}; a store inside another's groups "
+                                 "would change that store's results: choose a --store outside it")
         root = zarr.open_group(_zarr_store(url, "w"), mode="w")
         root.attrs.update({
             "moe_ray": {"schema_version": SCHEMA_VERSION, "version": __version__},
@@ -459,41 +530,57 @@ class ResultStore:
         arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
         arr[...] = values
 
-    @staticmethod
-    def array(group: zarr.Group, name: str, quantity: Quantity, unit_dims: tuple[str, ...],
+    def array(self, group: zarr.Group, name: str, quantity: Quantity, unit_dims: tuple[str, ...],
               attrs: dict | None = None, chunks: dict[str, int] | None = None) -> zarr.Array:
         """The array for `quantity`, sized from the group's coordinates, chunked 1 along unit dims
-        (or as `chunks` says for some of them: tiles of units that one task writes together)."""
+        (or as `chunks` says for some of them: tiles of units that one task writes together).
+
+        An array with unit dims is one the group's units write (`done_array` checks that every done
+        unit's chunks of it are stored); one of those missing from a group with done units was
+        deleted: it is made again, empty, and `done_array` names it and has its units recomputed."""
         shape = tuple(group[d].shape[0] for d in quantity.dims)
+        if unit_dims:
+            self._unit_arrays.setdefault(group.path, []).append(name)
         if name in group:
             arr = group[name]
             if tuple(arr.shape) != shape:
                 raise StoreError(f"{group.path}/{name} has shape {arr.shape} in the store, this job needs {shape}")
             return arr
+        if name in group.attrs.get("unit_arrays", ()) and DONE in group:
+            self._lost.setdefault(group.path, []).append(name)
         tile = chunks or {}
         chunks = tuple(min(n, tile.get(d, 1)) if d in unit_dims else n for d, n in zip(quantity.dims, shape))
         fill = np.nan if quantity.dtype.startswith("float") else 0
         if quantity.fill is not None:
             fill = quantity.fill
+        if quantity.dtype == "str":
+            dtype, fill = str, ""
+        else:
+            dtype = quantity.dtype
         return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=quantity.dtype, fill_value=fill,
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
             dimension_names=list(quantity.dims),
             attributes={"description": quantity.description, **(attrs or {})})
 
-    @staticmethod
-    def done_array(group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None,
+    def done_array(self, group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None,
                    chunks: dict[str, int] | None = None) -> zarr.Array:
-        """The group's `unit_done` flags; with `planned` (a bool array of its shape: the cells this
-        job runs, where that is not all of them), also `unit_planned`, which progress counts."""
-        done = ResultStore.array(group, DONE, Quantity(
+        """The group's `unit_done` flags and `unit_weights` records; with `planned` (a bool array of its
+        shape: the cells this job runs, where that is not all of them), also `unit_planned`, which
+        progress counts. Called once the group's arrays exist: every done unit must have its chunks of
+        each of them stored; those that do not (a deleted array or chunk) have their flags cleared,
+        so this run recomputes exactly them, and `repairs` says so."""
+        done = self.array(group, DONE, Quantity(
             unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims,
             chunks=chunks)
+        self.array(group, WEIGHTS, Quantity(
+            unit_dims, "the content digests (xxh3_128) of every tensor this unit read, as JSON by role "
+            "(model, reference) and tensor; a resume recomputes them and refuses other weights", "str"),
+            unit_dims, chunks=chunks)
         if planned is not None:
             planned = np.asarray(planned, dtype=np.uint8)
             if PLANNED in group and tuple(group[PLANNED].shape) == planned.shape:
-                if np.array_equal(group[PLANNED][...], planned):
-                    return done
-                group[PLANNED][...] = planned
+                if not np.array_equal(group[PLANNED][...], planned):
+                    group[PLANNED][...] = planned
             else:
                 if PLANNED in group:
                     del group[PLANNED]
@@ -502,6 +589,18 @@ class ResultStore:
                     dimension_names=list(unit_dims),
                     attributes={"description": "1 where the latest job planned this unit (progress counts these)"})
                 arr[...] = planned
+        written = [n for n in dict.fromkeys(self._unit_arrays.pop(group.path, [])) if n != DONE]
+        self.set_attrs(group, unit_arrays=written)
+        lost = self._lost.pop(group.path, [])
+        damaged, why = missing_results(group, unit_dims, written, lost)
+        if why is not None:
+            self.repairs.append(f"{group.path}: {why}: {int(damaged.sum())} done units will be recomputed")
+            if self._scratch is not None:
+                self.needs_write = True
+            else:
+                flags = np.asarray(done[...])
+                flags[damaged] = 0
+                done[...] = flags
         return done
 
     # ---- reading --------------------------------------------------------------------------
@@ -587,16 +686,176 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def _stored_chunks(array: zarr.Array) -> set[str]:
+    """The keys of the chunks of `array` that are stored (listed, not read)."""
+    from zarr.core.sync import sync
+
+    async def keys() -> set[str]:
+        return {k async for k in array.store.list_prefix(f"{array.path}/c/")}
+
+    return sync(keys())
+
+
+def missing_results(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterable[str]",
+                    lost: "Iterable[str]" = ()) -> tuple[np.ndarray, str | None]:
+    """Which done units of `group` lack results: a bool array over the unit dims (True: marked done,
+    but one of `arrays` (the arrays its units write) is missing, or lacks that unit's chunk), and the
+    first thing missing, named (None: every done unit's chunks are there). `lost` are arrays known
+    to have been missing (made again empty since)."""
+    done = unit_done(group) if DONE in group else np.zeros(0, dtype=bool)
+    damaged = np.zeros_like(done)
+    first: str | None = None
+    if not done.any():
+        return damaged, None
+    cells = np.argwhere(done)
+    members = dict(group.arrays())
+    for name in arrays:
+        arr = members.get(name)
+        if arr is None or name in lost:
+            damaged |= done
+            first = first or f"{group.path}/{name} is missing"
+            continue
+        dims = list(arr.metadata.dimension_names or ())
+        if not set(unit_dims) <= set(dims):
+            continue
+        stored = _stored_chunks(arr)
+        unit_axes = [i for i, d in enumerate(dims) if d in unit_dims]
+        # each done cell's chunk coordinates along the unit dims (a tile holds several cells)
+        coords = np.stack([cells[:, unit_dims.index(dims[i])] // arr.chunks[i] for i in unit_axes], axis=1)
+        unique, which = np.unique(coords, axis=0, return_inverse=True)
+        for u, chunk in enumerate(unique):
+            ranges = [range(arr.cdata_shape[i]) for i in range(len(dims))]
+            for k, i in enumerate(unit_axes):
+                ranges[i] = range(int(chunk[k]), int(chunk[k]) + 1)
+            for index in np.ndindex(*(len(r) for r in ranges)):
+                key = arr.metadata.encode_chunk_key(tuple(r[j] for r, j in zip(ranges, index)))
+                if f"{arr.path}/{key}" not in stored:
+                    damaged[tuple(cells[which.ravel() == u].T)] = True
+                    first = first or f"chunk {arr.path}/{key} is missing"
+                    break
+    return damaged, first
+
+
+def unit_label(group: zarr.Group, unit_dims: "Iterable[str]", cell: "Iterable[int]") -> str:
+    """A done unit named by its coordinates: `static layer 0`, `reorder/joint layer 1 expert_i 0 expert_j 2`."""
+    parts = [group.path]
+    for dim, i in zip(unit_dims, cell):
+        value = group[dim][int(i)] if dim in group else i
+        parts.append(f"{dim} {value}")
+    return " ".join(parts)
+
+
+def recorded_weights(root: zarr.Group) -> dict[str, dict[str, tuple[str, str]]]:
+    """The content digests every done unit of the store recorded, by role and tensor piece, with the
+    unit that recorded each (`(digest, unit label)`). Two units that recorded one tensor with two
+    digests mean the store already mixes two weights: refused here."""
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    groups = _all_groups(root)
+    for path, group in groups:  # a record for all of a group's units (causal: every unit reads the model)
+        shared = group.attrs.get(WEIGHTS)
+        if shared and any(unit_done(g).any() for p, g in groups if (p == path or p.startswith(path + "/"))
+                          and DONE in g):
+            for role, digests in shared.items():
+                for piece, digest in digests.items():
+                    out.setdefault(role, {}).setdefault(piece, (digest, f"{path} (its done units)"))
+    for path, group in groups:
+        if DONE not in group or WEIGHTS not in group:
+            continue
+        done = unit_done(group)
+        if not done.any():
+            continue
+        records = np.asarray(group[WEIGHTS][...])
+        dims = tuple(group[DONE].metadata.dimension_names or ())
+        for cell in np.argwhere(done):
+            text = records[tuple(cell)]
+            if not text:
+                continue  # no record: missing_results calls that damage
+            for role, digests in json.loads(str(text)).items():
+                mine = out.setdefault(role, {})
+                for piece, digest in digests.items():
+                    old = mine.get(piece)
+                    if old is None:
+                        mine[piece] = (digest, unit_label(group, dims, cell))
+                    elif old[0] != digest:
+                        raise StoreError(
+                            f"{path}: the store already mixes two versions of the {role}'s tensor {piece}: "
+                            f"{old[1]} and {unit_label(group, dims, cell)} read different bytes; pass "
+                            "--overwrite to recompute it")
+    return out
+
+
+def _all_groups(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    return [(p, g) for p, g in root.members(max_depth=None) if isinstance(g, zarr.Group)]
+
+
 def unit_done(group: zarr.Group) -> np.ndarray:
     """The group's done flags as a bool array over its unit dimensions."""
     return np.asarray(group[DONE][...]).astype(bool)
 
 
+def store_status(url: str) -> dict[str, dict]:
+    """Per analysis (the store's top-level groups), what the store holds: `state` (`complete`,
+    `partial` (a run stopped or failed before its end), `failed` (the last run failed), `running` (a
+    live writer holds the store's lease), or `damaged` (a unit marked done lacks an array or chunk of
+    its results)), `done` and `planned` units, `damage` (the first thing missing, else None) and
+    `text` (`complete`, `partial 76/168`, `damaged: chunk ... is missing`). Empty for a store that
+    does not exist or cannot be read."""
+    from .lease import holder
+
+    if not _exists(url):
+        return {}
+    try:
+        root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+        counts = progress(root)
+        groups = _all_groups(root)
+    except Exception:
+        return {}
+    root_state = root.attrs.get("state")
+    try:
+        live = holder(url) is not None
+    except Exception:  # a lease that cannot be read says nothing about the store
+        live = False
+    out: dict[str, dict] = {}
+    for name, (done, planned) in counts.items():
+        damage = None
+        for path, group in groups:
+            if (path == name or path.startswith(name + "/")) and DONE in group:
+                dims = tuple(group[DONE].metadata.dimension_names or ())
+                try:
+                    _, damage = missing_results(group, dims, group.attrs.get("unit_arrays", ()))
+                except Exception as exc:
+                    damage = f"{path} cannot be listed: {_first_line(exc)}"
+                if damage:
+                    break
+        if damage:
+            state, text = "damaged", f"damaged: {damage}"
+        elif done == planned:
+            state, text = "complete", "complete"
+        else:
+            state = "running" if live else "failed" if root_state == "failed" else "partial"
+            text = f"{state} {done}/{planned}"
+        out[name] = {"state": state, "done": done, "planned": planned, "damage": damage, "text": text}
+    return out
+
+
 def open_results(url: str) -> "xr.DataTree":
-    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>)."""
+    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>).
+    Its attrs' `moe_ray_status` says per analysis whether it is complete (`store_status`); a store
+    that is not is opened with a warning naming what it lacks."""
     import xarray as xr  # here, not at the top: workers writing the store never need it
 
     url = str(url)
     if not _exists(url) or not _is_moe_ray_store(url):
         raise StoreError(f"{url} is not a moe-ray store")
-    return xr.open_datatree(url, engine="zarr", consolidated=None)
+    tree = xr.open_datatree(url, engine="zarr", consolidated=None)
+    status = store_status(url)
+    tree.attrs["moe_ray_status"] = {name: s["text"] for name, s in status.items()}
+    unfinished = {name: s["text"] for name, s in status.items() if s["state"] != "complete"}
+    if unfinished:
+        warnings.warn(f"{url} is not complete: " + "; ".join(f"{k} {v}" for k, v in unfinished.items()),
+                      IncompleteStoreWarning, stacklevel=2)
+    return tree
+
+
+class IncompleteStoreWarning(UserWarning):
+    """`open_results` of a store some analysis of which is partial, failed, running or damaged."""

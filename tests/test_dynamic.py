@@ -197,6 +197,9 @@ def test_two_shards_equal_one(ray_session, tiny, tmp_path):
         for name in a.data_vars:
             if name == "tokens":
                 continue
+            if a[name].dtype.kind not in "fciu":  # unit_weights: the digests, equal as text
+                np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+                continue
             np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-6, atol=1e-6, err_msg=name)
     assert xr.open_zarr(one, group="dynamic/long").sizes["token"] == 300
 

@@ -285,4 +285,7 @@ def test_units_on_logical_gpus_of_a_mixed_cluster(ray_session, tiny, tmp_path):
     for group in ("static", "reorder/joint"):
         a, b = xr.open_zarr(cpu, group=group), xr.open_zarr(store, group=group)
         for name in a.data_vars:
+            if a[name].dtype.kind not in "fciu":  # unit_weights: the digests, equal as text
+                np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+                continue
             np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-6, atol=1e-7, err_msg=name)

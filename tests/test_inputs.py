@@ -284,7 +284,7 @@ def test_rerun_into_a_complete_store_writes_nothing_whatever_the_path_spelling(m
 
 
 @pytest.mark.parametrize("change, words", [
-    ("model tensor", ["other weights: the model's tensor", "experts.0.w1.weight (layer 3) differs"]),
+    ("model tensor", ["other weights: the model's tensor", "experts.0.w1.weight (layer 0) differs"]),
     ("reference tensor", ["other weights: the reference's tensor model.layers.1.mlp.up_proj.weight (layer 1) differs"]),
     ("model config", ["the model's config.json differs (rope_theta"]),
     ("no reference", ["made with a reference", "this job has none"]),
@@ -294,7 +294,7 @@ def test_resume_over_other_weights_is_refused_and_the_store_unchanged(change, wo
     copy, copy_ref = _copy(type("C", (), {"path": model})(), tmp_path)
     argv = _rerun_argv(copy, copy_ref, store)
     if change == "model tensor":
-        key = EXPERT.format(l=3, e=0, w="w1")  # a layer this store never computed: still other weights
+        key = EXPERT.format(l=0, e=0, w="w1")  # a tensor a done unit read (one no done unit read may change)
         _replace_tensor(copy, key, torch.randn(128, 64))
     elif change == "reference tensor":
         key = REF.format(l=1, p="up_proj")
@@ -464,7 +464,7 @@ def test_submit_refuses_other_weights_before_sending(made, tmp_path, capsys):
     copy, _ = _copy(type("C", (), {"path": model})(), tmp_path)
     _replace_tensor(copy, EXPERT.format(l=0, e=1, w="w2"), torch.randn(64, 128))
     spec = tmp_path / "job.toml"
-    spec.write_text(f'model = "{copy}"\nstore = "{store}"\nlayers = [0, 1]\n')
+    spec.write_text(f'model = "{copy}"\nreference = "{ref}"\nstore = "{store}"\nlayers = [0, 1]\n')
     before = _snapshot(store)
     _assert_one_line(*_cli(["submit", str(spec), "--address", f"http://127.0.0.1:{_free_port()}"], capsys),
                      ["other weights: the model's tensor model.layers.0.block_sparse_moe.experts.1.w2.weight"])

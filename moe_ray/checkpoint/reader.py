@@ -8,8 +8,9 @@ file or overlapping. Which stored formats moe-ray can analyse is decided in one 
 scales. Tensors are read one at a time, on demand, and returned as float32 (or float64) whatever
 their stored format: quantised tensors are dequantised exactly on the reader's device, and a piece of
 a fused tensor (a `TensorRef`: one expert, one matrix) is read by slice, never the whole tensor.
-`Checkpoint.fingerprint` identifies the weights themselves (not where they live), so a store can
-refuse to resume over other weights.
+`Checkpoint.fingerprint` identifies the weights' config and layout (not where they live) and
+`Checkpoint.digests` their bytes (xxh3_128 of each stored tensor), so a store can refuse to resume
+over other weights.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
 import fsspec
 import torch
+import xxhash
 from safetensors import safe_open
 
 from ..errors import CheckpointError
@@ -36,8 +38,11 @@ from .quant import DTYPE_BYTES, Stored, classify, dequantize_fp8_blocks, dequant
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
-FINGERPRINT_VERSION = 1
-SAMPLE_BYTES = 1024
+FINGERPRINT_VERSION = 2
+DIGEST = "xxh3_128"
+"""The content hash of stored tensor bytes: xxHash3 128-bit, non-cryptographic (it guards against
+accidents, an edited or swapped file, not an adversary), at memory speed on one core."""
+DIGEST_BLOCK = 64 << 20
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -162,6 +167,8 @@ class Checkpoint:
         self.stored: dict[str, Stored] = logical_layout(self.tensors, self.config.get("quantization_config"))
         """Every logical tensor (scale and block companions folded in) and how it is stored."""
         self._handles: dict[str, object] = {}
+        self._digested: dict[tuple[str, int, int], str] = {}
+        """Digests of byte ranges fetched from remote storage, hashed as they arrived (`digests`)."""
 
     # ---- opening -------------------------------------------------------------------------
     def _path(self, name: str) -> str:
@@ -329,22 +336,15 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self) -> dict:
-        """What identifies these weights, wherever they live (a path spelled differently, a copy, a
-        re-sharding are the same weights): config.json, and per unit (a decoder layer; `other` for
-        embeddings, norm, head) a digest of its tensors' names, dtypes and shapes plus one 8-hex
-        content fingerprint per tensor (its dtype, shape and sampled bytes), in sorted key order."""
+        """The cheap identity of these weights, wherever they live (a path spelled differently, a copy,
+        a re-sharding are the same weights): config.json, and per unit (a decoder layer; `other` for
+        embeddings, norm, head) a digest of its tensors' names, dtypes and shapes. It reads no tensor
+        data: the content is identified exactly by `digests`, which every work unit records for the
+        tensors it read and a resume checks (`store.ResultStore.check_weights`)."""
         units: dict[str, dict[str, str]] = {}
-        samples = self._sample_bytes()
         for unit, keys in self.unit_keys.items():
             layout = json.dumps([[k, self.tensors[k].dtype, list(self.tensors[k].shape)] for k in keys])
-            per_tensor = []
-            for k in keys:
-                info = self.tensors[k]
-                h = hashlib.blake2b(json.dumps([info.dtype, list(info.shape)]).encode(), digest_size=4)
-                h.update(samples[k])
-                per_tensor.append(h.hexdigest())
-            units[unit] = {"layout": hashlib.blake2b(layout.encode(), digest_size=8).hexdigest(),
-                           "tensors": "".join(per_tensor)}
+            units[unit] = {"layout": hashlib.blake2b(layout.encode(), digest_size=8).hexdigest()}
         return {
             "fingerprint": FINGERPRINT_VERSION,
             "location": self.location,  # for messages only: not compared
@@ -366,48 +366,79 @@ class Checkpoint:
         return dict(sorted(by_unit.items(), key=lambda kv: (kv[0] == "other",
                                                             int(kv[0].split()[-1]) if kv[0] != "other" else 0)))
 
-    def _sample_bytes(self) -> dict[str, bytes]:
-        """A few bytes of every tensor (its start, middle and end, SAMPLE_BYTES each): enough to tell
-        other weights of the same layout apart, cheap enough to read for every tensor of a model."""
-        ranges: dict[str, list[tuple[int, int]]] = {}
-        for key, info in self.tensors.items():
-            n = info.nbytes
-            starts = sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)})
-            ranges[key] = [(s, min(n, s + SAMPLE_BYTES)) for s in starts]
-        out: dict[str, bytes] = {}
-        pickles = [k for k, i in self.tensors.items() if i.file.endswith(".bin")]
-        for key in pickles:
-            state = self._handles.get(self.tensors[key].file)
+    def stored_pieces(self, key: Key) -> list[tuple[str, TensorInfo]]:
+        """The stored byte ranges behind a logical tensor or a TensorRef's piece of one, named as
+        `digests` names them: each physical part (a quantised tensor's scales and blocks too), as
+        `name` or, for one leading-index row of a fused tensor, `name[i]` (other pieces: the part)."""
+        name = ref_name(key)
+        stored = self.stored.get(name)
+        parts = stored.parts if stored is not None else (name,)
+        row = key.index[0] if isinstance(key, TensorRef) and key.index and isinstance(key.index[0], int) else None
+        out = []
+        for part in parts:
+            if row is None:
+                out.append((part, self.tensors[part]))
+            else:
+                out.append((f"{part}[{row}]", self.info(TensorRef(part, (row,)))))
+        return out
+
+    def digests(self, keys: "Iterable[Key]") -> dict[str, str]:
+        """The content hash (DIGEST, hex) of the stored bytes behind every key (`stored_pieces`), by
+        piece name. A work unit records these for the tensors it read, right after reading them (the
+        bytes are then in the page cache: hashing costs CPU at xxh3's speed, not a second read from
+        disk), and a resume recomputes them for every done unit's tensors: any changed byte changes
+        the hash, which mtime, size or sampled bytes cannot promise."""
+        pieces: dict[str, TensorInfo] = {}
+        for key in keys:
+            pieces.update(self.stored_pieces(key))
+        return {name: self._digest(name.split("[", 1)[0], info) for name, info in pieces.items()}
+
+    def piece_digests(self, pieces: "Iterable[str]", threads: int = 8) -> dict[str, str | None]:
+        """`digests` of pieces named as it names them (`name`, `name[i]`), read `threads` at a time
+        (reads overlap; hashing runs at about 20 GB/s a core); None for a piece this checkpoint lacks."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(piece: str) -> str | None:
+            name, _, row = piece.partition("[")
+            if name not in self.tensors:
+                return None
+            info = self.tensors[name] if not row else self.info(TensorRef(name, (int(row.rstrip("]")),)))
+            return self._digest(name, info, fresh=True)
+
+        pieces = list(pieces)
+        with ThreadPoolExecutor(max(1, min(threads, len(pieces)))) as pool:
+            return dict(zip(pieces, pool.map(one, pieces)))
+
+    def _digest(self, name: str, info: TensorInfo, fresh: bool = False) -> str:
+        """The digest of one stored byte range: hashed as a remote read fetched it, unless `fresh`
+        (a resume's check reads it anew); else read (a local file: from the page cache after a read)."""
+        if not fresh and (info.file, info.start, info.end) in self._digested:
+            return self._digested[(info.file, info.start, info.end)]
+        h = xxhash.xxh3_128()
+        if info.file.endswith(".bin"):
+            state = self._handles.get(info.file)
             if state is None:
-                state = self._handles[self.tensors[key].file] = self._load_pickle(self.tensors[key].file)
-            raw = state[key].contiguous().reshape(-1).view(torch.uint8)
-            out[key] = b"".join(raw[a:b].numpy().tobytes() for a, b in ranges[key])
-        rest = [k for k in self.tensors if k not in out]
-        if _is_local(self.location):
-            by_file: dict[str, list[str]] = {}
-            for key in rest:
-                by_file.setdefault(self.tensors[key].file, []).append(key)
-            for file, keys in by_file.items():
+                state = self._handles[info.file] = self._load_pickle(info.file)
+            raw = state[name].contiguous().reshape(-1).view(torch.uint8).numpy()
+            h.update(memoryview(raw)[info.start:info.end])
+            return h.hexdigest()
+        try:
+            if _is_local(self.location):
+                fd = os.open(info.file, os.O_RDONLY)
                 try:
-                    fd = os.open(file, os.O_RDONLY)
-                except OSError as exc:
-                    raise CheckpointError(f"cannot read safetensors file {os.path.basename(file)}: {exc}") from None
-                try:
-                    for key in keys:
-                        start = self.tensors[key].start
-                        out[key] = b"".join(os.pread(fd, b - a, start + a) for a, b in ranges[key])
+                    for at in range(info.start, info.end, DIGEST_BLOCK):
+                        block = os.pread(fd, min(DIGEST_BLOCK, info.end - at), at)
+                        if not block:
+                            raise OSError(f"{os.path.basename(info.file)} ends before byte {info.end}")
+                        h.update(block)
                 finally:
                     os.close(fd)
-        elif rest:
-            flat = [(key, a, b) for key in rest for a, b in ranges[key]]
-            got = self.fs.cat_ranges([self.tensors[k].file for k, _, _ in flat],
-                                     [self.tensors[k].start + a for k, a, _ in flat],
-                                     [self.tensors[k].start + b for k, _, b in flat])
-            for (key, _, _), data in zip(flat, got):
-                if isinstance(data, Exception):
-                    raise CheckpointError(f"cannot read tensor {key} of {self.location}: {data}")
-                out[key] = out.get(key, b"") + data
-        return out
+            else:
+                for at in range(info.start, info.end, DIGEST_BLOCK):
+                    h.update(self.fs.cat_file(info.file, start=at, end=min(at + DIGEST_BLOCK, info.end)))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read tensor {name} of {self.location}: {exc}") from None
+        return h.hexdigest()
 
     # ---- reading -----------------------------------------------------------------------------
     def read(self, key: Key, dtype: torch.dtype = torch.float32, check_finite: bool = True,
@@ -479,6 +510,7 @@ class Checkpoint:
             row = (end - start) // shape[0]
             start, end, shape, index = start + index[0] * row, start + (index[0] + 1) * row, shape[1:], index[1:]
         raw = self.fs.cat_file(info.file, start=start, end=end)
+        self._digested[(info.file, start, end)] = xxhash.xxh3_128(raw).hexdigest()  # `digests` needs no refetch
         tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(shape)
         return tensor[index] if index else tensor
 

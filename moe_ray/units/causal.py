@@ -40,9 +40,9 @@ from ..errors import SpecError
 from ..runtime import LayerRange
 from ..runtime.causal import LOGIT_ELEMENTS, SHARED, OutputHead, Variant, run_rows
 from ..spec import CausalOptions, Spec
-from ..store import CAUSAL_SCHEMA, DONE, Quantity, ResultStore, unit_done
+from ..store import CAUSAL_SCHEMA, DONE, WEIGHTS, Quantity, ResultStore, unit_done
 from .dynamic import CORPUS, DynamicPlan, TokenizedInput, _cluster_gpus, plan_dynamic
-from .job import AnalysisJob
+from .job import AnalysisJob, WeightsRecord
 
 GROUP = "causal"
 NORM, NORM_ALL, ABLATION, AGREEMENT = (f"{GROUP}/{g}" for g in ("norm_routing", "norm_routing_all", "ablation",
@@ -167,6 +167,7 @@ def prepare(store: ResultStore, plan: CausalPlan, overwrite: bool = False) -> di
                                           "(resume skips those)", "uint8"), ())
         done[path], groups[path] = unit_done(group), group
     root = groups[GROUP]
+    record_weights(store, root, any(d.any() for d in done.values()), plan.base.model)
     if "text" not in root:  # what each sequence is (written once, with the group)
         arr = root.create_array("text", shape=(len(plan.sequences),), dtype=str, dimension_names=["sequence"],
                                 attributes={"description": "each corpus sequence's text"})
@@ -174,6 +175,22 @@ def prepare(store: ResultStore, plan: CausalPlan, overwrite: bool = False) -> di
     if not (np.asarray(root["sequence_tokens"][...]) == plan.tokens()).all():
         root["sequence_tokens"][...] = plan.tokens()
     return done
+
+
+def record_weights(store: ResultStore, root, any_done: bool, model: str) -> None:
+    """The content digests of the whole model in the causal group's `unit_weights` attribute: every
+    causal unit runs the model end to end. Taken by the driver before the first unit runs (a fresh
+    causal group, or one with no unit done), kept while units are done (a resume checks them first:
+    `ResultStore.check_weights`)."""
+    if any_done and root.attrs.get(WEIGHTS):
+        return
+    if store.rehearsal:  # the real run takes them, once
+        store.needs_write = True
+        return
+    ckpt = open_checkpoint(model)
+    record = WeightsRecord()
+    record.add("model", ckpt, sorted(ckpt.stored))
+    store.set_attrs(root, **{WEIGHTS: record.digests})
 
 
 def _text(sequence: TokenizedInput) -> str:

@@ -33,8 +33,8 @@ from ..distributed.placement import Demand, Resources, refusal
 from ..errors import CheckpointError, MoeRayError, SpecError
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
-from ..store import DONE, DYNAMIC_SCHEMA, ResultStore, unit_done
-from .job import AnalysisJob
+from ..store import DONE, DYNAMIC_SCHEMA, WEIGHTS, ResultStore, unit_done
+from .job import AnalysisJob, WeightsRecord
 
 GROUP = "dynamic"
 UNIT_DIMS = ("layer",)
@@ -278,6 +278,24 @@ def shard_label(plan: DynamicPlan, shard: int) -> str:
     return f"dynamic shard {shard} of {len(plan.shards)} (layers {start}-{end - 1})"
 
 
+def layer_weights(ckpt: Checkpoint, ref: Checkpoint | None, captured: Sequence[int], layer: int) -> WeightsRecord:
+    """The digests of what the dynamic unit of captured `layer` depends on, whatever the sharding: the
+    decoder layers after the previous captured layer up to `layer` (from the embeddings for the first),
+    and its reference FFN. A dynamic input is recomputed whole unless all its units are done
+    (`start_over`), so the done units of an input together record every tensor its stored results
+    came from."""
+    record = WeightsRecord()
+    before = [l for l in captured if l < layer]
+    first = before[-1] + 1 if before else 0
+    keys = [] if before else [ckpt.family.embed_key()]
+    for decoder in range(first, layer + 1):
+        keys += layer_keys(ckpt, decoder)
+    record.add("model", ckpt, keys)
+    if ref is not None:
+        record.add("reference", ref, list(ref.family.dense_ffn_keys(layer).values()))
+    return record
+
+
 class ShardWorker:
     """A Ray actor holding layers [start, end) of the model; `run` pushes one input through them.
 
@@ -291,6 +309,8 @@ class ShardWorker:
         self.plan = plan
         self.label = shard_label(plan, shard)
         self.load_error: Exception | None = None
+        self.reference: Checkpoint | None = None
+        self._weight_records: dict[int, str] = {}
         start, end = plan.shards[shard]
         try:
             if device == "cuda" and not torch.cuda.is_available():
@@ -300,12 +320,20 @@ class ShardWorker:
             ref = open_checkpoint(plan.reference) if plan.reference else None
             self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device,
                                      plan.dtype_for(device))
+            self.reference = ref
         except Exception as exc:  # re-raised by run(), with its type, as the job's error
             self.load_error = exc
         self.store = ResultStore(plan.store)
 
     def __repr__(self) -> str:  # names the shard in Ray's log prefixes and state API (repr_name)
         return self.label
+
+    def _weights(self, layer: int) -> str:
+        """`layer_weights` of a captured layer as stored JSON, computed once per actor."""
+        if layer not in self._weight_records:
+            self._weight_records[layer] = layer_weights(self.runner.ckpt, self.reference, self.plan.layers,
+                                                        layer).json()
+        return self._weight_records[layer]
 
     def run(self, name: str, value) -> torch.Tensor:
         """Token ids (first shard) or hidden states in; hidden states out; this shard's layers stored."""
@@ -318,7 +346,8 @@ class ShardWorker:
             li = self.plan.layers.index(layer)
             for key, values in capture_arrays(self.plan, cap).items():
                 group[key][li] = values
-            group["unit_done"][li] = 1
+            group[WEIGHTS][li] = self._weights(layer)
+            group[DONE][li] = 1
         return hidden.cpu()  # the next shard may sit on another GPU or node
 
 

@@ -10,6 +10,7 @@ gives CPU units on a CPU cluster and GPU units where there are GPUs.
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,22 @@ from ..distributed.placement import EACH, GIB, Demand, Resources, gpus_for
 from ..errors import MoeRayError, SpecError
 from ..spec import Spec
 from ..store import ResultStore
+
+class WeightsRecord:
+    """The content digests of the tensors a unit read, by role (model, reference) and tensor piece
+    (`Checkpoint.digests`), taken right after the unit read them: stored in the group's
+    `unit_weights` with the unit's results, before its done flag, so a resume can prove it is
+    computing over the same bytes (`ResultStore.check_weights`)."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, dict[str, str]] = {}
+
+    def add(self, role: str, ckpt, keys) -> None:
+        self.digests.setdefault(role, {}).update(ckpt.digests(keys))
+
+    def json(self) -> str:
+        return json.dumps(self.digests, sort_keys=True)
+
 
 class AnalysisJob(ABC):
     """One analysis of one run: `units.static.StaticJob`, `units.reorder.ReorderJob` (tasks) and

@@ -19,6 +19,7 @@ GPU, its GPU memory. Everything (layers, pairs, memory budget, tensors and shape
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_chec
 from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
 from ..spec import Spec, parse_pair
-from ..store import ResultStore, reorder_quantity, REORDER_SCHEMA, unit_done
+from ..store import DONE, WEIGHTS, ResultStore, reorder_quantity, REORDER_SCHEMA, unit_done
 from .job import DeviceRequest, TaskJob, cluster_gpus, held_dtype, release, where
 from .sizing import overlaps, reorder_unit_memory
 
@@ -182,14 +183,18 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
     family = get_family(plan.family)
     ckpt = open_checkpoint(plan.model)
 
+    digests: dict[int, dict[str, str]] = {}
+
     def load(e: int) -> dict[str, torch.Tensor]:
         keys = family.expert_keys(layer, e)
         expert = {m: ckpt.read(keys[m], held_dtype(ckpt.info(keys[m]).dtype), device=device) for m in MATRICES}
+        digests[e] = ckpt.digests([keys[m] for m in MATRICES])  # the bytes just read, from the page cache
         ckpt.close()  # the memory maps go with the tensors once they are prepared
         return expert
 
     problems = [(i, j, MATRICES if m is None else (m,)) for i, j, m in cells]
-    writes: dict[str, list[tuple[tuple[int, ...], object]]] = {name: [] for name in (*REORDER_SCHEMA, "unit_done")}
+    writes: dict[str, list[tuple[tuple[int, ...], object]]] = {
+        name: [] for name in (*REORDER_SCHEMA, WEIGHTS, DONE)}
     before, after, taus = [], [], []
     build = solve = 0.0
     try:
@@ -205,7 +210,8 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
             cell = _cell_index(li, (i, j, None if mode == "joint" else matrices[0]))
             writes["kendall_tau"].append((cell, result.kendall_tau))
             writes["permutation"].append((cell, result.perm.astype(np.int32)))
-            writes["unit_done"].append((cell, 1))
+            writes[WEIGHTS].append((cell, json.dumps({"model": {**digests[i], **digests[j]}}, sort_keys=True)))
+            writes[DONE].append((cell, 1))
             taus.append(result.kendall_tau)
             build, solve = build + result.build_seconds, solve + result.solve_seconds
     finally:

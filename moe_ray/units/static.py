@@ -23,8 +23,8 @@ from ..checkpoint.validate import check_reference
 from ..errors import CheckpointError
 from ..spec import Spec, StaticOptions
 from ..distributed.fanout import Unit
-from ..store import STATIC_SCHEMA, STATIC_SUMMARY, ResultStore, unit_done
-from .job import DeviceRequest, TaskJob, held_dtype, release, where
+from ..store import DONE, STATIC_SCHEMA, STATIC_SUMMARY, WEIGHTS, ResultStore, unit_done
+from .job import DeviceRequest, TaskJob, WeightsRecord, held_dtype, release, where
 from .sizing import static_unit_memory
 
 GROUP = "static"
@@ -177,7 +177,7 @@ def run_layer(plan: StaticPlan, layer: int, request: DeviceRequest = DeviceReque
     started = time.monotonic()
     device, note = request.resolve()
     try:
-        results, outliers = _analyse_layer(plan, layer, device)
+        results, outliers, record = _analyse_layer(plan, layer, device)
     finally:
         release(device)
     store = ResultStore(plan.store)
@@ -187,7 +187,8 @@ def run_layer(plan: StaticPlan, layer: int, request: DeviceRequest = DeviceReque
         group[name][li] = values
     if plan.options.dbscan_eps is not None:
         group["matrix_pca_outlier"][li] = outliers
-    group["unit_done"][li] = 1
+    group[WEIGHTS][li] = record.json()
+    group[DONE][li] = 1
     routed = list(range(plan.facts.num_experts))
     offdiag = results["matrix_similarity"][:, routed][:, :, routed]
     mean_sim = float(np.nanmean(offdiag[:, ~np.eye(len(routed), dtype=bool)])) if len(routed) > 1 else float("nan")
@@ -198,8 +199,10 @@ def run_layer(plan: StaticPlan, layer: int, request: DeviceRequest = DeviceReque
                    f"{seconds:.1f}s"}
 
 
-def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every static quantity of one layer, computed on `device`, as host arrays."""
+def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray, WeightsRecord]:
+    """Every static quantity of one layer, computed on `device`, as host arrays, and the digests of
+    the tensors it read."""
     ckpt = open_checkpoint(plan.model, plan.allow_pickle)
     ref = open_checkpoint(plan.reference, plan.allow_pickle) if plan.reference else None
     n_labels = len(plan.labels)
@@ -208,6 +211,7 @@ def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device) -> tuple[
                for name, q in STATIC_SCHEMA.items() if q.dtype.startswith("float")}
     outliers = np.zeros((len(MATRICES), n_labels), dtype=np.uint8)
     averages: dict[str, torch.Tensor] = {}
+    record = WeightsRecord()
     for matrix in MATRICES:  # the later kinds arrive from disk while the first is computed on
         for _, source, key in plan.label_keys(ckpt, ref, layer, matrix):
             source.prefetch([key])
@@ -215,6 +219,7 @@ def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device) -> tuple[
         mats: dict[str, torch.Tensor] = {}
         for label, source, key in plan.label_keys(ckpt, ref, layer, matrix):
             mats[label] = source.read(key, held_dtype(source.info(key).dtype), device=device)
+            record.add("reference" if source is ref and label == "F" else "model", source, [key])
         comparable = [i for i, lab in enumerate(plan.labels)
                       if lab not in plan.absent.get("matrix_similarity", {})]
         comp_mats = [mats[plan.labels[i]] for i in comparable]
@@ -238,13 +243,15 @@ def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device) -> tuple[
         ckpt.close()
         if ref is not None:
             ref.close()
-    router = ckpt.read(get_family(plan.family).router_weight_key(layer), device=device)
+    router_key = get_family(plan.family).router_weight_key(layer)
+    router = ckpt.read(router_key, device=device)
+    record.add("model", ckpt, [router_key])
     gate_sim = S.gate_embedding_similarity(router)
     results["gate_embedding_similarity"] = _embed(gate_sim, routed, n_labels)
     for mi, matrix in enumerate(MATRICES):
         y = S.cosine_matrix(averages[matrix][routed])
         results["gate_weight_correlation"][mi] = S.upper_triangle_pearson(gate_sim, y)
-    return results, outliers
+    return results, outliers, record
 
 
 def _shape(plan: StaticPlan, dims: tuple[str, ...]) -> tuple[int, ...]:

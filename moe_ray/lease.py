@@ -1,0 +1,358 @@
+"""One writer at a time: a lease on a store (or a `plot --out` directory), held while writing.
+
+The lease is a small JSON document beside what it guards (`<path>.lease`: it survives an
+`--overwrite` that deletes and re-creates the store, and exists before the store does), naming its
+holder: owner (user@host), host, pid, the process's start time, the command, a random token, and a
+heartbeat that a thread of the holder renews every HEARTBEAT_S seconds. A second writer is refused
+with one line naming the holder. A lease is stale when its holder is dead: on the same host its pid
+is gone (or is another process: the start time differs), or its heartbeat is older than STALE_S
+(a holder on another host that stopped renewing); a stale lease is taken over.
+
+Every step is atomic where the lease lives:
+- local disks: the lease is written to a temporary file and hard-linked into place (`link` fails if
+  the name exists: an exclusive create of a complete document); a stale lease is taken over by
+  renaming it to a name of the taker's own (one rename wins) and checking it was the one judged stale;
+- S3: `PUT` with `If-None-Match: *` (an exclusive create, S3's conditional writes) and a stale lease
+  removed with `DELETE` `If-Match: <its ETag>` (only the document judged stale is removed);
+- other fsspec filesystems: their exclusive create (`pipe_file(mode="create")`) where they have one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+from .errors import MoeRayError
+
+HEARTBEAT_S = 10.0
+STALE_S = 120.0
+"""A lease whose heartbeat is this old (12 missed renewals) has no living holder."""
+SUFFIX = ".lease"
+
+
+class LeaseHeld(MoeRayError):
+    """Another writer holds the lease."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _started(pid: int) -> float | None:
+    """When process `pid` started (None: no such process)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+class _Local:
+    """The lease document on a local disk."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> tuple[dict | None, Any]:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None, None
+        return _parse(raw), raw
+
+    def create(self, data: bytes) -> bool:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def remove_if(self, version: Any) -> bool:
+        """Remove the lease if it is still the document `version` (its bytes)."""
+        aside = f"{self.path}.{secrets.token_hex(6)}.old"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        with open(aside, "rb") as f:
+            moved = f.read()
+        if moved == version:
+            os.unlink(aside)
+            return True
+        try:  # another writer's fresh lease: put it back (unless yet another took the name)
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass
+        os.unlink(aside)
+        return False
+
+    def replace(self, data: bytes, version: Any) -> Any:
+        tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.path)
+        return data
+
+
+class _Fsspec:
+    """The lease document on object storage (S3 conditional writes) or another fsspec filesystem."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.s3 = type(self.fs).__name__ == "S3FileSystem"
+
+    def read(self) -> tuple[dict | None, Any]:
+        if self.s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            try:
+                out = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None, None
+            return _parse(_read_body(self.fs, out["Body"])), out.get("ETag")
+        try:
+            raw = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None, None
+        return _parse(raw), raw
+
+    def create(self, data: bytes) -> bool:
+        if self.s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+        try:
+            self.fs.pipe_file(self.path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def remove_if(self, version: Any) -> bool:
+        if self.s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+                return True
+            except FileNotFoundError:
+                return False
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+        if self.read()[1] != version:
+            return False
+        self.fs.rm_file(self.path)
+        return True
+
+    def replace(self, data: bytes, version: Any) -> Any:
+        if self.s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+            return out.get("ETag")
+        self.fs.pipe_file(self.path, data)
+        return data
+
+
+def _read_body(fs, body) -> bytes:
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        async with body as stream:
+            return await stream.read()
+
+    return sync(fs.loop, read)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc} {getattr(exc, '__cause__', '')}"
+    return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
+
+
+def _parse(raw: bytes | None) -> dict | None:
+    try:
+        doc = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _backend(url: str):
+    if "://" in url and not url.startswith("file://"):
+        return _Fsspec(url)
+    return _Local(url.removeprefix("file://"))
+
+
+def holder_text(doc: dict) -> str:
+    """`moe-ray run by alice@node1 (pid 4242), heartbeat 3s ago`."""
+    age = _now() - float(doc.get("heartbeat", 0) or 0)
+    return (f"{doc.get('command', 'a moe-ray command')} by {doc.get('owner', '?')} (pid {doc.get('pid', '?')}), "
+            f"heartbeat {age:.0f}s ago")
+
+
+def stale_reason(doc: dict) -> str | None:
+    """Why the holder of `doc` is dead (None: it may be alive)."""
+    if not doc:
+        return "the lease document is unreadable"
+    if doc.get("host") == socket.gethostname():
+        started = _started(int(doc.get("pid", -1)))
+        if started is None:
+            return f"its process {doc.get('pid')} is gone"
+        if abs(started - float(doc.get("pid_started", 0))) > 1.0:
+            return f"its process {doc.get('pid')} is gone (the pid is another process's now)"
+    age = _now() - float(doc.get("heartbeat", 0) or 0)
+    if age > STALE_S:
+        return f"its heartbeat is {age:.0f}s old"
+    return None
+
+
+class Lease:
+    """`with Lease(url, "moe-ray run"):` holds the lease on `url` (a store or an output directory)
+    for the block, renewing its heartbeat; a second writer gets LeaseHeld naming the holder."""
+
+    def __init__(self, url: str, command: str):
+        self.url = str(url).rstrip("/")
+        self.lease_url = self.url + SUFFIX
+        self.command = command
+        self.token = secrets.token_hex(8)
+        self._backend = _backend(self.lease_url)
+        self._version: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.took_over: str | None = None
+        """Why a stale lease was taken over (None: there was none)."""
+
+    def _document(self) -> bytes:
+        pid = os.getpid()
+        host = socket.gethostname()
+        return json.dumps({
+            "owner": f"{_user()}@{host}", "host": host, "pid": pid, "pid_started": _started(pid),
+            "command": self.command, "token": self.token,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "heartbeat": _now()}).encode()
+
+    def acquire(self) -> "Lease":
+        for _ in range(5):
+            data = self._document()
+            if self._backend.create(data):
+                self._version = data
+                if isinstance(self._backend, _Fsspec) and self._backend.s3:
+                    self._version = self._backend.read()[1]
+                self._start_heartbeat()
+                return self
+            doc, version = self._backend.read()
+            if doc is None:
+                continue  # released in between: try again
+            why = stale_reason(doc)
+            if why is None:
+                raise LeaseHeld(f"{self.url} is being written by {holder_text(doc)}; wait for it to finish "
+                                "(or stop it), or choose another path")
+            if self._backend.remove_if(version):
+                self.took_over = f"took over the lease of {holder_text(doc)}: {why}"
+        raise LeaseHeld(f"{self.url}: could not take its lease ({self.lease_url}), other writers keep taking it")
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="moe-ray lease heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                doc, version = self._backend.read()
+                if not doc or doc.get("token") != self.token:
+                    return  # taken over (this process was judged dead): nothing of ours to renew
+                doc["heartbeat"] = _now()
+                self._version = self._backend.replace(json.dumps(doc).encode(), version)
+            except Exception:
+                continue  # a missed beat; the next one tries again
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            doc, version = self._backend.read()
+            if doc and doc.get("token") == self.token:
+                self._backend.remove_if(version)
+        except Exception:
+            pass  # a lease left behind is stale once this process is gone
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_outputs: dict[str, Lease] = {}
+_outputs_lock = threading.Lock()
+
+
+def hold_output(path: "str | os.PathLike", command: str) -> None:
+    """Take the lease on output directory `path` for `command` (`plot --out`, `make-tiny --out`)
+    until `release_output(path)`, called when its output is complete, or this process ends. A lease
+    this process already holds on `path` (a call that failed before finishing) is given up first."""
+    key = os.path.abspath(os.fspath(path))
+    with _outputs_lock:
+        old = _outputs.pop(key, None)
+    if old is not None:
+        old.release()
+    lease = Lease(key, command).acquire()
+    with _outputs_lock:
+        _outputs[key] = lease
+
+
+def release_output(path: "str | os.PathLike") -> None:
+    """Give up the lease `hold_output` took on `path` (nothing if none is held)."""
+    with _outputs_lock:
+        lease = _outputs.pop(os.path.abspath(os.fspath(path)), None)
+    if lease is not None:
+        lease.release()
+
+
+def refuse_if_held(url: str) -> None:
+    """LeaseHeld, naming the holder, if a live writer holds `url` now (for commands that would
+    start one, such as `submit`, to refuse before they do)."""
+    doc = holder(url)
+    if doc is not None:
+        raise LeaseHeld(f"{str(url).rstrip('/')} is being written by {holder_text(doc)}; wait for it to finish "
+                        "(or stop it), or choose another path")
+
+
+def holder(url: str) -> dict | None:
+    """The lease document on `url` while a live writer holds it, else None."""
+    doc, _ = _backend(str(url).rstrip("/") + SUFFIX).read()
+    if doc is None or stale_reason(doc) is not None:
+        return None
+    return doc
+
+
+__all__ = ["HEARTBEAT_S", "Lease", "LeaseHeld", "STALE_S", "hold_output", "holder", "holder_text", "refuse_if_held",
+           "release_output", "stale_reason"]
