@@ -12,19 +12,20 @@ S^m = W_a^m (W_b^m)ᵀ / (||W_a^m||_F ||W_b^m||_F)  (rows of up/gate, columns of
 - mode `joint`: one permutation for the whole neuron, on S = sum_m S^m, which maximises the sum of
   the three flattened cosines and keeps the expert's function (the same P for up, gate and down).
 
-The assignment is solved exactly with the Jonker-Volgenant algorithm (`lapjv`) on the cost
-max(S) - S (non-negative, so minimising it maximises S). lapjv also returns dual variables
-(u, v); the reduced costs c - u - v certify optimality: the returned assignment is within
-`gap_bound` of the optimum total similarity, which the results record.
+The assignment is solved exactly on the cost max(S) - S (non-negative, so minimising it maximises
+S) by `assignment.solve_min`: a sparse solve on each row's best candidates, proved optimal on the
+whole matrix by dual variables (u, v) whose reduced costs c - u - v are checked on every entry
+(lapjv, the reference, where that does not settle). The returned assignment is within `gap_bound`
+of the optimum total similarity, which the results record.
 
 Conventions: `perm[k]` is the neuron of b matched to neuron k of a, so `W_b[perm]` (rows of
 up/gate, columns of down) lines up with `W_a`. Kendall's tau is between the identity order and
 `perm` (1 = order unchanged).
 
 Where it runs: S is built with torch where the experts are (a GPU when the caller has one), in row
-chunks copied to one host buffer; lapjv solves on the host. `reorder_pairs` takes several pairs of
+chunks copied to one host buffer; the solver runs on the host. `reorder_pairs` takes several pairs of
 one layer, prepares each expert once (float32 neuron rows divided by the matrix norm) and, with
-`overlap`, builds the next pair's S while lapjv solves the current one on a second thread.
+`overlap`, builds the next pair's S while the current one is solved on a second thread.
 
 Pure torch/numpy: no Ray, no Zarr.
 """
@@ -36,10 +37,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import lapjv
 import numpy as np
 import torch
 
+from . import assignment
 from .summary import relative_growth
 
 MATRICES = ("up", "gate", "down")
@@ -128,39 +129,25 @@ class Assignment:
     total: float
     """sum_k S[k, perm[k]] (float64)."""
     gap_bound: float
-    """Upper bound on (optimal total - total) from lapjv's dual variables; 0 up to rounding."""
+    """Upper bound on (optimal total - total) from the solver's dual variables; 0 up to rounding."""
 
 
-def solve_max(similarity: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> Assignment:
-    """Maximise sum_k S[k, perm[k]] over permutations exactly (Jonker-Volgenant, `lapjv`).
+def solve_max(similarity: np.ndarray | torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
+              solver: str = assignment.SOLVER) -> Assignment:
+    """Maximise sum_k S[k, perm[k]] over permutations exactly (`assignment.solve_min`, by default
+    its measured choice of solver), with a certificate from dual variables checked on every entry.
 
-    `similarity` (float32 or float64, square) is overwritten with the cost max(S) - S to avoid a
-    second n×n buffer. The certificate: with row and column duals u, v from lapjv, every feasible
-    assignment costs at least sum(u) + sum(v) + n·min(0, min(c - u - v)), so the returned
-    assignment's cost minus that bound is an upper bound on its distance from the optimum.
+    `similarity` (float32 or float64, square; numpy, or a torch tensor on any device) is overwritten
+    with the cost max(S) - S to avoid a second n×n buffer.
     """
-    n = similarity.shape[0]
-    if similarity.ndim != 2 or similarity.shape[1] != n:
-        raise ValueError(f"the similarity matrix must be square, not {similarity.shape}")
-    cost = similarity
-    peak = float(cost.max())
-    np.subtract(peak, cost, out=cost)
-    row_to_col, _, (_, u, v) = lapjv.lapjv(cost)
-    perm = np.asarray(row_to_col, dtype=np.int64)
-    u64, v64 = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
-    step = max(1, chunk_elements // n)
-    min_reduced = 0.0
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        reduced = cost[start:stop].astype(np.float64)
-        reduced -= u64[start:stop, None]
-        reduced -= v64[None, :]
-        min_reduced = min(min_reduced, float(reduced.min()))
-    chosen = cost[np.arange(n), perm].astype(np.float64)
-    primal = float(chosen.sum())
-    dual = float(u64.sum() + v64.sum()) + n * min_reduced
-    total = n * peak - primal
-    return Assignment(perm, total, max(0.0, primal - dual))
+    cost = torch.from_numpy(similarity) if isinstance(similarity, np.ndarray) else similarity
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"the similarity matrix must be square, not {tuple(cost.shape)}")
+    n = cost.shape[0]
+    peak = float(cost.max()) if n else 0.0
+    cost.neg_().add_(peak)  # max(S) - S in place (negation is exact: the same rounding)
+    solution = assignment.solve_min(cost, solver, chunk_elements)
+    return Assignment(solution.perm, n * peak - solution.cost, solution.gap_bound)
 
 
 def kendall_tau(perm: np.ndarray) -> float:
@@ -205,7 +192,7 @@ class PairResult:
     build_seconds: float = 0.0
     """Wall time building S (on the device, copied to the host)."""
     solve_seconds: float = 0.0
-    """Wall time of lapjv and the certificate on the host."""
+    """Wall time of the solve and the certificate on the host."""
 
     @property
     def growth(self) -> dict[str, float]:
@@ -251,7 +238,7 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
 
     `load(e)` returns expert e's matrices (any float dtype, at least those the problems name); each
     expert is loaded and prepared on `device` once, and dropped after the last problem that uses it.
-    With `overlap`, lapjv solves on a host thread (it releases the GIL) while `device` builds the
+    With `overlap`, the solver runs on a host thread (lapjv, scipy and numba's kernels release the GIL) while `device` builds the
     next problem's similarity into a second host buffer: on a GPU the build then hides behind the
     solve; on the CPU both compete for the task's cores, so overlap pays only with more than one.
     """
@@ -284,7 +271,7 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
                 experts.pop(e, None)
         return problems[k], result
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lapjv") as solver:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="assignment") as solver:
         pending = None
         for k, (i, j, ms) in enumerate(problems):
             a, b = neurons(i), neurons(j)
