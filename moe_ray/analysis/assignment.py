@@ -106,13 +106,15 @@ def segment_candidates(cost: torch.Tensor, k: int = CANDIDATES, q: int = NEAREST
     device = cost.device
     width = -(-n // min(k, n))
     full = n // width
-    q = min(q, full)
+    q = min(q, -(-n // width))
     step = max(1, min(n, chunk_elements // n))
     picked_rows, picked_cols = [], []
     for start in range(0, n, step):
         stop = min(n, start + step)
         block = cost[start:stop]
         minima = block[:, :full * width].unflatten(1, (full, width)).amin(dim=2)
+        if full * width < n:  # the last, narrower block
+            minima = torch.cat([minima, block[:, full * width:].amin(dim=1, keepdim=True)], dim=1)
         bar = minima.kthvalue(q, dim=1).values
         near = (block <= bar[:, None]).nonzero()
         local = torch.arange(stop - start, device=device)
