@@ -35,7 +35,6 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from . import assignment_cpu
 
 SOLVERS = ("sparse", "lapjv")
 SOLVER = "sparse"
@@ -102,7 +101,7 @@ def segment_candidates(cost: torch.Tensor, k: int = CANDIDATES, q: int = NEAREST
     matching); no duplicates. The certificate repairs what the candidates miss."""
     n = cost.shape[0]
     if _kernels(cost, backend):
-        return assignment_cpu.candidates(cost.numpy(), k, q)
+        return _cpu().candidates(cost.numpy(), k, q)
     device = cost.device
     width = -(-n // min(k, n))
     full = n // width
@@ -122,6 +121,14 @@ def segment_candidates(cost: torch.Tensor, k: int = CANDIDATES, q: int = NEAREST
         picked_rows.append(torch.cat([near[:, 0], missing]).cpu() + start)
         picked_cols.append(torch.cat([near[:, 1], missing + start]).cpu())
     return torch.cat(picked_rows).numpy().astype(np.int64), torch.cat(picked_cols).numpy().astype(np.int64)
+
+
+def _cpu():
+    """The host kernels, imported on first use: numba's import is not free, and `moe-ray plan` (which
+    imports this module through `reorder`) never solves."""
+    from . import assignment_cpu
+
+    return assignment_cpu
 
 
 def _kernels(cost: torch.Tensor, backend: str) -> bool:
@@ -163,7 +170,7 @@ def _column_duals(perm: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: 
     matched_cost[rows[on_matching]] = values[on_matching]
     src, dst = rows[~on_matching], owner[cols[~on_matching]]
     weight = values[~on_matching] - matched_cost[src]
-    distance, settled = assignment_cpu.shortest_distances(n, src, dst, weight)
+    distance, settled = _cpu().shortest_distances(n, src, dst, weight)
     if not settled:
         return None
     duals = np.empty(n)
@@ -213,7 +220,7 @@ def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_dua
     margin = scale * 2.0**-18
     tolerance = scale * 2.0**-42
     if _kernels(cost, backend):
-        worst, bad_rows, bad_cols, values = assignment_cpu.reduced_costs(cost.numpy(), checked, u64, v64, tolerance)
+        worst, bad_rows, bad_cols, values = _cpu().reduced_costs(cost.numpy(), checked, u64, v64, tolerance)
         return _certificate(checked, worst, bad_rows, bad_cols, values, max_violations)
     v32 = torch.from_numpy(v64).to(device=device, dtype=torch.float32)
     threshold = torch.from_numpy(u64 + margin).to(device=device, dtype=torch.float32)
@@ -333,8 +340,14 @@ def _reaugment(n: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, p
     owner[perm] = np.arange(n)
     owner[perm[free_rows]] = -1
     perm[free_rows] = -1
-    return assignment_cpu.augment(indptr, cols[order], values[order], perm, owner, matched, col_duals,
+    return _cpu().augment(indptr, cols[order], values[order], perm, owner, matched, col_duals,
                                   free_rows.astype(np.int64), moved)
+
+
+def workspace_bytes(n: int, q: int = NEAREST) -> int:
+    """Host memory of one solve beside the costs: the candidate graph (about q + 8 edges a row, each
+    held as row, column and value, in a few copies: CSR, scipy's, the repairs') and O(n) vectors."""
+    return n * (q + 8) * 8 * 3 * 4 + 64 * n
 
 
 def solve_min(cost: np.ndarray | torch.Tensor, solver: str = SOLVER, chunk_elements: int = CHUNK_ELEMENTS) -> Solution:

@@ -86,9 +86,9 @@ def prepare_expert(expert: Mapping[str, torch.Tensor], matrices: Sequence[str],
 
 def build_similarity(out: torch.Tensor, a: Neurons, b: Neurons, matrices: Sequence[str],
                      chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Fill `out` (float32 [n, n], on the host) with S = sum over `matrices` of A^m (B^m)ᵀ, computed
-    in row chunks where `a` and `b` are (a GPU where the caller has one) and copied chunk by chunk,
-    so the device never holds more than one chunk of S. float32 is exact enough here: entries are
+    """Fill `out` (float32 [n, n], on the host or the device) with S = sum over `matrices` of
+    A^m (B^m)ᵀ, computed in row chunks where `a` and `b` are (a GPU where the caller has one) and
+    copied chunk by chunk. float32 is exact enough here: entries are
     cosines' summands in [-3, 3] and the solver's dual certificate reports any loss of optimality."""
     first, rest = matrices[0], matrices[1:]
     n = a[first].shape[0]
@@ -207,7 +207,7 @@ def _check_matrices(matrices: Sequence[str]) -> None:
         raise ValueError(f"matrices must be among {MATRICES}, not {tuple(matrices)}")
 
 
-def _timed_solve(similarity: np.ndarray, chunk_elements: int) -> tuple[Assignment, float]:
+def _timed_solve(similarity: torch.Tensor, chunk_elements: int) -> tuple[Assignment, float]:
     started = time.perf_counter()
     return solve_max(similarity, chunk_elements), time.perf_counter() - started
 
@@ -251,7 +251,9 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
     last_use = {e: k for k, (i, j, _) in enumerate(problems) for e in (i, j)}
     experts: dict[int, Neurons] = {}
     buffers: list[torch.Tensor] = []
-    pin = torch.device(device).type == "cuda"  # page-locked host buffers: faster device-to-host copies
+    # On a GPU the costs stay there: the solver picks candidates and checks its certificate on the
+    # device, and only O(n) vectors cross to the host.
+    on_device = torch.device(device).type == "cuda"
 
     def neurons(e: int) -> Neurons:
         if e not in experts:
@@ -260,7 +262,7 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
 
     def buffer(k: int, n: int) -> torch.Tensor:
         while len(buffers) < (2 if overlap else 1):
-            buffers.append(torch.empty((n, n), dtype=torch.float32, pin_memory=pin))
+            buffers.append(torch.empty((n, n), dtype=torch.float32, device=device if on_device else "cpu"))
         return buffers[k % len(buffers)]
 
     def finish(k: int, job: Future | tuple, a: Neurons, b: Neurons, build: float) -> tuple[Problem, PairResult]:
@@ -279,10 +281,10 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
             cost = build_similarity(buffer(k, a[ms[0]].shape[0]), a, b, ms, chunk_elements)
             build = time.perf_counter() - started
             if not overlap:
-                yield finish(k, _timed_solve(cost.numpy(), chunk_elements), a, b, build)
+                yield finish(k, _timed_solve(cost, chunk_elements), a, b, build)
                 continue
             done = finish(*pending) if pending is not None else None  # solved while this cost was built
-            pending = (k, solver.submit(_timed_solve, cost.numpy(), chunk_elements), a, b, build)
+            pending = (k, solver.submit(_timed_solve, cost, chunk_elements), a, b, build)
             if done is not None:
                 yield done
         if pending is not None:
@@ -316,16 +318,17 @@ def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_he
     """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid, beside the
     worker process itself.
 
-    The n×n float32 cost buffers (two with `overlap`; lapjv solves float32 in place, measured to add
-    no copy), one expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64
-    chunk of the certificate and lapjv's O(n) workspace; when the experts are prepared on the host
+    The n×n float32 cost buffers (two with `overlap`; on a GPU they stay there, and one is kept for
+    the costs' copy should the solver fall back to lapjv, which solves float32 in place), one
+    expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64 chunk of the
+    certificate and the solver's O(n·candidates) workspace; when the experts are prepared on the host
     (`on_host`) also the prepared experts (at most `experts_held` at once), the chunk being built and
     the two temporaries of the before/after cosines.
     """
-    cost = (2 if overlap else 1) * 4 * n * n
+    cost = (2 if overlap and on_host else 1) * 4 * n * n
     reading = n_matrices * n * d_hid * stored_bytes
     certificate = _chunk_rows(n, n, chunk_elements) * n * 8
-    host = cost + reading + certificate + 64 * n
+    host = cost + reading + certificate + assignment.workspace_bytes(n)
     if on_host:
         host += experts_held * expert_bytes(n, d_hid, n_matrices) + _working_chunks(n, d_hid, chunk_elements)
     return host
@@ -339,11 +342,13 @@ def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
 def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
                         stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Peak memory on a GPU of one `reorder_pairs` batch: the prepared experts, one expert arriving
-    in its stored dtype, the chunk being built and the before/after cosines' temporaries (torch's
-    allocator; the CUDA context comes on top, see `units.sizing`)."""
+    in its stored dtype, two n×n float32 cost buffers (the one solved and, with overlap, the one being
+    built), the solver's chunk, the chunk being built and the before/after cosines' temporaries
+    (torch's allocator; the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
-    return weights + reading + _working_chunks(n, d_hid, chunk_elements)
+    costs = 2 * 4 * n * n + 2 * _chunk_rows(n, n, chunk_elements) * n * 4
+    return weights + reading + costs + _working_chunks(n, d_hid, chunk_elements)
 
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------
