@@ -142,6 +142,8 @@ def _kernels(cost: torch.Tensor, backend: str) -> bool:
 
 def _gather(cost: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """cost[rows, cols] in float64 on the host (exact: float32 widens without loss)."""
+    if cost.device.type == "cpu" and cost.dtype in (torch.float32, torch.float64):  # numpy's fancy indexing: several times faster than torch's here
+        return cost.numpy()[rows, cols].astype(np.float64)
     index = (torch.from_numpy(rows).to(cost.device), torch.from_numpy(cols).to(cost.device))
     return _host_float64(cost[index])
 
@@ -336,10 +338,10 @@ def _reaugment(n: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, p
     order = np.argsort(rows, kind="stable")
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    owner = np.empty(n, dtype=np.int64)
-    owner[perm] = np.arange(n)
-    owner[perm[free_rows]] = -1
     perm[free_rows] = -1
+    owner = np.full(n, -1, dtype=np.int64)
+    assigned = np.flatnonzero(perm >= 0)
+    owner[perm[assigned]] = assigned
     return _cpu().augment(indptr, cols[order], values[order], perm, owner, matched, col_duals,
                                   free_rows.astype(np.int64), moved)
 
