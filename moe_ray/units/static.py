@@ -229,7 +229,7 @@ class _ReadAhead:
         if index:  # the kind being analysed is on the device: its memory maps can go
             for source in self._sources:
                 source.close()
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):  # this thread's own device
             mats = self._read(MATRICES[index])
             return mats, self._stream.record_event()
 
