@@ -142,7 +142,8 @@ def _kernels(cost: torch.Tensor, backend: str) -> bool:
 
 def _gather(cost: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """cost[rows, cols] in float64 on the host (exact: float32 widens without loss)."""
-    if cost.device.type == "cpu" and cost.dtype in (torch.float32, torch.float64):  # numpy's fancy indexing: several times faster than torch's here
+    if cost.device.type == "cpu" and cost.dtype in (torch.float32, torch.float64):
+        # numpy's fancy indexing: several times faster than torch's here
         return cost.numpy()[rows, cols].astype(np.float64)
     index = (torch.from_numpy(rows).to(cost.device), torch.from_numpy(cols).to(cost.device))
     return _host_float64(cost[index])
@@ -162,8 +163,9 @@ def _sparse_optimum(n: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarr
 def _column_duals(perm: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> np.ndarray | None:
     """Column duals v that make c - u - v >= 0 on every candidate and 0 on the matching `perm`
     (u[i] = c[i, perm[i]] - v[perm[i]]), as shortest-path distances over rows: moving row i to the
-    column of row y[j] costs c[i, j] - c[i, perm[i]]. Bellman-Ford (`assignment_cpu.shortest_distances`) from a virtual source
-    (distance 0 to every row). None if a negative cycle shows the matching is not optimal."""
+    column of row y[j] costs c[i, j] - c[i, perm[i]]. Bellman-Ford with a queue from a virtual source
+    at distance 0 to every row (`assignment_cpu.shortest_distances`). None if a negative cycle shows
+    the matching is not optimal."""
     n = perm.size
     owner = np.empty(n, dtype=np.int64)
     owner[perm] = np.arange(n)
@@ -172,7 +174,12 @@ def _column_duals(perm: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: 
     matched_cost[rows[on_matching]] = values[on_matching]
     src, dst = rows[~on_matching], owner[cols[~on_matching]]
     weight = values[~on_matching] - matched_cost[src]
-    distance, settled = _cpu().shortest_distances(n, src, dst, weight)
+    if np.any(src[1:] < src[:-1]):
+        order = np.argsort(src, kind="stable")
+        src, dst, weight = src[order], dst[order], weight[order]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    distance, settled = _cpu().shortest_distances(n, indptr, dst, weight)
     if not settled:
         return None
     duals = np.empty(n)

@@ -14,7 +14,24 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True)
+def _qth_smallest(values: np.ndarray, q: int, smallest: np.ndarray) -> float:
+    """The q-th smallest of a few values by insertion into a sorted buffer of q (np.partition would
+    do, but takes numba 15 s to compile)."""
+    count = 0
+    for value in values:
+        if count == q and value >= smallest[q - 1]:
+            continue
+        k = min(count, q - 1)
+        while k > 0 and smallest[k - 1] > value:
+            smallest[k] = smallest[k - 1]
+            k -= 1
+        smallest[k] = value
+        count = min(count + 1, q)
+    return smallest[q - 1]
+
+
+@numba.njit(cache=True, nogil=True)
 def candidates(cost: np.ndarray, k: int, q: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of the candidate graph: per row, every entry at most the q-th smallest of the
     minima of k blocks of columns (so its q or more cheapest entries), and the diagonal."""
@@ -23,6 +40,7 @@ def candidates(cost: np.ndarray, k: int, q: int) -> tuple[np.ndarray, np.ndarray
     blocks = (n + width - 1) // width
     q = min(q, blocks)
     minima = np.empty(blocks, dtype=cost.dtype)
+    smallest = np.empty(q, dtype=cost.dtype)
     capacity = max(16, n * (q + 4))
     rows = np.empty(capacity, dtype=np.int64)
     cols = np.empty(capacity, dtype=np.int64)
@@ -36,7 +54,7 @@ def candidates(cost: np.ndarray, k: int, q: int) -> tuple[np.ndarray, np.ndarray
             for j in range(low + 1, high):
                 least = min(least, row[j])
             minima[b] = least
-        bar = np.partition(minima, q - 1)[q - 1]
+        bar = _qth_smallest(minima, q, smallest)
         if count + n + 1 > capacity:
             capacity = max(2 * capacity, count + n + 1)
             grown_rows = np.empty(capacity, dtype=np.int64)
@@ -57,20 +75,33 @@ def candidates(cost: np.ndarray, k: int, q: int) -> tuple[np.ndarray, np.ndarray
 
 
 @numba.njit(cache=True, nogil=True)
-def shortest_distances(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Bellman-Ford from a virtual source at distance 0 to every node, relaxing in place; False if
-    n + 1 sweeps do not settle (a negative cycle)."""
+def shortest_distances(n: int, indptr: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Shortest distances from a virtual source at distance 0 to every node, over edges in CSR form
+    by source (negative weights allowed): Bellman-Ford with a queue of the nodes whose distance fell
+    (SPFA), which relaxes only their edges; False if a node falls n times (a negative cycle)."""
     distance = np.zeros(n)
-    for _ in range(n + 1):
-        changed = False
-        for e in range(src.size):
-            through = distance[src[e]] + weight[e]
-            if through < distance[dst[e]]:
-                distance[dst[e]] = through
-                changed = True
-        if not changed:
-            return distance, True
-    return distance, False
+    queued = np.ones(n, dtype=np.bool_)
+    falls = np.zeros(n, dtype=np.int64)
+    queue = np.arange(n)
+    head, size = 0, n
+    while size:
+        node = queue[head]
+        head = (head + 1) % n
+        size -= 1
+        queued[node] = False
+        for e in range(indptr[node], indptr[node + 1]):
+            other = dst[e]
+            through = distance[node] + weight[e]
+            if through < distance[other]:
+                distance[other] = through
+                if not queued[other]:
+                    falls[other] += 1
+                    if falls[other] > n:
+                        return distance, False
+                    queue[(head + size) % n] = other
+                    size += 1
+                    queued[other] = True
+    return distance, True
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -113,8 +144,8 @@ def augment(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_to_co
     sparse graph in CSR form), updating the matching and the column duals in place: the successive
     shortest path method, warm-started from a matching and duals already optimal for the other rows
     (every edge of an assigned row i has c - u[i] - v >= 0 with u[i] = matched_cost[i] - v[row_to_col[i]]).
-    `moved[col]` is set for each column scanned (whose dual, or owner, may have changed). False if a row has no augmenting path
-    (no perfect matching)."""
+    `moved[col]` is set for each column scanned (whose dual, or owner, may have changed). False if a
+    row has no augmenting path (no perfect matching)."""
     n = col_duals.size
     distance = np.full(n, np.inf)
     parent = np.full(n, -1, dtype=np.int64)
