@@ -1,22 +1,27 @@
 """Exact minimum-cost assignment with a dual certificate, fast on the costs S4 meets.
 
 S4 (`reorder.py`) solves one n×n assignment per expert pair. The costs are dense, but the optimum
-lives among a few cheap entries of each row: a neuron's match is one of its best candidates. So the
+lives among a few cheap entries of each row: a neuron's match is one of its best candidates (the
+optimum's rank in its row, from scratch at n = 2,048: median 0, 99 % <= 11). So the
 default solver ("sparse") works on a sparse candidate graph and proves the result on the dense matrix:
 
-1. candidates: the k cheapest entries of every row (`torch.topk`, on the device that holds the costs),
-   plus the diagonal, which guarantees the graph has a perfect matching;
+1. candidates (where the costs are): per row, every entry at most the q-th smallest of the minima of
+   k blocks of columns, so its q or more cheapest entries, found without a sort (`torch.topk` costs
+   3-4x more on a CPU), plus the diagonal, which guarantees the graph has a perfect matching;
 2. solve the sparse problem exactly (scipy's `min_weight_full_bipartite_matching`, LAPJVsp);
 3. duals: with the matching x (row i -> column x[i]) optimal on the graph, column duals v are
    shortest-path distances in the graph of rows where i -> y[j] costs c[i, j] - c[i, x[i]]
-   (Bellman-Ford from a virtual source; no negative cycle exists when x is optimal), and
+   (Bellman-Ford with a queue from a virtual source; no negative cycle exists when x is optimal), and
    u[i] = c[i, x[i]] - v[x[i]]: then c - u - v >= 0 on every candidate and 0 on the matching;
-4. certificate on the dense matrix (on the costs' device, in row chunks): every entry's reduced cost
-   c[i, j] - u[i] - v[j] is checked; entries that float32 cannot tell from <= 0 are recomputed in
-   float64. Any assignment costs at least sum(u) + sum(v) + sum_i min(0, min_j reduced[i, j]), so the
-   gap bound is -sum_i min(0, min_j reduced[i, j]); where an entry is negative it joins the candidates
-   and the sparse problem is solved again, until the duals are feasible everywhere (gap bound 0 up to
-   float64 rounding): the same certificate as lapjv's duals, so exactness is never traded for speed.
+4. certificate on the dense matrix (where the costs are): every entry's reduced cost
+   c[i, j] - u[i] - v[j] is checked (in float64 on the host; on a device in float32, the entries it
+   cannot tell from <= 0 recomputed in float64). Any assignment costs at least
+   sum(u) + sum(v) + sum_i min(0, min_j reduced[i, j]), so the gap bound is
+   -sum_i min(0, min_j reduced[i, j]); where entries are negative they join the candidates, their
+   rows are unassigned and assigned again by shortest augmenting paths from the current duals (a warm
+   start: the other rows keep their matches), and only the rows whose duals moved are checked again,
+   until the duals are feasible everywhere (gap bound 0 up to float64 rounding): the same certificate
+   as lapjv's duals, so exactness is never traded for speed.
 
 "lapjv" solves the dense matrix with the Jonker-Volgenant algorithm (the `lapjv` package) and checks
 its own duals the same way; it is the reference and the fallback when the repair rounds do not settle.
@@ -38,19 +43,18 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 SOLVERS = ("sparse", "lapjv")
 SOLVER = "sparse"
-"""The solver S4 uses: "sparse" was 5-40x faster than lapjv at n = 1,024 to 14,336 on both cost
-structures (from-scratch and upcycled experts), same optimum, on this project's 2-core CPU
-(benchmarks/bench_reorder.py, benchmarks/README.md)."""
+"""The solver S4 uses: "sparse" measured 4-16x faster than lapjv at n = 4,096 and 14,336 on both cost
+structures (from-scratch and upcycled experts), 1.4-6x at n = 1,024, same optimum, on this project's
+2-core CPU (benchmarks/bench_reorder.py; benchmarks/README.md, 2026-12-06)."""
 CANDIDATES = 32
 """Blocks of columns per row whose minimum is a candidate (see `segment_candidates`)."""
 NEAREST = 16
-"""Each row's q cheapest entries (at least) are candidates: with the block minima, enough that the
-first sparse optimum is usually the dense one (the optimum's rank in its row: median 0, 99% <= 11
-at n = 2,048 from scratch)."""
+"""Each row's q cheapest entries (at least) are candidates: enough that the first sparse optimum is
+the dense one on upcycled costs and misses a few dozen rows from scratch, which the repairs take in."""
 BACKENDS = ("auto", "torch")
 """auto: `assignment_cpu`'s kernels for costs on the host, torch ops where the costs are otherwise."""
 MAX_REPAIR_ROUNDS = 8
-"""Sparse solves before falling back to lapjv (measured: 1, rarely 2, on expert costs)."""
+"""Repair rounds before falling back to lapjv (measured: 1 on upcycled costs, 2-3 from scratch)."""
 CHUNK_ELEMENTS = 2**24
 """Entries of the cost matrix checked at a time (64 MiB in float32)."""
 CACHE_ELEMENTS = 2**18
