@@ -303,7 +303,7 @@ def solve_lapjv(cost: np.ndarray | torch.Tensor, chunk_elements: int = CHUNK_ELE
 def solve_sparse(cost: np.ndarray | torch.Tensor, k: int = CANDIDATES, q: int = NEAREST,
                  chunk_elements: int = CHUNK_ELEMENTS, max_rounds: int = MAX_REPAIR_ROUNDS,
                  backend: str = "auto") -> Solution:
-    """Top-k candidates, sparse optimum, duals, dense certificate, repairs (see the module doc);
+    """Candidates, sparse optimum, duals, dense certificate, repairs (see the module doc);
     falls back to `solve_lapjv` if `max_rounds` sparse solves leave a violated entry."""
     tensor = _as_tensor(cost)
     n = tensor.shape[0]
