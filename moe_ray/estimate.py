@@ -52,7 +52,8 @@ RATES = {
         0.18, "s per assignment at n = 4,096 on one host core (certified sparse solver), grows as n²",
         "bench_reorder --quick, from-scratch experts (the slower structure): 1.37 s under load average ~30 "
         "where lapjv took 5.6 s in the same run, scaled to lapjv's 0.74 s on a quiet core; 2-core dev "
-        "machine; 2026-12-06 (n = 14,336 measured 13.3 s in the same conditions, consistent with n²)"),
+        "machine; 2026-12-06 (a second run: 0.58 s where lapjv took 5.3 s, i.e. 0.08 s quiet; n = 14,336 "
+        "measured 13.3 s in the first run's conditions, consistent with n²)"),
     "read_gb_per_s": Rate(
         2.1, "GB/s reading a checkpoint from disk (cold page cache), one process",
         "bench_static, 1.06 GB of bf16 experts in 0.50 s; 2-core dev machine, otherwise idle; 2026-11-29"),
