@@ -1,7 +1,9 @@
-"""Benchmark S4 reordering (paper §4.1.2): lapjv vs scipy, cost build, Ray scaling, memory, overlap
-of the solve with the next build, projection.
+"""Benchmark S4 reordering (paper §4.1.2): the sparse certified solver vs lapjv (and scipy), cost
+build, many small pairs, Ray scaling, memory, overlap of the solve with the next build, projection.
 
+    PYTHONPATH=. python benchmarks/bench_reorder.py --quick          # < 5 minutes: solvers at 1,024 and 4,096
     PYTHONPATH=. python benchmarks/bench_reorder.py --sizes 1408,4096 --d-hid 1024
+    PYTHONPATH=. python benchmarks/bench_reorder.py --only-solve --sizes 14336 --d-hid 256 --repeats 1
 
 Prints one JSON line per measurement and a projection table. All timings are single-threaded
 (torch.set_num_threads(1)), like a Ray task with num_cpus=1. Ratios (lapjv / scipy, 2 / 1 workers,
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from moe_ray.analysis import assignment as A
 from moe_ray.analysis import reorder as R
 from moe_ray.units.sizing import reorder_unit_memory
 
@@ -48,20 +51,55 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench_solve(n: int, d_hid: int, kind: str, scipy_too: bool) -> dict:
+def bench_solve(n: int, d_hid: int, kind: str, scipy_too: bool, repeats: int = 1) -> dict:
+    """One pair's costs, solved by lapjv and by each of the project's solvers side by side (best of
+    `repeats`, alternating, so load hits both alike), the optimum checked against lapjv's."""
     a, b = experts(n, d_hid, kind)
     sim, t_build = timed(lambda: R.similarity_matrix(a, b, R.MATRICES))
     flops = 2 * len(R.MATRICES) * n * n * d_hid
-    ref = sim.astype(np.float64)
-    res, t_lapjv = timed(lambda: R.solve_max(sim.copy()))
+    cost = sim.max() - sim
+    times: dict[str, list[float]] = {"lapjv": [], "sparse": [], "sparse_torch": []}
+    for _ in range(repeats):
+        lap, seconds = timed(lambda: A.solve_lapjv(cost.copy()))
+        times["lapjv"].append(seconds)
+        sparse, seconds = timed(lambda: A.solve_sparse(cost))
+        times["sparse"].append(seconds)
+        on_torch, seconds = timed(lambda: A.solve_sparse(cost, backend="torch"))
+        times["sparse_torch"].append(seconds)
+    best = {k: min(v) for k, v in times.items()}
     row = {"what": "solve", "n": n, "kind": kind, "build_s": float(f"{t_build:.4g}"),
-           "build_gflops": round(flops / t_build / 1e9, 2), "lapjv_s": float(f"{t_lapjv:.4g}"),
-           "gap_bound": res.gap_bound, "tau": round(R.kendall_tau(res.perm), 4)}
+           "build_gflops": round(flops / t_build / 1e9, 2), "lapjv_s": float(f"{best['lapjv']:.4g}"),
+           "sparse_s": float(f"{best['sparse']:.4g}"), "sparse_torch_s": float(f"{best['sparse_torch']:.4g}"),
+           "speedup_sparse_vs_lapjv": round(best["lapjv"] / best["sparse"], 2),
+           "speedup_sparse_torch_vs_lapjv": round(best["lapjv"] / best["sparse_torch"], 2),
+           "sparse_rounds": sparse.rounds, "sparse_solver": sparse.solver,
+           "sparse_minus_lapjv_cost": sparse.cost - lap.cost, "torch_minus_lapjv_cost": on_torch.cost - lap.cost,
+           "gap_bound_lapjv": lap.gap_bound, "gap_bound_sparse": sparse.gap_bound,
+           "gap_bound_sparse_rel": sparse.gap_bound / max(1e-300, n * float(sim.max()) - sparse.cost),
+           "tau": round(R.kendall_tau(sparse.perm), 4)}
     if scipy_too:
+        ref = sim.astype(np.float64)
         (rows, cols), t_scipy = timed(lambda: linear_sum_assignment(ref, maximize=True))
-        row.update(scipy_s=float(f"{t_scipy:.4g}"), speedup_vs_scipy=round(t_scipy / t_lapjv, 2),
-                   total_diff=float(ref[np.arange(n), res.perm].sum() - ref[rows, cols].sum()))
+        row.update(scipy_s=float(f"{t_scipy:.4g}"), speedup_lapjv_vs_scipy=round(t_scipy / best["lapjv"], 2),
+                   total_diff=float(ref[np.arange(n), sparse.perm].sum() - ref[rows, cols].sum()))
     return row
+
+
+def bench_many(n: int, d_hid: int, pairs: int) -> dict:
+    """DeepSeek-V3-like: many small pairs of one layer (n = 2,048) from scratch, one after another,
+    lapjv and sparse side by side on the same costs (the CPU's batch is this loop; gpu_check measures
+    a GPU's)."""
+    layer = [experts(n, d_hid, "scratch", seed=e)[0] for e in range(pairs + 1)]
+    costs = []
+    for e in range(pairs):
+        sim = R.similarity_matrix(layer[e], layer[e + 1], R.MATRICES)
+        costs.append(sim.max() - sim)
+    lap, t_lapjv = timed(lambda: [A.solve_lapjv(c.copy()) for c in costs])
+    sparse, t_sparse = timed(lambda: [A.solve_sparse(c) for c in costs])
+    worst = max(abs(s.cost - l.cost) for s, l in zip(sparse, lap))
+    return {"what": "many", "n": n, "pairs": pairs, "lapjv_s_per_pair": round(t_lapjv / pairs, 4),
+            "sparse_s_per_pair": round(t_sparse / pairs, 4), "speedup": round(t_lapjv / t_sparse, 2),
+            "max_cost_diff": worst, "max_gap_bound": max(s.gap_bound for s in sparse)}
 
 
 def bench_memory(n: int, d_hid: int) -> dict:
@@ -156,7 +194,7 @@ def project(rows: list[dict]) -> list[dict]:
     """Fit t = c·n^k per cost kind from the solve rows and project whole-model wall times."""
     out = []
     for (model, (n, d_hid, layers, _)), kind in ((m, k) for m in MODELS.items() for k in ("upcycled", "scratch")):
-        pts = [(r["n"], r["lapjv_s"] + r["build_s"] * (d_hid / r.get("d_hid", d_hid))) for r in rows
+        pts = [(r["n"], r["sparse_s"] + r["build_s"] * (d_hid / r.get("d_hid", d_hid))) for r in rows
                if r["what"] == "solve" and r["kind"] == kind]
         if len(pts) < 2:
             continue
@@ -182,15 +220,28 @@ def main() -> None:
     parser.add_argument("--memory-d-hid", type=int, default=128, help="small, so the n×n cost dominates")
     parser.add_argument("--overlap-n", type=int, default=2048)
     parser.add_argument("--overlap-pairs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="solves per solver and pair (best of)")
+    parser.add_argument("--many-pairs", type=int, default=8, help="DeepSeek-V3-like pairs at n = 2,048")
+    parser.add_argument("--only-solve", action="store_true", help="only the solver rows")
+    parser.add_argument("--quick", action="store_true",
+                        help="the solver rows at n = 1,024 and 4,096 (d_hid 256) and 8 pairs at 2,048: < 5 min")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.d_hid, args.only_solve, args.scipy_max_n = "1024,4096", 256, True, 1024
     torch.set_num_threads(1)
+    A.solve_sparse(np.random.default_rng(0).random((64, 64), dtype=np.float32))  # compile the kernels
     rows = []
     for n in map(int, args.sizes.split(",")):
         for kind in ("upcycled", "scratch"):
-            row = bench_solve(n, args.d_hid, kind, n <= args.scipy_max_n)
+            row = bench_solve(n, args.d_hid, kind, n <= args.scipy_max_n, args.repeats)
             row["d_hid"] = args.d_hid
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.many_pairs:
+        rows.append(bench_many(2048, min(args.d_hid, 256), args.many_pairs))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.only_solve:
+        return
     for n in map(int, args.memory_n.split(",")):
         rows.append(bench_memory(n, args.memory_d_hid))
         print(json.dumps(rows[-1]), flush=True)

@@ -1,6 +1,7 @@
 """Static suite vs reading the checkpoint once, and peak memory per layer task (issue 2).
 
     python -m benchmarks.bench_static [--layers 6] [--d-hid 1024] [--d-mid 3584]
+    python -m benchmarks.bench_static --quick      # reads and the read-ahead comparison only, < 5 min
 
 Builds a synthetic Mixtral-shaped checkpoint (default 1.06 GB of bf16 experts), then measures, in
 the same run:
@@ -11,7 +12,9 @@ the same run:
 - static: the whole static suite through `moe_ray.run` on the local Ray (Ray start excluded): the
   first run after Ray starts (fresh workers import torch), then with warm workers (a running
   service) on a warm and on a cold page cache;
-- peak RSS of one layer's task (a fresh process running the unit) vs that layer's tensor bytes.
+- peak RSS of one layer's task (a fresh process running the unit) vs that layer's tensor bytes;
+- read_ahead: one layer's unit in this process with the next matrix kind read on a thread while one
+  is analysed, vs each kind read when needed, warm and cold, against the layer's share of the read.
 Prints one JSON line of results; the issue's target is static / read_bytes <= 1.5 on a 2-core machine.
 """
 from __future__ import annotations
@@ -103,6 +106,40 @@ def _breakdown(path: Path) -> dict:
     return {k: round(v, 3) for k, v in times.items()}
 
 
+def _read_ahead(ckpt_dir: Path, work: Path, read_cold: float, read_warm: float, repeats: int = 2) -> dict:
+    """One layer's static unit (`units.static._analyse_layer`, in this process) with the next matrix
+    kind read on a thread while one is analysed, against reading each kind when needed (the kernel's
+    read-ahead alone), on a warm and on a cold page cache, alternating, best of `repeats`; against
+    the layer's share of the checkpoint's read time. overlap_s: the time the read-ahead saved."""
+    import torch
+
+    from moe_ray.api import as_spec, plan as plan_run
+    from moe_ray.units import static as SU
+
+    _, _, jobs = plan_run(as_spec(model=str(ckpt_dir), store=str(work / "ahead.zarr"), overwrite=True,
+                                  analyses=["static"]))
+    plan = jobs[0].plan
+    layer = plan.layers[0]
+    share = 1 / len(plan.layers)
+    best: dict[str, float] = {}
+    for cache in ("warm", "cold"):
+        for _ in range(repeats):
+            for ahead in (False, True):
+                if cache == "cold":
+                    _drop_page_cache(ckpt_dir)
+                started = time.perf_counter()
+                SU._analyse_layer(plan, layer, torch.device("cpu"), read_ahead=ahead)
+                key = f"{cache}_{'ahead' if ahead else 'sequential'}_s"
+                best[key] = min(best.get(key, float("inf")), time.perf_counter() - started)
+    out = {k: round(v, 3) for k, v in best.items()}
+    for cache, read in (("warm", read_warm * share), ("cold", read_cold * share)):
+        out[f"{cache}_layer_read_s"] = round(read, 3)
+        out[f"{cache}_sequential_over_read"] = round(best[f"{cache}_sequential_s"] / read, 2)
+        out[f"{cache}_ahead_over_read"] = round(best[f"{cache}_ahead_s"] / read, 2)
+        out[f"{cache}_overlap_s"] = round(best[f"{cache}_sequential_s"] - best[f"{cache}_ahead_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=6)
@@ -110,7 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--d-mid", type=int, default=3584)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the in-process breakdown")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 layers; only the reads and the read-ahead comparison (no Ray): < 5 minutes")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.layers = 2
     import torch
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-ray-bench-"))
@@ -129,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     read_cold = statistics.median(cold_reads)
     read_bytes = min(_read_bytes(ckpt_dir) for _ in range(3))  # the page cache is warm now
     read_fp32 = _read_fp32(ckpt_dir)
+    read_ahead = _read_ahead(ckpt_dir, work, read_cold, read_bytes)
+    if args.quick:
+        result = {"checkpoint_expert_bytes": expert_bytes, "read_bytes_s": round(read_bytes, 3),
+                  "read_bytes_cold_s": round(read_cold, 3), "read_ahead": read_ahead}
+        print(json.dumps(result))
+        return result
 
     from moe_ray.distributed.cluster import connect
     connect(num_cpus=2)
@@ -173,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "read_fp32_over_read_bytes": round(read_fp32 / read_bytes, 2),
         "neuron_pca_method": job.plan.neuron_pca_method,
         "layer0_seconds_1_thread": _breakdown(ckpt_dir),
+        "read_ahead": read_ahead,
     }
     print(json.dumps(result))
     return result

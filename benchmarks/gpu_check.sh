@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check of issue 13 (benchmarks/gpu_check.py): correctness of static, reorder and dynamic on
-# cuda against the CPU path, then speed and memory. Under 10 minutes on one H100/H200.
+# The GPU check of issues 13 and 25 (benchmarks/gpu_check.py): correctness of static, reorder and dynamic
+# on cuda against the CPU path, then speed and memory (static vs its read, a reorder pair at n = 14,336
+# built and solved, DeepSeek-V3-like pairs solved on the device vs lapjv). Under 10 minutes on one H100/H200.
 #
 #   benchmarks/gpu_check.sh wheels            # HERE, once: the packages a GPU image may lack, as
 #                                             # wheels in .whl/ (in .gitignore), for Python 3.12
@@ -12,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 transformers==5.24.0)
+WHEELS=(zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 transformers==5.24.0
+        numba==0.68.1 llvmlite==0.50.0)
 # lapjv 1.3.29 is on PyPI as a source archive only: its cp312 wheel is built here with a Python 3.12
 # (PY312, default: pyenv's or the PATH's python3.12). transformers: the image's 5.17 lacks the mask API
 # moe-ray uses.

@@ -205,13 +205,14 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--nodes", type=int, default=None, help="nodes you have (checked against what is needed)")
+    p.add_argument("--cores-per-node", type=int, default=64, help="CPU cores per node (for the time estimate)")
 
 
 @command("plan", "size a model from its config alone: bytes, shards, GPUs, nodes, store, LAPs")(_add_plan)
 def _plan(args: argparse.Namespace) -> int:
     from .planning import plan_model
 
-    print(plan_model(args.model, args.gpus_per_node, args.gpu_mem, args.nodes).report())
+    print(plan_model(args.model, args.gpus_per_node, args.gpu_mem, args.nodes, args.cores_per_node).report())
     return 0
 
 

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import estimate
 from .analysis import reorder as R
 from .checkpoint.config import model_facts, parse_config
 from .checkpoint.families import FAMILIES, Family, ModelFacts, detect_family
@@ -109,6 +110,7 @@ class ModelPlan:
     layer_disk_bytes: int = 0
     """The largest decoder layer's bytes as stored (what a static unit reads)."""
     tasks: tuple[TaskSizing, ...] = ()
+    cores_per_node: int = 64
 
     @property
     def nbytes(self) -> int:
@@ -152,6 +154,7 @@ class ModelPlan:
         if self.tasks:
             lines.append("  tasks (what each asks of Ray; a GPU task's share of a GPU from its GPU memory):")
             lines += [t.line(self.gpu_mem_gib) for t in self.tasks]
+        lines += estimate.report_lines(self)
         return "\n".join(lines)
 
 
@@ -163,7 +166,7 @@ def _size(n: float) -> str:
 
 
 def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
-               nodes: int | None = None) -> ModelPlan:
+               nodes: int | None = None, cores_per_node: int = 64) -> ModelPlan:
     """Size a model from its config alone (no weights read)."""
     if gpus_per_node < 1 or gpu_mem_gib <= 0:
         raise SpecError("--gpus-per-node must be at least 1 and --gpu-mem positive")
@@ -206,7 +209,8 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
                      gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
                      facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk,
-                     task_sizing(facts, gpu_mem_gib, stored_bytes=layer_disk / max(1, layer_params[largest])))
+                     task_sizing(facts, gpu_mem_gib, stored_bytes=layer_disk / max(1, layer_params[largest])),
+                     max(1, cores_per_node))
 
 
 def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1,

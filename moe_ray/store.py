@@ -125,7 +125,7 @@ REORDER_SCHEMA: dict[str, Quantity] = {
     "optimality_gap": Quantity(
         ("layer", "matrix", "expert_i", "expert_j"),
         "S4: upper bound on how far the assignment's total similarity (sum of the matrices' neuron "
-        "cosines it was solved on) is below the optimum, from lapjv's dual certificate; i < j"),
+        "cosines it was solved on) is below the optimum, from the solver's dual certificate; i < j"),
     "kendall_tau": Quantity(
         ("layer", "expert_i", "expert_j"),
         "S4 (Tab 2 tau): Kendall's tau between the identity order and the permutation; i < j "

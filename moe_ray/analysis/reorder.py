@@ -12,19 +12,20 @@ S^m = W_a^m (W_b^m)ᵀ / (||W_a^m||_F ||W_b^m||_F)  (rows of up/gate, columns of
 - mode `joint`: one permutation for the whole neuron, on S = sum_m S^m, which maximises the sum of
   the three flattened cosines and keeps the expert's function (the same P for up, gate and down).
 
-The assignment is solved exactly with the Jonker-Volgenant algorithm (`lapjv`) on the cost
-max(S) - S (non-negative, so minimising it maximises S). lapjv also returns dual variables
-(u, v); the reduced costs c - u - v certify optimality: the returned assignment is within
-`gap_bound` of the optimum total similarity, which the results record.
+The assignment is solved exactly on the cost max(S) - S (non-negative, so minimising it maximises
+S) by `assignment.solve_min`: a sparse solve on each row's best candidates, proved optimal on the
+whole matrix by dual variables (u, v) whose reduced costs c - u - v are checked on every entry
+(lapjv, the reference, where that does not settle). The returned assignment is within `gap_bound`
+of the optimum total similarity, which the results record.
 
 Conventions: `perm[k]` is the neuron of b matched to neuron k of a, so `W_b[perm]` (rows of
 up/gate, columns of down) lines up with `W_a`. Kendall's tau is between the identity order and
 `perm` (1 = order unchanged).
 
 Where it runs: S is built with torch where the experts are (a GPU when the caller has one), in row
-chunks copied to one host buffer; lapjv solves on the host. `reorder_pairs` takes several pairs of
+chunks copied to one host buffer; the solver runs on the host. `reorder_pairs` takes several pairs of
 one layer, prepares each expert once (float32 neuron rows divided by the matrix norm) and, with
-`overlap`, builds the next pair's S while lapjv solves the current one on a second thread.
+`overlap`, builds the next pair's S while the current one is solved on a second thread.
 
 Pure torch/numpy: no Ray, no Zarr.
 """
@@ -36,10 +37,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import lapjv
 import numpy as np
 import torch
 
+from . import assignment
 from .summary import relative_growth
 
 MATRICES = ("up", "gate", "down")
@@ -85,9 +86,9 @@ def prepare_expert(expert: Mapping[str, torch.Tensor], matrices: Sequence[str],
 
 def build_similarity(out: torch.Tensor, a: Neurons, b: Neurons, matrices: Sequence[str],
                      chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Fill `out` (float32 [n, n], on the host) with S = sum over `matrices` of A^m (B^m)ᵀ, computed
-    in row chunks where `a` and `b` are (a GPU where the caller has one) and copied chunk by chunk,
-    so the device never holds more than one chunk of S. float32 is exact enough here: entries are
+    """Fill `out` (float32 [n, n], on the host or the device) with S = sum over `matrices` of
+    A^m (B^m)ᵀ, computed in row chunks where `a` and `b` are (a GPU where the caller has one) and
+    copied chunk by chunk. float32 is exact enough here: entries are
     cosines' summands in [-3, 3] and the solver's dual certificate reports any loss of optimality."""
     first, rest = matrices[0], matrices[1:]
     n = a[first].shape[0]
@@ -128,39 +129,25 @@ class Assignment:
     total: float
     """sum_k S[k, perm[k]] (float64)."""
     gap_bound: float
-    """Upper bound on (optimal total - total) from lapjv's dual variables; 0 up to rounding."""
+    """Upper bound on (optimal total - total) from the solver's dual variables; 0 up to rounding."""
 
 
-def solve_max(similarity: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> Assignment:
-    """Maximise sum_k S[k, perm[k]] over permutations exactly (Jonker-Volgenant, `lapjv`).
+def solve_max(similarity: np.ndarray | torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
+              solver: str = assignment.SOLVER) -> Assignment:
+    """Maximise sum_k S[k, perm[k]] over permutations exactly (`assignment.solve_min`, by default
+    its measured choice of solver), with a certificate from dual variables checked on every entry.
 
-    `similarity` (float32 or float64, square) is overwritten with the cost max(S) - S to avoid a
-    second n×n buffer. The certificate: with row and column duals u, v from lapjv, every feasible
-    assignment costs at least sum(u) + sum(v) + n·min(0, min(c - u - v)), so the returned
-    assignment's cost minus that bound is an upper bound on its distance from the optimum.
+    `similarity` (float32 or float64, square; numpy, or a torch tensor on any device) is overwritten
+    with the cost max(S) - S to avoid a second n×n buffer.
     """
-    n = similarity.shape[0]
-    if similarity.ndim != 2 or similarity.shape[1] != n:
-        raise ValueError(f"the similarity matrix must be square, not {similarity.shape}")
-    cost = similarity
-    peak = float(cost.max())
-    np.subtract(peak, cost, out=cost)
-    row_to_col, _, (_, u, v) = lapjv.lapjv(cost)
-    perm = np.asarray(row_to_col, dtype=np.int64)
-    u64, v64 = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
-    step = max(1, chunk_elements // n)
-    min_reduced = 0.0
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        reduced = cost[start:stop].astype(np.float64)
-        reduced -= u64[start:stop, None]
-        reduced -= v64[None, :]
-        min_reduced = min(min_reduced, float(reduced.min()))
-    chosen = cost[np.arange(n), perm].astype(np.float64)
-    primal = float(chosen.sum())
-    dual = float(u64.sum() + v64.sum()) + n * min_reduced
-    total = n * peak - primal
-    return Assignment(perm, total, max(0.0, primal - dual))
+    cost = torch.from_numpy(similarity) if isinstance(similarity, np.ndarray) else similarity
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"the similarity matrix must be square, not {tuple(cost.shape)}")
+    n = cost.shape[0]
+    peak = float(cost.max()) if n else 0.0
+    cost.neg_().add_(peak)  # max(S) - S in place (negation is exact: the same rounding)
+    solution = assignment.solve_min(cost, solver, chunk_elements)
+    return Assignment(solution.perm, n * peak - solution.cost, solution.gap_bound)
 
 
 def kendall_tau(perm: np.ndarray) -> float:
@@ -205,7 +192,7 @@ class PairResult:
     build_seconds: float = 0.0
     """Wall time building S (on the device, copied to the host)."""
     solve_seconds: float = 0.0
-    """Wall time of lapjv and the certificate on the host."""
+    """Wall time of the solve and the certificate on the host."""
 
     @property
     def growth(self) -> dict[str, float]:
@@ -220,7 +207,7 @@ def _check_matrices(matrices: Sequence[str]) -> None:
         raise ValueError(f"matrices must be among {MATRICES}, not {tuple(matrices)}")
 
 
-def _timed_solve(similarity: np.ndarray, chunk_elements: int) -> tuple[Assignment, float]:
+def _timed_solve(similarity: torch.Tensor, chunk_elements: int) -> tuple[Assignment, float]:
     started = time.perf_counter()
     return solve_max(similarity, chunk_elements), time.perf_counter() - started
 
@@ -251,7 +238,7 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
 
     `load(e)` returns expert e's matrices (any float dtype, at least those the problems name); each
     expert is loaded and prepared on `device` once, and dropped after the last problem that uses it.
-    With `overlap`, lapjv solves on a host thread (it releases the GIL) while `device` builds the
+    With `overlap`, the solver runs on a host thread (lapjv, scipy and numba's kernels release the GIL) while `device` builds the
     next problem's similarity into a second host buffer: on a GPU the build then hides behind the
     solve; on the CPU both compete for the task's cores, so overlap pays only with more than one.
     """
@@ -264,7 +251,9 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
     last_use = {e: k for k, (i, j, _) in enumerate(problems) for e in (i, j)}
     experts: dict[int, Neurons] = {}
     buffers: list[torch.Tensor] = []
-    pin = torch.device(device).type == "cuda"  # page-locked host buffers: faster device-to-host copies
+    # On a GPU the costs stay there: the solver picks candidates and checks its certificate on the
+    # device, and only O(n) vectors cross to the host.
+    on_device = torch.device(device).type == "cuda"
 
     def neurons(e: int) -> Neurons:
         if e not in experts:
@@ -273,7 +262,7 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
 
     def buffer(k: int, n: int) -> torch.Tensor:
         while len(buffers) < (2 if overlap else 1):
-            buffers.append(torch.empty((n, n), dtype=torch.float32, pin_memory=pin))
+            buffers.append(torch.empty((n, n), dtype=torch.float32, device=device if on_device else "cpu"))
         return buffers[k % len(buffers)]
 
     def finish(k: int, job: Future | tuple, a: Neurons, b: Neurons, build: float) -> tuple[Problem, PairResult]:
@@ -284,7 +273,7 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
                 experts.pop(e, None)
         return problems[k], result
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lapjv") as solver:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="assignment") as solver:
         pending = None
         for k, (i, j, ms) in enumerate(problems):
             a, b = neurons(i), neurons(j)
@@ -292,10 +281,10 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
             cost = build_similarity(buffer(k, a[ms[0]].shape[0]), a, b, ms, chunk_elements)
             build = time.perf_counter() - started
             if not overlap:
-                yield finish(k, _timed_solve(cost.numpy(), chunk_elements), a, b, build)
+                yield finish(k, _timed_solve(cost, chunk_elements), a, b, build)
                 continue
             done = finish(*pending) if pending is not None else None  # solved while this cost was built
-            pending = (k, solver.submit(_timed_solve, cost.numpy(), chunk_elements), a, b, build)
+            pending = (k, solver.submit(_timed_solve, cost, chunk_elements), a, b, build)
             if done is not None:
                 yield done
         if pending is not None:
@@ -329,16 +318,17 @@ def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_he
     """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid, beside the
     worker process itself.
 
-    The n×n float32 cost buffers (two with `overlap`; lapjv solves float32 in place, measured to add
-    no copy), one expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64
-    chunk of the certificate and lapjv's O(n) workspace; when the experts are prepared on the host
+    The n×n float32 cost buffers (two with `overlap`; on a GPU they stay there, and one is kept for
+    the costs' copy should the solver fall back to lapjv, which solves float32 in place), one
+    expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64 chunk of the
+    certificate and the solver's O(n·candidates) workspace; when the experts are prepared on the host
     (`on_host`) also the prepared experts (at most `experts_held` at once), the chunk being built and
     the two temporaries of the before/after cosines.
     """
-    cost = (2 if overlap else 1) * 4 * n * n
+    cost = (2 if overlap and on_host else 1) * 4 * n * n
     reading = n_matrices * n * d_hid * stored_bytes
     certificate = _chunk_rows(n, n, chunk_elements) * n * 8
-    host = cost + reading + certificate + 64 * n
+    host = cost + reading + certificate + assignment.workspace_bytes(n)
     if on_host:
         host += experts_held * expert_bytes(n, d_hid, n_matrices) + _working_chunks(n, d_hid, chunk_elements)
     return host
@@ -352,11 +342,13 @@ def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
 def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
                         stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Peak memory on a GPU of one `reorder_pairs` batch: the prepared experts, one expert arriving
-    in its stored dtype, the chunk being built and the before/after cosines' temporaries (torch's
-    allocator; the CUDA context comes on top, see `units.sizing`)."""
+    in its stored dtype, two n×n float32 cost buffers (the one solved and, with overlap, the one being
+    built), the solver's chunk, the chunk being built and the before/after cosines' temporaries
+    (torch's allocator; the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
-    return weights + reading + _working_chunks(n, d_hid, chunk_elements)
+    costs = 2 * 4 * n * n + 2 * _chunk_rows(n, n, chunk_elements) * n * 4
+    return weights + reading + costs + _working_chunks(n, d_hid, chunk_elements)
 
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------

@@ -10,7 +10,7 @@ are the same tiles (t along expert_i and expert_j), fixed when the group is crea
 it on a resume, so one task writes each chunk and a store holds a few files per tile, not per pair
 (DeepSeek-V3: 13 M files per mode with a chunk per pair).
 A unit reads each of its experts once (straight to its GPU when it has one), builds each pair's n×n
-neuron similarity there in chunks, solves it exactly with lapjv on the host (while the GPU builds the
+neuron similarity there in chunks, solves it exactly (`analysis.assignment`; while the GPU builds the
 next pair's), then writes its tile of `reorder/<mode>/*` at once and marks its pairs done. Each task
 declares its host memory (the n×n float32 cost dominates: 4.3 GB at Grok-1's n = 32,768) and, on a
 GPU, its GPU memory. Everything (layers, pairs, memory budget, tensors and shapes) is validated in
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..analysis import assignment as A
 from ..analysis import reorder as R
 from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
@@ -115,7 +116,7 @@ def plan_reorder(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> Reord
 def prepare(store: ResultStore, plan: ReorderPlan, mode: str, side: int = 1, overwrite: bool = False) -> set[tuple]:
     """Create `reorder/<mode>` with its coordinates and arrays, chunked in tiles of `side` x `side`
     pairs (an existing group keeps its own: `stored_tile_side`); return the unit keys not yet done."""
-    group = store.group(f"{GROUP}/{mode}", {"mode": mode, "solver": "lapjv"}, overwrite=overwrite)
+    group = store.group(f"{GROUP}/{mode}", {"mode": mode, "solver": f"{A.SOLVER} (certified on the dense matrix; lapjv fallback)"}, overwrite=overwrite)
     chunks = {"expert_i": side, "expert_j": side}
     store.coord(group, "layer", np.array(plan.layers, dtype=np.int64))
     store.coord(group, "matrix", np.array(MATRICES))

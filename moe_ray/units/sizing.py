@@ -37,7 +37,8 @@ def static_unit_memory(label_rows: Sequence[int], d_hid: int, stored_bytes: int,
     Host: the kind's stored bytes (read through memory maps, resident while the kind is analysed), a
     converted copy where the held dtype differs from the stored one (CPU only), the analysis's working
     set where it runs there, the neuron-PCA results and the worker process (plus the CUDA runtime on
-    cuda). GPU: the kind as held, one tensor arriving as stored, the working set, the CUDA context.
+    cuda). GPU: two kinds as held (one analysed, the next read ahead: `units.static._ReadAhead`), one
+    tensor arriving as stored, the working set, the CUDA context.
     """
     import torch
 
@@ -46,7 +47,7 @@ def static_unit_memory(label_rows: Sequence[int], d_hid: int, stored_bytes: int,
     results = 3 * len(label_rows) * max(label_rows) * 3 * 8
     host = kind * stored_bytes + results + PROCESS_BYTES
     if device == "cuda":
-        tensors = kind * held_bytes + max(label_rows) * d_hid * stored_bytes + working
+        tensors = 2 * kind * held_bytes + max(label_rows) * d_hid * stored_bytes + working  # 2: read-ahead
         gpu = ALLOCATOR_FACTOR * tensors + CUDA_CONTEXT_BYTES
         return host + CUDA_HOST_BYTES, gpu
     if held_bytes != stored_bytes:

@@ -12,6 +12,7 @@ third of its layer's bytes, plus blocks (see `units.sizing`).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,10 +200,65 @@ def run_layer(plan: StaticPlan, layer: int, request: DeviceRequest = DeviceReque
                    f"{seconds:.1f}s"}
 
 
-def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device
+def _read_kind(plan: StaticPlan, ckpt: Checkpoint, ref: Checkpoint | None, layer: int, matrix: str,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One matrix kind of every label of a layer, on `device`, held as `held_dtype` says."""
+    return {label: source.read(key, held_dtype(source.info(key).dtype), device=device)
+            for label, source, key in plan.label_keys(ckpt, ref, layer, matrix)}
+
+
+class _ReadAhead:
+    """The layer's matrix kinds, read one kind ahead of the analysis when `enabled`: a thread reads
+    kind k + 1 (on a GPU on a stream of its own, so the host-to-device copies run beside the analysis's
+    kernels) while kind k is analysed, so the unit takes about max(read, compute), not their sum.
+    It holds two kinds at once where it is enabled (a GPU's memory: `units.sizing`); without it,
+    kinds are read when needed and the kernel's read-ahead (`Checkpoint.prefetch`) is the overlap."""
+
+    def __init__(self, plan: StaticPlan, ckpt: Checkpoint, ref: Checkpoint | None, layer: int,
+                 device: torch.device, enabled: bool):
+        self.enabled = enabled
+        self._read = lambda matrix: _read_kind(plan, ckpt, ref, layer, matrix, device)
+        self._sources = [c for c in (ckpt, ref) if c is not None]
+        self._device = device
+        self._stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") if enabled else None
+        self._pending = self._pool.submit(self._fetch, 0) if enabled else None
+
+    def _fetch(self, index: int) -> tuple[dict[str, torch.Tensor], object]:
+        if self._stream is None:
+            return self._read(MATRICES[index]), None
+        if index:  # the kind being analysed is on the device: its memory maps can go
+            for source in self._sources:
+                source.close()
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):  # this thread's own device
+            mats = self._read(MATRICES[index])
+            return mats, self._stream.record_event()
+
+    def take(self, index: int) -> dict[str, torch.Tensor]:
+        """Kind `index`'s matrices, ready for the analysis's stream; starts reading the next."""
+        if not self.enabled:
+            return self._read(MATRICES[index])
+        mats, ready = self._pending.result()
+        if ready is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(ready)
+            for tensor in mats.values():
+                tensor.record_stream(current)  # freed only once the analysis's kernels are done
+        self._pending = self._pool.submit(self._fetch, index + 1) if index + 1 < len(MATRICES) else None
+        return mats
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            for source in self._sources:
+                source.close()
+
+
+def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device, read_ahead: bool | None = None
                    ) -> tuple[dict[str, np.ndarray], np.ndarray, WeightsRecord]:
     """Every static quantity of one layer, computed on `device`, as host arrays, and the digests of
-    the tensors it read."""
+    the tensors it read. `read_ahead` (default: on a GPU) reads the next matrix kind while one is
+    analysed (`_ReadAhead`)."""
     ckpt = open_checkpoint(plan.model, plan.allow_pickle)
     ref = open_checkpoint(plan.reference, plan.allow_pickle) if plan.reference else None
     n_labels = len(plan.labels)
@@ -215,10 +271,10 @@ def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device
     for matrix in MATRICES:  # the later kinds arrive from disk while the first is computed on
         for _, source, key in plan.label_keys(ckpt, ref, layer, matrix):
             source.prefetch([key])
+    ahead = _ReadAhead(plan, ckpt, ref, layer, device, device.type == "cuda" if read_ahead is None else read_ahead)
     for mi, matrix in enumerate(MATRICES):
-        mats: dict[str, torch.Tensor] = {}
+        mats = ahead.take(mi)
         for label, source, key in plan.label_keys(ckpt, ref, layer, matrix):
-            mats[label] = source.read(key, held_dtype(source.info(key).dtype), device=device)
             record.add("reference" if source is ref and label == "F" else "model", source, [key])
         comparable = [i for i, lab in enumerate(plan.labels)
                       if lab not in plan.absent.get("matrix_similarity", {})]
@@ -240,9 +296,11 @@ def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device
             results["neuron_pca"][mi, li, : sc.shape[0]] = sc.cpu().numpy()
         results["neuron_pca_explained"][mi] = neuron_ratio.cpu().numpy()
         del mats, comp_mats, points
-        ckpt.close()
-        if ref is not None:
-            ref.close()
+        if not ahead.enabled:
+            ckpt.close()
+            if ref is not None:
+                ref.close()
+    ahead.shutdown()
     router_key = get_family(plan.family).router_weight_key(layer)
     router = ckpt.read(router_key, device=device)
     record.add("model", ckpt, [router_key])
