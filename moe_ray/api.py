@@ -15,6 +15,7 @@ from .distributed.placement import check_placement
 from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, MoeRayError, SpecError
 from .interrupt import reassert as reassert_signal_handlers
+from .progress import step
 from .spec import Spec, parse_pair
 from .store import ResultStore, open_results, progress, progress_text
 from .units import reorder as reorder_unit
@@ -102,15 +103,19 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     that fails marks the store `failed` with its one-line error (`state`, `error` at the root).
     """
     spec = as_spec(spec, **overrides)
+    say = (lambda line: step(line, spec.progress))
+    say(f"planning: reading {spec.model}'s config and tensor headers, checking the spec "
+        f"({', '.join(spec.analyses)})")
     ckpt, ref, jobs = plan(spec)
-    say = print if spec.progress else (lambda *a, **k: None)
     identity, unit_keys = weights_identity(ckpt, ref)
     complete = already_complete(spec, jobs, identity, unit_keys)
     if complete is not None:
-        say(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
-            "nothing to do")
+        print(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
+              "nothing to do")
         return spec.store
 
+    target = f"the Ray cluster at {spec.address}" if spec.address else "Ray (a running local one, else a new one)"
+    say(f"connecting to {target}")
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
     shorten_ray_events()  # Ray's event messages: one line each on the terminal, whole in a log file
     reassert_signal_handlers()  # ray.init replaced SIGTERM's (moe-ray's commands: one line, exit 143)
@@ -126,7 +131,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
         total = sum(t for _, t in counts.values())
         todo = total - sum(d for d, _ in counts.values())
         started = time.monotonic()
-        say(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
+        say(f"{ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
             f"(done so far: {progress_text(counts).removesuffix(' units')}) on {where}")
         summaries = []
         for job in jobs:
@@ -138,7 +143,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
         raise
     store.end_run()
     store.consolidate()
-    say(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
+    print(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
         f"already done; {'; '.join(summaries)}; store {spec.store}")
     return spec.store
 

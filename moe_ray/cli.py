@@ -7,6 +7,7 @@ command line say the same things. Errors print as one line, `moe-ray: error: ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -38,18 +39,70 @@ def _flag(dotted: str, field) -> str:
     return "--" + field.metadata.get("flag", dotted.rsplit(".", 1)[-1].replace("_", "-"))
 
 
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`)."""
+RUN_GROUPS: dict[str, str] = {
+    "spec": "what to analyse and where the results go",
+    "analyses": "which analyses, on which layers",
+    "static": "static analyses (weights): S1-S3, S5, S6",
+    "reorder": "reorder analysis (S4 neuron reordering)",
+    "dynamic": "dynamic analyses (text through the model): D1-D5",
+    "causal": "causal checks (beyond the paper)",
+    "resources": "what each task asks of Ray, and the device",
+    "cluster": "which Ray runs the job",
+}
+"""The titles of `run --help`'s flag groups, in order."""
+FIELD_GROUPS: dict[str, str] = {
+    "analyses": "analyses", "layers": "analyses", "mtp": "analyses", "device": "resources",
+    "address": "cluster", "resources.num_cpus": "cluster", "resources.object_store_memory_gb": "cluster",
+    "resources.check_fit": "cluster", "resources.entrypoint_num_cpus": "cluster",
+    "resources.entrypoint_memory_gb": "cluster",
+}
+"""A spec field's group where it is not its section (`static.*` is static); others are `spec`."""
+
+
+def field_group(dotted: str) -> str:
+    """The `run --help` group of a spec field."""
+    section = dotted.split(".", 1)[0] if "." in dotted else ""
+    return FIELD_GROUPS.get(dotted) or (section if section in RUN_GROUPS else "spec")
+
+
+def field_default(field) -> typing.Any:
+    """A spec field's default (the dataclass's, from default_factory where it has one)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _shown(value: typing.Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def add_spec_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`), in `RUN_GROUPS`, each
+    help saying its default and choices (from the field's metadata: one place). Returns the groups."""
+    groups = {name: parser.add_argument_group(name, title) for name, title in RUN_GROUPS.items()}
     for dotted, hint, field in spec_fields():
         flag = _flag(dotted, field)
-        help_text = field.metadata.get("help", "") + f" [spec: {dotted}]"
+        choices = field.metadata.get("choices")
+        default = field_default(field)
+        help_text = field.metadata.get("help", "").replace("%", "%%")
+        if default is not None and default != "":
+            help_text += f" (default: {_shown(default)})"
+        help_text += f" [spec: {dotted}]"
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        group = groups[field_group(dotted)]
         if base[0] is bool:
-            parser.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            group.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         else:
-            parser.add_argument(flag, dest=dotted, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(),
-                                help=help_text)
+            many = list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint)))
+            metavar = ("{" + ",".join(choices) + "}" + (",..." if many else "")) if choices else \
+                dotted.rsplit(".", 1)[-1].upper()
+            group.add_argument(flag, dest=dotted, default=None, metavar=metavar, help=help_text)
+    return groups
 
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
@@ -64,17 +117,19 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec_file", nargs="?", help="job spec (TOML); flags override its fields")
-    p.add_argument("--spec", dest="spec_opt", help="job spec (TOML), same as the positional argument")
-    add_spec_flags(p)
+    groups = add_spec_flags(p)
+    groups["spec"].add_argument("spec_file", nargs="?", help="job spec (TOML); flags override its fields")
+    groups["spec"].add_argument("--spec", dest="spec_opt", help="job spec (TOML), same as the positional argument")
 
 
 @command("run", "run analyses on a checkpoint into a Zarr store")(_add_run)
 def _run(args: argparse.Namespace) -> int:
+    args.spec = args.spec_opt or args.spec_file
+    spec = spec_from_args(args)
+    spec.validate()  # a bad value is refused before torch and Ray are imported
     from .api import run
 
-    args.spec = args.spec_opt or args.spec_file
-    run(spec_from_args(args))
+    run(spec)
     return 0
 
 
@@ -117,7 +172,9 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def _add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec_file", help="job spec (TOML); paths in it as the cluster sees them")
     _add_address(p)
-    p.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=False,
+                   help="follow the job's log until it ends, then exit 0 if it succeeded (default: return "
+                        "once it is submitted; `moe-ray logs ID -f` follows it later)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip opening the checkpoints here (for paths only the cluster can read)")
     p.add_argument("--no-check-fit", dest="check_fit", action="store_false",
@@ -127,10 +184,11 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
 
 @command("submit", "submit a spec as a Ray job to a cluster's job server")(_add_submit)
 def _submit(args: argparse.Namespace) -> int:
-    from .service import submit
-
     spec = Spec.from_toml(args.spec_file)
     spec.resources.check_fit = spec.resources.check_fit and args.check_fit
+    spec.validate()  # a bad value is refused before torch and Ray are imported
+    from .service import submit
+
     handle = args.submitted = submit(spec, args.address, check_checkpoint=args.check)
     print(f"moe-ray: submitted job {handle.id} to {handle.address}")
     if not args.wait:
@@ -157,7 +215,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _add_logs(p: argparse.ArgumentParser) -> None:
     _add_job_id(p)
-    p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends")
 
 
 @command("logs", "a submitted job's log")(_add_logs)
@@ -234,10 +292,18 @@ DEBUG_ENV = "MOE_RAY_DEBUG"
 DEBUG_HELP = f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line, `moe-ray: error: ...` and exit 2, like
+    every other error (no usage block); the line points to the command's --help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"moe-ray: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
+    parser = OneLineParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name, (add_args, body, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)

@@ -77,6 +77,10 @@ def _job_server(address: str, what: str) -> Iterator[None]:
 def _client(address: str | None, headers: dict[str, str] | None = None):
     from ray.job_submission import JobSubmissionClient
 
+    from .distributed.cluster import ensure_token_auth
+
+    ensure_token_auth()  # RAY_AUTH_MODE=token and the token file, as `run` sets them (unless set otherwise)
+
     address = job_server_address(address)
     if "://" not in address and address != "auto":  # a GCS address: Ray would retry it for 40 s
         why = probe_gcs(address)

@@ -83,3 +83,61 @@ def test_parser_spells_out_families_and_variants_without_torch():
     code = "import sys; from moe_ray.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+MISTAKES = [
+    (["run", "--model", "m", "--device", "gpu"], "device must be auto, cuda or cpu, not 'gpu'"),
+    (["run", "--model", "m", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "--model", "m", "--shards", "0", "--analyses", "dynamic"], "shards must be at least 1"),
+    (["plan"], "the following arguments are required: --model"),
+    (["logs"], "the following arguments are required: job_id"),
+    (["make-tiny", "--family", "nope", "--variant", "scratch", "--out", "x"], "invalid choice: 'nope'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND"),
+]
+
+
+def test_every_cli_mistake_is_one_line_before_torch_or_ray(tmp_path):
+    """argparse's own mistakes and bad spec values: one `moe-ray: error:` line each, exit 2, and
+    nothing heavy imported (one fresh interpreter for all of them, so its sys.modules tell)."""
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from moe_ray.cli import main\n"
+        f"out = []\n"
+        f"for argv in {[a for a, _ in MISTAKES]!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            rc = main(argv)\n"
+        "        except SystemExit as exc:\n"
+        "            rc = exc.code\n"
+        "    out.append((rc, err.getvalue()))\n"
+        "print(json.dumps({'results': out, 'heavy': [m for m in ('torch', 'ray', 'zarr', 'transformers') "
+        "if m in sys.modules]}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    import json
+
+    report = json.loads(done.stdout)
+    for (argv, message), (rc, err) in zip(MISTAKES, report["results"]):
+        assert rc == 2, (argv, err)
+        assert err.startswith("moe-ray: error: ") and err.count("\n") == 1 and message in err, (argv, err)
+    assert report["heavy"] == []
+
+
+def test_run_help_groups_flags_with_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    sections = {}
+    for block in text.split("\n\n"):
+        head = block.splitlines()[0] if block.strip() else ""
+        if head.endswith(":") and not head.startswith(" "):
+            sections[head[:-1]] = block
+    assert {"spec", "analyses", "static", "reorder", "dynamic", "causal", "resources", "cluster"} <= set(sections)
+    dynamic = " ".join(text.split("\ndynamic:", 1)[1].split("\ncausal:", 1)[0].split())
+    assert "--shards SHARDS layer-shard actors the model is split over (default: 1)" in dynamic
+    assert "--placement {PACK,SPREAD,STRICT_SPREAD}" in dynamic and "(default: PACK)" in dynamic
+    cluster = " ".join(text.split("\ncluster:", 1)[1].split())
+    assert "--address ADDRESS" in cluster and "--num-cpus NUM_CPUS" in cluster
+    flat = " ".join(text.split())
+    assert "--inputs {short,long,text,corpus},..." in flat and "(default: short,long)" in flat
