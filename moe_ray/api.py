@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .checkpoint.validate import validate_job_tensors
 from .distributed.cluster import alive_nodes, connect, started_local_ray
 from .distributed.fanout import first_line
-from .distributed.placement import check_placement
+from .distributed.placement import check_placement, reported_nodes
 from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, MoeRayError, SpecError
 from .interrupt import reassert as reassert_signal_handlers
@@ -120,7 +120,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     shorten_ray_events()  # Ray's event messages: one line each on the terminal, whole in a log file
     reassert_signal_handlers()  # ray.init replaced SIGTERM's (moe-ray's commands: one line, exit 143)
     if spec.resources.check_fit or started_local_ray():  # a Ray moe-ray started can never grow
-        check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
+        check_placement([job.demand(spec) for job in jobs], reported_nodes(alive_nodes, where), where)
     store = ResultStore.create_or_reuse(
         spec.store, identity, spec.to_dict(), overwrite=spec.overwrite, unit_keys=unit_keys,
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})

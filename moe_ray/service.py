@@ -34,7 +34,7 @@ from typing import Any
 from .api import already_complete, as_spec, plan, weights_identity
 from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
-from .distributed.placement import Demand, check_placement
+from .distributed.placement import Demand, check_placement, reported_nodes
 from .errors import JobError
 from .spec import Spec
 from .store import open_results, progress_text, store_progress
@@ -225,7 +225,7 @@ def check_fits_cluster(jobs: list[AnalysisJob], spec: Spec, address: str,
                        headers: dict[str, str] | None = None) -> None:
     """Refuse, before submission, a job whose driver or analyses no placement on the cluster's nodes
     could ever hold (`distributed.placement`), with the plan's numbers and the cluster's."""
-    nodes = cluster_nodes(address, headers)
+    nodes = reported_nodes(lambda: cluster_nodes(address, headers), f"the cluster at {address}")
     driver = driver_resources(spec)
     demands = [Demand("the job's driver", (("the job's driver (entrypoint_num_cpus, entrypoint_memory_gb)", driver),))]
     demands += [replace(job.demand(spec, nodes), alongside=driver) for job in jobs]
