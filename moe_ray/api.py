@@ -138,10 +138,10 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
             job.execute(pending[job.name], spec)
             summaries.append(job.finish(store))
     except BaseException as exc:
-        store.end_run(_run_error(exc))
+        store.end_run(_run_error(exc), _counts_or_none(store, spec))
         store.consolidate()
         raise
-    store.end_run()
+    store.end_run(counts=_counts_or_none(store, spec))
     store.consolidate()
     print(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
         f"already done; {'; '.join(summaries)}; store {spec.store}")
@@ -153,6 +153,14 @@ def weights_identity(ckpt: Checkpoint, ref: Checkpoint | None) -> tuple[dict, di
     behind each fingerprint unit, which name the first tensor that differs in a refusal."""
     identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
     return identity, {"model": ckpt.unit_keys, **({"reference": ref.unit_keys} if ref else {})}
+
+
+def _counts_or_none(store: ResultStore, spec: Spec) -> dict[str, tuple[int, int]] | None:
+    """The run's units done/planned per analysis for its log entry (None if the store cannot say)."""
+    try:
+        return progress(store.root, spec.analyses)
+    except Exception:
+        return None
 
 
 def _run_error(exc: BaseException) -> str:

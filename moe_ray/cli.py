@@ -192,10 +192,11 @@ def _submit(args: argparse.Namespace) -> int:
     handle = args.submitted = submit(spec, args.address, check_checkpoint=args.check)
     print(f"moe-ray: submitted job {handle.id} to {handle.address}")
     if not args.wait:
-        print(f"moe-ray: follow it with `moe-ray logs {handle.id} --follow`")
+        where = f" --address {args.address}" if args.address else ""  # the same server the next command asks
+        print(f"moe-ray: follow it with `moe-ray logs {handle.id} -f{where}`")
         return 0
     handle.follow()
-    status = handle.wait()
+    status = handle.wait(progress=False)  # the log it followed has the progress lines
     print(f"moe-ray: {status.line()}")
     return 0 if status.state == "SUCCEEDED" else 1
 
@@ -275,6 +276,8 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=PLOT_PARALLEL, default="auto",
                    help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray on a cluster "
                         "of more CPUs than this machine's, else processes when more than one CPU is idle)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress of the figures (the summary line is printed either way)")
     p.add_argument("--shared-scale", action="store_true",
                    help="one colour range across all stores' images of a figure (default: each model its own, "
                         "as in the paper)")
@@ -283,8 +286,14 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
 def _plot(args: argparse.Namespace) -> int:
     from .plotting import render
+    from .progress import Callback
 
-    print(render(args.stores, args.out, args.parallel, args.shared_scale).summary())
+    figures = Callback("report figures", "drawing task", args.progress)
+    try:
+        report = render(args.stores, args.out, args.parallel, args.shared_scale, on_figure=figures)
+    finally:
+        figures.close()
+    print(report.summary())
     return 0
 
 
@@ -322,8 +331,9 @@ def interruption_line(args: argparse.Namespace, argv: Sequence[str]) -> Callable
             return progress_line(signame, spec.store, "moe-ray " + shlex.join(argv), spec.analyses)
         job = getattr(args, "submitted", None)
         if job is not None:
+            where = f" --address {args.address}" if args.address else ""
             return (f"moe-ray: interrupted by {signame}; job {job.id} keeps running: `moe-ray logs {job.id} "
-                    f"--follow` to follow it again, `moe-ray stop {job.id}` to stop it")
+                    f"-f{where}` to follow it again, `moe-ray stop {job.id}{where}` to stop it")
         return f"moe-ray: interrupted by {signame}"
 
     return describe

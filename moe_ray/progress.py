@@ -122,9 +122,29 @@ class ShardCounters:
             c.close()
 
 
+class Callback:
+    """A counter for work whose total is known only once it starts (`render`'s `on_figure(done, total,
+    name)`): called with (done, total, ...), it opens its counter on the first call."""
+
+    def __init__(self, what: str, unit: str = "unit", enabled: bool = True):
+        self.what, self.unit, self.enabled = what, unit, enabled
+        self.counter: Counter | None = None
+        self._started = time.monotonic()
+
+    def __call__(self, done: int, total: int, *_: object) -> None:
+        if self.counter is None:
+            self.counter = Counter(total, self.what, self.unit, self.enabled)
+            self.counter._started = self._started  # time counts from the start of the work
+        self.counter.update(done - self.counter.done)
+
+    def close(self) -> None:
+        if self.counter is not None:
+            self.counter.close()
+
+
 def counter(total: int, what: str, unit: str = "unit", enabled: bool = True, position: int | None = None) -> Counter:
     """A progress counter for `total` `unit`s of `what` (see `Counter`)."""
     return Counter(total, what, unit, enabled, position=position)
 
 
-__all__ = ["Counter", "ShardCounters", "counter", "on_terminal", "step"]
+__all__ = ["Callback", "Counter", "ShardCounters", "counter", "on_terminal", "step"]

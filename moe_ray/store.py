@@ -40,7 +40,20 @@ from .errors import StoreError
 if TYPE_CHECKING:
     import xarray as xr
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: expert dimensions have integer coordinates (F -1, SE -2) and `<dim>_label` string coordinates;
+1 had the labels as the coordinate (still read, and resumed, as such)."""
+EXPERT_DIMS = ("expert", "expert_i", "expert_j")
+"""Dimensions along experts: their coordinate holds integer codes, routed experts 0..E-1, the dense
+reference F = -1 and the shared expert SE = -2 (`EXPERT_CODES`), and `<dim>_label` the labels."""
+EXPERT_CODES = {"F": -1, "SE": -2}
+EXPERT_LABEL_DOC = ("expert labels along this dimension: routed experts '0'..'E-1', 'F' (the dense reference "
+                    "FFN, code -1) and 'SE' (the shared expert, code -2); the dimension's coordinate holds the codes")
+BOOKKEEPING = "bookkeeping"
+"""The `role` attribute of arrays that record work done (`unit_done`, `unit_planned`), not results;
+`open_results` makes them coordinates, out of the data variables."""
+JOB_ENV = "MOE_RAY_JOB_ID"
+"""Set in a submitted job's environment to its submission id; the store's run log records it."""
 DONE = "unit_done"
 PLANNED = "unit_planned"
 
@@ -394,16 +407,22 @@ class ResultStore:
         return store
 
     def start_run(self, spec: dict) -> None:
-        """Log a run in the root's `runs` and mark the store as running."""
+        """Log a run in the root's `runs` and mark the store as running; a run of a submitted job
+        names the job (`JOB_ENV`), so `moe-ray status` tells its own run from others into the store."""
+        import os
+
         runs = list(self.root.attrs.get("runs", []))
-        self.root.attrs.update({"runs": runs + [{"spec": _jsonable(spec), "started": _now()}],
+        job = {"job": os.environ[JOB_ENV]} if os.environ.get(JOB_ENV) else {}
+        self.root.attrs.update({"runs": runs + [{"spec": _jsonable(spec), "started": _now(), **job}],
                                 "state": "running", "error": None})
 
-    def end_run(self, error: str | None = None) -> None:
-        """Close the last run's log entry: `state` complete, or failed with its one-line `error`."""
+    def end_run(self, error: str | None = None, counts: dict[str, tuple[int, int]] | None = None) -> None:
+        """Close the last run's log entry: `state` complete, or failed with its one-line `error`, and
+        the units done/planned per analysis when it ended (`counts`)."""
         runs = list(self.root.attrs.get("runs", [])) or [{}]
         state = "failed" if error else "complete"
-        runs[-1] = {**runs[-1], "ended": _now(), "state": state, **({"error": error} if error else {})}
+        runs[-1] = {**runs[-1], "ended": _now(), "state": state, **({"error": error} if error else {}),
+                    **({"progress": {k: list(v) for k, v in counts.items()}} if counts is not None else {})}
         self.root.attrs.update({"runs": runs, "state": state, "error": error})
 
     def delete(self) -> None:
@@ -447,8 +466,19 @@ class ResultStore:
 
     @staticmethod
     def coord(group: zarr.Group, name: str, values) -> None:
-        """A 1-D coordinate array named after its dimension (strings as variable-length UTF-8)."""
+        """A 1-D coordinate array named after its dimension (strings as variable-length UTF-8). An
+        expert dimension (`EXPERT_DIMS`) given labels gets integer codes (`expert_codes`) as its
+        coordinate and the labels beside it as `<dim>_label`; a store of schema 1 (string labels as the
+        coordinate itself) is compared by its labels and left as it is."""
         values = np.asarray(values)
+        if name in EXPERT_DIMS and values.dtype.kind in "UOT":
+            labels = values.astype(str)
+            if name in group and group[name].dtype.kind not in "iu":  # schema 1: the labels themselves
+                values = labels
+            else:
+                ResultStore.coord(group, name, expert_codes(labels))
+                ResultStore._label_coord(group, name, labels)
+                return
         if name in group:
             old = group[name][...]
             if old.shape != values.shape or not np.array_equal(np.asarray(old, dtype=values.dtype), values):
@@ -458,6 +488,20 @@ class ResultStore:
         dtype = str if values.dtype.kind in "UOT" else values.dtype
         arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
         arr[...] = values
+
+    @staticmethod
+    def _label_coord(group: zarr.Group, dim: str, labels: np.ndarray) -> None:
+        """`<dim>_label`: the expert labels ("0".."E-1", "F", "SE") along `dim`, a non-index coordinate."""
+        name = dim + "_label"
+        if name in group:
+            old = np.array([str(v) for v in np.asarray(group[name][...]).ravel()])
+            if old.shape != labels.shape or not np.array_equal(old, labels):
+                raise StoreError(f"coordinate {group.path}/{name} in the store is {_short(old)}, this job's is "
+                                 f"{_short(labels)}; choose another --store, or --overwrite to replace it")
+            return
+        arr = group.create_array(name, shape=labels.shape, dtype=str, dimension_names=[dim],
+                                 attributes={"description": EXPERT_LABEL_DOC})
+        arr[...] = labels
 
     @staticmethod
     def array(group: zarr.Group, name: str, quantity: Quantity, unit_dims: tuple[str, ...],
@@ -475,10 +519,12 @@ class ResultStore:
         fill = np.nan if quantity.dtype.startswith("float") else 0
         if quantity.fill is not None:
             fill = quantity.fill
+        labelled = [d + "_label" for d in quantity.dims if d in EXPERT_DIMS and d + "_label" in group]
+        coordinates = {"coordinates": " ".join(labelled)} if labelled else {}  # CF: xarray makes them coordinates
         return group.create_array(
             name, shape=shape, chunks=chunks, dtype=quantity.dtype, fill_value=fill,
             dimension_names=list(quantity.dims),
-            attributes={"description": quantity.description, **(attrs or {})})
+            attributes={"description": quantity.description, **coordinates, **(attrs or {})})
 
     @staticmethod
     def done_array(group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None,
@@ -487,7 +533,7 @@ class ResultStore:
         job runs, where that is not all of them), also `unit_planned`, which progress counts."""
         done = ResultStore.array(group, DONE, Quantity(
             unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims,
-            chunks=chunks)
+            attrs={"role": BOOKKEEPING}, chunks=chunks)
         if planned is not None:
             planned = np.asarray(planned, dtype=np.uint8)
             if PLANNED in group and tuple(group[PLANNED].shape) == planned.shape:
@@ -500,7 +546,8 @@ class ResultStore:
                 arr = group.create_array(
                     PLANNED, shape=planned.shape, chunks=planned.shape, dtype="uint8", fill_value=0,
                     dimension_names=list(unit_dims),
-                    attributes={"description": "1 where the latest job planned this unit (progress counts these)"})
+                    attributes={"description": "1 where the latest job planned this unit (progress counts these)",
+                                "role": BOOKKEEPING})
                 arr[...] = planned
         return done
 
@@ -551,6 +598,18 @@ def store_progress(url: str, analyses: "Iterable[str] | None" = None) -> dict[st
         return {}
 
 
+def store_runs(url: str) -> tuple[list[dict], str | None]:
+    """The store's run log (`runs`, oldest first) and its `state`, read live; ([], None) while it
+    does not exist or cannot be read."""
+    try:
+        if not _exists(url):
+            return [], None
+        root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+        return list(root.attrs.get("runs") or []), root.attrs.get("state")
+    except Exception:
+        return [], None
+
+
 def progress_text(counts: dict[str, tuple[int, int]]) -> str:
     """`static 4/4, reorder 24/28 units`."""
     return ", ".join(f"{name} {d}/{t}" for name, (d, t) in counts.items()) + " units" if counts else ""
@@ -587,16 +646,53 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def expert_codes(labels) -> np.ndarray:
+    """Integer codes of expert labels: "3" -> 3, "F" -> -1, "SE" -> -2 (`EXPERT_CODES`)."""
+    return np.array([EXPERT_CODES[l] if l in EXPERT_CODES else int(l) for l in map(str, labels)], dtype=np.int64)
+
+
 def unit_done(group: zarr.Group) -> np.ndarray:
     """The group's done flags as a bool array over its unit dimensions."""
     return np.asarray(group[DONE][...]).astype(bool)
 
 
 def open_results(url: str) -> "xr.DataTree":
-    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>)."""
+    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>), as
+    xarray users expect it: expert dimensions select by code or by label (`.sel(expert_i=0)`,
+    `.sel(expert_i_label="F")`: the labels are indexed), the bookkeeping arrays (`unit_done`,
+    `unit_planned`) are coordinates rather than data variables, and attributes holding tables or
+    lists of tables (the spec, the run log, parameters) are JSON strings, so `to_netcdf` takes every
+    group (`json.loads` gives them back)."""
     import xarray as xr  # here, not at the top: workers writing the store never need it
 
     url = str(url)
     if not _exists(url) or not _is_moe_ray_store(url):
         raise StoreError(f"{url} is not a moe-ray store")
-    return xr.open_datatree(url, engine="zarr", consolidated=None)
+    tree = xr.open_datatree(url, engine="zarr", consolidated=None)
+    return tree.map_over_datasets(_as_xarray_expects)
+
+
+def _netcdf_attrs(attrs: dict) -> dict:
+    """Attributes netCDF takes: strings, numbers and lists of them as they are; anything else (tables,
+    lists of tables, None, booleans) as its JSON text."""
+    def plain(v: Any) -> bool:
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+    return {k: v if plain(v) or (isinstance(v, list) and v and all(plain(x) for x in v)
+                                  and len({type(x) for x in v}) == 1) else json.dumps(v, default=str)
+            for k, v in attrs.items()}
+
+
+def _as_xarray_expects(ds: "xr.Dataset") -> "xr.Dataset":
+    """One group of `open_results`: bookkeeping arrays as coordinates, label coordinates indexed,
+    netCDF-compatible attributes."""
+    bookkeeping = [n for n, v in ds.data_vars.items() if v.attrs.get("role") == BOOKKEEPING or n in (DONE, PLANNED)]
+    ds = ds.set_coords(bookkeeping)
+    for dim in EXPERT_DIMS:
+        label = dim + "_label"
+        if label in ds.variables and label not in ds.xindexes:
+            ds = ds.set_coords(label).set_xindex(label)
+    ds.attrs = _netcdf_attrs(dict(ds.attrs))
+    for name in ds.variables:
+        ds[name].attrs = _netcdf_attrs(dict(ds[name].attrs))
+    return ds

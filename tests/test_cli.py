@@ -11,6 +11,7 @@ import xarray as xr
 
 from moe_ray.cli import main, spec_from_args, build_parser
 from moe_ray.spec import Spec, spec_fields
+from moe_ray.plotting.common import expert_labels
 
 
 def test_every_spec_field_has_a_flag():
@@ -39,7 +40,7 @@ def test_run_from_spec_in_process(ray_session, tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 units computed" in out and "Tab 3 mean R²" in out
     ds = xr.open_zarr(store, group="static")
-    assert list(ds.layer.values) == [1, 2] and "F" in ds.expert_i.values
+    assert list(ds.layer.values) == [1, 2] and "F" in expert_labels(ds, "expert_i")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -67,7 +68,7 @@ def test_console_script_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     ds = xr.open_zarr(tmp_path / "g.zarr", group="static")
-    np.testing.assert_allclose(ds.neuron_avg_similarity.sel(layer=0, expert_i="0", expert_j="1").values, 1, atol=1e-6)
+    np.testing.assert_allclose(ds.neuron_avg_similarity.sel(layer=0, expert_i=0, expert_j=1).values, 1, atol=1e-6)
     bad = subprocess.run(exe + ["run", "--model", str(tmp_path / "g" / "dense-parent"), "--store", str(tmp_path / "b.zarr")],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("moe-ray: error: checkpoint directory not found")
@@ -141,3 +142,16 @@ def test_run_help_groups_flags_with_defaults_and_choices(capsys):
     assert "--address ADDRESS" in cluster and "--num-cpus NUM_CPUS" in cluster
     flat = " ".join(text.split())
     assert "--inputs {short,long,text,corpus},..." in flat and "(default: short,long)" in flat
+
+
+def test_start_head_says_what_is_missing(tmp_path):
+    """No `ray` beside the Python nor on PATH: one line naming what is missing, exit 1, nothing started."""
+    script = os.path.join(os.path.dirname(__file__), "..", "cluster", "local", "start-head.sh")
+    python = tmp_path / "python3"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o755)
+    done = subprocess.run(["bash", script], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(python)},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr == (f"start-head.sh: no `ray` beside {python} nor on PATH; install moe-ray (and with it Ray) "
+                           "into that Python, or set RAY=/path/to/ray\n")

@@ -47,3 +47,57 @@ def test_shard_counters_count_each_shards_tokens(capsys):
     shards.close()
     out = capsys.readouterr().out.splitlines()
     assert out[-2].startswith("moe-ray: shard 0: 100/100 token") and out[-1].startswith("moe-ray: shard 1: 92/100 token")
+
+
+# ---- what `moe-ray status` and `list` say about a job (no cluster needed) --------------------------
+
+RAY_FAILED = ("Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+              "moe-ray: planning: reading m's config\n"
+              "moe-ray: error: layer 9 is not an MoE layer of m; MoE layers are 0..3 (4 layers)\n")
+
+
+def test_failure_line_is_moe_rays_own_not_rays_wrapper():
+    from moe_ray.service import JobStatus, failure_line
+
+    assert failure_line(RAY_FAILED) == "layer 9 is not an MoE layer of m; MoE layers are 0..3 (4 layers)"
+    assert failure_line("Job entrypoint command failed with exit code 1, last available logs:\nTraceback\n") == "Traceback"
+    assert failure_line("Job was intentionally stopped.") == "Job was intentionally stopped."
+    status = JobStatus("raysubmit_1", "FAILED", RAY_FAILED, "s.zarr", {"static": (1, 4)})
+    assert status.line() == ("raysubmit_1: FAILED (static 1/4 units) - layer 9 is not an MoE layer of m; "
+                             "MoE layers are 0..3 (4 layers)")
+
+
+def test_status_counts_the_jobs_own_run_of_the_store(tmp_path):
+    """A stopped job's store later finished by another run: its status keeps the counts its own run
+    recorded and says the store was completed by another run, instead of the store's 4/4."""
+    import zarr
+
+    from moe_ray.service import own_progress
+    from moe_ray.store import DONE
+
+    url = str(tmp_path / "s.zarr")
+    root = zarr.open_group(url, mode="w")
+    root.create_array(f"static/{DONE}", shape=(4,), dtype="uint8", fill_value=0)[...] = [1, 1, 0, 0]
+    root.attrs.update({"moe_ray": {}, "state": "running", "runs": [{"job": "raysubmit_a"}]})
+    assert own_progress(url, "raysubmit_a") == ({"static": (2, 4)}, "")  # its run is the latest: live counts
+    assert own_progress(url, "raysubmit_b") == ({}, "")  # not started yet
+    root["static/" + DONE][...] = 1  # another run finishes the store
+    root.attrs.update({"state": "complete", "runs": [
+        {"job": "raysubmit_a", "state": "failed", "progress": {"static": [2, 4]}}, {"state": "complete"}]})
+    assert own_progress(url, "raysubmit_a") == ({"static": (2, 4)}, "store complete (by another run)")
+    assert own_progress(url, "raysubmit_b") == ({}, "store complete (by another run)")
+
+
+def test_callback_opens_its_counter_with_the_first_total(capsys):
+    from moe_ray.progress import Callback
+
+    figures = Callback("report figures", "drawing task", enabled=True)
+    for done in (1, 2, 3, 4):
+        figures(done, 4, "static")
+    figures.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(" (")[0] for l in lines] == [f"moe-ray: report figures: {d}/4 drawing task" for d in (1, 2, 3, 4)]
+    quiet = Callback("report figures", enabled=False)
+    quiet(1, 2)
+    quiet.close()
+    assert capsys.readouterr().out == ""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import lapjv
 import numpy as np
-import torch
+from ..lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .summary import relative_growth
 
@@ -47,7 +47,7 @@ MODES = ("joint", "separate")
 CHUNK_ELEMENTS = 2**24
 """Elements of one chunk of the cost matrix computed at a time (64 MiB in float32)."""
 
-Neurons = dict[str, torch.Tensor]
+Neurons = dict[str, "torch.Tensor"]
 """One expert prepared for S4: per matrix, its neuron rows [n, d_hid] in float32 divided by the
 matrix's Frobenius norm, contiguous, on the device that builds the costs (see `prepare_expert`)."""
 
