@@ -34,11 +34,13 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
 
 
-def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto", shared_scale: bool = False) -> "Path":
+def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto", shared_scale: bool = False,
+         progress: bool = True) -> "Path":
     """Figures and tables of the paper from one or several stores -> path of `out/index.html`
     (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib). `parallel`:
     "auto" (Ray tasks on a cluster larger than this machine, else a process pool), "ray", "processes"
-    or "none"; `shared_scale`: one colour range across the stores' images (default: each model its own)."""
+    or "none"; `shared_scale`: one colour range across the stores' images (default: each model its own);
+    `progress`: count the figures as they are drawn."""
     from .plotting import plot as _plot
 
-    return _plot(stores, out, parallel, shared_scale)
+    return _plot(stores, out, parallel, shared_scale, progress)

@@ -11,10 +11,11 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .checkpoint.validate import validate_job_tensors
 from .distributed.cluster import alive_nodes, connect, started_local_ray
 from .distributed.fanout import first_line
-from .distributed.placement import check_placement
+from .distributed.placement import check_placement, reported_nodes
 from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, MoeRayError, SpecError
 from .interrupt import reassert as reassert_signal_handlers
+from .progress import step
 from .spec import Spec, parse_pair
 from .lease import Lease
 from .store import ResultStore, open_results, progress, progress_text
@@ -103,21 +104,23 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     that fails marks the store `failed` with its one-line error (`state`, `error` at the root).
     """
     spec = as_spec(spec, **overrides)
+    say = (lambda line: step(line, spec.progress))
+    say(f"planning: reading {spec.model}'s config and tensor headers, checking the spec "
+        f"({', '.join(spec.analyses)})")
     ckpt, ref, jobs = plan(spec)
-    say = print if spec.progress else (lambda *a, **k: None)
     identity, unit_keys = weights_identity(ckpt, ref)
     complete = already_complete(spec, jobs, identity, unit_keys, checkpoints={"model": ckpt, "reference": ref})
     if complete is not None:
-        say(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
-            "nothing to do")
+        print(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
+              "nothing to do")
         return spec.store
 
     with Lease(spec.store, "moe-ray run") as lease:  # one writer at a time, from before the first write
         if lease.took_over:
-            say(f"moe-ray: {spec.store}: {lease.took_over}")
+            say(f"{spec.store}: {lease.took_over}")
         started, todo, total, summaries = _write(spec, jobs, ckpt, ref, identity, unit_keys, say)
-    say(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
-        f"already done; {'; '.join(summaries)}; store {spec.store}")
+    print(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
+          f"already done; {'; '.join(summaries)}; store {spec.store}")  # the result: shown even without progress
     return spec.store
 
 
@@ -125,34 +128,36 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
            unit_keys: dict, say: Callable[..., None]) -> tuple[float, int, int, list[str]]:
     """The writing part of `run`, under the store's lease: connect to Ray, create or reuse the store,
     prepare every job's group (repairing what a done unit lacks), run the pending units, finish."""
+    target = f"the Ray cluster at {spec.address}" if spec.address else "Ray (a running local one, else a new one)"
+    say(f"connecting to {target}")
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
     shorten_ray_events()  # Ray's event messages: one line each on the terminal, whole in a log file
     reassert_signal_handlers()  # ray.init replaced SIGTERM's (moe-ray's commands: one line, exit 143)
     if spec.resources.check_fit or started_local_ray():  # a Ray moe-ray started can never grow
-        check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
+        check_placement([job.demand(spec) for job in jobs], reported_nodes(alive_nodes, where), where)
     store = ResultStore.create_or_reuse(
         spec.store, identity, spec.to_dict(), overwrite=spec.overwrite, unit_keys=unit_keys,
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
     try:
         pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
         for repair in store.repairs:
-            say(f"moe-ray: {spec.store} is damaged: {repair}")
+            say(f"{spec.store} is damaged: {repair}")
         store.consolidate()
         counts = progress(store.root, spec.analyses)
         total = sum(t for _, t in counts.values())
         todo = total - sum(d for d, _ in counts.values())
         started = time.monotonic()
-        say(f"moe-ray: {ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
+        say(f"{ckpt.facts.family} {Path(ckpt.location).name}: {todo} of {total} units to run "
             f"(done so far: {progress_text(counts).removesuffix(' units')}) on {where}")
         summaries = []
         for job in jobs:
             job.execute(pending[job.name], spec)
             summaries.append(job.finish(store))
     except BaseException as exc:
-        store.end_run(_run_error(exc))
+        store.end_run(_run_error(exc), _counts_or_none(store, spec))
         store.consolidate()
         raise
-    store.end_run()
+    store.end_run(counts=_counts_or_none(store, spec))
     store.consolidate()
     return started, todo, total, summaries
 
@@ -162,6 +167,14 @@ def weights_identity(ckpt: Checkpoint, ref: Checkpoint | None) -> tuple[dict, di
     behind each fingerprint unit, which name the first tensor that differs in a refusal."""
     identity = {"model": ckpt.fingerprint, "reference": ref.fingerprint if ref else None}
     return identity, {"model": ckpt.unit_keys, **({"reference": ref.unit_keys} if ref else {})}
+
+
+def _counts_or_none(store: ResultStore, spec: Spec) -> dict[str, tuple[int, int]] | None:
+    """The run's units done/planned per analysis for its log entry (None if the store cannot say)."""
+    try:
+        return progress(store.root, spec.analyses)
+    except Exception:
+        return None
 
 
 def _run_error(exc: BaseException) -> str:

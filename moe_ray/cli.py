@@ -7,6 +7,7 @@ command line say the same things. Errors print as one line, `moe-ray: error: ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -39,18 +40,70 @@ def _flag(dotted: str, field) -> str:
     return "--" + field.metadata.get("flag", dotted.rsplit(".", 1)[-1].replace("_", "-"))
 
 
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`)."""
+RUN_GROUPS: dict[str, str] = {
+    "spec": "what to analyse and where the results go",
+    "analyses": "which analyses, on which layers",
+    "static": "static analyses (weights): S1-S3, S5, S6",
+    "reorder": "reorder analysis (S4 neuron reordering)",
+    "dynamic": "dynamic analyses (text through the model): D1-D5",
+    "causal": "causal checks (beyond the paper)",
+    "resources": "what each task asks of Ray, and the device",
+    "cluster": "which Ray runs the job",
+}
+"""The titles of `run --help`'s flag groups, in order."""
+FIELD_GROUPS: dict[str, str] = {
+    "analyses": "analyses", "layers": "analyses", "mtp": "analyses", "device": "resources",
+    "address": "cluster", "resources.num_cpus": "cluster", "resources.object_store_memory_gb": "cluster",
+    "resources.check_fit": "cluster", "resources.entrypoint_num_cpus": "cluster",
+    "resources.entrypoint_memory_gb": "cluster",
+}
+"""A spec field's group where it is not its section (`static.*` is static); others are `spec`."""
+
+
+def field_group(dotted: str) -> str:
+    """The `run --help` group of a spec field."""
+    section = dotted.split(".", 1)[0] if "." in dotted else ""
+    return FIELD_GROUPS.get(dotted) or (section if section in RUN_GROUPS else "spec")
+
+
+def field_default(field) -> typing.Any:
+    """A spec field's default (the dataclass's, from default_factory where it has one)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _shown(value: typing.Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def add_spec_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per spec field (`--dbscan-eps` sets `static.dbscan_eps`), in `RUN_GROUPS`, each
+    help saying its default and choices (from the field's metadata: one place). Returns the groups."""
+    groups = {name: parser.add_argument_group(name, title) for name, title in RUN_GROUPS.items()}
     for dotted, hint, field in spec_fields():
         flag = _flag(dotted, field)
-        help_text = field.metadata.get("help", "") + f" [spec: {dotted}]"
+        choices = field.metadata.get("choices")
+        default = field_default(field)
+        help_text = field.metadata.get("help", "").replace("%", "%%")
+        if default is not None and default != "":
+            help_text += f" (default: {_shown(default)})"
+        help_text += f" [spec: {dotted}]"
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        group = groups[field_group(dotted)]
         if base[0] is bool:
-            parser.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            group.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         else:
-            parser.add_argument(flag, dest=dotted, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(),
-                                help=help_text)
+            many = list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint)))
+            metavar = ("{" + ",".join(choices) + "}" + (",..." if many else "")) if choices else \
+                dotted.rsplit(".", 1)[-1].upper()
+            group.add_argument(flag, dest=dotted, default=None, metavar=metavar, help=help_text)
+    return groups
 
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
@@ -65,17 +118,19 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec_file", nargs="?", help="job spec (TOML); flags override its fields")
-    p.add_argument("--spec", dest="spec_opt", help="job spec (TOML), same as the positional argument")
-    add_spec_flags(p)
+    groups = add_spec_flags(p)
+    groups["spec"].add_argument("spec_file", nargs="?", help="job spec (TOML); flags override its fields")
+    groups["spec"].add_argument("--spec", dest="spec_opt", help="job spec (TOML), same as the positional argument")
 
 
 @command("run", "run analyses on a checkpoint into a Zarr store")(_add_run)
 def _run(args: argparse.Namespace) -> int:
+    args.spec = args.spec_opt or args.spec_file
+    spec = spec_from_args(args)
+    spec.validate()  # a bad value is refused before torch and Ray are imported
     from .api import run
 
-    args.spec = args.spec_opt or args.spec_file
-    run(spec_from_args(args))
+    run(spec)
     return 0
 
 
@@ -118,7 +173,9 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def _add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec_file", help="job spec (TOML); paths in it as the cluster sees them")
     _add_address(p)
-    p.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=False,
+                   help="follow the job's log until it ends, then exit 0 if it succeeded (default: return "
+                        "once it is submitted; `moe-ray logs ID -f` follows it later)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip opening the checkpoints here (for paths only the cluster can read)")
     p.add_argument("--no-check-fit", dest="check_fit", action="store_false",
@@ -133,19 +190,21 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
 
 @command("submit", "submit a spec as a Ray job to a cluster's job server")(_add_submit)
 def _submit(args: argparse.Namespace) -> int:
-    from .service import load_runtime_env, submit
-
     spec = Spec.from_toml(args.spec_file)
     spec.resources.check_fit = spec.resources.check_fit and args.check_fit
+    spec.validate()  # a bad value is refused before torch and Ray are imported
+    from .service import load_runtime_env, submit
+
     runtime_env = load_runtime_env(args.runtime_env) if args.runtime_env else None
     handle = args.submitted = submit(spec, args.address, check_checkpoint=args.check, runtime_env=runtime_env,
                                      ship_package=args.ship_package)
     print(f"moe-ray: submitted job {handle.id} to {handle.address}")
     if not args.wait:
-        print(f"moe-ray: follow it with `moe-ray logs {handle.id} --follow`")
+        where = f" --address {args.address}" if args.address else ""  # the same server the next command asks
+        print(f"moe-ray: follow it with `moe-ray logs {handle.id} -f{where}`")
         return 0
     handle.follow()
-    status = handle.wait()
+    status = handle.wait(progress=False)  # the log it followed has the progress lines
     print(f"moe-ray: {status.line()}")
     return 0 if status.state == "SUCCEEDED" else 1
 
@@ -165,7 +224,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _add_logs(p: argparse.ArgumentParser) -> None:
     _add_job_id(p)
-    p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends")
 
 
 @command("logs", "a submitted job's log")(_add_logs)
@@ -226,6 +285,8 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=PLOT_PARALLEL, default="auto",
                    help="draw figures as Ray tasks, in a process pool, or one by one (auto: Ray on a cluster "
                         "of more CPUs than this machine's, else processes when more than one CPU is idle)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress of the figures (the summary line is printed either way)")
     p.add_argument("--shared-scale", action="store_true",
                    help="one colour range across all stores' images of a figure (default: each model its own, "
                         "as in the paper)")
@@ -234,8 +295,14 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
 def _plot(args: argparse.Namespace) -> int:
     from .plotting import render
+    from .progress import Callback
 
-    print(render(args.stores, args.out, args.parallel, args.shared_scale).summary())
+    figures = Callback("report figures", "drawing task", args.progress)
+    try:
+        report = render(args.stores, args.out, args.parallel, args.shared_scale, on_figure=figures)
+    finally:
+        figures.close()
+    print(report.summary())
     return 0
 
 
@@ -243,11 +310,19 @@ DEBUG_ENV = "MOE_RAY_DEBUG"
 DEBUG_HELP = f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line, `moe-ray: error: ...` and exit 2, like
+    every other error (no usage block); the line points to the command's --help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"moe-ray: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
+    parser = OneLineParser(prog="moe-ray", description="Look inside Mixture-of-Experts LLMs, on Ray.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--version", action="version", version=f"moe-ray {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name, (add_args, body, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
@@ -266,8 +341,9 @@ def interruption_line(args: argparse.Namespace, argv: Sequence[str]) -> Callable
             return progress_line(signame, spec.store, "moe-ray " + shlex.join(argv), spec.analyses)
         job = getattr(args, "submitted", None)
         if job is not None:
+            where = f" --address {args.address}" if args.address else ""
             return (f"moe-ray: interrupted by {signame}; job {job.id} keeps running: `moe-ray logs {job.id} "
-                    f"--follow` to follow it again, `moe-ray stop {job.id}` to stop it")
+                    f"-f{where}` to follow it again, `moe-ray stop {job.id}{where}` to stop it")
         return f"moe-ray: interrupted by {signame}"
 
     return describe

@@ -52,8 +52,9 @@ def _spec_toml(model: Path, reference: Path | None, store: Path, analyses: list[
 def summarize(store: str) -> str:
     """A few lines a person can read: Tab 3 and the mean expert similarity per layer."""
     ds = xr.open_zarr(store, group="static")
-    experts = [lab for lab in ds.expert_i.values if lab not in ("F", "SE")]
-    sim = ds.matrix_similarity.sel(expert_i=experts, expert_j=experts).values
+    labels = [str(v) for v in (ds.expert_i_label if "expert_i_label" in ds.coords else ds.expert_i).values]
+    experts = [i for i, lab in enumerate(labels) if lab not in ("F", "SE")]  # positions of the routed experts
+    sim = ds.matrix_similarity.isel(expert_i=experts, expert_j=experts).values
     mask = ~np.eye(len(experts), dtype=bool)
     lines = ["  Tab 3 mean R² (X, Y_m): " + ", ".join(
         f"{m} {float(v):.3f}" for m, v in zip(ds.matrix.values, ds.gate_weight_r2_mean.values))]
@@ -61,8 +62,8 @@ def summarize(store: str) -> str:
         per_matrix = [np.nanmean(sim[li, mi][mask]) for mi in range(ds.sizes["matrix"])]
         text = "  layer %d: mean expert similarity (up, gate, down) %s" % (
             layer, ", ".join(f"{v:+.3f}" for v in per_matrix))
-        if "F" in ds.expert_i.values:
-            ef = ds.matrix_similarity.sel(layer=layer, expert_i=experts, expert_j="F").values
+        if "F" in labels:
+            ef = ds.matrix_similarity.sel(layer=layer).isel(expert_i=experts, expert_j=labels.index("F")).values
             text += f"; vs F {np.nanmean(ef):+.3f}"
         lines.append(text)
     import zarr

@@ -168,7 +168,8 @@ def _seconds(s: float) -> str:
 def report_lines(plan: ModelPlan) -> list[str]:
     """The plan's time section: per analysis on the cluster given and on its CPUs alone, the total
     of a default run (static, reorder joint, dynamic), and the rates with their sources."""
-    facts, nodes, gpus_per_node, cores_per_node = plan.facts, plan.nodes, plan.gpus_per_node, plan.cores_per_node
+    facts, gpus_per_node, cores_per_node = plan.facts, plan.gpus_per_node, plan.cores_per_node
+    nodes = plan.nodes_given or plan.nodes  # the cluster given (--nodes), else the nodes the model needs
     layer_bytes = plan.layer_disk_bytes or max(plan.layer_bytes)
     model_bytes = plan.disk_bytes or plan.nbytes
     with_gpus = Cluster(nodes, gpus_per_node, cores_per_node)

@@ -111,6 +111,8 @@ class ModelPlan:
     """The largest decoder layer's bytes as stored (what a static unit reads)."""
     tasks: tuple[TaskSizing, ...] = ()
     cores_per_node: int = 64
+    nodes_given: int | None = None
+    """The nodes the user has (`plan --nodes`), checked per analysis in `fits`."""
 
     @property
     def nbytes(self) -> int:
@@ -127,25 +129,42 @@ class ModelPlan:
         return len(self.shards)
 
     def report(self) -> str:
+        """The plan as text: its sections one after another (`sections`)."""
+        return "\n".join(line for section in self.sections() for line in section)
+
+    def sections(self) -> list[list[str]]:
+        """The report's sections, each a list of lines: the model, its shards and GPUs, the store, the
+        reorder's LAPs, the tasks, and what fits where. Other estimates (time) add sections of their own."""
+        return [self._model_lines(), self._shard_lines(), self._work_lines(), self.fit_lines(),
+                estimate.report_lines(self)]
+
+    def _model_lines(self) -> list[str]:
         f = self.facts
         layer = max(self.layer_bytes)
         mtp = (f" + {len(f.mtp_layers)} multi-token-prediction layer(s) {list(f.mtp_layers)} "
                f"({self.mtp_params / 1e9:.1f}B parameters, analysed only on request: --mtp)") if f.mtp_layers else ""
         beside = (f"; beside it {self.other_model_params / 1e9:.2f}B parameters not analysed (vision tower, "
                   "projector)") if self.other_model_params else ""
-        lines = [
+        return [
             f"{self.name}: {f.family}, {self.params / 1e9:.1f}B parameters, {_size(self.nbytes)} in bf16{beside}",
             f"  on disk: {_size(self.disk_bytes)} ({f.stored_format}); dequantised to bf16: "
             f"{_size(self.nbytes + (self.mtp_params + self.other_model_params) * BF16)}",
             f"  layers: {f.num_layers} ({len(f.moe_layers)} MoE){mtp}, {f.num_experts} experts of d_mid "
             f"{f.d_mid}, d_hid {f.d_hid}, top-{f.top_k}",
             f"  bytes per layer: {_size(layer)} (largest); embeddings, norm and head {_size(self.other_bytes)}",
-            f"  shards: {self.gpus} on {self.gpu_mem_gib:g} GiB GPUs (weights up to {GPU_HEADROOM:.0%} of each), "
-            f"{_size(max(s.nbytes for s in self.shards))} per shard at most:",
         ]
+
+    def _shard_lines(self) -> list[str]:
+        lines = [f"  shards: {self.gpus} on {self.gpu_mem_gib:g} GiB GPUs (weights up to {GPU_HEADROOM:.0%} of "
+                 f"each), {_size(max(s.nbytes for s in self.shards))} per shard at most:"]
         lines += [f"    shard {i}: layers {s.first}-{s.last}, {_size(s.nbytes)}" for i, s in enumerate(self.shards)]
         lines.append(f"  GPUs: {self.gpus}; nodes: {self.nodes} with {self.gpus_per_node} GPUs each")
-        lines.append("  store: " + ", ".join(f"{k} {_size(v)}" for k, v in self.store_bytes.items()))
+        return lines
+
+    def _work_lines(self) -> list[str]:
+        f = self.facts
+        layer = max(self.layer_bytes)
+        lines = ["  store: " + ", ".join(f"{k} {_size(v)}" for k, v in self.store_bytes.items())]
         lines.append(f"  reorder: {len(f.moe_layers)} MoE layers x {self.pairs:,} expert pairs = {self.n_laps:,} "
                      f"LAPs per matrix (joint mode: one per pair; separate: three), n = {f.d_mid}, "
                      f"{_size(self.lap_bytes)} cost matrix each (d_mid² x 4 bytes)")
@@ -154,8 +173,41 @@ class ModelPlan:
         if self.tasks:
             lines.append("  tasks (what each asks of Ray; a GPU task's share of a GPU from its GPU memory):")
             lines += [t.line(self.gpu_mem_gib) for t in self.tasks]
-        lines += estimate.report_lines(self)
-        return "\n".join(lines)
+        return lines
+
+    def fits(self) -> dict[str, tuple[bool, str]]:
+        """Per analysis, whether it fits the nodes given (`nodes_given`; else one node of
+        `gpus_per_node` GPUs for static and reorder, the nodes it needs for dynamic and causal) and why:
+        static and reorder run task by task, so one node with one GPU (or none: on its CPUs) runs them
+        all; dynamic and causal hold every layer at once, on `gpus` GPUs."""
+        have = self.nodes_given
+        out: dict[str, tuple[bool, str]] = {}
+        for analysis in ("static", "reorder"):
+            gpu = [t for t in self.tasks if t.analysis.startswith(analysis) and t.device == "cuda"]
+            cpu = [t for t in self.tasks if t.analysis.startswith(analysis) and t.device == "cpu"]
+            if not gpu:
+                out[analysis] = (True, "fits one node (nothing to compare)")
+                continue
+            on_gpu = max(t.gpu_memory for t in gpu) <= self.gpu_mem_gib * GIB
+            where = (f"on one {self.gpu_mem_gib:g} GiB GPU ({max(t.gpus for t in gpu):g} GPU per task)" if on_gpu
+                     else f"on CPUs only (a task's {_size(max(t.gpu_memory for t in gpu))} exceed one GPU)")
+            host = _size(max(t.memory for t in cpu + gpu))
+            out[analysis] = (True, f"fits one node: task by task {where}, up to {host} of host memory per task")
+        need = self.nodes
+        gpus = f"{self.gpus} GPU(s) of {self.gpu_mem_gib:g} GiB at once: {need} node(s) of {self.gpus_per_node}"
+        for analysis in ("dynamic", "causal"):
+            if have is None:
+                out[analysis] = (True, f"needs {gpus}")
+            elif have >= need:
+                out[analysis] = (True, f"fits {have} node(s): needs {gpus}")
+            else:
+                out[analysis] = (False, f"does not fit {have} node(s): needs {gpus}")
+        return out
+
+    def fit_lines(self) -> list[str]:
+        given = (f"{self.nodes_given} node(s) with {self.gpus_per_node} GPUs of {self.gpu_mem_gib:g} GiB"
+                 if self.nodes_given is not None else "per analysis")
+        return [f"  what fits where ({given}):"] + [f"    {a}: {why}" for a, (_, why) in self.fits().items()]
 
 
 def _size(n: float) -> str:
@@ -167,9 +219,12 @@ def _size(n: float) -> str:
 
 def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
                nodes: int | None = None, cores_per_node: int = 64) -> ModelPlan:
-    """Size a model from its config alone (no weights read)."""
+    """Size a model from its config alone (no weights read); with `nodes`, say per analysis whether
+    it fits them (`ModelPlan.fits`: static and reorder fit one node even where dynamic needs several)."""
     if gpus_per_node < 1 or gpu_mem_gib <= 0:
         raise SpecError("--gpus-per-node must be at least 1 and --gpu-mem positive")
+    if nodes is not None and nodes < 1:
+        raise SpecError(f"--nodes must be at least 1, not {nodes}")
     family, config, name = load_config(model)
     facts = model_facts(family, config, name)
     try:
@@ -201,16 +256,13 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
     layer_bytes = tuple(p * BF16 for p in layer_params)
     shards = _shards(layer_bytes, other * BF16, gpu_mem_gib * GIB * GPU_HEADROOM, model)
     need_nodes = math.ceil(len(shards) / gpus_per_node)
-    if nodes is not None and nodes < need_nodes:
-        raise SpecError(f"{name} needs {len(shards)} GPUs of {gpu_mem_gib:g} GiB: {need_nodes} nodes of "
-                        f"{gpus_per_node}, not {nodes}")
     n_moe = len(facts.moe_layers)
     pairs = facts.num_experts * (facts.num_experts - 1) // 2
     return ModelPlan(name, facts, sum(layer_params) + other, layer_bytes, other * BF16, tuple(shards),
-                     gpus_per_node, gpu_mem_gib, nodes or need_nodes, _store_bytes(facts, pairs),
+                     gpus_per_node, gpu_mem_gib, need_nodes, _store_bytes(facts, pairs),
                      facts.d_mid ** 2 * FLOAT32, n_moe * pairs, disk, mtp, beside, layer_disk,
                      task_sizing(facts, gpu_mem_gib, stored_bytes=layer_disk / max(1, layer_params[largest])),
-                     max(1, cores_per_node))
+                     max(1, cores_per_node), nodes)
 
 
 def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +38,11 @@ from .api import already_complete, as_spec, plan, weights_identity
 from .lease import refuse_if_held
 from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
-from .distributed.placement import Demand, check_placement
+from .distributed.placement import Demand, check_placement, reported_nodes
 from .errors import JobError, SpecError
+from .progress import counter
 from .spec import Spec
-from .store import open_results, progress_text, store_progress
+from .store import JOB_ENV, open_results, progress_text, store_progress, store_runs
 from .units.job import AnalysisJob
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -79,6 +81,10 @@ def _job_server(address: str, what: str) -> Iterator[None]:
 
 def _client(address: str | None, headers: dict[str, str] | None = None):
     from ray.job_submission import JobSubmissionClient
+
+    from .distributed.cluster import ensure_token_auth
+
+    ensure_token_auth()  # RAY_AUTH_MODE=token and the token file, as `run` sets them (unless set otherwise)
 
     address = job_server_address(address)
     if "://" not in address and address != "auto":  # a GCS address: Ray would retry it for 40 s
@@ -157,18 +163,37 @@ class JobStatus:
     message: str
     store: str | None
     progress: dict[str, tuple[int, int]]
+    note: str = ""
+    """What the progress is not: e.g. `store complete (by another run)` when the store was finished or
+    written by another run after (or instead of) this job's own."""
 
     @property
     def terminal(self) -> bool:
         return self.state in ("SUCCEEDED", "FAILED", "STOPPED")
 
+    def reason(self) -> str:
+        """Why the job ended as it did, as one line: moe-ray's own error or interruption line where
+        Ray's message carries the job's last log lines, else Ray's first line."""
+        return failure_line(self.message)
+
     def line(self) -> str:
-        """One line: id, state, units done / units the job runs per analysis, and the first line of
-        Ray's message."""
-        message = self.message.strip().splitlines()[0] if self.message.strip() else ""
-        done = progress_text(self.progress)
-        return f"{self.id}: {self.state}" + (f" ({done})" if done else "") + (
-            f" - {message}" if message and self.state != "RUNNING" else "")
+        """One line: id, state, units done / units this job's own run planned per analysis (or what the
+        store shows instead), and, once it has ended badly, why."""
+        done = ", ".join(x for x in (progress_text(self.progress), self.note) if x)
+        reason = self.reason() if self.state not in ("RUNNING", "PENDING", "SUCCEEDED") else ""
+        return f"{self.id}: {self.state}" + (f" ({done})" if done else "") + (f" - {reason}" if reason else "")
+
+
+def failure_line(message: str) -> str:
+    """The line that says why a job ended: the last `moe-ray: error:` (or `moe-ray: interrupted`)
+    line of the log tail Ray puts in a failed job's message, without its prefix; else Ray's first line
+    that does not merely introduce what follows (Ray's wrapper ends in a colon)."""
+    lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
+    ours = [l for l in lines if l.startswith(("moe-ray: error:", "moe-ray: interrupted"))]
+    if ours:
+        return ours[-1].removeprefix("moe-ray: error:").removeprefix("moe-ray: ").strip()
+    plain = [l for l in lines if not l.endswith(":")]
+    return (plain or lines or [""])[0]
 
 
 class JobHandle:
@@ -202,16 +227,29 @@ class JobHandle:
         with _job_server(self.address, f"stream the logs of job {self.id}"):
             asyncio.run(tail())
 
-    def wait(self, timeout: float | None = None, poll: float = 1.0) -> JobStatus:
-        """Block until the job ends (or `timeout` seconds pass: `JobError`); returns its final status."""
+    def wait(self, timeout: float | None = None, poll: float = 1.0, progress: bool = True) -> JobStatus:
+        """Block until the job ends (or `timeout` seconds pass: `JobError`); returns its final status.
+        With `progress`, the units its run has done are counted as they come (`moe_ray.progress`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if status.terminal:
-                return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise JobError(f"job {self.id} still {status.state} after {timeout:g}s")
-            time.sleep(poll)
+        bar = None
+        try:
+            while True:
+                status = self.status()
+                done, total = (sum(c[i] for c in status.progress.values()) for i in (0, 1))
+                if progress and total and (bar is None or bar.total != total):
+                    if bar is not None:
+                        bar.close()
+                    bar = counter(total, f"job {self.id}", "unit")
+                if bar is not None and done > bar.done:
+                    bar.update(done - bar.done)
+                if status.terminal:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise JobError(f"job {self.id} still {status.state} after {timeout:g}s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def stop(self) -> bool:
         """Ask Ray to stop the job; finished units stay in the store, so resubmitting resumes."""
@@ -224,7 +262,7 @@ class JobHandle:
         if status.state != "SUCCEEDED":
             logs = self.logs()
             tail = [l for l in logs.splitlines() if l.startswith("moe-ray: error:")]
-            reason = tail[-1].removeprefix("moe-ray: error: ") if tail else status.message
+            reason = tail[-1].removeprefix("moe-ray: error: ") if tail else status.reason()
             if not tail and "No module named 'moe_ray'" in logs:
                 reason = ("the cluster's Python has no moe-ray: install the wheel on every node, or run the "
                           "image built from it (cluster/README.md), or submit with --ship-package")
@@ -259,7 +297,7 @@ def check_fits_cluster(jobs: list[AnalysisJob], spec: Spec, address: str,
                        headers: dict[str, str] | None = None) -> None:
     """Refuse, before submission, a job whose driver or analyses no placement on the cluster's nodes
     could ever hold (`distributed.placement`), with the plan's numbers and the cluster's."""
-    nodes = cluster_nodes(address, headers)
+    nodes = reported_nodes(lambda: cluster_nodes(address, headers), f"the cluster at {address}")
     driver = driver_resources(spec)
     demands = [Demand("the job's driver", (("the job's driver (entrypoint_num_cpus, entrypoint_memory_gb)", driver),))]
     demands += [replace(job.demand(spec, nodes), alongside=driver) for job in jobs]
@@ -292,10 +330,13 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     client = _client(address, headers)
     if check_checkpoint and spec.resources.check_fit:
         check_fits_cluster(jobs, spec, address, headers)
+    submission_id = f"raysubmit_{secrets.token_hex(8)}"  # chosen here, so the job's run in the store names it
     with _job_server(address, "accept the job"):
+        env = job_runtime_env(runtime_env, ship_package)
+        env.setdefault("env_vars", {})[JOB_ENV] = submission_id
         job_id = client.submit_job(
-            entrypoint=entrypoint(spec, check_version=not ship_package),
-            runtime_env=job_runtime_env(runtime_env, ship_package),
+            entrypoint=entrypoint(spec, check_version=not ship_package), runtime_env=env,
+            submission_id=submission_id,
             entrypoint_num_cpus=spec.resources.entrypoint_num_cpus,
             entrypoint_memory=int(spec.resources.entrypoint_memory_gb * 2**30),
             metadata={METADATA_KEY + "_store": spec.store, METADATA_KEY + "_model": spec.model,
@@ -328,13 +369,33 @@ def jobs(address: str | None = None, headers: dict[str, str] | None = None) -> l
 
 
 def _job_status(info, job_id: str | None = None) -> JobStatus:
-    """A job's status from Ray's JobDetails, with its progress read from its store (the analyses it
-    was submitted with)."""
+    """A job's status from Ray's JobDetails, with the progress of its own run of its store (the
+    analyses it was submitted with; `own_progress`)."""
     metadata = info.metadata or {}
     store = metadata.get(METADATA_KEY + "_store")
     analyses = [a for a in metadata.get(METADATA_KEY + "_analyses", "").split(",") if a] or None
-    return JobStatus(job_id or info.submission_id, info.status.value, info.message or "", store,
-                     store_progress(store, analyses) if store else {})
+    job_id = job_id or info.submission_id
+    progress, note = own_progress(store, job_id, analyses) if store else ({}, "")
+    return JobStatus(job_id, info.status.value, info.message or "", store, progress, note)
 
 
-__all__ = ["JobHandle", "JobStatus", "cluster_nodes", "job_server_address", "jobs", "store_progress", "submit"]
+def own_progress(store: str, job_id: str, analyses: list[str] | None = None) -> tuple[dict[str, tuple[int, int]], str]:
+    """Units done/planned of `job_id`'s own run of `store`, and a note where the store says something
+    else: while its run is the store's latest, the store's live counts; once another run has written
+    the store after it, the counts its run recorded when it ended (none if it was killed) and that
+    the store was written since; with no run of its own (not started yet, or refused), nothing but
+    `store complete (by another run)` where that is so."""
+    runs, state = store_runs(store)
+    own = [i for i, run in enumerate(runs) if run.get("job") == job_id]
+    if not own:
+        return {}, ("store complete (by another run)" if state == "complete" else "")
+    if own[-1] == len(runs) - 1:
+        return store_progress(store, analyses), ""
+    recorded = runs[own[-1]].get("progress") or {}
+    counts = {a: (int(d), int(t)) for a, (d, t) in recorded.items() if analyses is None or a in analyses}
+    later = "store complete (by another run)" if state == "complete" else "store since written by another run"
+    return counts, later
+
+
+__all__ = ["JobHandle", "JobStatus", "cluster_nodes", "failure_line", "job_server_address", "jobs",
+           "own_progress", "store_progress", "submit"]

@@ -37,7 +37,7 @@ class StaticOptions:
         "help": "mark matrix-PCA outliers with DBSCAN at this eps (the paper uses 50); off if unset"})
     dbscan_min_samples: int = field(default=5, metadata={"help": "DBSCAN min_samples"})
     neuron_pca_method: str = field(default="auto", metadata={
-        "help": "neuron PCA: covariance (exact), randomized, or auto (covariance up to d_hid 128)"})
+        "choices": ("auto", "covariance", "randomized"), "help": "neuron PCA: covariance (exact), randomized, or auto (covariance up to d_hid 128)"})
     seed: int = field(default=0, metadata={"help": "seed of the randomised neuron PCA"})
 
     def validate(self) -> None:
@@ -54,7 +54,7 @@ class StaticOptions:
 @dataclass
 class ReorderOptions:
     reorder_mode: str = field(default="joint", metadata={
-        "help": "S4 neuron reordering: joint (one permutation per neuron over up, gate, down), "
+        "choices": ("joint", "separate", "both"), "help": "S4 neuron reordering: joint (one permutation per neuron over up, gate, down), "
                 "separate (the paper: one per matrix) or both"})
     pairs: list[str] | None = field(default=None, metadata={
         "help": "expert pairs to reorder, comma-separated like 0-1,2-3 (default: every pair i<j)"})
@@ -90,7 +90,7 @@ def parse_pair(text: str) -> tuple[int, int]:
 @dataclass
 class DynamicOptions:
     inputs: list[str] = field(default_factory=lambda: ["short", "long"], metadata={
-        "help": "dynamic inputs, comma-separated: short (the paper's prompt), long (~1,100 tokens), "
+        "choices": ("short", "long", "text", "corpus"), "help": "dynamic inputs, comma-separated: short (the paper's prompt), long (~1,100 tokens), "
                 "text (the --text-file), corpus (the --corpus-file's sequences)"})
     text_file: str | None = field(default=None, metadata={"help": "a UTF-8 text file, run as input 'text'"})
     corpus_file: str | None = field(default=None, metadata={
@@ -106,15 +106,15 @@ class DynamicOptions:
     intermediate_tokens: int = field(default=4, metadata={
         "help": "store the full act(W_gate x) vectors of this many first tokens"})
     placement: str = field(default="PACK", metadata={
-        "help": "placement group strategy of the shards: PACK, SPREAD or STRICT_SPREAD (one node each)"})
+        "choices": ("PACK", "SPREAD", "STRICT_SPREAD"), "help": "placement group strategy of the shards: PACK, SPREAD or STRICT_SPREAD (one node each)"})
     save_expert_outputs: bool = field(default=False, metadata={
         "help": "also store every expert's raw output vectors (layer x token x expert x hidden)"})
     device: str | None = field(default=None, metadata={
-        "flag": "dynamic-device",
+        "flag": "dynamic-device", "choices": DEVICES,
         "help": "where the shard actors run, overriding the spec's device for them: cuda (one GPU per "
                 "shard), cpu, or auto (cuda when the cluster has a GPU for every shard); unset: device"})
     dtype: str = field(default="auto", metadata={
-        "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
+        "choices": ("auto", "float32", "bfloat16", "float16"), "help": "weights and compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, "
                 "float32 on CPU); captures are stored in float32 either way"})
     node_wait_s: float = field(default=120.0, metadata={
         "help": "when a shard's node is lost: seconds to wait for the cluster to hold the shard again "
@@ -176,7 +176,7 @@ class CausalOptions:
     `dynamic.device`, `dynamic.dtype`, `dynamic.max_tokens` and `dynamic.max_sequences` apply)."""
 
     checks: list[str] = field(default_factory=lambda: list(CAUSAL_CHECKS), metadata={
-        "help": "causal checks, comma-separated: norm_routing (route by expert output norm, one layer "
+        "choices": CAUSAL_CHECKS, "help": "causal checks, comma-separated: norm_routing (route by expert output norm, one layer "
                 "and all layers), ablation (each expert, and the shared expert, removed from routing), "
                 "agreement (weight vs output similarity)"})
     bootstrap_resamples: int = field(default=1000, metadata={
@@ -252,7 +252,7 @@ class Spec:
     model: str = field(default="", metadata={"help": "MoE checkpoint: directory or fsspec URL (config.json + safetensors)"})
     reference: str | None = field(default=None, metadata={"help": "dense reference checkpoint (the paper's F)"})
     analyses: list[str] = field(default_factory=lambda: ["static"], metadata={
-        "help": f"analyses to run, comma-separated: {', '.join(ANALYSES)}"})
+        "choices": ANALYSES, "help": f"analyses to run, comma-separated: {', '.join(ANALYSES)}"})
     store: str = field(default="results.zarr", metadata={"help": "results store (Zarr v3): path or fsspec URL"})
     address: str | None = field(default=None, metadata={
         "help": "Ray cluster to run on (default: start or join a local Ray)"})
@@ -260,7 +260,9 @@ class Spec:
         "help": "model layer indices to analyse, comma-separated (default: every MoE layer)"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace a store made from a different model/spec"})
-    progress: bool = field(default=True, metadata={"help": "show a live progress bar"})
+    progress: bool = field(default=True, metadata={
+        "help": "show progress: bars on a terminal, a line every 10% in a log or pipe (the result line "
+                "and errors are printed either way)"})
     mtp: bool = field(default=False, metadata={
         "help": "also analyse the multi-token-prediction layers (DeepSeek-V3's layer 61: static and "
                 "reorder; dynamic passes run the main stack only)"})
@@ -268,7 +270,7 @@ class Spec:
         "help": "also read pickle weights (pytorch_model*.bin, loaded with weights_only=True); "
                 "off by default: pickle files can run code when loaded"})
     device: str = field(default="auto", metadata={
-        "help": "where every analysis computes: auto (GPUs when the cluster has them), cuda, or cpu. On "
+        "choices": DEVICES, "help": "where every analysis computes: auto (GPUs when the cluster has them), cuda, or cpu. On "
                 "cuda static and reorder tasks ask Ray for a GPU (gpus_per_task) and dynamic shards one "
                 "GPU each (dynamic.device overrides it for the shards)"})
     static: StaticOptions = field(default_factory=StaticOptions)

@@ -49,7 +49,20 @@ if TYPE_CHECKING:
 
     from .checkpoint import Checkpoint
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: expert dimensions have integer coordinates (F -1, SE -2) and `<dim>_label` string coordinates;
+1 had the labels as the coordinate (still read, and resumed, as such)."""
+EXPERT_DIMS = ("expert", "expert_i", "expert_j")
+"""Dimensions along experts: their coordinate holds integer codes, routed experts 0..E-1, the dense
+reference F = -1 and the shared expert SE = -2 (`EXPERT_CODES`), and `<dim>_label` the labels."""
+EXPERT_CODES = {"F": -1, "SE": -2}
+EXPERT_LABEL_DOC = ("expert labels along this dimension: routed experts '0'..'E-1', 'F' (the dense reference "
+                    "FFN, code -1) and 'SE' (the shared expert, code -2); the dimension's coordinate holds the codes")
+BOOKKEEPING = "bookkeeping"
+"""The `role` attribute of arrays that record work done (`unit_done`, `unit_planned`), not results;
+`open_results` makes them coordinates, out of the data variables."""
+JOB_ENV = "MOE_RAY_JOB_ID"
+"""Set in a submitted job's environment to its submission id; the store's run log records it."""
 DONE = "unit_done"
 PLANNED = "unit_planned"
 WEIGHTS = "unit_weights"
@@ -465,16 +478,22 @@ class ResultStore:
         return store
 
     def start_run(self, spec: dict) -> None:
-        """Log a run in the root's `runs` and mark the store as running."""
+        """Log a run in the root's `runs` and mark the store as running; a run of a submitted job
+        names the job (`JOB_ENV`), so `moe-ray status` tells its own run from others into the store."""
+        import os
+
         runs = list(self.root.attrs.get("runs", []))
-        self.root.attrs.update({"runs": runs + [{"spec": _jsonable(spec), "started": _now()}],
+        job = {"job": os.environ[JOB_ENV]} if os.environ.get(JOB_ENV) else {}
+        self.root.attrs.update({"runs": runs + [{"spec": _jsonable(spec), "started": _now(), **job}],
                                 "state": "running", "error": None})
 
-    def end_run(self, error: str | None = None) -> None:
-        """Close the last run's log entry: `state` complete, or failed with its one-line `error`."""
+    def end_run(self, error: str | None = None, counts: dict[str, tuple[int, int]] | None = None) -> None:
+        """Close the last run's log entry: `state` complete, or failed with its one-line `error`, and
+        the units done/planned per analysis when it ended (`counts`)."""
         runs = list(self.root.attrs.get("runs", [])) or [{}]
         state = "failed" if error else "complete"
-        runs[-1] = {**runs[-1], "ended": _now(), "state": state, **({"error": error} if error else {})}
+        runs[-1] = {**runs[-1], "ended": _now(), "state": state, **({"error": error} if error else {}),
+                    **({"progress": {k: list(v) for k, v in counts.items()}} if counts is not None else {})}
         self.root.attrs.update({"runs": runs, "state": state, "error": error})
 
     def delete(self) -> None:
@@ -518,8 +537,19 @@ class ResultStore:
 
     @staticmethod
     def coord(group: zarr.Group, name: str, values) -> None:
-        """A 1-D coordinate array named after its dimension (strings as variable-length UTF-8)."""
+        """A 1-D coordinate array named after its dimension (strings as variable-length UTF-8). An
+        expert dimension (`EXPERT_DIMS`) given labels gets integer codes (`expert_codes`) as its
+        coordinate and the labels beside it as `<dim>_label`; a store of schema 1 (string labels as the
+        coordinate itself) is compared by its labels and left as it is."""
         values = np.asarray(values)
+        if name in EXPERT_DIMS and values.dtype.kind in "UOT":
+            labels = values.astype(str)
+            if name in group and group[name].dtype.kind not in "iu":  # schema 1: the labels themselves
+                values = labels
+            else:
+                ResultStore.coord(group, name, expert_codes(labels))
+                ResultStore._label_coord(group, name, labels)
+                return
         if name in group:
             old = group[name][...]
             if old.shape != values.shape or not np.array_equal(np.asarray(old, dtype=values.dtype), values):
@@ -529,6 +559,20 @@ class ResultStore:
         dtype = str if values.dtype.kind in "UOT" else values.dtype
         arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
         arr[...] = values
+
+    @staticmethod
+    def _label_coord(group: zarr.Group, dim: str, labels: np.ndarray) -> None:
+        """`<dim>_label`: the expert labels ("0".."E-1", "F", "SE") along `dim`, a non-index coordinate."""
+        name = dim + "_label"
+        if name in group:
+            old = np.array([str(v) for v in np.asarray(group[name][...]).ravel()])
+            if old.shape != labels.shape or not np.array_equal(old, labels):
+                raise StoreError(f"coordinate {group.path}/{name} in the store is {_short(old)}, this job's is "
+                                 f"{_short(labels)}; choose another --store, or --overwrite to replace it")
+            return
+        arr = group.create_array(name, shape=labels.shape, dtype=str, dimension_names=[dim],
+                                 attributes={"description": EXPERT_LABEL_DOC})
+        arr[...] = labels
 
     def array(self, group: zarr.Group, name: str, quantity: Quantity, unit_dims: tuple[str, ...],
               attrs: dict | None = None, chunks: dict[str, int] | None = None) -> zarr.Array:
@@ -557,10 +601,12 @@ class ResultStore:
             dtype, fill = str, ""
         else:
             dtype = quantity.dtype
+        labelled = [d + "_label" for d in quantity.dims if d in EXPERT_DIMS and d + "_label" in group]
+        coordinates = {"coordinates": " ".join(labelled)} if labelled else {}  # CF: xarray makes them coordinates
         return group.create_array(
             name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
             dimension_names=list(quantity.dims),
-            attributes={"description": quantity.description, **(attrs or {})})
+            attributes={"description": quantity.description, **coordinates, **(attrs or {})})
 
     def done_array(self, group: zarr.Group, unit_dims: tuple[str, ...], planned: np.ndarray | None = None,
                    chunks: dict[str, int] | None = None) -> zarr.Array:
@@ -571,11 +617,11 @@ class ResultStore:
         so this run recomputes exactly them, and `repairs` says so."""
         done = self.array(group, DONE, Quantity(
             unit_dims, "1 where this work unit's results are complete (resume skips those)", "uint8"), unit_dims,
-            chunks=chunks)
+            attrs={"role": BOOKKEEPING}, chunks=chunks)
         self.array(group, WEIGHTS, Quantity(
             unit_dims, "the content digests (xxh3_128) of every tensor this unit read, as JSON by role "
             "(model, reference) and tensor; a resume recomputes them and refuses other weights", "str"),
-            unit_dims, chunks=chunks)
+            unit_dims, attrs={"role": BOOKKEEPING}, chunks=chunks)
         if planned is not None:
             planned = np.asarray(planned, dtype=np.uint8)
             if PLANNED in group and tuple(group[PLANNED].shape) == planned.shape:
@@ -587,7 +633,8 @@ class ResultStore:
                 arr = group.create_array(
                     PLANNED, shape=planned.shape, chunks=planned.shape, dtype="uint8", fill_value=0,
                     dimension_names=list(unit_dims),
-                    attributes={"description": "1 where the latest job planned this unit (progress counts these)"})
+                    attributes={"description": "1 where the latest job planned this unit (progress counts these)",
+                                "role": BOOKKEEPING})
                 arr[...] = planned
         written = [n for n in dict.fromkeys(self._unit_arrays.pop(group.path, [])) if n != DONE]
         self.set_attrs(group, unit_arrays=written)
@@ -648,6 +695,18 @@ def store_progress(url: str, analyses: "Iterable[str] | None" = None) -> dict[st
         return progress(root, analyses)
     except Exception:
         return {}
+
+
+def store_runs(url: str) -> tuple[list[dict], str | None]:
+    """The store's run log (`runs`, oldest first) and its `state`, read live; ([], None) while it
+    does not exist or cannot be read."""
+    try:
+        if not _exists(url):
+            return [], None
+        root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+        return list(root.attrs.get("runs") or []), root.attrs.get("state")
+    except Exception:
+        return [], None
 
 
 def progress_text(counts: dict[str, tuple[int, int]]) -> str:
@@ -740,7 +799,8 @@ def unit_label(group: zarr.Group, unit_dims: "Iterable[str]", cell: "Iterable[in
     """A done unit named by its coordinates: `static layer 0`, `reorder/joint layer 1 expert_i 0 expert_j 2`."""
     parts = [group.path]
     for dim, i in zip(unit_dims, cell):
-        value = group[dim][int(i)] if dim in group else i
+        coord = dim + "_label" if dim + "_label" in group else dim  # "F", not its code -1
+        value = group[coord][int(i)] if coord in group else i
         parts.append(f"{dim} {value}")
     return " ".join(parts)
 
@@ -786,6 +846,11 @@ def recorded_weights(root: zarr.Group) -> dict[str, dict[str, tuple[str, str]]]:
 
 def _all_groups(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
     return [(p, g) for p, g in root.members(max_depth=None) if isinstance(g, zarr.Group)]
+
+
+def expert_codes(labels) -> np.ndarray:
+    """Integer codes of expert labels: "3" -> 3, "F" -> -1, "SE" -> -2 (`EXPERT_CODES`)."""
+    return np.array([EXPERT_CODES[l] if l in EXPERT_CODES else int(l) for l in map(str, labels)], dtype=np.int64)
 
 
 def unit_done(group: zarr.Group) -> np.ndarray:
@@ -839,9 +904,13 @@ def store_status(url: str) -> dict[str, dict]:
 
 
 def open_results(url: str) -> "xr.DataTree":
-    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>).
-    Its attrs' `moe_ray_status` says per analysis whether it is complete (`store_status`); a store
-    that is not is opened with a warning naming what it lacks."""
+    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>), as
+    xarray users expect it: expert dimensions select by code or by label (`.sel(expert_i=0)`,
+    `.sel(expert_i_label="F")`: the labels are indexed), the bookkeeping arrays (`unit_done`,
+    `unit_planned`) are coordinates rather than data variables, and attributes holding tables or
+    lists of tables (the spec, the run log, parameters) are JSON strings, so `to_netcdf` takes every
+    group (`json.loads` gives them back). Its attrs' `moe_ray_status` (JSON) says per analysis whether
+    it is complete (`store_status`); a store that is not is opened with a warning naming what it lacks."""
     import xarray as xr  # here, not at the top: workers writing the store never need it
 
     url = str(url)
@@ -849,13 +918,41 @@ def open_results(url: str) -> "xr.DataTree":
         raise StoreError(f"{url} is not a moe-ray store")
     tree = xr.open_datatree(url, engine="zarr", consolidated=None)
     status = store_status(url)
-    tree.attrs["moe_ray_status"] = {name: s["text"] for name, s in status.items()}
     unfinished = {name: s["text"] for name, s in status.items() if s["state"] != "complete"}
     if unfinished:
         warnings.warn(f"{url} is not complete: " + "; ".join(f"{k} {v}" for k, v in unfinished.items()),
                       IncompleteStoreWarning, stacklevel=2)
+    tree = tree.map_over_datasets(_as_xarray_expects)
+    tree.attrs["moe_ray_status"] = json.dumps({name: s["text"] for name, s in status.items()})
     return tree
 
 
 class IncompleteStoreWarning(UserWarning):
     """`open_results` of a store some analysis of which is partial, failed, running or damaged."""
+
+
+def _netcdf_attrs(attrs: dict) -> dict:
+    """Attributes netCDF takes: strings, numbers and lists of them as they are; anything else (tables,
+    lists of tables, None, booleans) as its JSON text."""
+    def plain(v: Any) -> bool:
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+    return {k: v if plain(v) or (isinstance(v, list) and v and all(plain(x) for x in v)
+                                  and len({type(x) for x in v}) == 1) else json.dumps(v, default=str)
+            for k, v in attrs.items()}
+
+
+def _as_xarray_expects(ds: "xr.Dataset") -> "xr.Dataset":
+    """One group of `open_results`: bookkeeping arrays as coordinates, label coordinates indexed,
+    netCDF-compatible attributes."""
+    bookkeeping = [n for n, v in ds.data_vars.items()
+                   if v.attrs.get("role") == BOOKKEEPING or n in (DONE, PLANNED, WEIGHTS)]
+    ds = ds.set_coords(bookkeeping)
+    for dim in EXPERT_DIMS:
+        label = dim + "_label"
+        if label in ds.variables and label not in ds.xindexes:
+            ds = ds.set_coords(label).set_xindex(label)
+    ds.attrs = _netcdf_attrs(dict(ds.attrs))
+    for name in ds.variables:
+        ds[name].attrs = _netcdf_attrs(dict(ds[name].attrs))
+    return ds

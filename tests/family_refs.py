@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from moe_ray.store import expert_codes
+
 
 def raw_tensors(path: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -38,7 +40,7 @@ def pearson64(x: np.ndarray, y: np.ndarray) -> float:
 def check_static_against_float64(ds, layer: int, experts: dict[str, dict[str, np.ndarray]], router: np.ndarray,
                                  shared: dict[str, np.ndarray] | None = None) -> None:
     """The store's S1, S3 and S6 for `layer` equal float64 references from independently read weights."""
-    labels = list(experts) + (["SE"] if shared is not None else [])
+    labels = list(expert_codes(list(experts) + (["SE"] if shared is not None else [])))  # the stored codes
     n = len(experts)
     gate_x = cosine64([r for r in router])
     np.testing.assert_allclose(ds.gate_embedding_similarity.sel(layer=layer, expert_i=labels[:n],
@@ -71,6 +73,6 @@ def check_planted_permutations(ds, layer: int, planted: dict, experts: tuple[str
     neuron k of the source is neuron argsort(pi)[k] of e, and the reordered matrices coincide."""
     for e in experts:
         src, pi = str(planted[e]["source"]), np.array(planted[e]["perm"])
-        pair = ds.sel(layer=layer, expert_i=src, expert_j=e)
+        pair = ds.sel(layer=layer, expert_i=int(src), expert_j=int(e))
         np.testing.assert_array_equal(pair.permutation.values, np.argsort(pi))
         np.testing.assert_allclose(pair.similarity_after.values, 1.0, atol=1e-5)

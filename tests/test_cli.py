@@ -11,6 +11,7 @@ import xarray as xr
 
 from moe_ray.cli import main, spec_from_args, build_parser
 from moe_ray.spec import Spec, spec_fields
+from moe_ray.plotting.common import expert_labels
 
 
 def test_every_spec_field_has_a_flag():
@@ -39,7 +40,7 @@ def test_run_from_spec_in_process(ray_session, tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 units computed" in out and "Tab 3 mean R²" in out
     ds = xr.open_zarr(store, group="static")
-    assert list(ds.layer.values) == [1, 2] and "F" in ds.expert_i.values
+    assert list(ds.layer.values) == [1, 2] and "F" in expert_labels(ds, "expert_i")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -67,7 +68,7 @@ def test_console_script_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     ds = xr.open_zarr(tmp_path / "g.zarr", group="static")
-    np.testing.assert_allclose(ds.neuron_avg_similarity.sel(layer=0, expert_i="0", expert_j="1").values, 1, atol=1e-6)
+    np.testing.assert_allclose(ds.neuron_avg_similarity.sel(layer=0, expert_i=0, expert_j=1).values, 1, atol=1e-6)
     bad = subprocess.run(exe + ["run", "--model", str(tmp_path / "g" / "dense-parent"), "--store", str(tmp_path / "b.zarr")],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("moe-ray: error: checkpoint directory not found")
@@ -83,3 +84,74 @@ def test_parser_spells_out_families_and_variants_without_torch():
     code = "import sys; from moe_ray.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+MISTAKES = [
+    (["run", "--model", "m", "--device", "gpu"], "device must be auto, cuda or cpu, not 'gpu'"),
+    (["run", "--model", "m", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "--model", "m", "--shards", "0", "--analyses", "dynamic"], "shards must be at least 1"),
+    (["plan"], "the following arguments are required: --model"),
+    (["logs"], "the following arguments are required: job_id"),
+    (["make-tiny", "--family", "nope", "--variant", "scratch", "--out", "x"], "invalid choice: 'nope'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND"),
+]
+
+
+def test_every_cli_mistake_is_one_line_before_torch_or_ray(tmp_path):
+    """argparse's own mistakes and bad spec values: one `moe-ray: error:` line each, exit 2, and
+    nothing heavy imported (one fresh interpreter for all of them, so its sys.modules tell)."""
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from moe_ray.cli import main\n"
+        f"out = []\n"
+        f"for argv in {[a for a, _ in MISTAKES]!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            rc = main(argv)\n"
+        "        except SystemExit as exc:\n"
+        "            rc = exc.code\n"
+        "    out.append((rc, err.getvalue()))\n"
+        "print(json.dumps({'results': out, 'heavy': [m for m in ('torch', 'ray', 'zarr', 'transformers') "
+        "if m in sys.modules]}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    import json
+
+    report = json.loads(done.stdout)
+    for (argv, message), (rc, err) in zip(MISTAKES, report["results"]):
+        assert rc == 2, (argv, err)
+        assert err.startswith("moe-ray: error: ") and err.count("\n") == 1 and message in err, (argv, err)
+    assert report["heavy"] == []
+
+
+def test_run_help_groups_flags_with_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    sections = {}
+    for block in text.split("\n\n"):
+        head = block.splitlines()[0] if block.strip() else ""
+        if head.endswith(":") and not head.startswith(" "):
+            sections[head[:-1]] = block
+    assert {"spec", "analyses", "static", "reorder", "dynamic", "causal", "resources", "cluster"} <= set(sections)
+    dynamic = " ".join(text.split("\ndynamic:", 1)[1].split("\ncausal:", 1)[0].split())
+    assert "--shards SHARDS layer-shard actors the model is split over (default: 1)" in dynamic
+    assert "--placement {PACK,SPREAD,STRICT_SPREAD}" in dynamic and "(default: PACK)" in dynamic
+    cluster = " ".join(text.split("\ncluster:", 1)[1].split())
+    assert "--address ADDRESS" in cluster and "--num-cpus NUM_CPUS" in cluster
+    flat = " ".join(text.split())
+    assert "--inputs {short,long,text,corpus},..." in flat and "(default: short,long)" in flat
+
+
+def test_start_head_says_what_is_missing(tmp_path):
+    """No `ray` beside the Python nor on PATH: one line naming what is missing, exit 1, nothing started."""
+    script = os.path.join(os.path.dirname(__file__), "..", "cluster", "local", "start-head.sh")
+    python = tmp_path / "python3"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o755)
+    done = subprocess.run(["bash", script], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(python)},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr == (f"start-head.sh: no `ray` beside {python} nor on PATH; install moe-ray (and with it Ray) "
+                           "into that Python, or set RAY=/path/to/ray\n")

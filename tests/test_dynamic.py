@@ -11,6 +11,7 @@ import torch
 from moe_ray.analysis import dynamic as D
 from moe_ray.checkpoint import open_checkpoint
 from moe_ray.runtime import LayerRange
+from moe_ray.plotting.common import expert_labels
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 
@@ -174,10 +175,10 @@ def test_upcycled_experts_match_the_dense_parent(ray_session, tiny, tmp_path):
     api.run(model=str(t.path), reference=str(t.reference), analyses=["dynamic"], store=str(store),
             dynamic={"inputs": ["short"]}, progress=False)
     ds = xr.open_zarr(store, group="dynamic/short")
-    assert list(ds.expert.values) == [str(e) for e in range(8)] + ["F"]
-    sim = ds.expert_output_similarity.sel(expert_j="F").values[..., :8]
+    assert expert_labels(ds, "expert") == [str(e) for e in range(8)] + ["F"]
+    sim = ds.expert_output_similarity.sel(expert_j=-1).values[..., :8]
     assert np.nanmin(sim) > 0.99  # every expert ≈ F for small sigma
-    assert np.isnan(ds.router_logits.sel(expert="F").values).all()
+    assert np.isnan(ds.router_logits.sel(expert=-1).values).all()
     np.testing.assert_allclose(ds.gate_scores.values[..., :8].sum(-1), 1.0, rtol=1e-5)
     assert ds.tokens.values[0] == "<s>" and ds.token_ids.values[0] == 1  # BOS
     counts = ds.norm_score_rank_counts.values
@@ -216,7 +217,7 @@ def test_own_decoders_run_end_to_end_on_two_shards(ray_session, tiny, tmp_path, 
     assert (ds.unit_done.values == 1).all()
     assert list(ds.layer.values) == list(ckpt.facts.moe_layers)
     labels = [str(e) for e in range(ckpt.facts.num_experts)] + (["SE"] if ckpt.facts.shared_d_mid else [])
-    assert list(ds.expert.values) == labels
+    assert expert_labels(ds, "expert") == labels
     runner = LayerRange(ckpt, 0, ckpt.facts.num_layers)
     ids = torch.tensor(ds.token_ids.values)
     _, captures = runner.forward(runner.embed(ids))

@@ -140,7 +140,7 @@ def test_interrupted_run_resumes_only_unfinished_units(ray_session, big_model, b
                             start_new_session=True)
     try:
         for line in proc.stdout:
-            if line.strip().startswith("static layer"):  # the first unit's log line: one layer is done
+            if line.startswith("moe-ray: static units: "):  # the first progress line: a layer is done
                 break
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

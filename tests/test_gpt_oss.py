@@ -4,6 +4,8 @@ own dequantisation, static and reorder analyses against float64 references and p
 the dynamic capture against transformers' own model, and the plan of the real configs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,7 +136,7 @@ def test_static_on_mxfp4_equals_float64_reference(permuted_run):
     experts = {str(e): {"gate": gate_up[e][:, 0::2].T.numpy(), "up": gate_up[e][:, 1::2].T.numpy(),
                         "down": down[e].T.numpy()} for e in range(8)}
     check_static_against_float64(ds, 1, experts, raw["model.layers.1.mlp.router.weight"].float().numpy())
-    stored_note = moe_ray.open_results(store).attrs["model"]["expert_biases"]  # the store says how biases are treated
+    stored_note = json.loads(moe_ray.open_results(store).attrs["model"])["expert_biases"]  # the store says how biases are treated
     assert stored_note == ckpt.facts.expert_biases and "weight matrices only, biases left out" in stored_note
 
 

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import warnings
@@ -151,7 +153,7 @@ def test_a_deleted_array_or_chunk_is_named_and_recomputed(clean, tmp_path, damag
     assert status["reorder"]["state"] == "complete"
     with pytest.warns(IncompleteStoreWarning, match="static damaged"):
         tree = moe_ray.open_results(str(store))
-    assert tree.attrs["moe_ray_status"]["static"] == f"damaged: {missing}"
+    assert json.loads(tree.attrs["moe_ray_status"])["static"] == f"damaged: {missing}"
     others = {p: p.stat().st_mtime_ns for p in (store / "static" / "matrix_similarity" / "c").glob("[023]/*/*/*")}
     capsys.readouterr()
     moe_ray.run(_spec(ck.path, store, progress=True))
@@ -164,7 +166,7 @@ def test_a_deleted_array_or_chunk_is_named_and_recomputed(clean, tmp_path, damag
     _assert_same(reference, str(store))
     with warnings.catch_warnings():
         warnings.simplefilter("error", IncompleteStoreWarning)
-        assert moe_ray.open_results(str(store)).attrs["moe_ray_status"] == {"static": "complete",
+        assert json.loads(moe_ray.open_results(str(store)).attrs["moe_ray_status"]) == {"static": "complete",
                                                                             "reorder": "complete"}
 
 
@@ -186,7 +188,7 @@ def test_a_partial_reorder_store_says_so_and_resumes_to_an_equal_store(clean, tm
     status = store_status(str(store))
     assert status["reorder"] == {"state": "partial", "done": 5, "planned": 12, "damage": None, "text": "partial 5/12"}
     with pytest.warns(IncompleteStoreWarning, match="reorder partial 5/12"):
-        assert moe_ray.open_results(str(store)).attrs["moe_ray_status"]["reorder"] == "partial 5/12"
+        assert json.loads(moe_ray.open_results(str(store)).attrs["moe_ray_status"])["reorder"] == "partial 5/12"
     moe_ray.run(_spec(ck.path, store))
     _assert_same(reference, str(store))
     assert store_status(str(store))["reorder"]["text"] == "complete"

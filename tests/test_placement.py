@@ -79,3 +79,22 @@ def test_local_run_refuses_gpu_shards_on_a_cpu_cluster_before_the_store_exists(r
                                         r"but no node of the cluster has 1 GPU: the most one node offers is 0 GPU"):
         moe_ray.run(spec)
     assert not store.exists()
+
+
+def test_fit_check_waits_for_nodes_that_have_not_reported(capsys):
+    """A just-joined node reports no resources for a moment: the check reads the nodes again until it
+    has (saying so once), and gives up waiting after its bound."""
+    from moe_ray.distributed.placement import reported_nodes, unreported
+
+    views = [[{}], [{"CPU": 0.0}], [{"CPU": 8.0, "memory": 2.0**34}]]
+    got = reported_nodes(lambda: views.pop(0) if len(views) > 1 else views[0], "the cluster at X",
+                         wait_s=5, poll_s=0.01)
+    assert got == [{"CPU": 8.0, "memory": 2.0**34}]
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["moe-ray: the cluster at X: 1 of 1 node(s) have not reported their resources yet; waiting up "
+                   "to 5 s for them before checking that the work fits"]
+    assert unreported([]) == 1 and unreported([{"memory": 1.0}, {}]) == 1
+    reads = []
+    assert reported_nodes(lambda: reads.append(1) or [{}], wait_s=0.05, poll_s=0.01) == [{}]  # bounded
+    assert len(reads) >= 2
+    assert reported_nodes(lambda: [GPU_NODE], wait_s=5) == [GPU_NODE] and capsys.readouterr().out.count("waiting") == 1

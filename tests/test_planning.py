@@ -35,8 +35,12 @@ def test_gpu_and_node_counts():
     assert plan_model("mixtral:8x7B").gpus == 2
     assert plan_model("deepseek_moe:16B").gpus == 1
     assert plan_model("grok1:314B", gpu_mem_gib=141).gpus == 6
-    with pytest.raises(SpecError, match="needs 10 GPUs of 80 GiB: 2 nodes of 8, not 1"):
-        plan_model("grok1:314B", nodes=1)
+    fits = plan_model("grok1:314B", nodes=1).fits()
+    assert fits["dynamic"] == (False, "does not fit 1 node(s): needs 10 GPU(s) of 80 GiB at once: 2 node(s) of 8")
+    assert fits["static"][0] and fits["reorder"][0]
+    assert plan_model("grok1:314B", nodes=2).fits()["dynamic"][0]
+    with pytest.raises(SpecError, match="--nodes must be at least 1, not -1"):
+        plan_model("grok1:314B", nodes=-1)
 
 
 def test_checkpoint_directory_matches_its_bytes(tiny):
@@ -54,3 +58,27 @@ def test_bad_model_names(capsys):
     assert main(["plan", "--model", "mixtral:8x7B"]) == 0
     out = capsys.readouterr().out
     assert "46.7B parameters" in out and "896 LAPs" in out and "784.0 MiB cost matrix" in out
+
+
+def test_plan_says_what_fits_where_without_torch():
+    """`plan --nodes 1` for DeepSeek-V3: static and reorder fit one node, dynamic needs several; config
+    arithmetic only, so the command imports neither torch nor Ray (a fresh interpreter's sys.modules)."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import io, json, sys, contextlib\n"
+              "from moe_ray.cli import main\n"
+              "out = io.StringIO()\n"
+              "with contextlib.redirect_stdout(out):\n"
+              "    rc = main(['plan', '--model', 'deepseek_v3:671B', '--nodes', '1'])\n"
+              "print(json.dumps({'rc': rc, 'out': out.getvalue(), 'heavy': sorted(m for m in ('torch', 'ray', "
+              "'transformers', 'safetensors') if m in sys.modules)}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    report = json.loads(done.stdout)
+    assert report["rc"] == 0 and report["heavy"] == [], (report["heavy"], done.stderr)
+    fit = report["out"].split("what fits where", 1)[1].splitlines()
+    assert fit[0] == " (1 node(s) with 8 GPUs of 80 GiB):"
+    assert fit[1].startswith("    static: fits one node: task by task on one 80 GiB GPU")
+    assert fit[2].startswith("    reorder: fits one node: task by task on one 80 GiB GPU")
+    assert fit[3].startswith("    dynamic: does not fit 1 node(s): needs ") and fit[3].endswith(" node(s) of 8")

@@ -99,7 +99,7 @@ def test_permuted_planted_permutation_recovered(ray_session, tiny, tmp_path):
         for e in ("1", "3"):
             src, pi = str(planted[e]["source"]), np.array(planted[e]["perm"])
             # W_e[r] = W_src[pi[r]]: neuron k of src is neuron argsort(pi)[k] of e.
-            pair = ds.sel(layer=layer, expert_i=src, expert_j=e)
+            pair = ds.sel(layer=layer, expert_i=int(src), expert_j=int(e))
             perms = pair.permutation.values.reshape(-1, pi.size)
             for p in perms:
                 np.testing.assert_array_equal(p, np.argsort(pi))
@@ -107,8 +107,8 @@ def test_permuted_planted_permutation_recovered(ray_session, tiny, tmp_path):
             np.testing.assert_allclose(pair.kendall_tau.values, kendalltau(np.arange(pi.size), pi).statistic,
                                        atol=1e-6)
         # pairs not asked for, and i >= j, stay empty
-        assert np.isnan(ds.growth.sel(layer=layer, expert_i="0", expert_j="2").values).all()
-        assert (ds.permutation.sel(layer=layer, expert_i="1", expert_j="0").values == -1).all()
+        assert np.isnan(ds.growth.sel(layer=layer, expert_i=0, expert_j=2).values).all()
+        assert (ds.permutation.sel(layer=layer, expert_i=1, expert_j=0).values == -1).all()
         assert "tab2" in ds.attrs and set(ds.attrs["tab2"]["growth_median_per_matrix"]) == set(MATRICES)
 
 
@@ -116,7 +116,7 @@ def test_upcycled_small_noise_keeps_identity(ray_session, tiny, tmp_path):
     ckpt = tiny("mixtral", "upcycled", sigma=0.05, dtype="float32")
     store = _run(ckpt, tmp_path / "s.zarr", layers=[1], pairs="0-1,2-5")
     ds = xr.open_zarr(store, group="reorder/joint")
-    for i, j in (("0", "1"), ("2", "5")):
+    for i, j in ((0, 1), (2, 5)):
         pair = ds.sel(layer=1, expert_i=i, expert_j=j)
         np.testing.assert_array_equal(pair.permutation.values, np.arange(ds.sizes["neuron"]))
         assert float(pair.kendall_tau) == 1.0
@@ -131,7 +131,7 @@ def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
     ds = xr.open_zarr(str(path), group="reorder/separate")
     for m in MATRICES:
         expected = R.reorder_pair(a, b, (m,))
-        got = ds.sel(layer=2, matrix=m, expert_i="0", expert_j="1")
+        got = ds.sel(layer=2, matrix=m, expert_i=0, expert_j=1)
         np.testing.assert_array_equal(got.permutation.values, expected.perm)
         assert float(got.similarity_before) == pytest.approx(expected.similarity_before[m], rel=1e-6)
         assert float(got.similarity_after) == pytest.approx(expected.similarity_after[m], rel=1e-6)
@@ -147,9 +147,9 @@ def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
     group["similarity_after"][0, 0, 0, 1] = 42.0
     _run(ckpt, path, layers=[2], pairs="0-1,0-2", reorder_mode="separate")
     ds = xr.open_zarr(str(path), group="reorder/separate", consolidated=False)
-    assert float(ds.similarity_after.sel(layer=2, matrix="up", expert_i="0", expert_j="1")) == 42.0
-    assert np.isfinite(ds.similarity_after.sel(layer=2, expert_i="0", expert_j="2").values).all()
-    assert ds.unit_done.sel(layer=2, expert_i="0", expert_j="2").values.all()
+    assert float(ds.similarity_after.sel(layer=2, matrix="up", expert_i=0, expert_j=1)) == 42.0
+    assert np.isfinite(ds.similarity_after.sel(layer=2, expert_i=0, expert_j=2).values).all()
+    assert ds.unit_done.sel(layer=2, expert_i=0, expert_j=2).values.all()
 
 
 def test_store_chunks_are_the_tasks_tiles_and_a_resume_keeps_them(ray_session, tiny, tmp_path):

@@ -3,6 +3,7 @@
 on any machine), moe-ray specs submitted through `moe_ray.submit`."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -96,7 +97,7 @@ def test_submit_follow_wait_result(head, tiny, tmp_path):
     assert status.state == "SUCCEEDED", handle.logs()
     assert status.progress == {"static": (4, 4)}
     log = "".join(lines)
-    assert "static layer 3" in log and "moe-ray: results in" in log
+    assert "moe-ray: static units: 4/4 unit (100%" in log and "moe-ray: results in" in log
 
     tree = handle.result()
     sim = tree["static"].to_dataset()["matrix_similarity"]
@@ -104,13 +105,76 @@ def test_submit_follow_wait_result(head, tiny, tmp_path):
     a = c.read(c.family.expert_keys(2, 0)["up"], dtype=torch.float64).numpy().ravel()
     b = c.read(c.family.expert_keys(2, 5)["up"], dtype=torch.float64).numpy().ravel()
     want = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-    got = float(sim.sel(layer=2, matrix="up", expert_i="0", expert_j="5"))
+    got = float(sim.sel(layer=2, matrix="up", expert_i=0, expert_j=5))
     assert got == pytest.approx(want, abs=1e-5)
     assert np.asarray(zarr.open_group(str(store), mode="r")["static/unit_done"][...]).all()
 
     listed = {s.id: s for s in moe_ray.jobs(head)}
     assert listed[handle.id].state == "SUCCEEDED" and listed[handle.id].store == str(store)
     assert listed[handle.id].progress == {"static": (4, 4)}  # `moe-ray list` shows progress too
+
+
+@pytest.fixture(scope="module")
+def demo_job(head, tiny, tmp_path_factory):
+    """A submitted job of the demo's analyses (static, reorder, dynamic on a tiny mixtral with its
+    dense parent as F): (handle, final status, log, store)."""
+    ckpt = tiny("mixtral", "upcycled")
+    store = str(tmp_path_factory.mktemp("demo-job") / "demo.zarr")
+    handle = moe_ray.submit({"model": str(ckpt.path), "reference": str(ckpt.reference), "store": store,
+                             "analyses": ["static", "reorder", "dynamic"]}, head)
+    status = handle.wait(timeout=240, progress=False)
+    return handle, status, handle.logs(), store
+
+
+def test_demo_analyses_job_log_is_short_and_plain(demo_job):
+    """The job's log is one a user reads: at most 100 lines, none blank, no progress-bar redraws, every
+    one moe-ray's own (Ray's per-task output stays in Ray's logs); its status names its own run's units."""
+    handle, status, log, _ = demo_job
+    assert status.state == "SUCCEEDED", log
+    lines = log.splitlines()
+    assert 5 <= len(lines) <= 100, log
+    assert "\r" not in log and all(line.strip() for line in lines), log
+    ray_preamble = ("Runtime env is setting up.", "Running entrypoint for job ")  # Ray's job manager, first
+    assert all(line.startswith("moe-ray: ") or any(p in line for p in ray_preamble) for line in lines), log
+    for what in ("planning: ", "connecting to ", "static units: 4/4", "reorder units: 112/112 pair",
+                 "dynamic shard 0 of 1 (layers 0-3): 1114/1114 token", "done in ", "results in "):
+        assert sum(what in line for line in lines) == 1, (what, log)
+    assert status.line() == f"{handle.id}: SUCCEEDED (static 4/4, reorder 112/112, dynamic 8/8 units)"
+
+
+def test_demo_store_as_xarray_expects(demo_job, tmp_path):
+    """open_results: expert dimensions select by integer code and by label (F = -1), bookkeeping
+    arrays are coordinates, and every group goes through a real to_netcdf round trip."""
+    from moe_ray.store import SCHEMA_VERSION
+
+    store = demo_job[3]
+    tree = moe_ray.open_results(store)
+    assert json.loads(tree.attrs["moe_ray"])["schema_version"] == SCHEMA_VERSION == 2
+    static = tree["static"].to_dataset()
+    by_code = static.matrix_similarity.sel(layer=1, matrix="gate", expert_i=-1, expert_j=3)
+    by_label = static.matrix_similarity.sel(layer=1, matrix="gate", expert_i_label="F", expert_j_label="3")
+    assert float(by_code) == float(by_label) and np.isfinite(float(by_code))
+    assert list(static.expert_i.values) == list(range(8)) + [-1]
+    assert "F = -1" in static.expert_i_label.attrs["description"] or "code -1" in static.expert_i_label.attrs["description"]
+    dyn = tree["dynamic/long"].to_dataset()
+    assert float(dyn.expert_output_norms.sel(layer=0, token=5, expert_label="7")) == float(
+        dyn.expert_output_norms.sel(layer=0, token=5, expert=7))
+    checked = 0
+    for node in tree.subtree:
+        ds = node.to_dataset()
+        assert "unit_done" not in ds.data_vars and "unit_planned" not in ds.data_vars
+        if "unit_done" in ds.coords:
+            planned = ds.unit_planned.values if "unit_planned" in ds.coords else np.ones_like(ds.unit_done.values)
+            assert ds.unit_done.attrs["role"] == "bookkeeping" and (ds.unit_done.values[planned == 1] == 1).all()
+        path = tmp_path / f"{node.path.strip('/').replace('/', '_') or 'root'}.nc"
+        ds.to_netcdf(path)
+        back = xr.open_dataset(path).load()
+        for name in ds.data_vars:
+            np.testing.assert_array_equal(back[name].values, ds[name].values, err_msg=f"{node.path}/{name}")
+        assert set(back.attrs) == set(ds.attrs)
+        checked += 1
+    assert checked >= 6  # root, static, reorder, reorder/joint, dynamic, dynamic/short, dynamic/long
+    assert json.loads(tree["static"].attrs["params"])["labels"][-1] == "F"
 
 
 def test_stop_then_list(head, tiny, tmp_path):
@@ -147,13 +211,20 @@ def test_stopped_job_resubmitted_runs_only_the_unfinished_units(head, tmp_path, 
     unfinished = [str(layer) for layer, flag in enumerate(flags) if not flag]
     assert 1 <= len(unfinished) < 4, "the job was not stopped half-way"
 
+    def chunk_times() -> dict[str, list[int]]:  # per layer, when its chunks of one array were written
+        arrays = Path(spec["store"]) / "static" / "matrix_similarity" / "c"
+        return {str(layer): [p.stat().st_mtime_ns for p in sorted((arrays / str(layer)).rglob("*")) if p.is_file()]
+                for layer in range(4)}
+
+    before = chunk_times()
     resumed = moe_ray.submit(spec, head)
     clean = moe_ray.submit({"model": model, "store": str(tmp_path / "clean.zarr")}, head)
     assert resumed.wait(timeout=120).state == "SUCCEEDED", resumed.logs()
     assert clean.wait(timeout=120).state == "SUCCEEDED", clean.logs()
     log = resumed.logs()
     todo = int(re.search(r"(\d+) of 4 units to run", log).group(1))
-    ran = sorted(set(re.findall(r"^\s*static layer (\d+): ", log, flags=re.M)))
+    after = chunk_times()
+    ran = [layer for layer in after if after[layer] != before[layer]]  # a done layer's chunks are not rewritten
     assert todo == len(unfinished) and ran == unfinished, log
     assert f"{todo} units computed, {4 - todo} already done" in log
     a, b = xr.open_zarr(clean.status().store, group="static"), xr.open_zarr(spec["store"], group="static")

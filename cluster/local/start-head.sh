@@ -12,9 +12,17 @@
 # Stop this head with cluster/local/stop-head.sh (same --temp-dir).
 set -euo pipefail
 
-PYTHON="${PYTHON:-$(command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3 || true)}"
+if [ -z "$PYTHON" ]; then
+    echo "start-head.sh: no python3 on PATH; activate the environment moe-ray is installed in, or set PYTHON=/path/to/python" >&2
+    exit 1
+fi
 RAY="${RAY:-$(dirname "$PYTHON")/ray}"
-[ -x "$RAY" ] || RAY="$(command -v ray)"
+[ -x "$RAY" ] || RAY="$(command -v ray || true)"
+if [ -z "$RAY" ]; then
+    echo "start-head.sh: no \`ray\` beside $PYTHON nor on PATH; install moe-ray (and with it Ray) into that Python, or set RAY=/path/to/ray" >&2
+    exit 1
+fi
 
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
@@ -43,8 +51,27 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+TEMP_DIR=""
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    case "${ARGS[$i]}" in
+        --temp-dir) TEMP_DIR="${ARGS[$((i + 1))]:-}" ;;
+        --temp-dir=*) TEMP_DIR="${ARGS[$i]#--temp-dir=}" ;;
+    esac
+done
+
+# Ray's banner ends by advising `ray stop`, which stops every Ray of this user on the machine: left out
+# here, and this head's own stop command said instead.
+set +e
 "$RAY" start --head --node-ip-address 127.0.0.1 \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --include-dashboard true \
-    --disable-usage-stats "${ARGS[@]}"
-echo "moe-ray: head up; submit with: moe-ray submit SPEC.toml --address http://127.0.0.1:$DASHBOARD_PORT"
-echo "moe-ray: clients need RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+    --disable-usage-stats "${ARGS[@]}" 2>&1 | grep -v -e "To terminate the Ray runtime" -e "ray stop"
+STATUS=("${PIPESTATUS[@]}")
+set -e
+[ "${STATUS[0]}" -eq 0 ] || { echo "start-head.sh: ray start failed (its output is above)" >&2; exit 1; }
+ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
+HINT=""
+[ "$DASHBOARD_PORT" = 8265 ] || HINT=" --address $ADDRESS"
+echo "moe-ray: head up; submit with: moe-ray submit SPEC.toml$HINT (job server $ADDRESS)"
+echo "moe-ray: stop this head (and only it) with: $(dirname "$0")/stop-head.sh${TEMP_DIR:+ --temp-dir $TEMP_DIR}"
+echo "moe-ray: moe-ray's commands here turn token auth on themselves; with a token file other than ~/.ray/auth_token," \
+     "and for other clients, export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"

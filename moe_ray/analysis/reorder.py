@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from ..lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from . import assignment
 from .summary import relative_growth
@@ -48,7 +48,7 @@ MODES = ("joint", "separate")
 CHUNK_ELEMENTS = 2**24
 """Elements of one chunk of the cost matrix computed at a time (64 MiB in float32)."""
 
-Neurons = dict[str, torch.Tensor]
+Neurons = dict[str, "torch.Tensor"]
 """One expert prepared for S4: per matrix, its neuron rows [n, d_hid] in float32 divided by the
 matrix's Frobenius norm, contiguous, on the device that builds the costs (see `prepare_expert`)."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+from ..lazy import torch  # imported on first use (moe-ray plan needs none)
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per streamed block on the CPU (4 MiB of float32): small enough that the several passes a

@@ -29,10 +29,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
+from ..lazy import torch  # imported on first use (moe-ray plan needs none)
 
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+class _TorchDtypes(Mapping):
+    """safetensors float dtype name -> torch dtype, torch looked up only when a value is asked for."""
+
+    _NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+    def __getitem__(self, key: str) -> "torch.dtype":
+        return getattr(torch, self._NAMES[key])
+
+    def __iter__(self):
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+FLOAT_DTYPES: Mapping[str, "torch.dtype"] = _TorchDtypes()
 FP8_DTYPE = "F8_E4M3"
 FP8_SCALE_SUFFIX = "_scale_inv"
 FP8_SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -174,11 +188,12 @@ def e4m3_to(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
     """[..., R, C] e4m3 weights times their [..., ceil(R/br), ceil(C/bc)] block scales, as `dtype`.
 
     Products are taken in float32 (float64 when asked), in place, one row block of scales at a time
     spread along the columns ([..., ceil(R/br), C]: a row's worth of scales, never the weight's size)."""
+    dtype = torch.float32 if dtype is None else dtype
     compute = _compute_dtype(dtype)
     out = e4m3_to(weight, compute)
     rows, cols = out.shape[-2:]
@@ -201,9 +216,10 @@ def e8m0_factors(scales: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """MXFP4 U8 blocks [..., G, 16] and U8 E8M0 scales [..., G] -> [..., G * 32] as `dtype`: each byte
     looked up once in a 256 x 2 table of its (low nibble, high nibble) values, times its block's 2^(s - 127)."""
+    dtype = torch.float32 if dtype is None else dtype
     compute = _compute_dtype(dtype)
     pairs = torch.tensor([[E2M1_VALUES[b & 0x0F], E2M1_VALUES[b >> 4]] for b in range(256)], dtype=compute,
                          device=blocks.device)
@@ -295,9 +311,11 @@ def stored_parts(name: str, shape: tuple[int, ...], fmt: str, float_dtype: str =
     raise ValueError(f"unknown storage format {fmt!r}")
 
 
-def encode(name: str, tensor: torch.Tensor, fmt: str, float_dtype: torch.dtype = torch.bfloat16,
+def encode(name: str, tensor: torch.Tensor, fmt: str, float_dtype: torch.dtype | None = None,
            block: tuple[int, int] = FP8_DEFAULT_BLOCK) -> dict[str, torch.Tensor]:
-    """A float tensor as the physical tensors of format `fmt` (the inverse of reading it)."""
+    """A float tensor as the physical tensors of format `fmt` (the inverse of reading it); floats as
+    `float_dtype` (default bfloat16)."""
+    float_dtype = torch.bfloat16 if float_dtype is None else float_dtype
     if fmt == "float":
         return {name: tensor.to(float_dtype)}
     if fmt == "fp8_block":

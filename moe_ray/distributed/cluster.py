@@ -135,7 +135,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         if why:
             raise _unreachable(target, why, found is not None)
     ensure_token_auth()
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True,
+    # log_to_driver off: what tasks and actors print stays in the Ray session's worker log files
+    # (`ray logs`), so the terminal and a submitted job's log hold moe-ray's own lines (moe_ray.progress);
+    # Ray's error events still reach the driver, one line each (distributed.ray_messages)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False,
                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
         if target:

@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ..errors import MoeRayError
+from ..progress import counter
 from .placement import GPU_MEMORY, Resources
 
 log = logging.getLogger("moe_ray")
@@ -67,7 +66,8 @@ def run_units(fn: Callable[..., dict], units: Sequence[Unit], *, what: str, max_
     runs in a worker of its own that exits after it (Ray's default for GPU tasks: the GPU memory is
     released, and a worker never computes on a GPU it was not given). A summary's `note` (e.g. a
     unit that was given a GPU torch cannot see) is said once per run, not once per unit. The
-    progress bar counts the units' `cells` (done flags), named `cell_name`.
+    progress counter (`moe_ray.progress`) counts the units' `cells` (done flags), named `cell_name`;
+    each unit's own summary goes to the `moe_ray` logger (debug), not the terminal or the job's log.
     """
     if not units:
         return []
@@ -83,8 +83,7 @@ def run_units(fn: Callable[..., dict], units: Sequence[Unit], *, what: str, max_
         refs[ref] = i
     results: list[dict[str, Any] | None] = [None] * len(units)
     started = time.monotonic()
-    bar = tqdm(total=sum(u.cells for u in units), desc=what, unit=cell_name, disable=not progress,
-               dynamic_ncols=True)
+    bar = counter(sum(u.cells for u in units), what, cell_name, progress)
     said: set[str] = set()
     pending = list(refs)
     try:
@@ -106,12 +105,11 @@ def run_units(fn: Callable[..., dict], units: Sequence[Unit], *, what: str, max_
                 if note and note not in said:
                     said.add(note)
                     if progress:
-                        bar.write(f"moe-ray: {what}: {note}")
+                        bar.note(f"{what}: {note}")
                     else:
                         log.warning("moe-ray: %s: %s", what, note)
                 bar.update(unit.cells)
-                if progress:
-                    bar.write(f"  {unit.label}: {summary.get('log', 'done')}")
+                log.debug("%s: %s", unit.label, summary.get("log", "done"))
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -37,6 +37,8 @@ POLL_S = 0.5
 """How often the nodes holding the shards are checked while items are in flight."""
 
 Notify = Callable[[str], None]
+OnStep = Callable[[int, str], None]
+"""Called with (shard index, item name) each time a shard has finished an item (progress)."""
 
 
 def say(line: str) -> None:
@@ -237,7 +239,8 @@ class _Shards:
 def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[dict[str, float]],
                  items: Sequence[tuple[str, Any]], method: str = "run", strategy: str = "PACK",
                  labels: Sequence[str] | None = None, node_wait_s: float = DynamicOptions.node_wait_s,
-                 notify: Notify = say, place_timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
+                 notify: Notify = say, place_timeout_s: float = READY_TIMEOUT_S,
+                 on_step: OnStep | None = None) -> dict[str, Any]:
     """Create one actor per shard in a placement group with `strategy` (PACK: as few nodes as fit;
     STRICT_SPREAD: one node per shard), push every item through the shards in order, return
     {name: last output}.
@@ -250,6 +253,8 @@ def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[
     is reported through `notify` at once; when the cluster holds it again within `node_wait_s` the
     unfinished items run again from the first shard (a shard's method must be idempotent), else
     `ShardLost` is raised. The shards must be placed within `place_timeout_s`, else `PlacementTimeout`.
+    `on_step(shard, name)` is told each time a shard has finished an item (an item that starts over
+    after a lost node is told again).
     """
     if not items:
         return {}
@@ -259,7 +264,7 @@ def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[
     try:
         todo = list(items)
         while todo:
-            loss = _run_items(shards, todo, method, finished)
+            loss = _run_items(shards, todo, method, finished, on_step)
             if loss is None:
                 break
             notify(f"{loss.line}; waiting up to {node_wait_s:g} s (node_wait_s) for the cluster to hold it again")
@@ -279,7 +284,7 @@ def run_pipeline(actor_cls: type, ctor_args: Sequence[tuple], bundles: Sequence[
 
 
 def _run_items(shards: _Shards, items: Sequence[tuple[str, Any]], method: str,
-               finished: dict[str, Any]) -> _Loss | None:
+               finished: dict[str, Any], on_step: OnStep | None = None) -> _Loss | None:
     """One pass of `items` through the shards; their outputs go into `finished`. Returns the loss
     that stopped the pass (its unfinished calls cancelled), or None when every item got through."""
     calls: dict[str, list] = {}
@@ -290,10 +295,15 @@ def _run_items(shards: _Shards, items: Sequence[tuple[str, Any]], method: str,
             chain.append(ref)
         calls[name] = chain
     pending = {chain[-1]: name for name, chain in calls.items()}
+    steps = {ref: (shard, name) for name, chain in calls.items() for shard, ref in enumerate(chain)} if on_step else {}
     labels = {a._actor_id.hex(): label for a, label in zip(shards.actors, shards.labels)}
     loss = None
     while pending and loss is None:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+        if steps:  # which shards finished which items since the last look (a ready ref may hold an error)
+            done_steps, _ = ray.wait(list(steps), num_returns=len(steps), timeout=0, fetch_local=False)
+            for ref in sorted(done_steps, key=lambda r: steps[r]):
+                on_step(*steps.pop(ref))
         for ref in ready:
             name = pending.pop(ref)
             try:

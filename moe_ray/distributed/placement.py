@@ -18,7 +18,8 @@ real memory when it starts (`units.job`), the one place the cluster tells it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
@@ -187,4 +188,42 @@ def check_placement(demands: Sequence[Demand], nodes: Sequence[Resources], where
                             "(--no-check-fit)")
 
 
-__all__ = ["EACH", "GPU_MEMORY", "Demand", "Resources", "check_placement", "describe", "gpus_for", "refusal"]
+NODE_REPORT_WAIT_S = 30.0
+"""How long the fit check waits for nodes that have joined but not yet reported their resources."""
+NODE_REPORT_POLL_S = 1.0
+
+
+def unreported(nodes: Sequence[Resources]) -> int:
+    """How many of `nodes` have not reported their resources yet (no CPU, GPU or memory at all: a
+    node that just joined); an empty cluster counts as one such node."""
+    if not nodes:
+        return 1
+    return sum(1 for node in nodes if not any(node.get(name, 0) > 0 for name in ("CPU", "GPU", "memory")))
+
+
+def reported_nodes(read_nodes: Callable[[], list[Resources]], where: str = "the cluster",
+                   wait_s: float = NODE_REPORT_WAIT_S, poll_s: float = NODE_REPORT_POLL_S,
+                   say: Callable[[str], None] | None = None) -> list[Resources]:
+    """The nodes' resources for the fit check, once every node has reported them: a just-started
+    cluster (its nodes alive, their resources not yet known) is read again every `poll_s` for up to
+    `wait_s` seconds, saying so once, so that it is not refused for "0 CPU"; after that, the nodes as
+    they are (the check then refuses with the numbers it has)."""
+    nodes = read_nodes()
+    deadline = time.monotonic() + wait_s
+    told = False
+    while unreported(nodes) and time.monotonic() < deadline:
+        if not told:
+            (say or _say)(f"{where}: {unreported(nodes)} of {max(1, len(nodes))} node(s) have not reported their "
+                          f"resources yet; waiting up to {wait_s:g} s for them before checking that the work fits")
+            told = True
+        time.sleep(poll_s)
+        nodes = read_nodes()
+    return nodes
+
+
+def _say(line: str) -> None:
+    print(f"moe-ray: {line}", flush=True)
+
+
+__all__ = ["EACH", "GPU_MEMORY", "Demand", "Resources", "check_placement", "describe", "gpus_for", "refusal",
+           "reported_nodes", "unreported"]

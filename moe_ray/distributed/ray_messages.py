@@ -5,7 +5,7 @@ with the last 20 lines of its state dump, a node marked dead with a paragraph of
 each failed attempt of a task with its retry count. Those are kept, whole, in
 `<Ray session>/logs/moe-ray-driver-<pid>.log` on the driver's node (named once on the terminal),
 and the terminal gets each event's first line, shortened. Output of the tasks and actors themselves
-(worker stdout/stderr) is passed through unchanged.
+(worker stdout/stderr) stays in Ray's worker log files: moe-ray connects with `log_to_driver=False`.
 
 Ray has no public hook for this: the driver's log threads print through
 `ray._private.worker.print_to_stdstream`, which is wrapped here; if a Ray release renames it,

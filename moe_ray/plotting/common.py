@@ -47,6 +47,15 @@ the report does not import torch (tested equal)."""
 SPECIAL_LABELS = ("F", "SE")
 """Labels that are not routed experts: the dense reference FFN and the shared expert."""
 
+
+def expert_labels(ds, dim: str) -> list[str]:
+    """The expert labels along `dim` of a Dataset or DataArray ("0".."E-1", "F", "SE"): the `<dim>_label`
+    coordinate where the store has one (schema 2: the dimension's coordinate holds integer codes), else
+    the dimension's own values (schema 1 stored the labels there). The one place plotting reads labels."""
+    label = f"{dim}_label"
+    values = ds[label].values if label in ds.coords or label in getattr(ds, "variables", {}) else ds[dim].values
+    return [str(v) for v in values]
+
 CMAPS = {
     "similarity": "viridis",      # cosine similarity of weights (whole matrices or mean neurons)
     "gate": "plasma",             # cosine similarity of router rows (gate embedding X)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (BLOCK_GAP, CMAPS, DPI, Figure, StoreView, fit_panel, fitting_columns, fitting_ticks, page_name,
-                     pages, shared_range, token_label)
+from .common import (BLOCK_GAP, CMAPS, DPI, Figure, StoreView, expert_labels, fit_panel, fitting_columns, fitting_ticks,
+                     page_name, pages, shared_range, token_label)
 from .grid import PanelGrid
 from .static import Column, dense_note, layers_of, scale_note, slug, square_pages, static_square
 
@@ -86,7 +86,7 @@ def fig2_output_similarity(views: list[StoreView], out: Path) -> list[Figure]:
             for page in pages(_layers(v, inp)):
                 da = ds["expert_output_similarity"].sel(layer=page).isel(token=slice(0, n_tok))
                 reads.append((v, page, side, total, n_tok, np.asarray(da.values, dtype=np.float64),
-                              [str(x) for x in da["expert_i"].values]))
+                              expert_labels(da, "expert_i")))
         lo, hi = shared_range([m for *_, values, _ in reads for m in values.reshape(-1, *values.shape[-2:])])
         for v, page, side, total, n_tok, values, labels in reads:
             texts = token_texts(v, inp, n_tok)
@@ -118,7 +118,7 @@ def fig3_angular(views: list[StoreView], out: Path) -> list[Figure]:
     for inp in _inputs_with(views, "expert_output_angular_mean"):
         def read(view: StoreView, layers: list[int], inp=inp):
             da = view.dataset(group(inp))["expert_output_angular_mean"].sel(layer=layers)
-            labels = [str(x) for x in da["expert_i"].values]
+            labels = expert_labels(da, "expert_i")
             return np.asarray(da.values, dtype=np.float64), labels, labels
 
         def static_layers(view: StoreView) -> list[int]:
@@ -184,10 +184,10 @@ def fig4_norms_scores(views: list[StoreView], out: Path) -> list[Figure]:
                 norms = ds["expert_output_norms"].sel(layer=page).isel(token=slice(0, n_tok))
                 scores = ds["gate_scores"].sel(layer=page).isel(token=slice(0, n_tok))
                 score_values = np.asarray(scores.values, dtype=np.float64)
-                score_labels = [str(x) for x in scores["expert"].values]
+                score_labels = expert_labels(scores, "expert")
                 routed = routed_labels(score_values, score_labels)
                 reads.append((v, page, total, n_tok, toks, np.asarray(norms.values, dtype=np.float64),
-                              [str(x) for x in norms["expert"].values], score_values[..., routed],
+                              expert_labels(norms, "expert"), score_values[..., routed],
                               [score_labels[j] for j in routed], _topk(v, inp, page, n_tok)))
         s_hi = shared_range([r[7] for r in reads], exclude_diagonal=False)[1]
         # relative norms run from the smallest drawn (in tenths) to 1, the token's largest
@@ -274,7 +274,7 @@ def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
             for page in pages(_layers(v, inp)):
                 values_all = np.abs(np.asarray(da_all.sel(layer=page).isel({tdim: slice(0, len(kept))}).values,
                                                dtype=np.float64))
-                labels = [str(x) for x in da_all["expert"].values]
+                labels = expert_labels(da_all, "expert")
                 hi = float(np.nanpercentile(values_all, 99)) if np.isfinite(values_all).any() else 1.0
                 topk = _topk(v, inp, page, max(kept) + 1)
                 for first in range(0, len(kept), per_image):
@@ -320,7 +320,7 @@ def activation_ratio_map(views: list[StoreView], out: Path) -> list[Figure]:
                 continue
             da = ds["activation_ratio"].sel(layer=_layers(v, inp))
             ratio = np.asarray(da.mean("token").values, dtype=np.float64)
-            labels, layers = [str(x) for x in da["expert"].values], [str(int(l)) for l in da["layer"].values]
+            labels, layers = expert_labels(da, "expert"), [str(int(l)) for l in da["layer"].values]
             data = {v.label: ratio, ("labels", v.label): (labels, layers), ("range",): (0.0, 1.0)}
             grid = PanelGrid(1, 1, panel=(max(2.4, 0.3 * len(labels)) if len(labels) <= 24 else 6.0,
                                           min(6.0, max(1.6, 0.3 * len(layers)))), top=0.75)
@@ -340,7 +340,7 @@ def routing_weights(view: StoreView, inp: str, layers: list[int], n_tok: int) ->
     what the weights are): the family's own top-k weights when stored, else the softmax gate scores."""
     ds = view.dataset(group(inp))
     scores = np.asarray(ds["gate_scores"].sel(layer=layers).isel(token=slice(0, n_tok)).values, dtype=np.float64)
-    labels = [str(x) for x in ds["gate_scores"]["expert"].values]
+    labels = expert_labels(ds["gate_scores"], "expert")
     routed = routed_labels(scores, labels)
     topk = _topk(view, inp, layers, n_tok)
     if "topk_weights" in ds:

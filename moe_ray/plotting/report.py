@@ -298,10 +298,13 @@ def resolve_parallel(parallel: str, tasks: int) -> tuple[str, int]:
     return ("processes", idle) if idle > 1 else ("none", 1)
 
 
-def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
+def start_drawing(tasks: list[Task], parallel: str,
+                  on_done: Callable[[str], None] | None = None) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
     """Start every drawing task; returns a function that waits for them and gives each task's
-    [(Figure, PNG bytes)] in task order. The caller computes tables in the meantime."""
+    [(Figure, PNG bytes)] in task order, telling `on_done(section key)` as each task finishes. The
+    caller computes tables in the meantime."""
     mode, workers = resolve_parallel(parallel, len(tasks))
+    done = on_done or (lambda key: None)
     if not tasks:
         return lambda: []
     if mode == "ray":
@@ -310,10 +313,18 @@ def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tu
             raise MoeRayError("parallel='ray' needs a Ray session in this process (ray.init or moe_ray.run)")
         remote = ray.remote(num_cpus=1)(draw_section)
         refs = [remote.remote(key, stores) for key, stores in tasks]
-        return lambda: ray.get(refs)
+
+        def wait_ray() -> list:
+            index = {ref: i for i, ref in enumerate(refs)}
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                done(tasks[index[ready[0]]][0])
+            return ray.get(refs)
+        return wait_ray
     if mode == "processes":
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # fork: the workers start with this process's imports (a fresh interpreter would take seconds)
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
@@ -321,20 +332,32 @@ def start_drawing(tasks: list[Task], parallel: str) -> Callable[[], list[list[tu
 
         def wait() -> list:
             try:
+                key_of = {f: key for f, (key, _) in zip(futures, tasks)}
+                for f in as_completed(futures):
+                    done(key_of[f])
                 return [f.result() for f in futures]
             finally:
                 pool.shutdown(cancel_futures=True)
         return wait
-    return lambda: [draw_section(key, stores) for key, stores in tasks]
+
+    def serial() -> list:
+        out = []
+        for key, stores in tasks:
+            out.append(draw_section(key, stores))
+            done(key)
+        return out
+    return serial
 
 
-def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", shared_scale: bool = False) -> Report:
+def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", shared_scale: bool = False,
+           on_figure: Callable[[int, int, str], None] | None = None) -> Report:
     """Render every figure and table the stores hold into `out` and write `out/index.html`.
 
     Every image shows one store; its colour ranges are that store's own (the paper: figures of different
     models do not share a colour bar) unless `shared_scale`, which gives all stores' images of a figure and
     page one range. Sections are drawn in parallel (see PARALLEL); each reads only the arrays, layers and
-    tokens it shows.
+    tokens it shows. `on_figure(done, total, name)` is told as each drawing task (a section's figures
+    for some stores) is finished, for progress.
     """
     started = time.monotonic()
     if not stores:
@@ -352,7 +375,14 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", sh
     tasks = [t for s in SECTIONS if s.draw is not None and have[s.key]
              for t in section_tasks(s, have[s.key], shared_scale)]
     with _sharing(views):
-        wait = start_drawing(tasks, parallel)
+        finished: list[str] = []
+
+        def drawn_one(key: str) -> None:
+            finished.append(key)
+            if on_figure is not None:
+                on_figure(len(finished), len(tasks), key)
+
+        wait = start_drawing(tasks, parallel, drawn_one)
         try:
             tables = {s.key: section_tables(s, have[s.key], tab_dir) for s in SECTIONS
                       if s.table is not None and have[s.key]}
@@ -421,11 +451,18 @@ def _notes(section: Section, have: list[StoreView], status: dict[str, tuple[bool
 
 
 def plot(stores: list[str | Path] | str | Path, out: str | Path = "report", parallel: str = "auto",
-         shared_scale: bool = False) -> Path:
-    """Render the report for one or several stores (side by side); return the path of index.html."""
+         shared_scale: bool = False, progress: bool = True) -> Path:
+    """Render the report for one or several stores (side by side); return the path of index.html.
+    With `progress`, the drawing tasks are counted as they finish (`moe_ray.progress`)."""
+    from ..progress import Callback
+
     if isinstance(stores, (str, Path)):
         stores = [stores]
-    return render(list(stores), out, parallel, shared_scale).index
+    figures = Callback("report figures", "drawing task", progress)
+    try:
+        return render(list(stores), out, parallel, shared_scale, on_figure=figures).index
+    finally:
+        figures.close()
 
 
 def _figure_html(figure: Figure) -> str:

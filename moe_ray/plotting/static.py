@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (BLOCK_GAP, CMAPS, LABEL_FONT, TICK_FONT, Figure, StoreView, colorbar, figure_record,
-                     fit_panel, grid_labels, new_figure, nonempty_labels, page_name, pages, panel_title, shared_range)
+from .common import (BLOCK_GAP, CMAPS, LABEL_FONT, TICK_FONT, Figure, StoreView, colorbar, expert_labels,
+                     figure_record, fit_panel, grid_labels, new_figure, nonempty_labels, page_name, pages, panel_title, shared_range)
 from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
@@ -184,7 +184,7 @@ def static_square(name: str, matrix: str | None) -> Getter:
         if matrix is not None:
             da = da.sel(matrix=matrix)
         values = np.asarray(da.values, dtype=np.float64)
-        labels = [str(x) for x in da["expert_i"].values]
+        labels = expert_labels(da, "expert_i")
         keep = nonempty_labels(values, labels)
         values = values[:, keep][:, :, keep]
         kept = [labels[i] for i in keep]
@@ -331,7 +331,7 @@ def fig6_matrix_pca(views: list[StoreView], out: Path) -> list[Figure]:
     for v in views:
         ds = v.dataset("static")
         eps, min_samples = _dbscan(v)
-        labels = [str(x) for x in ds["expert"].values]
+        labels = expert_labels(ds, "expert")
         colors = _expert_colors(labels)
         for page in pages(layers_of(v, "static")):
             side = fit_panel(3, 0.95, 2.7)
@@ -384,7 +384,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
     suffix = "3d" if dims == 3 else "2d"
     for v in views:
         ds = v.dataset("static")
-        labels = [str(x) for x in ds["expert"].values]
+        labels = expert_labels(ds, "expert")
         colors = np.array(_expert_colors(labels))
         n_neuron = ds.sizes["neuron"]
         stride = max(1, -(-n_neuron * ds.sizes["expert"] // MAX_POINTS_PER_PANEL))
@@ -480,7 +480,7 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
             col += 1
             layers = layers_of(v, "static")
             da = v.dataset("static")["matrix_similarity"].sel(layer=layers)
-            labels = [str(x) for x in da["expert_i"].values]
+            labels = expert_labels(da, "expert_i")
             for mi, m in enumerate(MATRICES):
                 data.update(_trend_lines(ax, layers, da.sel(matrix=m).values, labels, f"C{mi}", f"W_{m}",
                                          (v.label, "weights", m)))
@@ -492,7 +492,7 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
             for k, inp in enumerate(inputs):
                 layers = layers_of(v, dyn_group(inp))
                 da = v.dataset(dyn_group(inp))["expert_output_angular_mean"].sel(layer=layers)
-                labels = [str(x) for x in da["expert_i"].values]
+                labels = expert_labels(da, "expert_i")
                 data.update(_trend_lines(ax, layers, da.values, labels, f"C{3 + k}", inp, (v.label, "outputs", inp)))
             ax.set_ylabel("mean angular similarity", fontsize=LABEL_FONT)
             panel_title(ax, "expert outputs (mean over tokens)")

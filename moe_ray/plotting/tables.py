@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
-from .common import StoreView, Table
+from .common import StoreView, Table, expert_labels
 from .static import MATRICES, layers_of
 
 
@@ -26,8 +26,9 @@ def _offdiag_mean(values: np.ndarray) -> float:
     return float(sel.mean()) if sel.size else float("nan")
 
 
-def _routed(da) -> list[str]:
-    return [str(x) for x in da["expert_i"].values if str(x).isdigit()]
+def _routed(da) -> list[int]:
+    """Positions of the routed experts along expert_i (and expert_j: the same labels)."""
+    return [i for i, lab in enumerate(expert_labels(da, "expert_i")) if lab.isdigit()]
 
 
 TAB2_COLUMNS = ["model", "layers", "expert pairs", "similarity before (median)", "similarity after (median)",
@@ -137,7 +138,7 @@ def activation_ratios(views: list[StoreView]) -> list[Table]:
                 continue
             da = ds["activation_ratio"].sel(layer=layers_of(v, group(inp)))
             values = np.asarray(da.values, dtype=np.float64)
-            routed = [i for i, lab in enumerate(str(x) for x in da["expert"].values) if lab.isdigit()]
+            routed = [i for i, lab in enumerate(expert_labels(da, "expert")) if lab.isdigit()]
             rows.append([v.label, inp, int(ds.sizes["token"]), 100 * float(np.nanmean(values[..., routed])),
                          str(v.model.get("activation", "?"))])
     return [Table("activation_ratio", "Mean activation ratio: elements of act(W_gate x) with |value| > 1e-3",
@@ -159,20 +160,20 @@ def comparison(views: list[StoreView]) -> list[Table]:
                 continue
             da = v.dataset("static")["matrix_similarity"]
             routed = _routed(da)
-            sel = da.sel(layer=layers_of(v, "static"), matrix=m, expert_i=routed, expert_j=routed)
+            sel = da.sel(layer=layers_of(v, "static"), matrix=m).isel(expert_i=routed, expert_j=routed)
             row.append(_offdiag_mean(sel.values))
         rows.append(row)
-    if any(v.has("static") and "F" in [str(x) for x in v.dataset("static")["expert_i"].values] for v in views):
+    if any(v.has("static") and "F" in expert_labels(v.dataset("static"), "expert_i") for v in views):
         for m in MATRICES:
             row = [f"mean similarity expert-F W_{m}"]
             for v in views:
-                labels = [str(x) for x in v.dataset("static")["expert_i"].values] if v.has("static") else []
+                labels = expert_labels(v.dataset("static"), "expert_i") if v.has("static") else []
                 if "F" not in labels:
                     row.append(None)
                     continue
                 da = v.dataset("static")["matrix_similarity"]
-                vals = np.asarray(da.sel(layer=layers_of(v, "static"), matrix=m, expert_i="F",
-                                         expert_j=_routed(da)).values, dtype=np.float64)
+                vals = np.asarray(da.sel(layer=layers_of(v, "static"), matrix=m).isel(
+                    expert_i=labels.index("F"), expert_j=_routed(da)).values, dtype=np.float64)
                 row.append(float(np.nanmean(vals)) if np.isfinite(vals).any() else None)
             rows.append(row)
     for m in MATRICES:

@@ -37,6 +37,7 @@ from ..distributed.fanout import Unit
 from ..distributed.pipeline import run_pipeline
 from ..distributed.placement import Demand, Resources
 from ..errors import SpecError
+from ..progress import counter
 from ..runtime import LayerRange
 from ..runtime.causal import LOGIT_ELEMENTS, SHARED, OutputHead, Variant, run_rows
 from ..spec import CausalOptions, Spec
@@ -405,9 +406,24 @@ class CausalJob(AnalysisJob):
         device = base.device_for(gpus)
         agreement = tuple(self.plan.layers[u.args[1][0]] for u in pending if u.args[0] == AGREEMENT)
         shards = range(len(base.shards))
-        run_pipeline(CausalShard, [(self.plan, s, device, agreement) for s in shards], base.bundles(self.cpus, gpus),
-                     [(it.name, {"item": it, "ids": self.plan.sequences[it.sequence].ids}) for it in items],
-                     strategy=base.options.placement, labels=[shard_label(self.plan, s) for s in shards])
+        left: dict[int, int] = {}  # a sequence's items not yet through the last shard
+        for it in items:
+            left[it.sequence] = left.get(it.sequence, 0) + 1
+        sequence_of = {it.name: it.sequence for it in items}
+        bar = counter(len(left), "causal sequences", "sequence", spec.progress)
+
+        def on_step(shard: int, name: str) -> None:
+            if shard == len(base.shards) - 1:
+                left[sequence_of[name]] -= 1
+                if left[sequence_of[name]] == 0:
+                    bar.update()
+
+        with bar:
+            run_pipeline(CausalShard, [(self.plan, s, device, agreement) for s in shards],
+                         base.bundles(self.cpus, gpus),
+                         [(it.name, {"item": it, "ids": self.plan.sequences[it.sequence].ids}) for it in items],
+                         strategy=base.options.placement, labels=[shard_label(self.plan, s) for s in shards],
+                         on_step=on_step)
 
     def finish(self, store: ResultStore) -> str:
         return write_summaries(store, self.plan)

@@ -31,6 +31,7 @@ from ..distributed.fanout import Unit
 from ..distributed.pipeline import READY_TIMEOUT_S, PlacementTimeout, ShardLost, balance_layers, run_pipeline, say
 from ..distributed.placement import Demand, Resources, refusal
 from ..errors import CheckpointError, MoeRayError, SpecError
+from ..progress import ShardCounters
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
 from ..store import DONE, DYNAMIC_SCHEMA, WEIGHTS, ResultStore, unit_done
@@ -390,7 +391,7 @@ class DynamicJob(AnalysisJob):
         while names:
             start_over(store, names)
             try:
-                return self._pass(plan, names, place_timeout)
+                return self._pass(plan, names, place_timeout, spec.progress)
             except ShardLost as exc:
                 lost, lost_plan, why = exc, plan, []
                 names = [n for n in names if not unit_done(store.root[f"{GROUP}/{n}"]).all()]
@@ -404,14 +405,19 @@ class DynamicJob(AnalysisJob):
             plan = self._next_plan(lost, lost_plan, fallbacks, why, names)
             place_timeout = REPLAN_PLACE_S
 
-    def _pass(self, plan: DynamicPlan, names: list[str], place_timeout: float) -> None:
+    def _pass(self, plan: DynamicPlan, names: list[str], place_timeout: float, progress: bool = True) -> None:
         items = [(i.name, list(i.ids)) for i in plan.inputs if i.name in names]
         gpus = _cluster_gpus()
         device = plan.device_for(gpus)
         shards = range(len(plan.shards))
-        run_pipeline(ShardWorker, [(plan, s, device) for s in shards], plan.bundles(self.cpus, gpus), items,
-                     strategy=plan.options.placement, labels=[shard_label(plan, s) for s in shards],
-                     node_wait_s=plan.options.node_wait_s, place_timeout_s=place_timeout)
+        labels = [shard_label(plan, s) for s in shards]
+        counters = ShardCounters(labels, {name: len(ids) for name, ids in items}, "token", progress)
+        try:
+            run_pipeline(ShardWorker, [(plan, s, device) for s in shards], plan.bundles(self.cpus, gpus), items,
+                         strategy=plan.options.placement, labels=labels, node_wait_s=plan.options.node_wait_s,
+                         place_timeout_s=place_timeout, on_step=counters)
+        finally:
+            counters.close()
 
     def _fallbacks(self, plan: DynamicPlan, lost_node: str) -> list[tuple[DynamicPlan, str | None]]:
         """Plans for the nodes left (the lost one left out even while Ray still counts it alive), most

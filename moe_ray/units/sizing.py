@@ -8,6 +8,7 @@ Every figure is a sum of named parts, checked against measured peaks in benchmar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 from ..analysis import reorder as R
 from ..analysis import static as S
@@ -40,10 +41,8 @@ def static_unit_memory(label_rows: Sequence[int], d_hid: int, stored_bytes: int,
     cuda). GPU: two kinds as held (one analysed, the next read ahead: `units.static._ReadAhead`), one
     tensor arriving as stored, the working set, the CUDA context.
     """
-    import torch
-
     kind = sum(label_rows) * d_hid
-    working = S.working_set_bytes(sum(label_rows), d_hid, covariance, torch.device(device))
+    working = S.working_set_bytes(sum(label_rows), d_hid, covariance, SimpleNamespace(type=device))  # only .type
     results = 3 * len(label_rows) * max(label_rows) * 3 * 8
     host = kind * stored_bytes + results + PROCESS_BYTES
     if device == "cuda":

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Union
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from ...errors import CheckpointError
 from ..quant import TORCH_NAMES, fp8_block_size, stored_parts

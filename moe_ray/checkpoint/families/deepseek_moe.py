@@ -2,7 +2,7 @@
 ("SE"), dense first layer(s), softmax over all experts then top-k with no renormalisation."""
 from __future__ import annotations
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .base import Family, llama_model_shapes, mlp_as_stack, llama_tiny_base
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from ..quant import fp8_block_size, is_fp8_config
 from .base import mlp_shapes, output_shapes

@@ -15,7 +15,7 @@ and full layers, each head with a learned sink logit.
 """
 from __future__ import annotations
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .base import Family, TensorRef, llama_attention_shapes, output_shapes
 

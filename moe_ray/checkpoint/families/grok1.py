@@ -3,7 +3,7 @@ linear_1 (down), exact GELU, softmax over all 8 logits then top-2 without renorm
 four `.scale` RMSNorms per layer, attention q/k/v/o under `attn`, tied lm_head."""
 from __future__ import annotations
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .base import Family, llama_attention_shapes
 

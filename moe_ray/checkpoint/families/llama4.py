@@ -17,7 +17,7 @@ attention and temperature tuning.
 """
 from __future__ import annotations
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .base import Family, TensorRef, llama_attention_shapes, mlp_as_stack, mlp_shapes
 

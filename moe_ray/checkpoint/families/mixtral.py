@@ -1,7 +1,7 @@
 """Mixtral (8x7B, 8x22B): `block_sparse_moe` with experts w1 (gate), w3 (up), w2 (down)."""
 from __future__ import annotations
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .base import Family, llama_model_shapes, llama_tiny_base
 

@@ -2,7 +2,7 @@
 projection, softmax over all experts then top-k (renormalised only if norm_topk_prob)."""
 from __future__ import annotations
 
-import torch
+from ...lazy import torch  # imported on first use (moe-ray plan needs none)
 
 from .base import Family, llama_model_shapes, llama_tiny_base
 
