@@ -26,7 +26,7 @@ from .checkpoint.families import FAMILIES, Family, ModelFacts, detect_family
 from .checkpoint.quant import DTYPE_BYTES
 from .distributed.placement import gpus_for
 from .errors import SpecError
-from .units.sizing import overlaps, reorder_unit_memory, static_unit_memory
+from .units.sizing import overlaps, reorder_unit_memory, static_read_ahead, static_unit_memory
 
 BF16 = 2
 FLOAT32 = 4
@@ -280,7 +280,8 @@ def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1,
     out = []
     for device in ("cpu", "cuda"):
         held = BF16 if stored_bytes >= BF16 else FLOAT32
-        host, gpu = static_unit_memory(rows, facts.d_hid, stored_bytes, held, False, device)
+        ahead = device == "cuda" and static_read_ahead(rows, facts.d_hid, stored_bytes, held, False, per_gpu)
+        host, gpu = static_unit_memory(rows, facts.d_hid, stored_bytes, held, False, device, ahead)
         gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
         out.append(TaskSizing("static", device, n_moe, 1, host, gpus, gpu))
         per_task = R.pairs_per_task(facts.d_mid, facts.d_hid, "joint", device, cpus)

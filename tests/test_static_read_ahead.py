@@ -19,8 +19,9 @@ def test_read_ahead_gives_the_same_layer(tiny, tmp_path):
     opened = open_checkpoint(ckpt.path)
     plan = SU.plan_job(spec, opened, None, opened.facts.moe_layers).plan
     layer = opened.facts.moe_layers[0]
-    sequential, outliers = SU._analyse_layer(plan, layer, torch.device("cpu"), read_ahead=False)
-    ahead, outliers_ahead = SU._analyse_layer(plan, layer, torch.device("cpu"), read_ahead=True)
+    sequential, outliers, record = SU._analyse_layer(plan, layer, torch.device("cpu"), read_ahead=False)
+    ahead, outliers_ahead, record_ahead = SU._analyse_layer(plan, layer, torch.device("cpu"), read_ahead=True)
+    assert record.json() == record_ahead.json() and "model" in record.digests  # the same tensors read
     assert sequential.keys() == ahead.keys()
     for name in sequential:
         np.testing.assert_array_equal(sequential[name], ahead[name], err_msg=name)

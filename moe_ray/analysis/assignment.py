@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import lapjv
 import numpy as np
-import torch
+from ..lazy import torch  # torch-free importers (`moe-ray plan`) pay nothing
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 

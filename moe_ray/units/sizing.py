@@ -30,28 +30,40 @@ CUDA_HOST_BYTES = 1 * GIB
 """Host memory the CUDA runtime and its libraries add to a task's process (likewise unmeasured here)."""
 
 
+DEFAULT_GPU_MEMORY_GB = 80.0
+"""The GPU memory a static unit plans its read-ahead for where the spec does not say (`gpu_memory_gb`)."""
+
+
 def static_unit_memory(label_rows: Sequence[int], d_hid: int, stored_bytes: int, held_bytes: int,
-                       covariance: bool, device: str) -> tuple[int, int]:
+                       covariance: bool, device: str, read_ahead: bool = False) -> tuple[int, int]:
     """(host, GPU) bytes of a static unit whose labels' matrices of one kind are `label_rows[l]` x
     `d_hid` (d_mid of each expert, of F and of SE).
 
     Host: the kind's stored bytes (read through memory maps, resident while the kind is analysed), a
     converted copy where the held dtype differs from the stored one (CPU only), the analysis's working
     set where it runs there, the neuron-PCA results and the worker process (plus the CUDA runtime on
-    cuda). GPU: two kinds as held (one analysed, the next read ahead: `units.static._ReadAhead`), one
-    tensor arriving as stored, the working set, the CUDA context.
+    cuda). GPU: one kind as held, two with `read_ahead` (one analysed, the next read ahead:
+    `units.static._ReadAhead`), one tensor arriving as stored, the working set, the CUDA context.
     """
     kind = sum(label_rows) * d_hid
     working = S.working_set_bytes(sum(label_rows), d_hid, covariance, SimpleNamespace(type=device))  # only .type
     results = 3 * len(label_rows) * max(label_rows) * 3 * 8
     host = kind * stored_bytes + results + PROCESS_BYTES
     if device == "cuda":
-        tensors = 2 * kind * held_bytes + max(label_rows) * d_hid * stored_bytes + working  # 2: read-ahead
+        kinds = 2 if read_ahead else 1
+        tensors = kinds * kind * held_bytes + max(label_rows) * d_hid * stored_bytes + working
         gpu = ALLOCATOR_FACTOR * tensors + CUDA_CONTEXT_BYTES
         return host + CUDA_HOST_BYTES, gpu
     if held_bytes != stored_bytes:
         host += kind * held_bytes
     return host + working, 0
+
+
+def static_read_ahead(label_rows: Sequence[int], d_hid: int, stored_bytes: int, held_bytes: int,
+                      covariance: bool, gpu_bytes: float) -> bool:
+    """Whether a static unit on a GPU of `gpu_bytes` reads the next matrix kind while one is analysed:
+    only where two kinds fit it (a DeepSeek-V3 layer's do not fit 80 GiB: it reads kind by kind)."""
+    return static_unit_memory(label_rows, d_hid, stored_bytes, held_bytes, covariance, "cuda", True)[1] <= gpu_bytes
 
 
 def overlaps(device: str, cpus: float) -> bool:

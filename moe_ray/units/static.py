@@ -26,7 +26,7 @@ from ..spec import Spec, StaticOptions
 from ..distributed.fanout import Unit
 from ..store import DONE, STATIC_SCHEMA, STATIC_SUMMARY, WEIGHTS, ResultStore, unit_done
 from .job import DeviceRequest, TaskJob, WeightsRecord, held_dtype, release, where
-from .sizing import static_unit_memory
+from .sizing import DEFAULT_GPU_MEMORY_GB, static_read_ahead, static_unit_memory
 
 GROUP = "static"
 UNIT_DIMS = ("layer",)
@@ -56,6 +56,9 @@ class StaticPlan:
     """Bytes per element as a unit holds them (`units.job.held_dtype`)."""
     label_rows: tuple[int, ...] = ()
     """Neurons (d_mid) of each label's matrices, in label order."""
+    read_ahead: bool = False
+    """On a GPU, read the next matrix kind while one is analysed (where two kinds fit the GPU:
+    `units.sizing.static_read_ahead`); the declared GPU memory holds two kinds then."""
 
     def label_keys(self, ckpt: Checkpoint, ref: Checkpoint | None, layer: int, matrix: str):
         """(label, checkpoint, key) for every label of this layer and matrix kind."""
@@ -124,11 +127,15 @@ def plan_static(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: tu
     first = ckpt.info(family.expert_keys(layers[0], 0)["up"])
     rows = [facts.d_mid] * facts.num_experts + ([ref_d_mid] if ref is not None else [])
     rows += [facts.shared_d_mid] if "SE" in labels else []
+    stored_bytes = max(1, first.nbytes // (facts.d_mid * facts.d_hid))
+    held_bytes = held_dtype(first.dtype).itemsize
+    gpu_bytes = (spec.resources.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB) * 2**30
+    read_ahead = static_read_ahead(rows, facts.d_hid, stored_bytes, held_bytes, method == "covariance", gpu_bytes)
     return StaticPlan(ckpt.location, ref.location if ref else None, spec.store, family.name, facts,
                       tuple(layers), tuple(labels), neuron_dim, method, spec.static,
                       {k: v for k, v in absent.items() if v}, spec.allow_pickle,
-                      stored_bytes=max(1, first.nbytes // (facts.d_mid * facts.d_hid)),
-                      held_bytes=held_dtype(first.dtype).itemsize, label_rows=tuple(rows))
+                      stored_bytes=stored_bytes, held_bytes=held_bytes, label_rows=tuple(rows),
+                      read_ahead=read_ahead)
 
 
 def group_params(plan: StaticPlan) -> dict:
@@ -160,7 +167,7 @@ def prepare(store: ResultStore, plan: StaticPlan, overwrite: bool = False) -> li
 def plan_memory(plan: StaticPlan, device: str) -> tuple[int, int]:
     """(host, GPU) bytes of a unit of this plan on `device` (`units.sizing.static_unit_memory`)."""
     return static_unit_memory(plan.label_rows, plan.facts.d_hid, plan.stored_bytes, plan.held_bytes,
-                              plan.neuron_pca_method == "covariance", device)
+                              plan.neuron_pca_method == "covariance", device, plan.read_ahead)
 
 
 # ---- the unit ----------------------------------------------------------------------------------
@@ -271,7 +278,9 @@ def _analyse_layer(plan: StaticPlan, layer: int, device: torch.device, read_ahea
     for matrix in MATRICES:  # the later kinds arrive from disk while the first is computed on
         for _, source, key in plan.label_keys(ckpt, ref, layer, matrix):
             source.prefetch([key])
-    ahead = _ReadAhead(plan, ckpt, ref, layer, device, device.type == "cuda" if read_ahead is None else read_ahead)
+    if read_ahead is None:
+        read_ahead = device.type == "cuda" and plan.read_ahead
+    ahead = _ReadAhead(plan, ckpt, ref, layer, device, read_ahead)
     for mi, matrix in enumerate(MATRICES):
         mats = ahead.take(mi)
         for label, source, key in plan.label_keys(ckpt, ref, layer, matrix):
