@@ -393,6 +393,11 @@ class ResultStore:
         store.start_run(spec)
         return store
 
+    def deleted(self) -> bool:
+        """Whether the store's root metadata is gone: the store was deleted (`rm -rf`) while a run
+        wrote into it, and the writes since then have left only loose chunks at its path."""
+        return not _is_moe_ray_store(self.url)
+
     def start_run(self, spec: dict) -> None:
         """Log a run in the root's `runs` and mark the store as running."""
         runs = list(self.root.attrs.get("runs", []))

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,7 +61,7 @@ class _FakeJobServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -120,8 +124,7 @@ def silent_server():
     listener.close()
 
 
-@pytest.mark.parametrize("argv", [["list"], ["status", "raysubmit_x"], ["stop", "raysubmit_x"],
-                                  ["logs", "raysubmit_x"]])
+@pytest.mark.parametrize("argv", [["list"], ["status", "raysubmit_x"]])
 def test_a_job_server_that_never_answers_fails_in_seconds(argv, silent_server, capsys, monkeypatch):
     from moe_ray import service
 
@@ -131,3 +134,89 @@ def test_a_job_server_that_never_answers_fails_in_seconds(argv, silent_server, c
     code, out, err = _cli([*argv, "--address", silent_server], capsys)
     _assert_one_line(code, err, [silent_server, "did not answer within 1 s"])
     assert time.monotonic() - started < 10
+
+
+# ---- signals (item 7) ------------------------------------------------------------------------------
+
+def _group_members(pgid: int) -> list[str]:
+    """The command lines of the processes still in process group `pgid` (Linux /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    members.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:120])
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_to_the_process_group_ends_the_run_within_5_s(signum, status, big_mixtral, tmp_path):
+    """`kill -TERM -PGID` (a process manager, a batch scheduler) or a hangup (the terminal closed) ends
+    the driver, its local Ray and the Ray workers within 5 s, with one line and the interruption
+    recorded in the store; before, the driver could sit a minute in a call to the dead GCS."""
+    import zarr
+
+    store = tmp_path / "run.zarr"
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
+    proc = subprocess.Popen([sys.executable, "-m", "moe_ray.cli", "run", "--model", str(big_mixtral.path), "--store",
+                             str(store), "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "units to run" in line:
+                break
+        os.killpg(proc.pid, signum)
+        sent = time.monotonic()
+        lines += proc.stdout.read().splitlines()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - sent
+        while (left := _group_members(proc.pid)) and time.monotonic() - sent < 5:
+            time.sleep(0.1)
+        # Ray's runtime-env agent shuts down gracefully, in about 4-5 s: not a worker, but gone too
+        left = [p for p in left if "Agent" not in p]
+        while (stragglers := _group_members(proc.pid)) and time.monotonic() - sent < 20:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None or _group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    text = "\n".join(lines)
+    assert code == status, text[-3000:]
+    assert took < 5, (took, text[-3000:])
+    assert left == [] and stragglers == [], (left, stragglers)
+    name = signal.Signals(signum).name
+    shown = [line.rsplit("\r", 1)[-1] for line in lines]
+    assert [line for line in shown if line.startswith("moe-ray: interrupted")] == [
+        [line for line in shown if line.strip()][-1]], text[-3000:]
+    assert f"moe-ray: interrupted by {name}." in text and "Traceback" not in text, text[-3000:]
+    attrs = zarr.open_group(str(store), mode="r").attrs
+    assert attrs["state"] == "failed" and attrs["error"] == f"interrupted by {name}; rerun the same spec to resume"
+
+
+def test_a_store_deleted_mid_run_is_one_line(ray_session, tiny, tmp_path, capsys, monkeypatch):
+    """`rm -rf` of the store once it is prepared, as the units start: the run ends with one line saying
+    so and marks nothing (a store deleted under a run came back as loose chunks under a fresh root
+    marked `failed`, or, where writes re-created the paths, `complete`)."""
+    from moe_ray.units.job import TaskJob
+
+    store = tmp_path / "gone.zarr"
+    execute = TaskJob.execute
+
+    def delete_then_execute(self, pending, spec):
+        shutil.rmtree(store)
+        return execute(self, pending, spec)
+
+    monkeypatch.setattr(TaskJob, "execute", delete_then_execute)
+    code, out, err = _cli(["run", "--model", str(tiny("mixtral", "upcycled").path), "--store", str(store),
+                           "--no-progress"], capsys)
+    _assert_one_line(code, err, [f"store {store} was deleted while this run wrote into it"])
+    assert "Traceback" not in out + err
+    assert not (store / "zarr.json").exists()

@@ -142,6 +142,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
             ray.init(address=address, **kwargs)
             where = f"Ray cluster at {target}"
         else:
+            # Ray >= 2.5x gives every worker a process group of its own, so `kill -TERM -PGID` of a
+            # run (a process manager, a batch scheduler) would end the driver, GCS and raylet and
+            # leave the workers computing for a minute more; in the run's group they end with it.
+            os.environ.setdefault("RAY_process_group_cleanup_enabled", "false")
             ray.init(num_cpus=num_cpus, include_dashboard=False,
                      object_store_memory=int(object_store_memory_gb * 2**30), **kwargs)
             _started_here = True
