@@ -220,3 +220,75 @@ def test_a_store_deleted_mid_run_is_one_line(ray_session, tiny, tmp_path, capsys
     _assert_one_line(code, err, [f"store {store} was deleted while this run wrote into it"])
     assert "Traceback" not in out + err
     assert not (store / "zarr.json").exists()
+
+
+# ---- output directories own only what moe-ray wrote (item 6) ----------------------------------------
+
+def _interrupted(out, kind, files: dict[str, str]):
+    """A command that claimed `out`, wrote `files` and died before finishing."""
+    from moe_ray.outdir import claim_output_dir
+
+    output = claim_output_dir(out, kind)
+    for rel, text in files.items():
+        (output.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (output.path / rel).write_text(text)
+    return output
+
+
+def test_files_added_after_an_interrupted_make_tiny_are_never_deleted(tmp_path, capsys):
+    from moe_ray.outdir import MARKER, STAGING, TINY_OUTPUT
+
+    out = tmp_path / "ckpt"
+    _interrupted(out, TINY_OUTPUT, {"model-00001-of-00002.safetensors": "half"})
+    (out / "notes.txt").write_text("mine")
+    argv = ["make-tiny", "--family", "mixtral", "--variant", "scratch", "--out", str(out), "--overwrite"]
+    code, _, err = _cli(argv, capsys)
+    _assert_one_line(code, err, [f"{out / 'notes.txt'} was not written by moe-ray"])
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    code, out_text, err = _cli(argv, capsys)  # the dead run's staging folder is its own: replaced
+    assert code == 0, err
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["finished"] and not (out / STAGING).exists()
+    assert sorted(marker["files"]) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                                             if p.is_file() and p.name != MARKER)
+
+
+def test_files_added_after_an_interrupted_plot_are_kept(tmp_path):
+    from moe_ray.outdir import MARKER, PLOT_OUTPUT, STAGING, claim_output_dir
+
+    out = tmp_path / "report"
+    first = _interrupted(out, PLOT_OUTPUT, {"index.html": "<title>moe-ray report", "figures/a.png": "a"})
+    first.finish()
+    _interrupted(out, PLOT_OUTPUT, {"figures/b.png": "b"})  # the next plot dies half-way
+    assert not (out / "figures" / "a.png").exists()  # the finished run's output: replaced
+    (out / "notes.txt").write_text("mine")
+    (out / "figures").mkdir(exist_ok=True)
+    output = claim_output_dir(out, PLOT_OUTPUT)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert list(output.path.iterdir()) == []  # what the dead run staged is gone
+    (output.path / "index.html").write_text("<title>moe-ray report")
+    output.finish()
+    assert json.loads((out / MARKER).read_text())["files"] == ["index.html"]
+    assert (out / "notes.txt").read_text() == "mine" and not (out / STAGING).exists()
+
+
+def test_a_link_inside_an_output_directory_is_never_written_through(tmp_path):
+    from moe_ray.outdir import PLOT_OUTPUT, OutputError, claim_output_dir
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "a.png").write_text("the user's")
+    out = tmp_path / "report"
+    first = _interrupted(out, PLOT_OUTPUT, {"index.html": "<title>moe-ray report", "figures/a.png": "a"})
+    first.finish()
+    shutil.rmtree(out / "figures")
+    (out / "figures").symlink_to(users)
+    with pytest.raises(OutputError, match="figures was not written by moe-ray"):
+        claim_output_dir(out, PLOT_OUTPUT)
+    (out / "figures").unlink()
+    output = _interrupted(out, PLOT_OUTPUT, {"figures/a.png": "new"})
+    (out / "figures").symlink_to(users)  # a link appears while the plot runs
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        output.finish()
+    assert (users / "a.png").read_text() == "the user's" and os.listdir(users) == ["a.png"]

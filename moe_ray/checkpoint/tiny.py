@@ -215,7 +215,7 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
             "reference": REFERENCE_DIR if reference else None, "permuted": planted}
     (out / PLANTED_NAME).write_text(json.dumps(info))
     output.finish()
-    return TinyCheckpoint(out, reference, info)
+    return TinyCheckpoint(output.final, output.final_path(reference) if reference else None, info)
 
 
 def _write_parent(adapter: type[Family], config: dict, out: Path, parent_layers: dict,
