@@ -58,6 +58,8 @@ def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
     if not facts.moe_layers:
         raise CheckpointError(f"{ckpt.location} is a dense {facts.family} model with no MoE layers; "
                               "give an MoE checkpoint as --model (a dense model can be --reference)")
+    if spec.mtp and not facts.mtp_layers:
+        raise SpecError(f"--mtp is given but {ckpt.location} has no multi-token-prediction layers; drop --mtp")
     available = facts.moe_layers + (facts.mtp_layers if spec.mtp else ())
     if spec.layers is None:
         return available

@@ -14,7 +14,7 @@ import traceback
 import typing
 from collections.abc import Callable, Sequence
 
-from .errors import MoeRayError
+from .errors import MoeRayError, SpecError
 from .interrupt import emit, exit_status, handling_signals, progress_line
 from .spec import Spec, set_path, spec_fields
 
@@ -73,6 +73,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .api import run
 
+    if args.spec_opt and args.spec_file:
+        raise SpecError(f"two specs given, {args.spec_file} and --spec {args.spec_opt}; give one")
     args.spec = args.spec_opt or args.spec_file
     run(spec_from_args(args))
     return 0

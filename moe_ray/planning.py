@@ -165,8 +165,10 @@ def _size(n: float) -> str:
 def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
                nodes: int | None = None) -> ModelPlan:
     """Size a model from its config alone (no weights read)."""
-    if gpus_per_node < 1 or gpu_mem_gib <= 0:
+    if gpus_per_node < 1 or not 0 < gpu_mem_gib < float("inf"):
         raise SpecError("--gpus-per-node must be at least 1 and --gpu-mem positive")
+    if nodes is not None and nodes < 1:
+        raise SpecError(f"--nodes must be at least 1, not {nodes}")
     family, config, name = load_config(model)
     facts = model_facts(family, config, name)
     try:

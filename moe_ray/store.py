@@ -353,7 +353,14 @@ class ResultStore:
     def check_identity(self, identity: dict, unit_keys: dict[str, dict[str, list[str]]] | None = None,
                        overwrite: bool = False) -> bool:
         """True if this store was made from the same weights as `identity`; False if not and
-        `overwrite` (the caller replaces it); else a StoreError naming what differs."""
+        `overwrite` (the caller replaces it); else a StoreError naming what differs. A store of
+        another schema version is refused the same way (its layout is not this moe-ray's)."""
+        schema = (self.root.attrs.get("moe_ray") or {}).get("schema_version")
+        if schema != SCHEMA_VERSION:
+            if overwrite:
+                return False
+            raise StoreError(f"{self.url} is a moe-ray store of schema version {schema!r}; this moe-ray reads and "
+                             f"writes version {SCHEMA_VERSION}: pass --overwrite to replace it, or choose another --store")
         why = _identity_difference(dict(self.root.attrs.get("identity") or {}), _jsonable(identity), unit_keys or {})
         if why is None:
             return True

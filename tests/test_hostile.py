@@ -292,3 +292,161 @@ def test_a_link_inside_an_output_directory_is_never_written_through(tmp_path):
     with pytest.raises(OutputError, match="is a symbolic link"):
         output.finish()
     assert (users / "a.png").read_text() == "the user's" and os.listdir(users) == ["a.png"]
+
+
+# ---- every path and value checked before use (item 5) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny upcycled Mixtral (float32) with its dense parent."""
+    from moe_ray.checkpoint.tiny import make_tiny
+
+    return make_tiny("mixtral", "upcycled", tmp_path_factory.mktemp("hostile") / "ckpt", dtype="float32")
+
+
+def _shard_of(model, key: str):
+    return model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def _edit_shard(model, key: str, edit) -> None:
+    """Rewrite `key`'s shard as `edit(header, data) -> (header, data)` makes it."""
+    import struct
+
+    shard = _shard_of(model, key)
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = edit(json.loads(raw[8:8 + n]), raw[8 + n:])
+    text = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _fifo_instead(name):
+    def make(model):
+        path = _shard_of(model, EMBED) if name == "shard" else model / name
+        path.unlink()
+        os.mkfifo(path)
+    return make
+
+
+def _directory_instead_of_shard(model):
+    path = _shard_of(model, EMBED)
+    path.unlink()
+    path.mkdir()
+
+
+def _hole(model):
+    def edit(header, data):
+        for key, entry in header.items():
+            if key != "__metadata__":
+                entry["data_offsets"] = [o + 8 for o in entry["data_offsets"]]
+        return header, b"\0" * 8 + data
+    _edit_shard(model, EMBED, edit)
+
+
+def _metadata_not_strings(model):
+    _edit_shard(model, EMBED, lambda h, d: ({**h, "__metadata__": {"format": 1}}, d))
+
+
+def _unknown_dtype_unread(model):  # the embeddings: a static run does not read them
+    _edit_shard(model, EMBED, lambda h, d: ({**h, EMBED: {**h[EMBED], "dtype": "Q7"}}, d))
+
+
+def _schema_99(model):
+    import zarr
+
+    zarr.open_group(str(model.parent / "out.zarr"), mode="w").attrs.update({"moe_ray": {"schema_version": 99}})
+
+
+def _toml(text):
+    def write(model):
+        (model.parent / "job.toml").write_text(f'model = "{model}"\nstore = "{model.parent / "out.zarr"}"\n' + text)
+    return write
+
+
+EMBED = "model.embed_tokens.weight"
+RUN = ["run", "--model", "{model}", "--store", "{store}", "--no-progress"]
+SPEC = ["run", "{dir}/job.toml", "--no-progress"]
+TINY = ["make-tiny", "--family", "mixtral", "--variant", "upcycled", "--out", "{dir}/tiny"]
+
+REFUSED = {
+    "config.json a FIFO": (_fifo_instead("config.json"), RUN, ["config.json in", "is a named pipe (FIFO)"]),
+    "index a FIFO": (_fifo_instead("model.safetensors.index.json"), RUN, ["index.json in", "named pipe (FIFO)"]),
+    "shard a FIFO": (_fifo_instead("shard"), RUN, ["safetensors file model-", "is a named pipe (FIFO)"]),
+    "shard a directory": (_directory_instead_of_shard, RUN, ["safetensors file model-", "is a directory"]),
+    "a hole in the data": (_hole, RUN, ["8 bytes lie between the header and tensor", "a hole in the data"]),
+    "metadata not strings": (_metadata_not_strings, RUN, ["its __metadata__ is not an object of strings"]),
+    "unknown dtype, tensor not read": (_unknown_dtype_unread, RUN, [f"tensor {EMBED} has dtype 'Q7'"]),
+    "seed 1e29": (_toml("[static]\nseed = 1e29\n"), SPEC, ["seed must be between 0 and 4294967295"]),
+    "bootstrap seed -1": (_toml('analyses = ["causal"]\n[causal]\nbootstrap_seed = -1\n'), SPEC,
+                          ["bootstrap_seed must be between 0 and"]),
+    "schema version 99": (_schema_99, RUN, ["schema version 99", "pass --overwrite"]),
+    "checks without causal": (None, RUN + ["--checks", "ablation"], ["--checks (causal.checks) is given",
+                                                                     "do not include causal"]),
+    "mtp without MTP layers": (None, RUN + ["--mtp"], ["--mtp is given", "no multi-token-prediction layers"]),
+    "reference with reorder only": (None, RUN + ["--analyses", "reorder", "--reference", "{dir}/nowhere"],
+                                    ["--reference is given", "do not read a reference"]),
+    "two specs": (_toml(""), ["run", "{dir}/job.toml", "--spec", "{dir}/job.toml"], ["two specs given"]),
+    "plan --nodes -1": (None, ["plan", "--model", "{model}", "--nodes", "-1"], ["--nodes must be at least 1"]),
+    "make-tiny sigma nan": (None, TINY + ["--sigma", "nan"], ["--sigma must be a finite number"]),
+    "make-tiny sigma -1": (None, TINY + ["--sigma", "-1"], ["--sigma must be a finite number, 0 or more"]),
+    "make-tiny seed 2**40": (None, TINY + ["--seed", str(2**40)], ["--seed must be between 0 and"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_before_anything_is_written(case, base, tmp_path, capsys, monkeypatch):
+    """One line, exit 2, within seconds (a FIFO hung `run` before), and nothing created or changed."""
+    monkeypatch.chdir(tmp_path)
+    setup, argv, words = REFUSED[case]
+    model = tmp_path / "model"
+    shutil.copytree(base.path, model)
+    if setup is not None:
+        setup(model)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if not p.is_fifo()}
+    values = {"model": model, "store": tmp_path / "out.zarr", "dir": tmp_path}
+    code, _, err = _cli([a.format(**values) for a in argv], capsys)
+    _assert_one_line(code, err, words)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if not p.is_fifo()} == before
+
+
+def test_weights_too_large_for_float32_are_refused_when_read(base, tmp_path):
+    """Finite 3e38 weights made NaN similarities in a store marked complete: the read refuses them as
+    it refuses NaN/Inf, naming the tensor (rule: the tensor's squared norm must be finite in float32)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moe_ray.checkpoint import open_checkpoint
+    from moe_ray.errors import CheckpointError
+
+    model = tmp_path / "model"
+    shutil.copytree(base.path, model)
+    key = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    shard = _shard_of(model, key)
+    tensors = load_file(str(shard))
+    ok = tensors[key].clone()
+    ok[0, 0] = 1e15  # large but harmless: its squares sum to 1e30
+    tensors[key] = ok
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert open_checkpoint(model).read(key)[0, 0] == 1e15
+    tensors[key][0, 0] = 3e38
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts.2.w1.weight .* holds values too large to analyse \(largest "
+                                              r"\|value\| 3e\+38\)"):
+        open_checkpoint(model).read(key)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="has 1 NaN/Inf values"):
+        open_checkpoint(model).read(key)
+
+
+def test_num_cpus_that_would_be_ignored_or_oversubscribe_is_refused():
+    from moe_ray.distributed.cluster import check_num_cpus
+    from moe_ray.errors import MoeRayError
+
+    machine = os.cpu_count()
+    check_num_cpus(machine, None)
+    check_num_cpus(None, "10.0.0.1:6379")
+    with pytest.raises(MoeRayError, match=f"num_cpus {machine + 14} is more than this machine's {machine} CPUs"):
+        check_num_cpus(machine + 14, None)
+    with pytest.raises(MoeRayError, match="joining the Ray at 10.0.0.1:6379 it would be ignored"):
+        check_num_cpus(2, "10.0.0.1:6379")
