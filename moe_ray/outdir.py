@@ -99,15 +99,19 @@ class OutputDir:
         Refused, leaving everything staged, if a link or someone else's file has appeared where one
         of them goes."""
         staged = sorted(_files(self.path))
-        for rel in staged:
+        folders = sorted(os.path.relpath(folder, self.path).replace(os.sep, "/")
+                         for folder, _, _ in os.walk(self.path) if folder != str(self.path))
+        for rel in staged + [f"{folder}/" for folder in folders]:
             link = _link_on_the_way(self.final, rel)
             if link is not None:
                 raise OutputError(f"{self.final / link} is a symbolic link; moe-ray never writes through links "
                                   f"in an output directory: remove it and run again (the output is in {self.path})")
-            if os.path.lexists(self.final / rel):
+            if not rel.endswith("/") and os.path.lexists(self.final / rel):
                 raise OutputError(f"{self.final / rel} appeared while moe-ray {self.kind.command} ran and was "
                                   f"not written by moe-ray: move it and run again (the output is in {self.path})")
         _write_marker(self.final, self.kind, staged, self.foreign, finished=False)  # listed before moved
+        for folder in folders:  # (empty ones too: a report without figures still has figures/)
+            (self.final / folder).mkdir(parents=True, exist_ok=True)
         for rel in staged:
             (self.final / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path / rel, self.final / rel)
