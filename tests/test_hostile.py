@@ -147,9 +147,11 @@ def _group_members(pgid: int) -> list[str]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    members.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:120])
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+                if command:  # an empty command line: the process is already being torn down
+                    members.append(command)
         except (OSError, IndexError, ValueError):
             continue
     return members
