@@ -13,7 +13,9 @@ from .distributed.cluster import alive_nodes, connect, started_local_ray
 from .distributed.fanout import first_line
 from .distributed.placement import check_placement, reported_nodes
 from .distributed.ray_messages import shorten_ray_events
-from .errors import CheckpointError, MoeRayError, SpecError
+from .errors import CheckpointError, MoeRayError, SpecError, StoreError
+from .interrupt import on_forced_exit
+from .interrupt import received as received_signal
 from .interrupt import reassert as reassert_signal_handlers
 from .progress import step
 from .spec import Spec, parse_pair
@@ -58,6 +60,8 @@ def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
     if not facts.moe_layers:
         raise CheckpointError(f"{ckpt.location} is a dense {facts.family} model with no MoE layers; "
                               "give an MoE checkpoint as --model (a dense model can be --reference)")
+    if spec.mtp and not facts.mtp_layers:
+        raise SpecError(f"--mtp is given but {ckpt.location} has no multi-token-prediction layers; drop --mtp")
     available = facts.moe_layers + (facts.mtp_layers if spec.mtp else ())
     if spec.layers is None:
         return available
@@ -138,6 +142,7 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
     store = ResultStore.create_or_reuse(
         spec.store, identity, spec.to_dict(), overwrite=spec.overwrite, unit_keys=unit_keys,
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
+    forget_store = on_forced_exit(lambda signame: store.end_run(_interrupted_by(signame)))
     try:
         pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
         for repair in store.repairs:
@@ -154,9 +159,18 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
             job.execute(pending[job.name], spec)
             summaries.append(job.finish(store))
     except BaseException as exc:
+        if store.deleted():
+            forget_store()
+            if isinstance(exc, Exception):
+                raise _deleted_mid_run(store) from None
+            raise
         store.end_run(_run_error(exc), _counts_or_none(store, spec))
         store.consolidate()
         raise
+    finally:
+        forget_store()
+    if store.deleted():
+        raise _deleted_mid_run(store)
     store.end_run(counts=_counts_or_none(store, spec))
     store.consolidate()
     return started, todo, total, summaries
@@ -177,10 +191,23 @@ def _counts_or_none(store: ResultStore, spec: Spec) -> dict[str, tuple[int, int]
         return None
 
 
+def _deleted_mid_run(store: ResultStore) -> StoreError:
+    """The error of a run whose store was deleted under it: nothing is marked (that would re-create a
+    root over loose chunks)."""
+    return StoreError(f"store {store.url} was deleted while this run wrote into it; what is there now is "
+                      "only pieces written since: remove it and run again")
+
+
+def _interrupted_by(signame: str) -> str:
+    return f"interrupted by {signame}; rerun the same spec to resume"
+
+
 def _run_error(exc: BaseException) -> str:
     """How a run ended badly, as the store's one-line `error`."""
     if isinstance(exc, MoeRayError):
         return first_line(exc)
+    if isinstance(exc, KeyboardInterrupt) and received_signal():
+        return _interrupted_by(received_signal())
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return f"interrupted ({type(exc).__name__}); rerun the same spec to resume"
     return f"{type(exc).__name__}: {first_line(exc)}"

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import MoeRayError
+from .errors import MoeRayError, SpecError
 from .interrupt import emit, exit_status, handling_signals, progress_line
 from .spec import Spec, set_path, spec_fields
 
@@ -125,6 +125,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 @command("run", "run analyses on a checkpoint into a Zarr store")(_add_run)
 def _run(args: argparse.Namespace) -> int:
+    if args.spec_opt and args.spec_file:
+        raise SpecError(f"two specs given, {args.spec_file} and --spec {args.spec_opt}; give one")
     args.spec = args.spec_opt or args.spec_file
     spec = spec_from_args(args)
     spec.validate()  # a bad value is refused before torch and Ray are imported

@@ -1,6 +1,7 @@
-"""SIGINT and SIGTERM for moe-ray's commands and job entrypoint: one line, then exit 130 / 143.
+"""SIGINT, SIGTERM and SIGHUP for moe-ray's commands and job entrypoint: one line, then exit 130 / 143 /
+129.
 
-Inside `handling_signals(describe)` both signals raise `Interrupted` (a KeyboardInterrupt, so
+Inside `handling_signals(describe)` the three signals raise `Interrupted` (a KeyboardInterrupt, so
 `except Exception` cleanups do not swallow it) in the main thread; the unwinding cancels tasks and
 kills shard actors, and the caller exits with `exit_status()`. `describe(signal name)` is taken
 when the signal comes (what finished, what did not, the command that resumes) and printed on
@@ -9,20 +10,31 @@ stderr by `emit()` once the work has unwound, or `EMIT_WITHIN_S` after the signa
 `ray.init` installs its own SIGTERM handler (exit at once) and Ray's core worker a native one that
 dumps a stack trace; `reassert()`, called after connecting, puts ours back where one is active. A
 library user calling `moe_ray.run` outside these commands keeps their own handlers.
+
+A Python signal handler runs only when the main thread runs Python. A SIGTERM to the whole process
+group also ends Ray's GCS and raylet, and the main thread can then sit for a minute inside one of
+Ray's calls (exporting a function, cancelling a task) retrying the dead GCS, so the handler never
+runs. A watchdog thread therefore hears every handled signal through Python's wakeup fd; if the
+process is still there `FORCE_EXIT_AFTER_S` after the signal, it records the interruption (the
+callbacks registered with `on_forced_exit`: the run marks its store), prints the line and ends the
+process with the signal's status.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C; `kill` or a process manager; the terminal closing (an ssh session dropped): each ends the
+work the same way and records it in the store."""
 
 
 class Interrupted(KeyboardInterrupt):
-    """The process got SIGINT or SIGTERM. A KeyboardInterrupt, because Ray's blocking calls turn
+    """The process got SIGINT, SIGTERM or SIGHUP. A KeyboardInterrupt, because Ray's blocking calls turn
     whatever a signal handler raises into a plain KeyboardInterrupt (other exceptions into a
     SystemError): catch KeyboardInterrupt and ask `exit_status()`."""
 
@@ -54,9 +66,15 @@ def emit() -> None:
 
 
 def exit_status() -> int:
-    """The shell's status for the signal that interrupted this process: 128 + SIGTERM's 15 = 143, or
-    130 for SIGINT (and for a KeyboardInterrupt that no handled signal explains)."""
+    """The shell's status for the signal that interrupted this process: 128 + SIGTERM's 15 = 143,
+    128 + SIGHUP's 1 = 129, or 130 for SIGINT (and for a KeyboardInterrupt that no handled signal explains)."""
     return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
+def received() -> str | None:
+    """The name of the last signal `handling_signals` caught (SIGTERM, ...), or None: a plain
+    KeyboardInterrupt out of Ray's blocking calls may be one of ours in disguise."""
+    return signal.Signals(_received[-1]).name if _received else None
 
 
 def _handler(signum: int, frame) -> None:
@@ -77,6 +95,85 @@ def _handler(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+FORCE_EXIT_AFTER_S = 3.5
+"""How long after a signal the main thread has to unwind before the watchdog ends the process itself
+(a process group's SIGTERM must end `moe-ray run` within 5 s, its Ray workers included)."""
+
+_forced_exit_callbacks: list[Callable[[str], None]] = []
+
+
+def on_forced_exit(callback: Callable[[str], None]) -> Callable[[], None]:
+    """Until the returned function is called, `callback(signal name)` is called if the watchdog has to
+    end the process (the main thread did not unwind in time): what the unwinding would have recorded,
+    recorded anyway."""
+    _forced_exit_callbacks.append(callback)
+    return lambda: _forced_exit_callbacks.remove(callback) if callback in _forced_exit_callbacks else None
+
+
+def _force_exit(signum: int) -> None:
+    """End the process for `signum` now: the line (taken here if the handler never ran), the
+    interruption recorded, exit status 128 + signum, without waiting on anything else."""
+    name = signal.Signals(signum).name
+    with _lock:
+        handled = bool(_received)
+        if not handled:
+            _received.append(signum)
+    describe = _describe
+    if not handled and describe is not None:
+        try:
+            line = describe(name)
+        except Exception as exc:
+            line = f"moe-ray: interrupted by {name} ({type(exc).__name__} while summarising)"
+        with _lock:
+            _pending_line[:] = [line]
+    for callback in list(_forced_exit_callbacks):
+        try:
+            callback(name)
+        except Exception:
+            pass
+    emit()
+    os._exit(exit_status())
+
+
+class _Watchdog:
+    """A daemon thread woken by every handled signal (through `signal.set_wakeup_fd`, which the C-level
+    handler writes even while the main thread is stuck outside Python): `_force_exit` if the process
+    has not ended `FORCE_EXIT_AFTER_S` after the first one. Disarmed when the work ends without a
+    signal; after a signal it stays armed through the process's exit (Ray's shutdown with a dead GCS)."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._disarmed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="moe-ray signal watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        ours = {int(s) for s in SIGNALS}
+        try:
+            while True:
+                data = os.read(self._read, 64)
+                if not data:
+                    return
+                got = [b for b in data if b in ours]
+                if got:
+                    if not self._disarmed.wait(FORCE_EXIT_AFTER_S):
+                        _force_exit(got[0])
+                    return
+        except OSError:
+            return
+        finally:
+            os.close(self._read)
+
+    def close(self, signalled: bool) -> None:
+        """Give the wakeup fd back; disarm unless a signal came (then the deadline stands)."""
+        signal.set_wakeup_fd(self._previous)
+        if not signalled:
+            self._disarmed.set()
+        os.close(self._write)  # the thread's read ends (after its deadline, if it is counting one)
+
+
 def _install() -> None:
     for signum in SIGNALS:
         signal.signal(signum, _handler)
@@ -84,7 +181,7 @@ def _install() -> None:
 
 @contextmanager
 def handling_signals(describe: Callable[[str], str]) -> Iterator[None]:
-    """SIGINT and SIGTERM print `describe(signal name)` and raise `Interrupted` while this is open
+    """SIGINT, SIGTERM and SIGHUP print `describe(signal name)` and raise `Interrupted` while this is open
     (main thread only; elsewhere nothing changes)."""
     global _describe
     if threading.current_thread() is not threading.main_thread():
@@ -94,12 +191,14 @@ def handling_signals(describe: Callable[[str], str]) -> Iterator[None]:
     _describe = describe
     _received.clear()
     _install()
+    watchdog = _Watchdog()
     try:
         yield
     finally:
         _describe = None
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        watchdog.close(signalled=bool(_received))
 
 
 def reassert() -> None:
@@ -129,4 +228,5 @@ def progress_line(signame: str, store: str, resume: str, analyses: Sequence[str]
             f"resume with: {resume}")
 
 
-__all__ = ["Interrupted", "emit", "exit_status", "handling_signals", "progress_line", "reassert"]
+__all__ = ["FORCE_EXIT_AFTER_S", "Interrupted", "emit", "exit_status", "handling_signals", "on_forced_exit",
+           "progress_line", "reassert", "received"]

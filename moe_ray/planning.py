@@ -221,7 +221,7 @@ def plan_model(model: str, gpus_per_node: int = 8, gpu_mem_gib: float = 80.0,
                nodes: int | None = None, cores_per_node: int = 64) -> ModelPlan:
     """Size a model from its config alone (no weights read); with `nodes`, say per analysis whether
     it fits them (`ModelPlan.fits`: static and reorder fit one node even where dynamic needs several)."""
-    if gpus_per_node < 1 or gpu_mem_gib <= 0:
+    if gpus_per_node < 1 or not 0 < gpu_mem_gib < float("inf"):
         raise SpecError("--gpus-per-node must be at least 1 and --gpu-mem positive")
     if nodes is not None and nodes < 1:
         raise SpecError(f"--nodes must be at least 1, not {nodes}")

@@ -59,13 +59,54 @@ def job_server_address(address: str | None = None) -> str:
     return env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
 
 
+JOB_SERVER_TIMEOUT_S = 15.0
+"""The deadline of every request to a job server (connecting, and each wait for the next bytes of an
+answer): a server that accepts connections and never answers (a tunnel whose far end is down) fails
+in seconds instead of hanging until killed."""
+
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+"""What Ray's job and state clients read in preference to the address they are given."""
+
+
+@contextmanager
+def _address_as_given() -> Iterator[None]:
+    """Hide RAY_API_SERVER_ADDRESS and RAY_ADDRESS while a Ray client is built: Ray's clients prefer
+    them to the address they are handed, so `--address` would silently lose to the variable (and
+    `RAY_ADDRESS=local`, meaningful to `ray.init`, would break every job command). moe-ray reads them
+    itself, once, in `job_server_address`."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _with_deadline(client_class: type) -> type:
+    """`client_class` (a Ray SubmissionClient) whose every HTTP request has `JOB_SERVER_TIMEOUT_S` as
+    its deadline, unless a call sets its own."""
+    class WithDeadline(client_class):
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", JOB_SERVER_TIMEOUT_S)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    WithDeadline.__name__ = WithDeadline.__qualname__ = client_class.__name__
+    return WithDeadline
+
+
 @contextmanager
 def _job_server(address: str, what: str) -> Iterator[None]:
     """Turn the job SDK's errors into one-line `JobError`s."""
+    import requests
     from ray.exceptions import AuthenticationError, RpcError
 
     try:
         yield
+    except requests.exceptions.Timeout:
+        raise JobError(f"the Ray job server at {address} did not answer within {JOB_SERVER_TIMEOUT_S:g} s "
+                       f"when asked to {what} (something accepts connections there but does not answer: a "
+                       "tunnel whose far end is down?)") from None
+    except requests.exceptions.RequestException as exc:
+        raise JobError(f"cannot reach the Ray job server at {address} to {what}: {first_line(exc)}") from None
     except RpcError as exc:
         raise JobError(f"cannot reach the Ray cluster at {address} to {what}: {first_line(exc)}") from None
     except AuthenticationError:
@@ -92,9 +133,9 @@ def _client(address: str | None, headers: dict[str, str] | None = None):
         if why:
             raise JobError(f"cannot reach a Ray cluster at {address}: {why}. Give the job server's address, "
                            f"http://HEAD:8265 (or a running head's GCS address, HOST:6379)")
-    with _job_server(address, "connect"):
+    with _job_server(address, "connect"), _address_as_given():
         try:
-            return JobSubmissionClient(address, headers=headers)
+            return _with_deadline(JobSubmissionClient)(address, headers=headers)
         except ValueError as exc:
             raise JobError(f"{address} is not a Ray job server address: {exc}") from None
 
@@ -278,11 +319,12 @@ def cluster_nodes(address: str | None = None, headers: dict[str, str] | None = N
     from ray.util.state.exception import RayStateApiException
 
     address = job_server_address(address)
-    options = ListApiOptions(detail=True, filters=[("state", "=", "ALIVE")])
+    options = ListApiOptions(detail=True, filters=[("state", "=", "ALIVE")], timeout=int(JOB_SERVER_TIMEOUT_S))
     with _job_server(address, "list its nodes"):
         try:
-            nodes = StateApiClient(address, headers=headers).list(StateResource.NODES, options=options,
-                                                                  raise_on_missing_output=False)
+            with _address_as_given():
+                state = _with_deadline(StateApiClient)(address, headers=headers)
+            nodes = state.list(StateResource.NODES, options=options, raise_on_missing_output=False)
         except RayStateApiException as exc:
             raise JobError(f"the Ray job server at {address} could not list its nodes: {first_line(exc)}") from None
     return [dict(node.resources_total or {}) for node in nodes]

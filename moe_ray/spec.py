@@ -29,6 +29,15 @@ ANALYSES = ("static", "reorder", "dynamic", "causal")
 """Analysis groups a spec may name (each has a runner in `moe_ray.api`)."""
 DEVICES = ("auto", "cuda", "cpu")
 """Where analyses compute: `auto` is cuda when the cluster has GPUs, else the CPU."""
+SEED_LIMIT = 2**32
+"""Seeds are 0 <= seed < 2**32: what NumPy and scikit-learn accept as a random state (a larger one
+failed inside a task, after the store existed)."""
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Refuse a seed outside 0 <= seed < SEED_LIMIT, naming the field or flag."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise SpecError(f"{name} must be between 0 and {SEED_LIMIT - 1}, not {seed}")
 
 
 @dataclass
@@ -47,8 +56,7 @@ class StaticOptions:
             raise SpecError(f"dbscan_eps must be positive, not {self.dbscan_eps}")
         if self.dbscan_min_samples < 1:
             raise SpecError(f"dbscan_min_samples must be at least 1, not {self.dbscan_min_samples}")
-        if self.seed < 0:
-            raise SpecError(f"seed must be 0 or more, not {self.seed}")
+        check_seed("seed", self.seed)
 
 
 @dataclass
@@ -194,6 +202,7 @@ class CausalOptions:
         bad = [c for c in self.checks if c not in CAUSAL_CHECKS]
         if bad:
             raise SpecError(f"unknown causal check {bad[0]!r}; choose {', '.join(CAUSAL_CHECKS)}")
+        check_seed("bootstrap_seed", self.bootstrap_seed)
         if self.bootstrap_resamples < 1:
             raise SpecError(f"bootstrap_resamples must be at least 1, not {self.bootstrap_resamples}")
         if not 0 < self.confidence < 1:
@@ -335,9 +344,26 @@ class Spec:
         if self.reorder.pairs and "reorder" not in self.analyses:
             raise SpecError("--pairs is given but the analyses do not include reorder; add reorder to "
                             "--analyses or drop --pairs")
+        self._refuse_ignored()
         self.dynamic.validate(runs="dynamic" in self.analyses, causal="causal" in self.analyses)
         if "causal" in self.analyses:
             self.causal.validate()
+
+    def _refuse_ignored(self) -> None:
+        """Flags the analyses would silently ignore: causal options without causal, a reference that
+        none of the analyses reads (reorder compares the model's experts only)."""
+        if "causal" not in self.analyses:
+            default = CausalOptions()
+            changed = next((f.name for f in dataclasses.fields(CausalOptions)
+                            if getattr(self.causal, f.name) != getattr(default, f.name)), None)
+            if changed is not None:
+                flag = "--" + changed.replace("_", "-")
+                raise SpecError(f"{flag} (causal.{changed}) is given but the analyses do not include causal; "
+                                f"add causal to --analyses or drop {flag}")
+        if self.reference is not None and not {"static", "dynamic", "causal"} & set(self.analyses):
+            raise SpecError(f"--reference is given but the analyses ({','.join(self.analyses)}) do not read a "
+                            "reference (static, dynamic and causal do; reorder compares the model's own experts): "
+                            "drop --reference or add an analysis that uses it")
 
 
 def _hints(cls: type) -> dict[str, Any]:

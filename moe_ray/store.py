@@ -432,7 +432,14 @@ class ResultStore:
     def check_identity(self, identity: dict, unit_keys: dict[str, dict[str, list[str]]] | None = None,
                        overwrite: bool = False) -> bool:
         """True if this store was made from the same weights as `identity`; False if not and
-        `overwrite` (the caller replaces it); else a StoreError naming what differs."""
+        `overwrite` (the caller replaces it); else a StoreError naming what differs. A store of
+        another schema version is refused the same way (its layout is not this moe-ray's)."""
+        schema = (self.root.attrs.get("moe_ray") or {}).get("schema_version")
+        if schema != SCHEMA_VERSION:
+            if overwrite:
+                return False
+            raise StoreError(f"{self.url} is a moe-ray store of schema version {schema!r}; this moe-ray reads and "
+                             f"writes version {SCHEMA_VERSION}: pass --overwrite to replace it, or choose another --store")
         why = _identity_difference(dict(self.root.attrs.get("identity") or {}), _jsonable(identity), unit_keys or {})
         if why is None:
             return True
@@ -476,6 +483,11 @@ class ResultStore:
         store = cls(url)
         store.start_run(spec)
         return store
+
+    def deleted(self) -> bool:
+        """Whether the store's root metadata is gone: the store was deleted (`rm -rf`) while a run
+        wrote into it, and the writes since then have left only loose chunks at its path."""
+        return not _is_moe_ray_store(self.url)
 
     def start_run(self, spec: dict) -> None:
         """Log a run in the root's `runs` and mark the store as running; a run of a submitted job

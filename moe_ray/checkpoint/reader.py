@@ -60,6 +60,30 @@ def analysable(key: str, tensors: Mapping[str, "TensorInfo"], quantization_confi
     return stored.refusal if stored is not None and stored.format == "refused" else None
 
 
+SAFETENSORS_DTYPES = (*DTYPE_BYTES, "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64")
+"""Every dtype name safetensors (0.8) parses; any other fails the whole file when a task opens it."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_values(tensor: torch.Tensor, what: str) -> None:
+    """Refuse weights the analyses cannot compute on: NaN/Inf values, or finite values so large that
+    the tensor's squared L2 norm overflows float32 (3e38 weights made NaN similarities in a store
+    marked complete). The rule: sum(x^2) over the whole tensor, in float32, must be finite; then every
+    norm, dot product and cosine the analyses take over it (or any part of it) is finite too. One dot
+    product (a BLAS pass, no copy) decides both; only a refusal counts the values."""
+    flat = tensor.reshape(-1)
+    squares = torch.dot(flat, flat) if flat.dtype in (torch.float32, torch.float64) else \
+        torch.dot(flat.float(), flat.float())
+    if bool(torch.isfinite(squares)) and float(squares) <= FLOAT32_MAX:
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"{what} has {bad} NaN/Inf values")
+    raise CheckpointError(f"{what} holds values too large to analyse (largest |value| "
+                          f"{float(tensor.abs().max()):.3g}): its squared norm overflows float32, so its "
+                          "similarities would be NaN")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: its shard, dtype, shape and byte range inside the shard's data."""
@@ -79,10 +103,37 @@ def _is_local(location: str) -> bool:
     return "://" not in location or location.startswith("file://")
 
 
+def require_regular_file(fs: fsspec.AbstractFileSystem, path: str, what: str) -> None:
+    """Refuse, before it is opened, a checkpoint part that is not a regular file (or an object-store
+    object): a named pipe blocks `open` until something writes to it (a `run` hung, SIGTERM did not
+    end it), a device reads forever, a directory is not a file."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        import stat
+
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {what}: {exc.strerror or exc}") from None
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else None if stat.S_ISREG(mode) else "not a regular file")
+    else:
+        try:
+            kind = None if fs.info(path).get("type") == "file" else "not a file"
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {what}: {exc}") from None
+    if kind is not None:
+        raise CheckpointError(f"{what} is {kind}, not a regular file; moe-ray reads checkpoint files only")
+
+
 def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[str, TensorInfo]:
     """Parse one safetensors header and check it against the file: every entry's dtype, shape and
-    byte range agree, every range lies inside the file, no two overlap, and the file is exactly as
-    long as the header says."""
+    byte range agree, every range lies inside the file, no two overlap, no bytes lie between them,
+    the file is exactly as long as the header says, and `__metadata__` maps strings to strings: all
+    that safetensors itself checks when a task opens the file, found here, before anything runs."""
+    require_regular_file(fs, path, f"safetensors file {name}")
     try:
         size = fs.size(path)
         with fs.open(path, "rb") as f:
@@ -105,6 +156,10 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
     infos: dict[str, TensorInfo] = {}
     for key, meta in header.items():
         if key == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in meta.items()):
+                raise CheckpointError(f"corrupted safetensors file {name}: its __metadata__ is not an object of "
+                                      "strings (safetensors refuses such a file)")
             continue
         infos[key] = _header_entry(path, name, key, meta, base, size)
     data_end, last = base, None
@@ -112,6 +167,10 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
         if info.start < data_end and info.nbytes:
             raise CheckpointError(f"corrupted safetensors file {name}: tensors {last} and {key} overlap "
                                   "(their data_offsets share bytes)")
+        if info.start > data_end:
+            raise CheckpointError(f"corrupted safetensors file {name}: {info.start - data_end} bytes lie "
+                                  f"between {'tensor ' + last if last else 'the header'} and tensor {key} "
+                                  "(a hole in the data, which safetensors refuses)")
         if info.end > data_end:
             data_end, last = info.end, key
     if data_end != size:
@@ -135,6 +194,8 @@ def _header_entry(path: str, name: str, key: str, meta: object, base: int, size:
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
     if not isinstance(dtype, str):
         raise bad(f"has dtype {dtype!r}")
+    if dtype not in SAFETENSORS_DTYPES:  # safetensors refuses the whole file: tensors moe-ray does not read too
+        raise bad(f"has dtype {dtype!r}, which safetensors does not know (it knows {', '.join(SAFETENSORS_DTYPES)})")
     if not isinstance(shape, list) or not all(is_size(d) for d in shape):
         raise bad(f"has shape {shape!r}, not a list of sizes")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_size(o) for o in offsets) \
@@ -178,6 +239,7 @@ class Checkpoint:
         path = self._path("config.json")
         if not self.fs.exists(path):
             raise CheckpointError(f"no config.json in {self.location}")
+        require_regular_file(self.fs, path, f"config.json in {self.location}")
         try:
             with self.fs.open(path, "rb") as f:
                 return json.loads(f.read())
@@ -224,6 +286,7 @@ class Checkpoint:
     def _weight_map(self) -> dict[str, str]:
         """The index's weight_map (tensor -> shard file name), checked: an object of names, shard
         names plain file names in this directory."""
+        require_regular_file(self.fs, self._path(INDEX_NAME), f"{INDEX_NAME} in {self.location}")
         try:
             with self.fs.open(self._path(INDEX_NAME), "rb") as f:
                 index = json.loads(f.read())
@@ -466,12 +529,8 @@ class Checkpoint:
         if ref.transpose:
             tensor = tensor.transpose(-1, -2)
         tensor = tensor.contiguous()
-        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
-            # a NaN/Inf anywhere makes the sum non-finite (12x cheaper than isfinite().all(), which
-            # cost as much as the read); only then count, since a huge finite sum can overflow too
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise CheckpointError(f"tensor {ref} in {self.location} has {bad} NaN/Inf values")
+        if check_finite and tensor.is_floating_point():
+            check_values(tensor, f"tensor {ref} in {self.location}")
         return tensor
 
     def _dequantized(self, stored: Stored, index: tuple, blocked: int, device, dequantize) -> torch.Tensor:

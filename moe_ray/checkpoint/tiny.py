@@ -21,6 +21,7 @@ AutoTokenizer, BOS prepended like Mistral's). What was planted is written to `OU
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 
 from ..errors import MoeRayError
 from ..outdir import TINY_OUTPUT, claim_output_dir
+from ..spec import SEED_LIMIT
 from .families import Family, get_family
 from .families.dense import Dense
 from .quant import encode, fp8_block_size
@@ -156,6 +158,10 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
         raise MoeRayError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if dtype not in DTYPES:
         raise MoeRayError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not (math.isfinite(sigma) and sigma >= 0):  # NaN noise made a checkpoint of NaN experts
+        raise MoeRayError(f"--sigma must be a finite number, 0 or more, not {sigma}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise MoeRayError(f"--seed must be between 0 and {SEED_LIMIT - 1}, not {seed}")
     config = adapter.tiny_config()
     for key, value in (config_overrides or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -215,7 +221,7 @@ def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: 
             "reference": REFERENCE_DIR if reference else None, "permuted": planted}
     (out / PLANTED_NAME).write_text(json.dumps(info))
     output.finish()
-    return TinyCheckpoint(out, reference, info)
+    return TinyCheckpoint(output.final, output.final_path(reference) if reference else None, info)
 
 
 def _write_parent(adapter: type[Family], config: dict, out: Path, parent_layers: dict,

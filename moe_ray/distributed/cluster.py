@@ -99,6 +99,23 @@ def probe_gcs(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
+def check_num_cpus(num_cpus: int | None, joining: str | None) -> None:
+    """Refuse a `num_cpus` that would be ignored (joining the Ray at `joining`, which has the CPUs its
+    nodes have) or that oversubscribes this machine (a local Ray with more CPUs than the machine runs
+    that many tasks at once, each holding its memory)."""
+    if num_cpus is None:
+        return
+    if joining and joining != "local":
+        raise MoeRayError(f"num_cpus ({num_cpus}) sets the CPUs of a local Ray that moe-ray starts; joining the "
+                          f"Ray at {joining} it would be ignored: drop --num-cpus (the cluster's nodes say what "
+                          "they have)")
+    machine = os.cpu_count() or 1
+    if not joining and num_cpus > machine:
+        raise MoeRayError(f"num_cpus {num_cpus} is more than this machine's {machine} CPUs: a local Ray with "
+                          f"more would run {num_cpus} tasks at once on {machine} cores (and hold their memory); "
+                          f"give at most {machine}, or leave it out for all")
+
+
 def _unreachable(address: str, why: str, found: bool) -> MoeRayError:
     if found:
         return MoeRayError(
@@ -129,6 +146,7 @@ def connect(address: str | None = None, num_cpus: int | None = None,
                           "run a task")
     found = None if address else _local_cluster_address()
     target = address or found
+    check_num_cpus(num_cpus, target)
     if target and target not in ("auto", "local"):
         host_port = target.removeprefix("ray://")
         why = probe_gcs(host_port) if not target.startswith("ray://") else _probe_tcp(host_port)
@@ -145,6 +163,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
             ray.init(address=address, **kwargs)
             where = f"Ray cluster at {target}"
         else:
+            # Ray >= 2.5x gives every worker a process group of its own, so `kill -TERM -PGID` of a
+            # run (a process manager, a batch scheduler) would end the driver, GCS and raylet and
+            # leave the workers computing for a minute more; in the run's group they end with it.
+            os.environ.setdefault("RAY_process_group_cleanup_enabled", "false")
             ray.init(num_cpus=num_cpus, include_dashboard=False,
                      object_store_memory=int(object_store_memory_gb * 2**30), **kwargs)
             _started_here = True

@@ -414,7 +414,12 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", sh
                     + "".join(items) + "</section>")
     report.seconds = time.monotonic() - started
     report.index.write_text(_page(views, inputs_html, body, report, shared_scale))
-    output.finish()
+    output.finish()  # (written into a staging folder, moved into place here)
+    report.index = output.final_path(report.index)
+    for figure in report.figures:
+        figure.path = output.final_path(figure.path)
+    for table in report.tables:
+        table.csv = output.final_path(table.csv) if table.csv else table.csv
     return report
 
 

@@ -322,9 +322,9 @@ class ShardWorker:
             self.runner = LayerRange(open_checkpoint(plan.model), start, end, ref, plan.layers, device,
                                      plan.dtype_for(device))
             self.reference = ref
+            self.store = ResultStore(plan.store)  # (a store deleted mid-run: one line, not a restart loop)
         except Exception as exc:  # re-raised by run(), with its type, as the job's error
             self.load_error = exc
-        self.store = ResultStore(plan.store)
 
     def __repr__(self) -> str:  # names the shard in Ray's log prefixes and state API (repr_name)
         return self.label
