@@ -14,6 +14,7 @@ from .distributed.fanout import first_line
 from .distributed.placement import check_placement
 from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, MoeRayError, SpecError
+from .fs import check_location, probe_write, use_storage_options
 from .interrupt import reassert as reassert_signal_handlers
 from .spec import Spec, parse_pair
 from .store import ResultStore, open_results, progress, progress_text
@@ -47,7 +48,7 @@ def as_spec(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> S
         data = spec.to_dict()
         data.update(overrides)
         spec = Spec.from_dict(data)
-    return spec
+    return spec.with_absolute_paths()
 
 
 def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
@@ -76,6 +77,11 @@ def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
     checkpoints' config.json and headers, and every tensor the analyses will read (present, an
     analysable dtype, the shape config.json implies)."""
     spec.validate()
+    with use_storage_options(spec.storage_options):
+        return _plan(spec)
+
+
+def _plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
     ckpt = open_checkpoint(spec.model, spec.allow_pickle)
     ref = open_checkpoint(spec.reference, spec.allow_pickle) if spec.reference else None
     layers = select_layers(ckpt, spec)
@@ -102,6 +108,15 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     that fails marks the store `failed` with its one-line error (`state`, `error` at the root).
     """
     spec = as_spec(spec, **overrides)
+    spec.validate()
+    for what, location in (("model", spec.model), ("reference", spec.reference), ("store", spec.store)):
+        if location is not None:
+            check_location(location, what)  # memory:// too: the workers are other processes
+    with use_storage_options(spec.storage_options):
+        return _run(spec)
+
+
+def _run(spec: Spec) -> str:
     ckpt, ref, jobs = plan(spec)
     say = print if spec.progress else (lambda *a, **k: None)
     identity, unit_keys = weights_identity(ckpt, ref)
@@ -110,6 +125,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
         say(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
             "nothing to do")
         return spec.store
+    probe_write(spec.store)  # a missing bucket, a refused write, a read-only disk: one line, before any unit
 
     where = connect(spec.address, spec.resources.num_cpus, spec.resources.object_store_memory_gb)
     shorten_ray_events()  # Ray's event messages: one line each on the terminal, whole in a log file
@@ -117,7 +133,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     if spec.resources.check_fit or started_local_ray():  # a Ray moe-ray started can never grow
         check_placement([job.demand(spec) for job in jobs], alive_nodes(), where)
     store = ResultStore.create_or_reuse(
-        spec.store, identity, spec.to_dict(), overwrite=spec.overwrite, unit_keys=unit_keys,
+        spec.store, identity, spec.recorded(), overwrite=spec.overwrite, unit_keys=unit_keys,
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
     try:
         pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
@@ -164,6 +180,14 @@ def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     """Without writing anything: refuse a store made from other weights (unless overwrite), rehearse
     every job's `prepare` on the existing store (raising any refusal: other parameters, other layers)
     and return its progress if every unit of the job is done already; None if there is work."""
+    if spec.overwrite:
+        return None
+    with use_storage_options(spec.storage_options):
+        return _already_complete(spec, jobs, identity, unit_keys)
+
+
+def _already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
+                      unit_keys: dict[str, dict[str, list[str]]]) -> dict[str, tuple[int, int]] | None:
     existing = ResultStore.existing(spec.store)
     if existing is None or not existing.check_identity(identity, unit_keys, spec.overwrite) or spec.overwrite:
         return None

@@ -30,11 +30,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import os
+
 import numpy as np
 import zarr
 import zarr.storage
 
 from . import __version__
+from . import fs as storage
 from .errors import StoreError
 
 if TYPE_CHECKING:
@@ -252,16 +255,45 @@ def _jsonable(value: Any) -> Any:
 
 
 def _zarr_store(url: str, mode: str):
-    if "://" in url and not url.startswith("file://"):
-        return zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
-    return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=mode == "r")
+    """The zarr store at `url`: a local directory, or any fsspec URL opened with this process's
+    storage options (`moe_ray.fs`)."""
+    if not storage.is_local(url):
+        return zarr.storage.FsspecStore.from_url(url, storage_options=storage.options_for(url),
+                                                 read_only=mode == "r")
+    return zarr.storage.LocalStore(storage.local_path(url), read_only=mode == "r")
 
 
 def _exists(url: str) -> bool:
-    import fsspec
+    """Whether anything is at `url`. A location that cannot be looked at (no credentials, no bucket, a
+    path under a regular file, a symlink loop) is a StoreError naming it, never "not there"."""
+    fs, path = storage.filesystem(url)
+    try:
+        if storage.is_local(url):
+            os.stat(path)  # ELOOP, ENOTDIR, EACCES are errors here; os.path.exists says False
+            return True
+        return fs.exists(path)
+    except FileNotFoundError as exc:
+        if storage.is_local(url):
+            return False
+        raise StoreError(f"cannot look at the store {storage.describe_error(exc, url)}") from None
+    except Exception as exc:
+        why = storage.describe_error(exc, url)
+        if why is None:
+            raise
+        raise StoreError(f"cannot look at the store {why}") from None
 
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+
+ROOT_DOCUMENT = "zarr.json"
+
+
+def _root_document(url: str) -> bytes | None:
+    """The raw bytes of the store's root metadata document, or None if there is none."""
+    fs, path = storage.filesystem(url)
+    doc = f"{path.rstrip('/')}/{ROOT_DOCUMENT}"
+    try:
+        return storage.read_file(fs, doc) if fs.isfile(doc) else None
+    except FileNotFoundError:
+        return None
 
 
 def _is_moe_ray_store(url: str) -> bool:
@@ -270,6 +302,24 @@ def _is_moe_ray_store(url: str) -> bool:
     except Exception:
         return False
     return "moe_ray" in root.attrs
+
+
+def damaged_root(url: str) -> str | None:
+    """Why the store at `url` is a moe-ray store whose root metadata cannot be read (its zarr.json
+    unreadable, but naming moe_ray or sitting above moe-ray's analysis groups), or None: it reads, or
+    it is not a moe-ray store, or nothing is there."""
+    try:
+        raw = _root_document(url)
+        if raw is None:
+            return None
+        zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+        return None
+    except Exception as exc:
+        error = exc
+    fs, path = storage.filesystem(url)
+    groups = ("static", "reorder", "dynamic", "causal")
+    ours = b'"moe_ray"' in (raw or b"") or any(fs.isfile(f"{path.rstrip('/')}/{g}/{ROOT_DOCUMENT}") for g in groups)
+    return f"its root metadata {ROOT_DOCUMENT} cannot be read ({_first_line(error)})" if ours else None
 
 
 def _identity_difference(stored: dict, identity: dict, unit_keys: dict[str, dict[str, list[str]]]) -> str | None:
@@ -346,6 +396,10 @@ class ResultStore:
         if not _exists(url):
             return None
         if not _is_moe_ray_store(url):
+            damage = damaged_root(url)
+            if damage:
+                raise StoreError(f"store {url} is damaged: {damage}; pass --overwrite to replace it, or choose "
+                                 "another --store")
             raise StoreError(f"{url} exists and is not a moe-ray store; choose another --store path "
                              "(moe-ray never deletes what it did not create)")
         return cls(url, mode="r")
@@ -374,6 +428,8 @@ class ResultStore:
         starts afresh). `attrs` are set on a new store's root (model facts, ...).
         """
         url = str(url)
+        if overwrite and _exists(url) and not _is_moe_ray_store(url) and damaged_root(url):
+            cls._delete(url)  # a moe-ray store whose root cannot be read: replaced
         existing = cls.existing(url)
         if existing is not None:
             if existing.check_identity(identity, unit_keys, overwrite) and not overwrite:
@@ -407,9 +463,11 @@ class ResultStore:
         self.root.attrs.update({"runs": runs, "state": state, "error": error})
 
     def delete(self) -> None:
-        import fsspec
+        self._delete(self.url)
 
-        fs, path = fsspec.core.url_to_fs(self.url)
+    @staticmethod
+    def _delete(url: str) -> None:
+        fs, path = storage.filesystem(url)
         fs.rm(path, recursive=True)
 
     def group(self, path: str, params: dict | None = None, overwrite: bool = False) -> zarr.Group:
@@ -559,7 +617,13 @@ def progress_text(counts: dict[str, tuple[int, int]]) -> str:
 def find_damage(url: str) -> str | None:
     """Where the store at `url` cannot be read, as `static/matrix_similarity/c/0/0/0/0: <why>` (the
     first array chunk or metadata document that fails to decode), or None if every chunk reads.
-    Reads the whole store: for explaining a failure, not for routine checks."""
+    Reads the whole store: for explaining a failure, not for routine checks. Only a store that
+    exists and has root metadata can be damaged: None for anything else (see `damaged_root`)."""
+    try:
+        if not _exists(str(url)) or _root_document(str(url)) is None:
+            return None
+    except Exception:
+        return None  # cannot even look: not damage, the error that happened says why
     try:
         root = zarr.open_group(_zarr_store(str(url), "r"), mode="r", use_consolidated=False)
         members = list(root.members(max_depth=None))
@@ -592,11 +656,14 @@ def unit_done(group: zarr.Group) -> np.ndarray:
     return np.asarray(group[DONE][...]).astype(bool)
 
 
-def open_results(url: str) -> "xr.DataTree":
-    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>)."""
+def open_results(url: str, storage_options: dict | None = None) -> "xr.DataTree":
+    """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>); a URL
+    is opened with `storage_options` (default: the filesystem's own credentials, AWS_* for s3://)."""
     import xarray as xr  # here, not at the top: workers writing the store never need it
 
     url = str(url)
-    if not _exists(url) or not _is_moe_ray_store(url):
-        raise StoreError(f"{url} is not a moe-ray store")
-    return xr.open_datatree(url, engine="zarr", consolidated=None)
+    with storage.use_storage_options(storage_options or storage.storage_options()):
+        if not _exists(url) or not _is_moe_ray_store(url):
+            raise StoreError(f"{url} is not a moe-ray store")
+        extra = {"storage_options": storage.options_for(url)} if not storage.is_local(url) else {}
+        return xr.open_datatree(url, engine="zarr", consolidated=None, **extra)
