@@ -168,32 +168,31 @@ def _first_line(exc: BaseException) -> str:
 
 
 def describe_error(exc: BaseException, location: str) -> str | None:
-    """What an object store's (or the OS's) error means for `location`, as one line; None for errors
-    that are not about reaching storage (a bug, a format problem)."""
+    """What an object store's (or the OS's) error means for `location`, as a phrase the caller puts
+    after the location ("no such bucket (...)", "permission denied (...)"); None for errors that are
+    not about reaching storage (a bug, a format problem)."""
     name = type(exc).__name__
     module = type(exc).__module__ or ""
-    proto = protocol(location)
+    text = _first_line(exc)
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         hint = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or key and secret in the "
-                "spec's storage_options" if proto in ("s3", "s3a") else "give credentials in the spec's "
-                "storage_options or the filesystem's environment variables")
-        return f"no credentials to read {location}: {_first_line(exc)}; {hint}"
+                "spec's storage_options" if protocol(location) in ("s3", "s3a") else "give credentials in the "
+                "spec's storage_options or the filesystem's environment variables")
+        return f"no credentials ({text}); {hint}"
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
-                "ServerDisconnectedError", "ConnectionClosedError") or (
-            isinstance(exc, (ConnectionError, TimeoutError)) and not isinstance(exc, (PermissionError,))):
-        return f"cannot reach the storage of {location}: {_first_line(exc)}"
-    text = _first_line(exc)
+                "ServerDisconnectedError", "ConnectionClosedError") or isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"cannot reach the storage ({text})"
     if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
-        return f"{location}: {text} (no such bucket)"
+        return f"no such bucket ({text})"
     if isinstance(exc, PermissionError) or name in ("AccessDenied", "Forbidden"):
-        return f"{location}: permission denied ({text})"
+        return f"permission denied ({text})"
     if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{location}: {os.strerror(exc.errno)} ({text})"
+        return f"{os.strerror(exc.errno).lower()} ({exc.filename or text})"
     if module.startswith(("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "huggingface_hub",
                           "aiohttp", "requests", "urllib3")):
-        return f"{location}: {name}: {text}"
+        return f"{name}: {text}"
     if isinstance(exc, OSError):
-        return f"{location}: {text}"
+        return text
     return None
 
 
@@ -215,7 +214,7 @@ def probe_write(location: str) -> None:
         why = describe_error(exc, location)
         if why is None:
             raise
-        raise StorageError(f"cannot write the store {why}") from None
+        raise StorageError(f"cannot write the store {location}: {why}") from None
 
 
 def _probe_local(path: str) -> None:

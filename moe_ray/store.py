@@ -275,12 +275,12 @@ def _exists(url: str) -> bool:
     except FileNotFoundError as exc:
         if storage.is_local(url):
             return False
-        raise StoreError(f"cannot look at the store {storage.describe_error(exc, url)}") from None
+        raise StoreError(f"cannot look at the store {url}: {storage.describe_error(exc, url)}") from None
     except Exception as exc:
         why = storage.describe_error(exc, url)
         if why is None:
             raise
-        raise StoreError(f"cannot look at the store {why}") from None
+        raise StoreError(f"cannot look at the store {url}: {why}") from None
 
 
 ROOT_DOCUMENT = "zarr.json"

@@ -101,3 +101,122 @@ def test_plot_of_the_s3_store_with_credentials_from_the_environment(runs, s3_ser
     assert main(["plot", remote, "--out", str(out), "--parallel", "none"]) == 0, capsys.readouterr().err
     html = (out / "index.html").read_text()
     assert "mixtral" in html and len(list((out / "figures").iterdir())) > 5
+
+
+class _GetCounter:
+    """Bytes the S3 server sent for GET requests of this process, counted at s3fs's one call into
+    botocore (`S3FileSystem._call_s3`): every read path (cat_file, ranges, files) goes through it."""
+
+    def __init__(self, monkeypatch):
+        import s3fs
+
+        self.bytes = self.requests = 0
+        original = s3fs.S3FileSystem._call_s3
+
+        async def counting(fs, method, *args, **kwargs):
+            out = await original(fs, method, *args, **kwargs)
+            if method == "get_object":
+                self.bytes += int(out.get("ContentLength", 0))
+                self.requests += 1
+            return out
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+
+
+def test_a_unit_fetches_only_the_byte_ranges_it_reads(uploaded, s3_server, tmp_path, monkeypatch):
+    """A static unit (one layer: 8 experts x 3 matrices, the router, the reference's FFN) run here as a
+    Ray task runs it, from S3 into a local store: the bytes the server sends are at most 1.1 x the bytes
+    of the tensors the unit reads (the header pass, config.json and the index included)."""
+    from moe_ray.checkpoint import open_checkpoint
+    from moe_ray.spec import Spec
+    from moe_ray.store import ResultStore
+    from moe_ray.units.static import StaticJob
+
+    _, model, reference = uploaded
+    spec = Spec.from_dict({"model": model, "reference": reference, "store": str(tmp_path / "s.zarr"),
+                           "layers": [2], "storage_options": s3_server.storage_options})
+    with use_storage_options(spec.storage_options):
+        _, _, (job,) = api.plan(spec)
+        assert isinstance(job, StaticJob)
+        store = ResultStore.create_or_reuse(spec.store, {"model": "test"}, spec.to_dict())
+        (unit,) = job.prepare(store, overwrite=False)
+        ckpt, ref = open_checkpoint(model), open_checkpoint(reference)
+        keys = [ckpt.family.router_weight_key(2)] + [k for e in range(8) for k in ckpt.family.expert_keys(2, e).values()]
+        needed = sum(ckpt.info(k).nbytes for k in keys) + sum(
+            ref.info(k).nbytes for k in ref.family.dense_ffn_keys(2).values())
+        counter = _GetCounter(monkeypatch)
+        job.unit_function()(*unit.args)
+    assert unit.label and ResultStore(spec.store).root["static/unit_done"][0] == 1
+    assert needed > 300_000 and counter.bytes <= 1.1 * needed, (counter.bytes, needed, counter.requests)
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("moe-ray: error: ") and "\n" not in err, err
+    return err
+
+
+def test_storage_that_cannot_be_read_or_written_is_one_line_before_any_unit(uploaded, s3_server, capsys):
+    _, model, _ = uploaded
+    endpoint = {"endpoint_url": s3_server.endpoint_url, "client_kwargs": {"region_name": s3_server.region}}
+    base = ["run", "--analyses", "static", "--no-progress"]
+    store = f"s3://{STORE_BUCKET}/refused.zarr"
+
+    err = _cli_error(base + ["--model", model, "--store", store, "--storage-options", json.dumps(endpoint)], capsys)
+    assert f"checkpoint {model}: no credentials" in err and "AWS_ACCESS_KEY_ID" in err
+
+    options = json.dumps(s3_server.storage_options)
+    missing_model = "s3://no-such-models/mixtral"
+    err = _cli_error(base + ["--model", missing_model, "--store", store, "--storage-options", options], capsys)
+    assert missing_model in err and ("no such bucket" in err or "not found" in err)
+
+    missing_store = "s3://no-such-stores/out.zarr"
+    err = _cli_error(base + ["--model", model, "--store", missing_store, "--storage-options", options], capsys)
+    assert f"cannot write the store {missing_store}: no such bucket" in err
+
+    err = _cli_error(base + ["--model", "s3x://b/m", "--store", store], capsys)
+    assert "unknown protocol s3x://" in err and "s3://" in err and "gs://" in err
+
+    err = _cli_error(base + ["--model", model, "--store", "memory://out.zarr", "--storage-options", options], capsys)
+    assert "memory:// lives in one process's memory" in err
+    assert not s3_server.filesystem().exists(f"{STORE_BUCKET}/refused.zarr")
+
+
+def test_a_refused_write_is_one_line_naming_the_store_before_any_unit(uploaded, tmp_path, monkeypatch, capsys):
+    """A second S3 server that checks IAM policies (moto's INITIAL_NO_AUTH_ACTION_COUNT: the first six
+    calls, which make the users, are not checked): a writer uploads the model, a reader may read it
+    but every PutObject is denied, so the store cannot be written."""
+    import boto3
+    from s3_server import start_s3_server
+
+    t, _, _ = uploaded
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "6")
+    server = start_s3_server(tmp_path)
+    monkeypatch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+    try:
+        iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+        deny_put = {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*"}
+        keys = {}
+        for user, statements in (("writer", [allow]), ("reader", [allow, deny_put])):
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": statements}))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            keys[user] = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"],
+                          "endpoint_url": server.endpoint_url, "client_kwargs": {"region_name": server.region}}
+        import s3fs
+
+        writer = s3fs.S3FileSystem(skip_instance_cache=True, **keys["writer"])
+        writer.mkdir("locked-bucket")
+        writer.put(str(t.path) + "/", "locked-bucket/mixtral/", recursive=True)
+        store = "s3://locked-bucket/out.zarr"
+        err = _cli_error(["run", "--model", "s3://locked-bucket/mixtral", "--store", store, "--analyses", "static",
+                          "--no-progress", "--storage-options", json.dumps(keys["reader"])], capsys)
+        assert f"cannot write the store {store}: permission denied" in err
+        assert not writer.exists("locked-bucket/out.zarr")
+    finally:
+        server.stop()

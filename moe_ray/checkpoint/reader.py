@@ -84,7 +84,7 @@ def _storage_failure(exc: BaseException, location: str, what: str) -> Exception:
     if isinstance(exc, RecursionError):
         return CheckpointError(f"{what} in {location} is nested too deeply to parse")
     why = storage.describe_error(exc, location)
-    return StorageError(f"cannot read {what} of the checkpoint {why}") if why else exc
+    return StorageError(f"cannot read {what} of the checkpoint {location}: {why}") if why else exc
 
 
 def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[str, TensorInfo]:

@@ -35,7 +35,7 @@ def load_tokenizer(location: str):
             why = storage.describe_error(exc, location)
             if why is None:
                 raise
-            raise InputError(f"cannot read the tokenizer of {why}") from None
+            raise InputError(f"cannot read the tokenizer of {location}: {why}") from None
         if not set(copied) & set(TOKENIZER_FILES):
             raise InputError(f"no tokenizer in {location} (tokenizer.json or tokenizer.model); dynamic "
                              "analyses need the checkpoint's tokenizer")
