@@ -239,8 +239,8 @@ def _probe_local(path: str) -> None:
     except StorageError:
         raise
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else _first_line(exc)
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) and exc.filename != path else ""
+        reason = os.strerror(exc.errno).lower() if exc.errno else _first_line(exc)
+        where = f" (writing in {target})" if target != path else ""
         raise StorageError(f"cannot create the store {path}: {reason}{where}") from None
 
 

@@ -14,9 +14,9 @@ from .. import fs as storage
 from ..data import InputError
 from ..errors import MoeRayError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-"""One of these makes a checkpoint's tokenizer (the rest of TOKENIZER_SUPPORT only helps load it)."""
-TOKENIZER_SUPPORT = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""One of these makes a checkpoint's tokenizer (the files of TOKENIZER_SUPPORT only help load it)."""
+TOKENIZER_SUPPORT = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
                      "config.json", "chat_template.jinja")
 
 
@@ -37,8 +37,8 @@ def load_tokenizer(location: str):
                 raise
             raise InputError(f"cannot read the tokenizer of {location}: {why}") from None
         if not set(copied) & set(TOKENIZER_FILES):
-            raise InputError(f"no tokenizer in {location} (tokenizer.json or tokenizer.model); dynamic "
-                             "analyses need the checkpoint's tokenizer")
+            raise InputError(f"no tokenizer in {location} (tokenizer.json, tokenizer.model or a vocabulary "
+                             "file); dynamic analyses need the checkpoint's tokenizer")
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # config.json model types transformers lacks (deepseek, grok) are expected
         try:
