@@ -93,6 +93,11 @@ def test_an_unknown_url_protocol_is_refused_at_spec_time(model, tmp_path, capsys
     assert "model nosuch://bucket/model: unknown protocol nosuch://" in err and "s3://" in err
     err = _error(_run(model, "nosuch://bucket/out.zarr"), capsys)
     assert "store nosuch://bucket/out.zarr: unknown protocol" in err
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:  # a protocol fsspec knows whose package is not installed
+        err = _error(_run("gs://bucket/model", tmp_path / "s.zarr"), capsys)
+        assert "model gs://bucket/model: gs:// needs a package that is not installed" in err
 
 
 def test_a_store_under_a_regular_file_or_in_a_symlink_loop(model, tmp_path, capsys):
