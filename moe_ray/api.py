@@ -180,15 +180,13 @@ def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     """Without writing anything: refuse a store made from other weights (unless overwrite), rehearse
     every job's `prepare` on the existing store (raising any refusal: other parameters, other layers)
     and return its progress if every unit of the job is done already; None if there is work."""
-    if spec.overwrite:
-        return None
     with use_storage_options(spec.storage_options):
         return _already_complete(spec, jobs, identity, unit_keys)
 
 
 def _already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
                       unit_keys: dict[str, dict[str, list[str]]]) -> dict[str, tuple[int, int]] | None:
-    existing = ResultStore.existing(spec.store)
+    existing = ResultStore.existing(spec.store, spec.overwrite)
     if existing is None or not existing.check_identity(identity, unit_keys, spec.overwrite) or spec.overwrite:
         return None
     rehearsal = ResultStore.dry_run(spec.store)

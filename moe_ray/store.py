@@ -389,14 +389,17 @@ class ResultStore:
 
     # ---- creating -----------------------------------------------------------------------------
     @classmethod
-    def existing(cls, url: str) -> "ResultStore | None":
-        """The moe-ray store at `url`, opened read-only, or None if nothing is there; a path that
-        holds anything else is refused (moe-ray never touches what it did not make)."""
+    def existing(cls, url: str, overwrite: bool = False) -> "ResultStore | None":
+        """The moe-ray store at `url`, opened read-only, or None if nothing is there (or, with
+        `overwrite`, a moe-ray store whose root metadata is damaged: the caller replaces it); a path
+        that holds anything else is refused (moe-ray never touches what it did not make)."""
         url = str(url)
         if not _exists(url):
             return None
         if not _is_moe_ray_store(url):
             damage = damaged_root(url)
+            if damage and overwrite:
+                return None
             if damage:
                 raise StoreError(f"store {url} is damaged: {damage}; pass --overwrite to replace it, or choose "
                                  "another --store")
@@ -428,9 +431,9 @@ class ResultStore:
         starts afresh). `attrs` are set on a new store's root (model facts, ...).
         """
         url = str(url)
-        if overwrite and _exists(url) and not _is_moe_ray_store(url) and damaged_root(url):
-            cls._delete(url)  # a moe-ray store whose root cannot be read: replaced
-        existing = cls.existing(url)
+        existing = cls.existing(url, overwrite)
+        if existing is None and overwrite and _exists(url):
+            cls._delete(url)  # a moe-ray store whose root metadata cannot be read: replaced
         if existing is not None:
             if existing.check_identity(identity, unit_keys, overwrite) and not overwrite:
                 store = cls(url)
