@@ -108,12 +108,18 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     that fails marks the store `failed` with its one-line error (`state`, `error` at the root).
     """
     spec = as_spec(spec, **overrides)
+    check_worker_locations(spec)
+    with use_storage_options(spec.storage_options):
+        return _run(spec)
+
+
+def check_worker_locations(spec: Spec) -> None:
+    """Validate the spec and refuse locations that Ray workers, other processes, could not open:
+    unknown protocols, and in-process ones such as memory:// (`plan` alone accepts those)."""
     spec.validate()
     for what, location in (("model", spec.model), ("reference", spec.reference), ("store", spec.store)):
         if location is not None:
-            check_location(location, what)  # memory:// too: the workers are other processes
-    with use_storage_options(spec.storage_options):
-        return _run(spec)
+            check_location(location, what)
 
 
 def _run(spec: Spec) -> str:
@@ -201,5 +207,5 @@ def _already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     return None if rehearsal.needs_write else progress(rehearsal.root, spec.analyses)
 
 
-__all__ = ["PLANNERS", "already_complete", "as_spec", "open_results", "plan", "run", "select_layers",
+__all__ = ["PLANNERS", "already_complete", "as_spec", "check_worker_locations", "open_results", "plan", "run", "select_layers",
            "weights_identity"]

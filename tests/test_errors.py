@@ -192,3 +192,11 @@ def test_paths_are_absolute_and_expanded_before_planning(tmp_path, monkeypatch):
     url = as_spec({"model": "s3://bucket/m", "store": "gs://b/out.zarr"})
     assert (url.model, url.store) == ("s3://bucket/m", "gs://b/out.zarr")
     assert os.path.isabs(as_spec({"model": "m", "store": "s.zarr"}).store)
+
+
+def test_submit_refuses_an_in_process_location_before_reaching_a_cluster(model):
+    from moe_ray import submit
+    from moe_ray.errors import SpecError
+
+    with pytest.raises(SpecError, match="memory:// lives in one process's memory"):
+        submit({"model": str(model), "store": "memory://out.zarr"}, "http://127.0.0.1:1")

@@ -220,3 +220,20 @@ def test_a_refused_write_is_one_line_naming_the_store_before_any_unit(uploaded, 
         assert not writer.exists("locked-bucket/out.zarr")
     finally:
         server.stop()
+
+
+def test_a_file_url_checkpoint_tokenizes_as_its_directory(tiny, tmp_path):
+    """The tokenizer is read through the checkpoint's filesystem (transformers would take a file:// URL
+    for a hub repo id): the same token ids from `file://DIR` as from `DIR`, planned without Ray."""
+    from moe_ray.spec import Spec
+
+    t = tiny("mixtral", "upcycled")
+
+    def inputs(model: str):
+        spec = Spec.from_dict({"model": model, "store": str(tmp_path / "s.zarr"), "analyses": ["dynamic"],
+                               "dynamic": {"inputs": ["short", "long"], "max_tokens": 64}})
+        _, _, (job,) = api.plan(spec)
+        return [(i.name, i.ids) for i in job.plan.inputs]
+
+    local = inputs(str(t.path))
+    assert inputs(f"file://{t.path}") == local and len(local[1][1]) == 64 and local[0][1][0] == 1  # BOS
