@@ -85,7 +85,8 @@ def main() -> None:
         "unit_tensor_bytes": needed, "unit_fetched_bytes": unit_fetched, "unit_ratio": round(unit_fetched / needed, 4),
         "unit_get_requests": unit_requests, "unit_seconds": round(seconds, 2),
         "default_open_tensor_bytes": model_bytes, "default_open_fetched_bytes": counted["bytes"],
-        "default_open_ratio": round(counted["bytes"] / model_bytes, 3), "default_open_get_requests": counted["requests"]}))
+        "default_open_ratio": round(counted["bytes"] / model_bytes, 3),
+        "default_open_get_requests": counted["requests"]}))
 
 
 if __name__ == "__main__":

@@ -207,5 +207,5 @@ def _already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     return None if rehearsal.needs_write else progress(rehearsal.root, spec.analyses)
 
 
-__all__ = ["PLANNERS", "already_complete", "as_spec", "check_worker_locations", "open_results", "plan", "run", "select_layers",
-           "weights_identity"]
+__all__ = ["PLANNERS", "already_complete", "as_spec", "check_worker_locations", "open_results", "plan", "run",
+           "select_layers", "weights_identity"]

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import os
 
 import numpy as np
 import zarr
@@ -603,9 +602,9 @@ def progress(root: zarr.Group, analyses: "Iterable[str] | None" = None) -> dict[
 def store_progress(url: str, analyses: "Iterable[str] | None" = None) -> dict[str, tuple[int, int]]:
     """`progress` of the store at `url`, read live (not from consolidated metadata); empty while it
     does not exist or cannot be read yet."""
-    if not _exists(url):
-        return {}
     try:
+        if not _exists(url):
+            return {}
         root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
         return progress(root, analyses)
     except Exception:

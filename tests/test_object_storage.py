@@ -56,15 +56,11 @@ def uploaded(s3_server, tiny, aws_env):
 def runs(ray_session, s3_server, uploaded, tmp_path_factory):
     """Every analysis from S3 into S3 (options in the spec: the session's workers never saw the
     server's environment), and the same job from the local copy into a local store."""
-    import time
     t, model, reference = uploaded
-    t0 = time.time()
     remote = api.run(model=model, reference=reference, store=f"s3://{STORE_BUCKET}/mixtral.zarr",
                      storage_options=s3_server.storage_options, **RUN)
-    t1 = time.time()
     local = api.run(model=str(t.path), reference=str(t.reference),
                     store=str(tmp_path_factory.mktemp("local") / "mixtral.zarr"), **RUN)
-    print("TIMING s3", t1 - t0, "local", time.time() - t1)
     return remote, local
 
 
@@ -141,7 +137,8 @@ def test_a_unit_fetches_only_the_byte_ranges_it_reads(uploaded, s3_server, tmp_p
         store = ResultStore.create_or_reuse(spec.store, {"model": "test"}, spec.to_dict())
         (unit,) = job.prepare(store, overwrite=False)
         ckpt, ref = open_checkpoint(model), open_checkpoint(reference)
-        keys = [ckpt.family.router_weight_key(2)] + [k for e in range(8) for k in ckpt.family.expert_keys(2, e).values()]
+        keys = [ckpt.family.router_weight_key(2)] + [
+            k for e in range(8) for k in ckpt.family.expert_keys(2, e).values()]
         needed = sum(ckpt.info(k).nbytes for k in keys) + sum(
             ref.info(k).nbytes for k in ref.family.dense_ffn_keys(2).values())
         counter = _GetCounter(monkeypatch)

@@ -184,5 +184,5 @@ class TaskJob(AnalysisJob):
         return Demand(self.name, tuple((u.label, u.resources()) for u in units), EACH, gpu_memory_per_gpu=per_gpu)
 
     def execute(self, pending: list[Unit], spec: Spec) -> None:
-        run_units(with_storage_options(self.unit_function(), spec.storage_options), pending, what=f"{self.name} units", progress=spec.progress,
-                  cell_name=self.cell_name)
+        run_units(with_storage_options(self.unit_function(), spec.storage_options), pending,
+                  what=f"{self.name} units", progress=spec.progress, cell_name=self.cell_name)
