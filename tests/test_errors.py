@@ -141,6 +141,7 @@ def test_a_moe_ray_store_with_a_damaged_root_is_damaged_and_overwritable(model, 
     assert f"store {store} is damaged: its root metadata zarr.json cannot be read" in err and "--overwrite" in err
     err = _error(["plot", str(store), "--out", str(tmp_path / "report"), "--parallel", "none"], capsys)
     assert f"store {store} is damaged: its root metadata zarr.json cannot be read" in err
+    assert ResultStore.existing(str(store), overwrite=True) is None  # the rehearsal leaves it to be replaced
     replaced = ResultStore.create_or_reuse(str(store), {"model": "other"}, {"model": "m"}, overwrite=True)
     assert replaced.attrs["identity"] == {"model": "other"} and "static" not in replaced.root
     other = tmp_path / "other.zarr"  # a zarr store moe-ray did not make stays untouchable

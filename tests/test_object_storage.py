@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+import s3fs
 import zarr
 
 from moe_ray import api
@@ -38,6 +39,15 @@ def aws_env():
     for k in NO_AWS:
         os.environ.pop(k, None)
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def fresh_filesystems():
+    """fsspec reuses a filesystem made with the same arguments, credentials and all: each test (and each
+    change of AWS_* variables within one) starts from none."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +165,8 @@ def _cli_error(args: list[str], capsys) -> str:
     return err
 
 
-def test_storage_that_cannot_be_read_or_written_is_one_line_before_any_unit(uploaded, s3_server, capsys):
+def test_storage_that_cannot_be_read_or_written_is_one_line_before_any_unit(uploaded, s3_server, tmp_path,
+                                                                            monkeypatch, capsys):
     _, model, _ = uploaded
     endpoint = {"endpoint_url": s3_server.endpoint_url, "client_kwargs": {"region_name": s3_server.region}}
     base = ["run", "--analyses", "static", "--no-progress"]
@@ -172,6 +183,17 @@ def test_storage_that_cannot_be_read_or_written_is_one_line_before_any_unit(uplo
     missing_store = "s3://no-such-stores/out.zarr"
     err = _cli_error(base + ["--model", model, "--store", missing_store, "--storage-options", options], capsys)
     assert f"cannot write the store {missing_store}: no such bucket" in err
+
+    never = f"s3://{STORE_BUCKET}/never-made.zarr"  # no credentials: not "damaged", not "not found"
+    err = _cli_error(["plot", never, "--out", str(tmp_path / "report"), "--parallel", "none"], capsys)
+    assert f"cannot look at the store {never}: no credentials" in err and "damaged" not in err
+    for key, value in s3_server.env.items():  # with credentials: a store that was never made is not found
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    err = _cli_error(["plot", never, "--out", str(tmp_path / "report"), "--parallel", "none"], capsys)
+    assert err == f"moe-ray: error: store not found: {never}"
+    for key in s3_server.env:
+        monkeypatch.delenv(key)
 
     err = _cli_error(base + ["--model", "s3x://b/m", "--store", store], capsys)
     assert "unknown protocol s3x://" in err and "s3://" in err and "gs://" in err
