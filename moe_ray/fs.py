@@ -131,9 +131,16 @@ def with_storage_options(fn, options: Mapping[str, Any] | None):
 
 def options_for(location: str) -> dict[str, Any]:
     """The fsspec options for opening `location`: none for local and in-memory paths, else this
-    process's storage options."""
+    process's storage options: all of them, or, where they are tables named by protocol
+    (`{"s3": {...}, "hf": {...}}`, for a model and a store in different places), the table of the
+    location's protocol."""
     proto = protocol(location)
-    return {} if proto == "file" or proto in IN_PROCESS_PROTOCOLS else storage_options()
+    if proto == "file" or proto in IN_PROCESS_PROTOCOLS:
+        return {}
+    options = storage_options()
+    if options and all(isinstance(v, dict) and k in fsspec.available_protocols() for k, v in options.items()):
+        return dict(options.get(proto, {}))
+    return options
 
 
 def filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -274,8 +274,9 @@ class Spec:
                 "GPU each (dynamic.device overrides it for the shards)"})
     storage_options: dict[str, Any] | None = field(default=None, metadata={
         "help": "fsspec options for the model, reference and store URLs (s3://, gs://, hf://, ...) as a JSON "
-                "object, or a TOML table: e.g. endpoint_url, key, secret (default: the filesystem's own "
-                "credentials, AWS_* variables for s3://); secrets are never written to the store"})
+                "object, or a TOML table: e.g. endpoint_url, key, secret, or one table per protocol "
+                "({\"s3\": {...}, \"hf\": {...}}) (default: the filesystem's own credentials, AWS_* variables "
+                "for s3://); secrets are never written to the store"})
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
     dynamic: DynamicOptions = field(default_factory=DynamicOptions)
@@ -373,8 +374,8 @@ SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "sign
 
 def _redacted(options: Any) -> Any:
     if isinstance(options, dict):
-        return {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(v, dict)
-                else _redacted(v) for k, v in options.items()}
+        return {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) else _redacted(v)
+                for k, v in options.items()}
     return options
 
 

@@ -201,3 +201,16 @@ def test_submit_refuses_an_in_process_location_before_reaching_a_cluster(model):
 
     with pytest.raises(SpecError, match="memory:// lives in one process's memory"):
         submit({"model": str(model), "store": "memory://out.zarr"}, "http://127.0.0.1:1")
+
+
+def test_storage_options_flat_or_by_protocol():
+    from moe_ray.fs import options_for, use_storage_options
+
+    flat = {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"region_name": "eu-west-1"}}
+    with use_storage_options(flat):
+        assert options_for("s3://b/m") == flat and options_for("/local/m") == {} and options_for("memory://x") == {}
+    by_protocol = {"s3": {"anon": True}, "hf": {"token": "t"}}
+    with use_storage_options(by_protocol):
+        assert options_for("s3://b/m") == {"anon": True} and options_for("hf://org/m") == {"token": "t"}
+        assert options_for("gs://b/m") == {}
+    assert options_for("s3://b/m") == {}
