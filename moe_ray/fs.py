@@ -194,7 +194,9 @@ def describe_error(exc: BaseException, location: str) -> str | None:
     if isinstance(exc, PermissionError) or name in ("AccessDenied", "Forbidden"):
         return f"permission denied ({text})"
     if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{os.strerror(exc.errno).lower()} ({exc.filename or text})"
+        named = str(exc.filename) if exc.filename else ""
+        same = not named or named.rstrip("/") in (location.rstrip("/"), local_path(location).rstrip("/"))
+        return os.strerror(exc.errno).lower() + ("" if same else f" ({named})")
     if module.startswith(("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "huggingface_hub",
                           "aiohttp", "requests", "urllib3")):
         return f"{name}: {text}"
