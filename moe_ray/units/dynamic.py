@@ -178,7 +178,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK
     unsplit = DynamicPlan(ckpt.location, ref.location if ref else None, spec.store, facts, tuple(layers),
                           tuple(labels), neuron_dim, (), (), max(sizes), act_bytes, inputs, options,
-                          tuple(sizes), ref_bytes, dict(spec.storage_options or {}))
+                          tuple(sizes), ref_bytes, storage_options=dict(spec.storage_options or {}))
     return unsplit.resharded(options.shards, options.placement)
 
 
