@@ -16,6 +16,7 @@ from .distributed.ray_messages import shorten_ray_events
 from .errors import CheckpointError, MoeRayError, SpecError, StoreError
 from .interrupt import on_forced_exit
 from .interrupt import received as received_signal
+from .fs import check_location, probe_write, use_storage_options
 from .interrupt import reassert as reassert_signal_handlers
 from .progress import step
 from .spec import Spec, parse_pair
@@ -51,7 +52,7 @@ def as_spec(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> S
         data = spec.to_dict()
         data.update(overrides)
         spec = Spec.from_dict(data)
-    return spec
+    return spec.with_absolute_paths()
 
 
 def select_layers(ckpt: Checkpoint, spec: Spec) -> tuple[int, ...]:
@@ -82,6 +83,11 @@ def plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
     checkpoints' config.json and headers, and every tensor the analyses will read (present, an
     analysable dtype, the shape config.json implies)."""
     spec.validate()
+    with use_storage_options(spec.storage_options):
+        return _plan(spec)
+
+
+def _plan(spec: Spec) -> tuple[Checkpoint, Checkpoint | None, list[AnalysisJob]]:
     ckpt = open_checkpoint(spec.model, spec.allow_pickle)
     ref = open_checkpoint(spec.reference, spec.allow_pickle) if spec.reference else None
     layers = select_layers(ckpt, spec)
@@ -108,6 +114,21 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
     that fails marks the store `failed` with its one-line error (`state`, `error` at the root).
     """
     spec = as_spec(spec, **overrides)
+    check_worker_locations(spec)
+    with use_storage_options(spec.storage_options):
+        return _run(spec)
+
+
+def check_worker_locations(spec: Spec) -> None:
+    """Validate the spec and refuse locations that Ray workers, other processes, could not open:
+    unknown protocols, and in-process ones such as memory:// (`plan` alone accepts those)."""
+    spec.validate()
+    for what, location in (("model", spec.model), ("reference", spec.reference), ("store", spec.store)):
+        if location is not None:
+            check_location(location, what)
+
+
+def _run(spec: Spec) -> str:
     say = (lambda line: step(line, spec.progress))
     say(f"planning: reading {spec.model}'s config and tensor headers, checking the spec "
         f"({', '.join(spec.analyses)})")
@@ -118,6 +139,7 @@ def run(spec: Spec | dict | str | Path | None = None, **overrides: Any) -> str:
         print(f"moe-ray: {spec.store} already holds every unit of this job ({progress_text(complete)}); "
               "nothing to do")
         return spec.store
+    probe_write(spec.store)  # a missing bucket, a refused write, a read-only disk: one line, before any unit
 
     with Lease(spec.store, "moe-ray run") as lease:  # one writer at a time, from before the first write
         if lease.took_over:
@@ -140,7 +162,7 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
     if spec.resources.check_fit or started_local_ray():  # a Ray moe-ray started can never grow
         check_placement([job.demand(spec) for job in jobs], reported_nodes(alive_nodes, where), where)
     store = ResultStore.create_or_reuse(
-        spec.store, identity, spec.to_dict(), overwrite=spec.overwrite, unit_keys=unit_keys,
+        spec.store, identity, spec.recorded(), overwrite=spec.overwrite, unit_keys=unit_keys,
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
     forget_store = on_forced_exit(lambda signame: store.end_run(_interrupted_by(signame)))
     try:
@@ -221,7 +243,14 @@ def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     (`ResultStore.check_weights`); rehearse every job's `prepare` on the existing store (raising any
     refusal: other parameters, other layers) and return its progress if every unit of the job is done
     already and none lacks its results (a deleted array or chunk); None if there is work."""
-    existing = ResultStore.existing(spec.store)
+    with use_storage_options(spec.storage_options):
+        return _already_complete(spec, jobs, identity, unit_keys, checkpoints)
+
+
+def _already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
+                      unit_keys: dict[str, dict[str, list[str]]],
+                      checkpoints: "dict[str, Checkpoint | None] | None") -> dict[str, tuple[int, int]] | None:
+    existing = ResultStore.existing(spec.store, spec.overwrite)
     if existing is None or not existing.check_identity(identity, unit_keys, spec.overwrite) or spec.overwrite:
         return None
     if checkpoints is not None:
@@ -238,5 +267,5 @@ def already_complete(spec: Spec, jobs: list[AnalysisJob], identity: dict,
     return None if rehearsal.needs_write else progress(rehearsal.root, spec.analyses)
 
 
-__all__ = ["PLANNERS", "already_complete", "as_spec", "open_results", "plan", "run", "select_layers",
-           "weights_identity"]
+__all__ = ["PLANNERS", "already_complete", "as_spec", "check_worker_locations", "open_results", "plan", "run",
+           "select_layers", "weights_identity"]

@@ -353,8 +353,10 @@ def interruption_line(args: argparse.Namespace, argv: Sequence[str]) -> Callable
 
 def explain_error(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
     """What went wrong, as one line, and the exit status: 2 for what moe-ray can explain (bad input,
-    a cluster or job server that cannot be reached or refuses, a damaged store), 1 for anything else
-    (a bug: the line says how to see the traceback)."""
+    storage that cannot be reached or written, a cluster or job server that cannot be reached or
+    refuses, a damaged store), 1 for anything else (a bug: the line names the exception, where in
+    moe-ray it happened, and how to see the traceback). A store is called damaged only when it exists
+    and its own metadata or chunks fail to read (`store.find_damage`)."""
     if isinstance(exc, MoeRayError):
         return str(exc), 2
     stores = list(getattr(args, "stores", None) or [])
@@ -373,11 +375,25 @@ def explain_error(exc: BaseException, args: argparse.Namespace) -> tuple[str, in
         if damage:
             return (f"store {store} is damaged: {damage}; compute it again into a new store (or with "
                     "--overwrite)"), 2
-    if isinstance(exc, OSError):
-        return str(exc), 2
+    if isinstance(exc, OSError) and exc.errno is not None:  # the machine's doing (a full disk, a lost mount)
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{type(exc).__name__}{_where(exc)}: {os.strerror(exc.errno)}{where}", 2
     text = str(exc).strip().splitlines()
-    return (f"unexpected {type(exc).__name__}: {text[0] if text else ''} (a bug in moe-ray? rerun with "
-            f"--debug or {DEBUG_ENV}=1 for the traceback and report it)"), 1
+    return (f"unexpected {type(exc).__name__}{_where(exc)}: {text[0] if text else ''} (a bug in moe-ray? rerun "
+            f"with --debug or {DEBUG_ENV}=1 for the traceback and report it)"), 1
+
+
+def _where(exc: BaseException) -> str:
+    """` at moe_ray/<file>:<line>`, the innermost frame of moe-ray's own code the exception passed
+    through (`` if none did)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if os.path.abspath(f.filename).startswith(package + os.sep)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    rel = os.path.relpath(os.path.abspath(frame.filename), os.path.dirname(package))
+    return f" at {rel}:{frame.lineno}"
 
 
 def report_error(exc: BaseException, args: argparse.Namespace) -> int:

@@ -19,3 +19,8 @@ class StoreError(MoeRayError):
 
 class JobError(MoeRayError):
     """A Ray job could not be submitted, reached, or did not succeed."""
+
+
+class StorageError(MoeRayError):
+    """A checkpoint's or a store's location cannot be reached, read or written (credentials, bucket,
+    permissions, a read-only filesystem)."""

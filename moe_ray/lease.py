@@ -120,9 +120,9 @@ class _Fsspec:
     """The lease document on object storage (S3 conditional writes) or another fsspec filesystem."""
 
     def __init__(self, url: str):
-        import fsspec
+        from .fs import filesystem
 
-        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.fs, self.path = filesystem(url)  # with the run's storage options (moe_ray.fs)
         self.s3 = type(self.fs).__name__ == "S3FileSystem"
 
     def read(self) -> tuple[dict | None, Any]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .api import already_complete, as_spec, plan, weights_identity
+from .api import already_complete, as_spec, check_worker_locations, plan, weights_identity
 from .lease import refuse_if_held
 from .distributed.cluster import probe_gcs
 from .distributed.fanout import first_line
@@ -361,6 +361,7 @@ def submit(spec: Spec | dict | str | Path | None = None, address: str | None = N
     runtime_env fields merged with moe-ray's own (`job_runtime_env`).
     """
     spec = as_spec(spec, **overrides)
+    check_worker_locations(spec)  # memory:// would be refused by the job, after it started
     if check_checkpoint:
         ckpt, ref, jobs = plan(spec)
         _check_existing_store(spec, ckpt, ref, jobs)

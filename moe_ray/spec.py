@@ -15,6 +15,7 @@ fields (every CLI flag is a spec field: `--dbscan-eps 50` is `[static] dbscan_ep
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -282,6 +283,11 @@ class Spec:
         "choices": DEVICES, "help": "where every analysis computes: auto (GPUs when the cluster has them), cuda, or cpu. On "
                 "cuda static and reorder tasks ask Ray for a GPU (gpus_per_task) and dynamic shards one "
                 "GPU each (dynamic.device overrides it for the shards)"})
+    storage_options: dict[str, Any] | None = field(default=None, metadata={
+        "help": "fsspec options for the model, reference and store URLs (s3://, gs://, hf://, ...) as a JSON "
+                "object, or a TOML table: e.g. endpoint_url, key, secret, or one table per protocol "
+                "({\"s3\": {...}, \"hf\": {...}}) (default: the filesystem's own credentials, AWS_* variables "
+                "for s3://); secrets are never written to the store"})
     static: StaticOptions = field(default_factory=StaticOptions)
     reorder: ReorderOptions = field(default_factory=ReorderOptions)
     dynamic: DynamicOptions = field(default_factory=DynamicOptions)
@@ -309,6 +315,25 @@ class Spec:
 
     def replace(self, **changes: Any) -> "Spec":
         return dataclasses.replace(self, **changes)
+
+    def with_absolute_paths(self) -> "Spec":
+        """This spec with every local path (model, reference, store, text and corpus files) absolute and
+        `~` expanded: Ray workers, a job's driver and the head resolve relative paths from their own
+        directories, so paths are fixed here, before anything is created. URLs are unchanged."""
+        from .fs import absolute
+
+        inputs = dataclasses.replace(self.dynamic, text_file=absolute(self.dynamic.text_file),
+                                     corpus_file=absolute(self.dynamic.corpus_file))
+        return self.replace(model=absolute(self.model), reference=absolute(self.reference),
+                            store=absolute(self.store), dynamic=inputs)
+
+    def recorded(self) -> dict[str, Any]:
+        """The spec as a store records it: `to_dict` with the values of secret storage options (keys,
+        secrets, tokens, passwords) replaced by `<redacted>`."""
+        data = self.to_dict()
+        if data.get("storage_options"):
+            data["storage_options"] = _redacted(data["storage_options"])
+        return data
 
     def device_of(self, analysis: str) -> str:
         """The device setting (auto, cuda, cpu) `analysis` runs with: `device`, or for the dynamic
@@ -338,6 +363,11 @@ class Spec:
             raise SpecError(f"layer {negative[0]} is negative; layers are the model's layer indices 0, 1, ...")
         if self.device not in DEVICES:
             raise SpecError(f"device must be auto, cuda or cpu, not {self.device!r}")
+        from . import fs
+
+        for what, location in (("model", self.model), ("reference", self.reference), ("store", self.store)):
+            if location is not None:
+                fs.check_location(location, what, in_process=True)
         self.resources.validate()
         self.static.validate()
         self.reorder.validate()
@@ -364,6 +394,17 @@ class Spec:
             raise SpecError(f"--reference is given but the analyses ({','.join(self.analyses)}) do not read a "
                             "reference (static, dynamic and causal do; reorder compares the model's own experts): "
                             "drop --reference or add an analysis that uses it")
+
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "signature")
+"""A storage option whose name contains one of these is a secret (`Spec.recorded` hides its value)."""
+
+
+def _redacted(options: Any) -> Any:
+    if isinstance(options, dict):
+        return {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) else _redacted(v)
+                for k, v in options.items()}
+    return options
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -416,6 +457,17 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     def wrong(what: str = "") -> SpecError:
         return SpecError(f"spec field {name} must be {what or target.__name__}, not "
                          f"{_type_name(value)} {value!r}")
+
+    if origin is dict:
+        if isinstance(value, str):  # from the command line: a JSON object
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise SpecError(f"spec field {name} must be a JSON object (a TOML table in a spec file), "
+                                f"not {value!r}: {exc.msg}") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise SpecError(f"spec field {name} must be a table of options, not {_type_name(value)} {value!r}")
+        return value
 
     if target is bool:
         if isinstance(value, bool):

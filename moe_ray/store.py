@@ -42,6 +42,7 @@ import zarr
 import zarr.storage
 
 from . import __version__
+from . import fs as storage
 from .errors import StoreError
 
 if TYPE_CHECKING:
@@ -281,16 +282,45 @@ def _jsonable(value: Any) -> Any:
 
 
 def _zarr_store(url: str, mode: str):
-    if "://" in url and not url.startswith("file://"):
-        return zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
-    return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=mode == "r")
+    """The zarr store at `url`: a local directory, or any fsspec URL opened with this process's
+    storage options (`moe_ray.fs`)."""
+    if not storage.is_local(url):
+        return zarr.storage.FsspecStore.from_url(url, storage_options=storage.options_for(url),
+                                                 read_only=mode == "r")
+    return zarr.storage.LocalStore(storage.local_path(url), read_only=mode == "r")
 
 
 def _exists(url: str) -> bool:
-    import fsspec
+    """Whether anything is at `url`. A location that cannot be looked at (no credentials, no bucket, a
+    path under a regular file, a symlink loop) is a StoreError naming it, never "not there"."""
+    fs, path = storage.filesystem(url)
+    try:
+        if storage.is_local(url):
+            os.stat(path)  # ELOOP, ENOTDIR, EACCES are errors here; os.path.exists says False
+            return True
+        return fs.exists(path)
+    except FileNotFoundError as exc:
+        if storage.is_local(url):
+            return False
+        raise StoreError(f"cannot look at the store {url}: {storage.describe_error(exc, url)}") from None
+    except Exception as exc:
+        why = storage.describe_error(exc, url)
+        if why is None:
+            raise
+        raise StoreError(f"cannot look at the store {url}: {why}") from None
 
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+
+ROOT_DOCUMENT = "zarr.json"
+
+
+def _root_document(url: str) -> bytes | None:
+    """The raw bytes of the store's root metadata document, or None if there is none."""
+    fs, path = storage.filesystem(url)
+    doc = f"{path.rstrip('/')}/{ROOT_DOCUMENT}"
+    try:
+        return storage.read_file(fs, doc) if fs.isfile(doc) else None
+    except FileNotFoundError:
+        return None
 
 
 def _is_moe_ray_store(url: str) -> bool:
@@ -304,11 +334,7 @@ def _is_moe_ray_store(url: str) -> bool:
 def enclosing_store(url: str) -> str | None:
     """The moe-ray store that `url` would lie inside (one of its parent directories or prefixes),
     or None: a store made inside another's group would change that store's groups and counts."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(str(url))
-    if "://" not in str(url) or str(url).startswith("file://"):
-        path = os.path.abspath(path)
+    fs, path = storage.filesystem(str(url))
     parts = path.rstrip("/").split("/")
     for n in range(len(parts) - 1, 0, -1):
         parent = "/".join(parts[:n]) or "/"
@@ -321,6 +347,24 @@ def enclosing_store(url: str) -> str | None:
         except Exception:
             continue
     return None
+
+
+def damaged_root(url: str) -> str | None:
+    """Why the store at `url` is a moe-ray store whose root metadata cannot be read (its zarr.json
+    unreadable, but naming moe_ray or sitting above moe-ray's analysis groups), or None: it reads, or
+    it is not a moe-ray store, or nothing is there."""
+    try:
+        raw = _root_document(url)
+        if raw is None:
+            return None
+        zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
+        return None
+    except Exception as exc:
+        error = exc
+    fs, path = storage.filesystem(url)
+    groups = ("static", "reorder", "dynamic", "causal")
+    ours = b'"moe_ray"' in (raw or b"") or any(fs.isfile(f"{path.rstrip('/')}/{g}/{ROOT_DOCUMENT}") for g in groups)
+    return f"its root metadata {ROOT_DOCUMENT} cannot be read ({_first_line(error)})" if ours else None
 
 
 def _identity_difference(stored: dict, identity: dict, unit_keys: dict[str, dict[str, list[str]]]) -> str | None:
@@ -394,13 +438,20 @@ class ResultStore:
 
     # ---- creating -----------------------------------------------------------------------------
     @classmethod
-    def existing(cls, url: str) -> "ResultStore | None":
-        """The moe-ray store at `url`, opened read-only, or None if nothing is there; a path that
-        holds anything else is refused (moe-ray never touches what it did not make)."""
+    def existing(cls, url: str, overwrite: bool = False) -> "ResultStore | None":
+        """The moe-ray store at `url`, opened read-only, or None if nothing is there (or, with
+        `overwrite`, a moe-ray store whose root metadata is damaged: the caller replaces it); a path
+        that holds anything else is refused (moe-ray never touches what it did not make)."""
         url = str(url)
         if not _exists(url):
             return None
         if not _is_moe_ray_store(url):
+            damage = damaged_root(url)
+            if damage and overwrite:
+                return None
+            if damage:
+                raise StoreError(f"store {url} is damaged: {damage}; pass --overwrite to replace it, or choose "
+                                 "another --store")
             raise StoreError(f"{url} exists and is not a moe-ray store; choose another --store path "
                              "(moe-ray never deletes what it did not create)")
         return cls(url, mode="r")
@@ -460,7 +511,9 @@ class ResultStore:
         starts afresh). `attrs` are set on a new store's root (model facts, ...).
         """
         url = str(url)
-        existing = cls.existing(url)
+        existing = cls.existing(url, overwrite)
+        if existing is None and overwrite and _exists(url):
+            cls._delete(url)  # a moe-ray store whose root metadata cannot be read: replaced
         if existing is not None:
             if existing.check_identity(identity, unit_keys, overwrite) and not overwrite:
                 store = cls(url)
@@ -509,9 +562,11 @@ class ResultStore:
         self.root.attrs.update({"runs": runs, "state": state, "error": error})
 
     def delete(self) -> None:
-        import fsspec
+        self._delete(self.url)
 
-        fs, path = fsspec.core.url_to_fs(self.url)
+    @staticmethod
+    def _delete(url: str) -> None:
+        fs, path = storage.filesystem(url)
         fs.rm(path, recursive=True)
 
     def group(self, path: str, params: dict | None = None, overwrite: bool = False) -> zarr.Group:
@@ -700,9 +755,9 @@ def progress(root: zarr.Group, analyses: "Iterable[str] | None" = None) -> dict[
 def store_progress(url: str, analyses: "Iterable[str] | None" = None) -> dict[str, tuple[int, int]]:
     """`progress` of the store at `url`, read live (not from consolidated metadata); empty while it
     does not exist or cannot be read yet."""
-    if not _exists(url):
-        return {}
     try:
+        if not _exists(url):
+            return {}
         root = zarr.open_group(_zarr_store(url, "r"), mode="r", use_consolidated=False)
         return progress(root, analyses)
     except Exception:
@@ -729,7 +784,13 @@ def progress_text(counts: dict[str, tuple[int, int]]) -> str:
 def find_damage(url: str) -> str | None:
     """Where the store at `url` cannot be read, as `static/matrix_similarity/c/0/0/0/0: <why>` (the
     first array chunk or metadata document that fails to decode), or None if every chunk reads.
-    Reads the whole store: for explaining a failure, not for routine checks."""
+    Reads the whole store: for explaining a failure, not for routine checks. Only a store that
+    exists and has root metadata can be damaged: None for anything else (see `damaged_root`)."""
+    try:
+        if not _exists(str(url)) or _root_document(str(url)) is None:
+            return None
+    except Exception:
+        return None  # cannot even look: not damage, the error that happened says why
     try:
         root = zarr.open_group(_zarr_store(str(url), "r"), mode="r", use_consolidated=False)
         members = list(root.members(max_depth=None))
@@ -915,9 +976,10 @@ def store_status(url: str) -> dict[str, dict]:
     return out
 
 
-def open_results(url: str) -> "xr.DataTree":
+def open_results(url: str, storage_options: dict | None = None) -> "xr.DataTree":
     """The whole store as an `xarray.DataTree` (groups static, reorder/<mode>, dynamic/<input>), as
-    xarray users expect it: expert dimensions select by code or by label (`.sel(expert_i=0)`,
+    xarray users expect it (a URL is opened with `storage_options`; default: the filesystem's own
+    credentials, AWS_* for s3://): expert dimensions select by code or by label (`.sel(expert_i=0)`,
     `.sel(expert_i_label="F")`: the labels are indexed), the bookkeeping arrays (`unit_done`,
     `unit_planned`) are coordinates rather than data variables, and attributes holding tables or
     lists of tables (the spec, the run log, parameters) are JSON strings, so `to_netcdf` takes every
@@ -926,10 +988,12 @@ def open_results(url: str) -> "xr.DataTree":
     import xarray as xr  # here, not at the top: workers writing the store never need it
 
     url = str(url)
-    if not _exists(url) or not _is_moe_ray_store(url):
-        raise StoreError(f"{url} is not a moe-ray store")
-    tree = xr.open_datatree(url, engine="zarr", consolidated=None)
-    status = store_status(url)
+    with storage.use_storage_options(storage_options or storage.storage_options()):
+        if not _exists(url) or not _is_moe_ray_store(url):
+            raise StoreError(f"{url} is not a moe-ray store")
+        extra = {"storage_options": storage.options_for(url)} if not storage.is_local(url) else {}
+        tree = xr.open_datatree(url, engine="zarr", consolidated=None, **extra)
+        status = store_status(url)
     unfinished = {name: s["text"] for name, s in status.items() if s["state"] != "complete"}
     if unfinished:
         warnings.warn(f"{url} is not complete: " + "; ".join(f"{k} {v}" for k, v in unfinished.items()),

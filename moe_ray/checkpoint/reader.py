@@ -29,7 +29,8 @@ import torch
 import xxhash
 from safetensors import safe_open
 
-from ..errors import CheckpointError
+from .. import fs as storage
+from ..errors import CheckpointError, StorageError
 from .config import model_facts, parse_config
 from .families import Family, ModelFacts, detect_family
 from .families.base import Key, TensorRef, ref_name
@@ -100,7 +101,19 @@ class TensorInfo:
 
 
 def _is_local(location: str) -> bool:
-    return "://" not in location or location.startswith("file://")
+    return storage.is_local(location)
+
+
+def _storage_failure(exc: BaseException, location: str, what: str) -> Exception:
+    """An error met while reading `what` of the checkpoint at `location` as one line: a storage
+    problem (credentials, bucket, permissions, a directory where a file should be) as a StorageError
+    or CheckpointError naming the URL; anything else unchanged."""
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+        return CheckpointError(f"{what} in {location} is not a regular file")
+    if isinstance(exc, RecursionError):
+        return CheckpointError(f"{what} in {location} is nested too deeply to parse")
+    why = storage.describe_error(exc, location)
+    return StorageError(f"cannot read {what} of the checkpoint {location}: {why}") if why else exc
 
 
 def require_regular_file(fs: fsspec.AbstractFileSystem, path: str, what: str) -> None:
@@ -136,19 +149,27 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
     require_regular_file(fs, path, f"safetensors file {name}")
     try:
         size = fs.size(path)
-        with fs.open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"corrupted safetensors file {name}: {len(head)} bytes, no header")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100_000_000):
-                raise CheckpointError(f"corrupted safetensors file {name}: header length {header_len} "
-                                      f"does not fit in a {size}-byte file")
-            header = json.loads(f.read(header_len))
+        # byte ranges, not fs.open: an object store's file reads ahead megabytes past the header
+        head = storage.read_range(fs, path, 0, min(8, size))
+        if len(head) < 8:
+            raise CheckpointError(f"corrupted safetensors file {name}: {len(head)} bytes, no header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100_000_000):
+            raise CheckpointError(f"corrupted safetensors file {name}: header length {header_len} "
+                                  f"does not fit in a {size}-byte file")
+        header = json.loads(storage.read_range(fs, path, 8, 8 + header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"corrupted safetensors file {name}: unreadable header ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read safetensors file {name}: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"corrupted safetensors file {name}: its header JSON is nested too deeply "
+                              "to be a safetensors header") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        why = storage.describe_error(exc, path)
+        if why is None:
+            raise
+        raise CheckpointError(f"cannot read safetensors file {name}: {why}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupted safetensors file {name}: its header is a JSON "
                               f"{type(header).__name__}, not an object of tensors")
@@ -218,8 +239,12 @@ class Checkpoint:
     def __init__(self, location: str | os.PathLike, allow_pickle: bool = False):
         self.location = str(location)
         self.allow_pickle = allow_pickle
-        self.fs, self.root = fsspec.core.url_to_fs(self.location)
-        if not self.fs.isdir(self.root):
+        self.fs, self.root = storage.filesystem(self.location)
+        try:
+            found = self.fs.isdir(self.root)
+        except Exception as exc:
+            raise _storage_failure(exc, self.location, "the directory") from None
+        if not found:
             raise CheckpointError(f"checkpoint directory not found: {self.location}")
         self.config = parse_config(self._read_config(), self.location)
         self.tensors = self._index()
@@ -241,13 +266,27 @@ class Checkpoint:
             raise CheckpointError(f"no config.json in {self.location}")
         require_regular_file(self.fs, path, f"config.json in {self.location}")
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self._small_file(path, "config.json"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"config.json in {self.location} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CheckpointError(f"config.json in {self.location} is nested too deeply to parse") from None
+
+    def _small_file(self, path: str, name: str) -> bytes:
+        """A small JSON file of the checkpoint (config.json, the index), whole: a regular file only
+        (a directory or a named pipe in its place is refused, never waited on)."""
+        try:
+            if _is_local(self.location) and not os.path.isfile(path):
+                raise IsADirectoryError(path)
+            return storage.read_file(self.fs, path)
+        except Exception as exc:
+            raise _storage_failure(exc, self.location, name) from None
 
     def _index(self) -> dict[str, TensorInfo]:
-        names = sorted(os.path.basename(p) for p in self.fs.ls(self.root, detail=False))
+        try:
+            names = sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+        except Exception as exc:
+            raise _storage_failure(exc, self.location, "the file list") from None
         if INDEX_NAME in names:
             weight_map = self._weight_map()
             shards = sorted(set(weight_map.values()))
@@ -288,10 +327,11 @@ class Checkpoint:
         names plain file names in this directory."""
         require_regular_file(self.fs, self._path(INDEX_NAME), f"{INDEX_NAME} in {self.location}")
         try:
-            with self.fs.open(self._path(INDEX_NAME), "rb") as f:
-                index = json.loads(f.read())
+            index = json.loads(self._small_file(self._path(INDEX_NAME), INDEX_NAME))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{INDEX_NAME} in {self.location} is unreadable: {exc}") from None
+        except RecursionError:
+            raise CheckpointError(f"{INDEX_NAME} in {self.location} is nested too deeply to parse") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -568,7 +608,10 @@ class Checkpoint:
         if index and isinstance(index[0], int) and shape:
             row = (end - start) // shape[0]
             start, end, shape, index = start + index[0] * row, start + (index[0] + 1) * row, shape[1:], index[1:]
-        raw = self.fs.cat_file(info.file, start=start, end=end)
+        try:
+            raw = storage.read_range(self.fs, info.file, start, end)
+        except Exception as exc:
+            raise _storage_failure(exc, self.location, f"tensor {key}") from None
         self._digested[(info.file, start, end)] = xxhash.xxh3_128(raw).hexdigest()  # `digests` needs no refetch
         tensor = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(shape)
         return tensor[index] if index else tensor

@@ -26,7 +26,7 @@ import xarray as xr  # noqa: E402
 import zarr  # noqa: E402
 
 from ..errors import StoreError  # noqa: E402
-from ..store import DONE, _exists, _is_moe_ray_store, _zarr_store  # noqa: E402
+from ..store import DONE, _exists, _is_moe_ray_store, _zarr_store, damaged_root  # noqa: E402
 
 LAYERS_PER_PAGE = 4
 """Layers drawn in one image; a 64-layer model gives 16 labelled images per figure, not one grid."""
@@ -115,6 +115,10 @@ class StoreView:
         if not _exists(self.url):
             raise StoreError(f"store not found: {self.url}")
         if not _is_moe_ray_store(self.url):
+            damage = damaged_root(self.url)
+            if damage:
+                raise StoreError(f"store {self.url} is damaged: {damage}; compute it again into a new store (or "
+                                 "with --overwrite)")
             raise StoreError(f"{self.url} is not a moe-ray store (no moe_ray root attribute)")
         self.root = zarr.open_group(_zarr_store(self.url, "r"), mode="r", use_consolidated=False)
         self.attrs = dict(self.root.attrs)

@@ -42,6 +42,7 @@ from ..runtime import LayerRange
 from ..runtime.causal import LOGIT_ELEMENTS, SHARED, OutputHead, Variant, run_rows
 from ..spec import CausalOptions, Spec
 from ..store import CAUSAL_SCHEMA, DONE, WEIGHTS, Quantity, ResultStore, unit_done
+from ..fs import set_storage_options
 from .dynamic import CORPUS, DynamicPlan, TokenizedInput, _cluster_gpus, plan_dynamic
 from .job import AnalysisJob, WeightsRecord
 
@@ -205,6 +206,7 @@ class CausalShard:
     `run` pushes one item through them. A load error is kept and raised by `run` (see ShardWorker)."""
 
     def __init__(self, plan: CausalPlan, shard: int, device: str, agreement_layers: tuple[int, ...] = ()):
+        set_storage_options(plan.base.storage_options)  # this actor opens URLs as the driver does
         self.plan = plan
         self.label = shard_label(plan, shard)
         self.last = shard == len(plan.base.shards) - 1

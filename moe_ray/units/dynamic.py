@@ -26,11 +26,12 @@ import torch
 
 from ..analysis.dynamic import angular_mean
 from ..checkpoint import Checkpoint, ModelFacts, open_checkpoint
-from ..data import InputError, corpus_sequences, input_text
+from ..data import corpus_sequences, input_text
 from ..distributed.fanout import Unit
 from ..distributed.pipeline import READY_TIMEOUT_S, PlacementTimeout, ShardLost, balance_layers, run_pipeline, say
 from ..distributed.placement import Demand, Resources, refusal
 from ..errors import CheckpointError, MoeRayError, SpecError
+from ..fs import set_storage_options
 from ..progress import ShardCounters
 from ..runtime import LayerCapture, LayerRange, check_sequence, layer_keys
 from ..spec import DynamicOptions, Spec
@@ -39,7 +40,6 @@ from .job import AnalysisJob, WeightsRecord
 
 GROUP = "dynamic"
 UNIT_DIMS = ("layer",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 ACTIVATION_SLACK = 512 * 2**20
 REPLAN_PLACE_S = 30
 """How long a re-planned pass waits to be placed before the next, more compact plan is tried."""
@@ -75,6 +75,8 @@ class DynamicPlan:
     options: DynamicOptions
     layer_bytes: tuple[int, ...] = ()  # float32 bytes of every decoder layer (embeddings on layer 0)
     reference_layer_bytes: int = 0  # float32 bytes of the reference FFN of each captured layer
+    storage_options: dict = dataclasses.field(default_factory=dict, hash=False)
+    """The spec's fsspec options: a shard actor opens the model and the store with them (`moe_ray.fs`)."""
 
     def resharded(self, shards: int, placement: str) -> "DynamicPlan":
         """This plan split into `shards` shards (balanced by bytes) placed with `placement`."""
@@ -116,20 +118,9 @@ def _cluster_gpus() -> float | None:
 
 def tokenize(ckpt: Checkpoint, names: list[str], options: DynamicOptions) -> tuple[TokenizedInput, ...]:
     """Each named input as token ids with the checkpoint's own tokenizer (BOS where it adds one)."""
-    from transformers import AutoTokenizer
+    from ..checkpoint.tokenizer import load_tokenizer
 
-    fs = ckpt.fs
-    if not any(fs.exists(f"{ckpt.root.rstrip('/')}/{f}") for f in TOKENIZER_FILES):
-        raise InputError(f"no tokenizer in {ckpt.location} (tokenizer.json or tokenizer.model); "
-                         "dynamic analyses need the checkpoint's tokenizer")
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # config.json model types transformers lacks (deepseek, grok) are expected
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt.location)
-    finally:
-        hf_logging.set_verbosity(level)
+    tokenizer = load_tokenizer(ckpt.location)
     texts: list[tuple[str, str]] = []
     for name in names:
         if name == CORPUS:
@@ -188,7 +179,7 @@ def plan_dynamic(ckpt: Checkpoint, ref: Checkpoint | None, spec: Spec, layers: t
     act_bytes = longest * len(labels) * (facts.d_hid * 3 + len(labels)) * 8 + ACTIVATION_SLACK
     unsplit = DynamicPlan(ckpt.location, ref.location if ref else None, spec.store, facts, tuple(layers),
                           tuple(labels), neuron_dim, (), (), max(sizes), act_bytes, inputs, options,
-                          tuple(sizes), ref_bytes)
+                          tuple(sizes), ref_bytes, storage_options=dict(spec.storage_options or {}))
     return unsplit.resharded(options.shards, options.placement)
 
 
@@ -307,6 +298,7 @@ class ShardWorker:
     """
 
     def __init__(self, plan: DynamicPlan, shard: int, device: str):
+        set_storage_options(plan.storage_options)  # this actor opens URLs as the driver does
         self.plan = plan
         self.label = shard_label(plan, shard)
         self.load_error: Exception | None = None

@@ -20,6 +20,7 @@ import torch
 from ..distributed.fanout import Unit, run_units
 from ..distributed.placement import EACH, GIB, Demand, Resources, gpus_for
 from ..errors import MoeRayError, SpecError
+from ..fs import with_storage_options
 from ..spec import Spec
 from ..store import ResultStore
 
@@ -200,5 +201,5 @@ class TaskJob(AnalysisJob):
         return Demand(self.name, tuple((u.label, u.resources()) for u in units), EACH, gpu_memory_per_gpu=per_gpu)
 
     def execute(self, pending: list[Unit], spec: Spec) -> None:
-        run_units(self.unit_function(), pending, what=f"{self.name} units", progress=spec.progress,
-                  cell_name=self.cell_name)
+        run_units(with_storage_options(self.unit_function(), spec.storage_options), pending,
+                  what=f"{self.name} units", progress=spec.progress, cell_name=self.cell_name)
