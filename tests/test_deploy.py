@@ -164,6 +164,8 @@ def test_submit_from_the_wheel_equals_a_local_run(wheel_head, fresh_venv, ray_se
     from ray.job_submission import JobSubmissionClient
 
     ran_with = JobSubmissionClient(address).get_job_info(job_id).runtime_env
+    job_id = ran_with["env_vars"].pop("MOE_RAY_JOB_ID")  # the submission id, which the store's run log names
+    assert job_id.startswith("raysubmit_")
     assert ran_with["env_vars"] == {"PYTHONUNBUFFERED": "1", "MOE_RAY_DEPLOY_MARK": "wheel"}
     assert "py_modules" not in ran_with and "working_dir" not in ran_with
     for group in ("static", "reorder/joint"):

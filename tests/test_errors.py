@@ -62,7 +62,7 @@ def test_config_or_index_a_directory_is_refused(copy, tmp_path, capsys, name):
     (ckpt / name).unlink()
     (ckpt / name).mkdir()
     err = _error(_run(ckpt, tmp_path / "s.zarr"), capsys)
-    assert f"{name} in {ckpt} is not a regular file" in err
+    assert f"{name} in {ckpt} is a directory, not a regular file" in err
 
 
 def test_an_unreadable_config_names_the_os_error(copy, tmp_path, capsys):
