@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (LABEL_FONT, MAX_WIDTH, RIGHT_MARGIN, TICK_FONT, Figure, StoreView, Table, figure_record,
-                     new_figure, pages, panel_title)
+                     expert_labels, new_figure, pages, panel_title)
 from .grid import PanelGrid
 
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402 (after .common set the backend)
@@ -116,7 +116,7 @@ def ablation(views: list[StoreView], out: Path) -> list[Figure]:
             continue
         ds = v.dataset(ABLATION)
         layers = [int(x) for x in ds["layer"].values]
-        labels = [str(x) for x in ds["expert"].values]
+        labels = expert_labels(ds, "expert")
         delta = _delta(v, ABLATION)  # [layer, expert, stat]
         routed = [i for i, lab in enumerate(labels) if lab.isdigit()]
         m = float(np.nanmax(np.abs(delta[:, routed, 0]))) or 1e-9  # SE can dwarf the routed experts
@@ -270,7 +270,7 @@ def ablation_table(views: list[StoreView], top: int = 10) -> list[Table]:
         order = np.argsort(-np.nan_to_num(delta[..., 0], nan=-np.inf), axis=None)[:top]
         for flat in order:
             li, ei = np.unravel_index(flat, delta.shape[:2])
-            rows.append([v.label, int(ds["layer"].values[li]), str(ds["expert"].values[ei]), *map(float, delta[li, ei])])
+            rows.append([v.label, int(ds["layer"].values[li]), expert_labels(ds, "expert")[ei], *map(float, delta[li, ei])])
     return [Table("causal_ablation_top", f"Expert ablation: the {top} removals that raise the loss most",
                   ["model", "layer", "expert", "Δ loss (nats/token)", "low", "high"], rows,
                   formats=[None, None, None, "sig3", "sig3", "sig3"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
-from .common import StoreView, Table
+from .common import StoreView, Table, expert_labels
 from .static import MATRICES, layers_of
 
 
@@ -26,8 +26,9 @@ def _offdiag_mean(values: np.ndarray) -> float:
     return float(sel.mean()) if sel.size else float("nan")
 
 
-def _routed(da) -> list[str]:
-    return [str(x) for x in da["expert_i"].values if str(x).isdigit()]
+def _routed(da) -> list[int]:
+    """Positions of the routed experts along `expert_i` (not F, not SE)."""
+    return [i for i, lab in enumerate(expert_labels(da, "expert_i")) if lab.isdigit()]
 
 
 TAB2_COLUMNS = ["model", "layers", "expert pairs", "similarity before (median)", "similarity after (median)",
@@ -137,7 +138,7 @@ def activation_ratios(views: list[StoreView]) -> list[Table]:
                 continue
             da = ds["activation_ratio"].sel(layer=layers_of(v, group(inp)))
             values = np.asarray(da.values, dtype=np.float64)
-            routed = [i for i, lab in enumerate(str(x) for x in da["expert"].values) if lab.isdigit()]
+            routed = [i for i, lab in enumerate(expert_labels(da, "expert")) if lab.isdigit()]
             rows.append([v.label, inp, int(ds.sizes["token"]), 100 * float(np.nanmean(values[..., routed])),
                          str(v.model.get("activation", "?"))])
     return [Table("activation_ratio", "Mean activation ratio: elements of act(W_gate x) with |value| > 1e-3",
@@ -159,20 +160,20 @@ def comparison(views: list[StoreView]) -> list[Table]:
                 continue
             da = v.dataset("static")["matrix_similarity"]
             routed = _routed(da)
-            sel = da.sel(layer=layers_of(v, "static"), matrix=m, expert_i=routed, expert_j=routed)
+            sel = da.sel(layer=layers_of(v, "static"), matrix=m).isel(expert_i=routed, expert_j=routed)
             row.append(_offdiag_mean(sel.values))
         rows.append(row)
-    if any(v.has("static") and "F" in [str(x) for x in v.dataset("static")["expert_i"].values] for v in views):
+    if any(v.has("static") and "F" in expert_labels(v.dataset("static"), "expert_i") for v in views):
         for m in MATRICES:
             row = [f"mean similarity expert-F W_{m}"]
             for v in views:
-                labels = [str(x) for x in v.dataset("static")["expert_i"].values] if v.has("static") else []
+                labels = expert_labels(v.dataset("static"), "expert_i") if v.has("static") else []
                 if "F" not in labels:
                     row.append(None)
                     continue
                 da = v.dataset("static")["matrix_similarity"]
-                vals = np.asarray(da.sel(layer=layers_of(v, "static"), matrix=m, expert_i="F",
-                                         expert_j=_routed(da)).values, dtype=np.float64)
+                vals = np.asarray(da.sel(layer=layers_of(v, "static"), matrix=m).isel(
+                    expert_i=labels.index("F"), expert_j=_routed(da)).values, dtype=np.float64)
                 row.append(float(np.nanmean(vals)) if np.isfinite(vals).any() else None)
             rows.append(row)
     for m in MATRICES:
@@ -182,7 +183,71 @@ def comparison(views: list[StoreView]) -> list[Table]:
             row.append(float(ds["gate_weight_r2_mean"].sel(matrix=m).values)
                        if ds is not None and "gate_weight_r2_mean" in ds else None)
         rows.append(row)
-    return [Table("comparison", "Comparison across models", columns, rows, formats=[None] + [".3f"] * len(views))]
+    rows += _reorder_rows(views) + _dynamic_rows(views)
+    return [Table("comparison", "Comparison across models", columns, rows, formats=[None] + ["sig3"] * len(views),
+                  note="Tab 2: the median relative growth of the flattened similarity after reordering (mode separate, "
+                       "as the paper) over every layer, pair and matrix, and its order (the paper: Mixtral 1e-3, "
+                       "DeepSeek and Grok 100). Dynamic rows from the short input where the store has it, else the "
+                       "first input; routed experts only (the paper's activation ratios: Mixtral 99.6%, DeepSeek "
+                       "99.7%, Grok 25.3%).")]
+
+
+def _reorder_rows(views: list[StoreView]) -> list[list]:
+    """Tab 2's median growth and its order of magnitude per model (mode `separate`), and Kendall's tau."""
+    by_label = {row[0]: row for row in tab2_rows(views, "separate")}
+    if not by_label:
+        return []
+    names = [("Tab 2: relative growth after reordering (median)", 5), ("Tab 2: order of growth", 6),
+             ("Tab 2: Kendall τ (median)", 7)]
+    return [[name] + [by_label[v.label][i] if v.label in by_label else None for v in views] for name, i in names]
+
+
+def _dynamic_rows(views: list[StoreView]) -> list[list]:
+    """The dynamic metrics side by side: output similarity (§5.1), norm/score agreement and the top-1/top-2
+    score gap (§5.2), the activation ratio (§5.3)."""
+    from . import findings as F
+    from .dynamic import group, ordered_inputs
+
+    def first_with(v: StoreView, names: set[str]) -> str | None:
+        have = [i for i in ordered_inputs(v.groups("dynamic")) if names <= set(v.dataset(group(i)))
+                and layers_of(v, group(i))]
+        return have[0] if have else None
+
+    def metric(v: StoreView, names: set[str], compute) -> float | None:
+        inp = first_with(v, names)
+        if inp is None:
+            return None
+        ds = v.dataset(group(inp)).sel(layer=layers_of(v, group(inp)))
+        return compute(ds)
+
+    def routed(da, dim: str) -> np.ndarray:
+        keep = [i for i, lab in enumerate(expert_labels(da, dim)) if lab.isdigit()]
+        return np.asarray(da.isel({dim: keep} if dim == "expert" else {"expert_i": keep, "expert_j": keep}).values,
+                          dtype=np.float64)
+
+    def similarity(ds) -> float:
+        values = routed(ds["expert_output_similarity"], "expert_i")
+        return float(np.nanmean([F._offdiag(m) for m in values.reshape(-1, *values.shape[-2:])]))
+
+    def agreement(ds) -> float:
+        return F.norm_score_stat(routed(ds["expert_output_norms"], "expert"), routed(ds["gate_scores"], "expert"))[0]
+
+    def gap(ds) -> float:
+        return F.top_gap(routed(ds["gate_scores"], "expert"))
+
+    def ratio(ds) -> float:
+        return 100 * float(np.nanmean(routed(ds["activation_ratio"], "expert")))
+
+    specs = [("mean output similarity per token (cosine, routed, i≠j)", {"expert_output_similarity"}, similarity),
+             ("top-1 by score has the largest norm (share of tokens)", {"expert_output_norms", "gate_scores"}, agreement),
+             ("top-1 ÷ top-2 gate score (median over tokens)", {"gate_scores"}, gap),
+             ("activation ratio, routed experts (%)", {"activation_ratio"}, ratio)]
+    rows = []
+    for name, needs, compute in specs:
+        row = [name] + [metric(v, needs, compute) for v in views]
+        if any(x is not None for x in row[1:]):
+            rows.append(row)
+    return rows
 
 
 def write_csv(table: Table, out: Path) -> Path:
