@@ -5,6 +5,7 @@ dims (no pipeline run), so the module stays fast."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -222,3 +223,92 @@ def test_findings_section(deep_dynamic, tmp_path):
     grow = next(r for r in table.rows if r[1].startswith("the deeper the layer"))
     assert grow[3] > 0.9 and grow[4] == "yes" and grow[5] == "DeepSeek: grows, less than Mixtral"
     assert "paper's numbers are for DeepSeek" in table.note
+
+
+def test_shape_gives_the_real_depth_and_expert_counts():
+    """make-tiny --shape: the flavor's depth and expert counts at tiny width; a mismatched family refused."""
+    from moe_ray.checkpoint.families import get_family
+    from moe_ray.checkpoint.tiny import shape_overrides
+
+    for family, shape, layers, moe, experts in (("mixtral", "mixtral:8x7B", 32, 32, 8),
+                                                 ("deepseek_moe", "deepseek_moe:16B", 28, 27, 64),
+                                                 ("grok1", "314B", 64, 64, 8)):
+        adapter = get_family(family)
+        config = {**adapter.tiny_config(), **shape_overrides(family, shape)}
+        facts = adapter.facts(config)
+        assert (int(config["num_hidden_layers"]), len(facts.moe_layers), facts.num_experts) == (layers, moe, experts)
+        assert facts.d_hid == adapter.facts(adapter.tiny_config()).d_hid  # tiny width kept
+    with pytest.raises(MoeRayError, match="a grok1 flavor for a mixtral checkpoint"):
+        shape_overrides("mixtral", "grok1:314B")
+    with pytest.raises(MoeRayError, match="unknown mixtral flavor '9x9B'"):
+        shape_overrides("mixtral", "9x9B")
+
+
+def static_group(n_layers: int, labels: list[str], rng: np.random.Generator) -> xr.Dataset:
+    """`static` with Fig 1's matrix similarity, every layer done, similarity falling with depth."""
+    L = len(labels)
+    sim = rng.uniform(0.0, 0.2, (n_layers, 3, L, L)) + np.linspace(0.4, 0.1, n_layers)[:, None, None, None]
+    sim = (sim + sim.transpose(0, 1, 3, 2)) / 2
+    sim[..., np.arange(L), np.arange(L)] = 1.0
+    return xr.Dataset({"matrix_similarity": (("layer", "matrix", "expert_i", "expert_j"), sim),
+                       "unit_done": (("layer",), np.ones(n_layers, dtype="int8"))},
+                      coords={"layer": np.arange(n_layers), "matrix": ["up", "gate", "down"], "expert_i": labels,
+                              "expert_j": labels})
+
+
+def test_real_depth_pages_in_a_browser(tmp_path, monkeypatch):
+    """Grok-1's depth (64 layers x 8 experts) beside a second model: index.html and a page per model, split
+    per section past the page budget (set small here); every page's links and layer anchors resolve, images
+    load lazily and are shown unscaled at 1,400 px in headless chromium; one colour range over 16 images."""
+    from headless_browser import Browser, find_chromium
+
+    from moe_ray.plotting import report as R
+
+    rng = np.random.default_rng(2)
+    grok = make_store(tmp_path / "grok.zarr", {"family": "grok1", "num_layers": 64, "moe_layers": list(range(64)),
+                                               "num_experts": 8, "top_k": 2},
+                      {"static": static_group(64, [str(e) for e in range(8)], rng)})
+    mix = make_store(tmp_path / "mix.zarr", {"family": "mixtral", "num_layers": 4, "moe_layers": list(range(4)),
+                                             "num_experts": 8, "top_k": 2},
+                     {"static": static_group(4, [str(e) for e in range(8)] + ["F"], rng)})
+    monkeypatch.setattr(R, "PAGE_BUDGET", 150_000)
+    report = render([grok, mix], tmp_path / "rep", parallel="none")
+    fig1 = [f for f in report.figures if f.key == "fig1_matrix_similarity" and f.store == StoreView(grok).label]
+    assert len(fig1) == 16 and len({f.data[("range", "sim")] for f in fig1}) == 1
+    names = sorted(p.name for p in report.pages)
+    grok_fig1 = R.model_page_name(StoreView(grok).label, "fig1-1")
+    assert names[0] == "index.html" and grok_fig1 in names  # split by section (and by part past the budget)
+    assert R.model_page_name(StoreView(mix).label) in names  # small enough for one page
+    sizes = {p.name: p.stat().st_size + sum((p.parent / src).stat().st_size
+                                           for src in re.findall(r'<img src="([^"]+)"', p.read_text()))
+             for p in report.pages}
+    assert max(sizes.values()) < 150_000 + 60_000, sizes  # the budget, give or take the last image
+    trend = next(r for t in report.tables if t.key.startswith("findings_grok") for r in t.rows
+                 if r[1].startswith("experts' weights are less similar"))
+    assert trend[3] < -0.9 and trend[4] == "yes"  # planted: similarity falls with depth
+    for page in report.pages:  # links to other pages land on an id there
+        for target, anchor in re.findall(r"href='([^'#]+\.html)#([^']+)'", page.read_text()):
+            text = (page.parent / target).read_text()
+            assert f'id="{anchor}"' in text or f"id='{anchor}'" in text, (page.name, target, anchor)
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed (make test installs it)")
+    with Browser(chromium) as browser:
+        for page in report.pages:
+            browser.open(page.as_uri(), width=1400, height=1000)
+            info = browser.evaluate("""(async () => {
+              const ids = new Set([...document.querySelectorAll('[id]')].map(e => e.id));
+              const imgs = [...document.images];
+              for (let y = 0; y < document.documentElement.scrollHeight; y += 500) {
+                window.scrollTo(0, y); await new Promise(r => setTimeout(r, 20)); }
+              await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+              return {lazy: imgs.every(i => i.loading === 'lazy'), loaded: imgs.every(i => i.naturalWidth > 0),
+                      unscaled: imgs.every(i => Math.abs(i.width - i.naturalWidth) < 1),
+                      local: [...document.querySelectorAll('a[href^="#"]')].every(a => ids.has(a.hash.slice(1))),
+                      scroll: document.documentElement.scrollWidth <= document.documentElement.clientWidth,
+                      layers: [...document.querySelectorAll('.layers a')].length, images: imgs.length};
+            })()""")
+            assert info["lazy"] and info["loaded"] and info["unscaled"] and info["local"] and info["scroll"], \
+                (page.name, info)
+            if page.name == grok_fig1:
+                assert info["layers"] == 16 and 2 <= info["images"] < 16  # every layer page, over the parts

@@ -719,7 +719,7 @@ def _layer_anchor(section: str, figure: Figure) -> str | None:
 
 
 def _section_html(out: SectionOut, figures: list[Figure], links: dict[str, str] | None = None,
-                  labels: list[str] | None = None) -> str:
+                  labels: list[str] | None = None, anchor_pages: dict[str, str] | None = None) -> str:
     """A section: title, caption, notes (only those of `labels`' stores when given), tables, figures with a
     line of layer links; `links` (model label -> page) says where its figures are when they are elsewhere."""
     section = out.section
@@ -736,8 +736,9 @@ def _section_html(out: SectionOut, figures: list[Figure], links: dict[str, str] 
         if first:
             anchors.append(anchor)
         items.append(_figure_html(figure, anchor if first else None))
-    layer_nav = ("<p class='layers'>layers: " + " ".join(f"<a href='#{a}'>{a.split('-', 1)[1]}</a>" for a in anchors)
-                 + "</p>") if len(anchors) > 1 else ""
+    every = anchor_pages or {a: "" for a in anchors}  # the section's layer pages, over all its HTML pages
+    layer_nav = ("<p class='layers'>layers: " + " ".join(f"<a href='{page}#{a}'>{a.split('-', 1)[1]}</a>"
+                                                         for a, page in every.items()) + "</p>") if len(every) > 1 else ""
     where = ""
     if links:
         where = "<p>Figures: " + " · ".join(f"<a href='{html.escape(page)}#{section.key}'>{html.escape(label)}</a>"
@@ -831,9 +832,19 @@ def write_pages(views: list[StoreView], sections: list[SectionOut], report: Repo
              f"<h2 id='stores'>Stores</h2>{prov}{inputs_html}{''.join(body)}")
     report.index.write_text(_document(title, index))
     written.append(report.index)
+    anchor_pages: dict[tuple[str, str], dict[str, str]] = {}  # (model, section) -> {layer anchor: page}
     for label, pages_ in plan.items():
         for page, held in pages_:
-            parts = "".join(_section_html(s, figs, labels=[label]) for s, figs in held)
+            for s, figs in held:
+                for f in figs:
+                    anchor = _layer_anchor(s.section.key, f)
+                    if anchor is not None:
+                        anchor_pages.setdefault((label, s.section.key), {}).setdefault(anchor, page)
+    for label, pages_ in plan.items():
+        for page, held in pages_:
+            parts = "".join(_section_html(s, figs, labels=[label], anchor_pages={
+                a: ("" if p == page else p) for a, p in anchor_pages.get((label, s.section.key), {}).items()})
+                for s, figs in held)
             heading = f"{label}" + (f": {held[0][0].section.title}" if len(pages_) > 1 else "")
             text = (f"<h1>{html.escape(heading)}</h1>{_state_banner([st for st in report.states if st.label == label])}"
                     f"{nav(page)}{section_nav(label)}{parts}")
