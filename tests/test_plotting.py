@@ -118,10 +118,13 @@ def test_report_two_real_stores(stores, tmp_path):
     assert len(ranges) == 1 and next(iter(ranges))[0] < 0 < 0.85 < next(iter(ranges))[1]
     assert "share one colour range" in _text(shared.index)
 
-    # Fig 8 keeps SE in the neuron-average maps of deepseek, and the gate map has routed experts only.
+    # Fig 8 keeps SE in the neuron-average maps of deepseek; the gate map has values for routed experts only,
+    # on Y's labels (SE's row and column blank) so the panels line up column for column.
     fig8 = figure("fig8_gate_neuron_avg", ds_label)
     assert fig8.data[("labels", ds_label, 1, "Y_up")][0][-1] == "SE"
-    assert len(fig8.data[("labels", ds_label, 1, "X")][0]) == 64
+    assert fig8.data[("labels", ds_label, 1, "X")] == fig8.data[("labels", ds_label, 1, "Y_up")]
+    x_map = fig8.data[(ds_label, 1, "X")]
+    assert np.isnan(x_map[-1]).all() and np.isfinite(x_map[:64, :64]).all()
     assert set(k[1] for k in fig8.data if k[0] == "range") == {"x", "y"}  # a colour bar per quantity
 
     # Fig 6 lists DBSCAN-removed experts exactly as the store marks them, drawn inside the panel.

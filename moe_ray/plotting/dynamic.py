@@ -177,8 +177,12 @@ def fig3_angular(views: list[StoreView], out: Path) -> list[Figure]:
             return layers_of(view, "static") if view.has("static") else []
 
         cols = [Column(f"outputs ({inp})", read, "ang", "output", layers=lambda v, inp=inp: _layers(v, inp))]
-        cols += [Column(f"W_{m}", static_square("matrix_similarity", m), "sim", "similarity", layers=static_layers)
-                 for m in ("up", "gate", "down")]
+        def output_labels(view: StoreView, layers: list[int], inp=inp):
+            labels = expert_labels(view.dataset(group(inp)), "expert_i")
+            return None, labels, labels
+
+        cols += [Column(f"W_{m}", static_square("matrix_similarity", m, like=output_labels), "sim", "similarity",
+                        layers=static_layers) for m in ("up", "gate", "down")]
         have = [v for v in views if "expert_output_angular_mean" in v.dataset(group(inp))]
         total = {v.label: v.dataset(group(inp)).sizes["token"] for v in have}
         figures += square_pages(

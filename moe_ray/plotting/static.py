@@ -189,19 +189,34 @@ def _draw_square(v: StoreView, page: list[int], drawn: dict, out: Path, key: str
     return grid.save(key, out / f"{key}_{slug(v.label)}_{page_name(page)}.png", full, drawn, caption)
 
 
-def static_square(name: str, matrix: str | None) -> Getter:
-    """Read `static/<name>` for some layers (one matrix), dropping labels with no values (F/SE absent)."""
+def static_square(name: str, matrix: str | None, like: Getter | None = None) -> Getter:
+    """Read `static/<name>` for some layers (one matrix), dropping labels with no values (F/SE absent); with
+    `like`, on that getter's labels instead (blank rows and columns where this map has none), so the panels of
+    one figure line up column for column (Fig 8's X beside Y with F and SE, Fig 3's weights beside outputs)."""
     def read(view: StoreView, layers: list[int]):
         da = view.dataset("static")[name].sel(layer=layers)
         if matrix is not None:
             da = da.sel(matrix=matrix)
         values = np.asarray(da.values, dtype=np.float64)
         labels = expert_labels(da, "expert_i")
+        if like is not None:
+            return align(values, labels, like(view, layers)[1])
         keep = nonempty_labels(values, labels)
         values = values[:, keep][:, :, keep]
         kept = [labels[i] for i in keep]
         return values, kept, kept
     return read
+
+
+def align(values: np.ndarray, labels: list[str], target: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """[layer, label, label] maps on `target`'s labels: NaN (blank) rows and columns for labels this map lacks."""
+    out = np.full(values.shape[:-2] + (len(target), len(target)), np.nan)
+    where = {lab: i for i, lab in enumerate(labels)}
+    src = [where.get(lab) for lab in target]
+    pick = [k for k, s in enumerate(src) if s is not None]
+    have = [src[k] for k in pick]
+    out[..., np.ix_(pick, pick)[0], np.ix_(pick, pick)[1]] = values[..., np.ix_(have, have)[0], np.ix_(have, have)[1]]
+    return out, list(target), list(target)
 
 
 def fig1_matrix_similarity(views: list[StoreView], out: Path) -> list[Figure]:
@@ -215,13 +230,14 @@ def fig1_matrix_similarity(views: list[StoreView], out: Path) -> list[Figure]:
 def fig8_gate_and_neuron_avg(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 8 (§4.2, App B/C): gate-embedding similarity X beside neuron-averaging similarity Y_m, each
     quantity with its own colour map and colour bar."""
-    cols = [Column("X", static_square("gate_embedding_similarity", None), "x", "gate")]
+    cols = [Column("X", static_square("gate_embedding_similarity", None,
+                                      like=static_square("neuron_avg_similarity", "up")), "x", "gate")]
     cols += [Column(f"Y_{m}", static_square("neuron_avg_similarity", m), "y", "similarity") for m in MATRICES]
     return square_pages(views, out, "fig8_gate_neuron_avg", "Fig 8: gate embedding X and neuron averaging Y", cols,
                         lambda v: layers_of(v, "static"),
                         {"x": "X: cosine of router rows", "y": "Y_m: cosine of mean neurons"},
-                        what="X: routed experts only (F and SE have no router row); Y: F and SE where the store "
-                             "has them")
+                        what="X: routed experts only (F and SE have no router row: blank, so X's cells line up with "
+                             "Y's); Y: F and SE where the store has them")
 
 
 SPECIAL_COLORS = {"F": "0.1", "SE": "0.5"}
