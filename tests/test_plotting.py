@@ -308,7 +308,9 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
     upper = np.isfinite(w["before"])
     for table, mode, order in ((tab2, "separate", "100"), (tab2_joint, "joint", "1e-3")):
         (row,) = table.rows
-        assert row[:3] == [label, 2, E * (E - 1) // 2]
+        assert row[:3] == [label, 2, 2 * E * (E - 1) // 2]  # layers x pairs, in all
+        finite = ((w["afters"][mode] - w["before"]) / np.abs(w["before"]))[upper]
+        assert row[8] == f"{fmt(np.quantile(finite, 0.25), 'sig3')} – {fmt(np.quantile(finite, 0.75), 'sig3')}"
         assert row[3] == pytest.approx(np.median(w["before"][upper]))
         assert row[4] == pytest.approx(np.median(w["afters"][mode][upper]))
         assert row[5] == pytest.approx(100.0 if mode == "separate" else 1e-3, rel=1e-4)

@@ -311,17 +311,32 @@ def _fig4_image(v: StoreView, inp: str, page: list[int], toks: list[int], defaul
                      f"routed experts only (F and SE columns blank: they have no router); {scale_note(views)}.")
 
 
+FIG9_MIN_TOKENS = 64
+"""Fig 9 counts ranks over an input's tokens: the paper uses the long input (App D); an input shorter than this
+is drawn only when the store has no longer one."""
+
+
+def _longer_input(view: StoreView, inp: str) -> bool:
+    """Whether Fig 9 should skip `inp` for this store: it is short and the store has a longer input with counts."""
+    tokens = {i: view.dataset(group(i)).sizes.get("token", 0) for i in view.groups("dynamic")
+              if "norm_score_rank_counts" in view.dataset(group(i))}
+    return tokens.get(inp, 0) < FIG9_MIN_TOKENS and max(tokens.values(), default=0) >= FIG9_MIN_TOKENS
+
+
 def fig9_rank_counts(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 9 (App D): how often the expert with norm rank r has score rank s, per layer (rank 0 = largest),
     on a diverging colour map centred on the count every cell would have if the ranks were unrelated."""
     figures = []
     for inp in _inputs_with(views, "norm_score_rank_counts"):
+        have = [v for v in views if "norm_score_rank_counts" in v.dataset(group(inp)) and not _longer_input(v, inp)]
+        if not have:
+            continue
+
         def read(view: StoreView, layers: list[int], inp=inp):
             da = view.dataset(group(inp))["norm_score_rank_counts"].sel(layer=layers)
             return (np.asarray(da.values, dtype=np.float64), [str(x) for x in da["norm_rank"].values],
                     [str(x) for x in da["score_rank"].values])
 
-        have = [v for v in views if "norm_score_rank_counts" in v.dataset(group(inp))]
         cols = [Column(f"rank counts ({inp})", read, "count", "count", "gate-score rank (0 = highest)",
                        "output-norm rank (0 = largest)", center=lambda m: float(np.nanmean(m)))]
         figures += square_pages(have, out, f"fig9_rank_counts_{inp}",

@@ -31,9 +31,10 @@ def _routed(da) -> list[int]:
     return [i for i, lab in enumerate(expert_labels(da, "expert_i")) if lab.isdigit()]
 
 
-TAB2_COLUMNS = ["model", "layers", "expert pairs", "similarity before (median)", "similarity after (median)",
-                "relative growth (median)", "order of growth", "Kendall τ (median)"]
-TAB2_FORMATS = [None, None, None, "sig3", "sig3", "sig3", "order", ".4f"]
+TAB2_COLUMNS = ["model", "layers", "expert pairs (all layers)", "similarity before (median)",
+                "similarity after (median)", "relative growth (median)", "order of growth", "Kendall τ (median)",
+                "relative growth IQR"]
+TAB2_FORMATS = [None, None, None, "sig3", "sig3", "sig3", "order", ".4f", None]
 """Similarities and growth to 3 significant digits (the paper's DeepSeek and Grok similarities are about 1e-4,
 which fixed decimals would print as 0), the order as the paper writes it, tau to 4 decimals (its -0.0002)."""
 
@@ -54,9 +55,15 @@ def tab2_rows(views: list[StoreView], mode: str) -> list[list]:
         nan = np.full(1, np.nan)
         row = tab2_summary(arrays.get("similarity_before", nan), arrays.get("similarity_after", nan), arrays["growth"],
                            arrays.get("kendall_tau", nan))
-        computed = np.isfinite(arrays["growth"]).any(axis=tuple(range(arrays["growth"].ndim - 2)))
+        growth = arrays["growth"]
+        computed = np.isfinite(growth)  # [layer, (matrix,) i, j]: a (layer, pair) counts once
+        if computed.ndim == 4:
+            computed = computed.any(axis=1)
+        finite = growth[np.isfinite(growth)]
+        iqr = (f"{fmt(float(np.quantile(finite, 0.25)), 'sig3')} – {fmt(float(np.quantile(finite, 0.75)), 'sig3')}"
+               if finite.size else "—")
         rows.append([v.label, len(layers), int(computed.sum()), row["similarity_before"], row["similarity_after"],
-                     row["growth_median"], row["order_of_growth"], row["tau_median"]])
+                     row["growth_median"], row["order_of_growth"], row["tau_median"], iqr])
     return rows
 
 
@@ -94,7 +101,8 @@ def tab3_r2(views: list[StoreView]) -> list[Table]:
     return [Table("tab3_r2_mean", "Tab 3: square of Pearson correlation coefficients averaged over all layers (R²_avg)",
                   ["model"] + [f"(X, Y_{m})" for m in MATRICES], rows, formats=[None, ".2f", ".2f", ".2f"],
                   note="X: similarity of gate-embedding (router) rows; Y_m: similarity of the experts' mean neurons "
-                       "of W_m; R over the pairs i<j of routed experts, per layer (Tab 4).")]
+                       "of W_m; R over the pairs i<j of routed experts, per layer (Tab 4). The paper (Y_up, Y_gate, "
+                       "Y_down): Mixtral 0.06, 0.33, 0.07; DeepSeek 0.00, 0.40, 0.00; Grok 0.04, 0.15, 0.04.")]
 
 
 DENSE = "dense FFN"
