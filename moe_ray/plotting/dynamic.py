@@ -383,6 +383,21 @@ def active_window(values: np.ndarray, width: int, size: int = ZOOM_NEURONS) -> i
     return int(np.argmax(sums))
 
 
+def _thicken(values: np.ndarray, labels: list[str], wide: list[str]) -> tuple[np.ndarray, list[str], list[int]]:
+    """Rows of `wide` labels (a shared expert twice the routed experts' width) repeated so each is an eighth of
+    the panel's height, not a sliver under 64 routed experts. Returns (rows drawn, their labels, the positions
+    to label: the routed experts' ticks and the middle of each thick row)."""
+    from .common import tick_positions
+
+    narrow = [i for i, lab in enumerate(labels) if lab not in wide]
+    times = max(1, round(len(narrow) / 8)) if wide else 1
+    order = narrow + [i for i, lab in enumerate(labels) if lab in wide for _ in range(times)]
+    rows = [labels[i] for i in order]
+    ticks = tick_positions([labels[i] for i in narrow]) if narrow else []
+    ticks += [len(narrow) + k * times + times // 2 for k in range(len(order[len(narrow):]) // times)]
+    return values[order], rows, ticks
+
+
 def fig5_intermediate(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 5 (§5.3): |act(W_gate x)| per expert (rows) and neuron (columns) for the tokens the store keeps:
     per token, every neuron (binned by their largest value where there are more neurons than pixels, so a
@@ -445,6 +460,7 @@ def _fig5_image(v: StoreView, inp: str, page: list[int], chunk: list[int], defau
     widths = row_widths(values)  # [layer, token, expert]
     routed_width = int(max((w for w, lab in zip(widths.reshape(-1, len(labels)).max(axis=0), labels)
                             if lab != "SE"), default=n)) or n
+    wide = [lab for lab, w in zip(labels, widths.reshape(-1, len(labels)).max(axis=0)) if w > routed_width]
     im = None
     for r, layer in enumerate(page):
         for c, pos in enumerate(chunk):
@@ -455,7 +471,10 @@ def _fig5_image(v: StoreView, inp: str, page: list[int], chunk: list[int], defau
             data[("binned", v.label, layer, pos)] = binned
             data[("panel_px", v.label, layer, pos)] = tuple(round(q * DPI) for q in (x0, y0, x0 + grid.panel_w,
                                                                                      y0 + grid.panel_h))
-            im = grid.heatmap(r, 2 * c, binned, [], labels, cmap, *scale.limits, show_x=False, show_y=c == 0)
+            shown, rows, ticks = _thicken(binned, labels, wide)
+            im = grid.heatmap(r, 2 * c, shown, [], rows, cmap, *scale.limits, show_x=False, show_y=False)
+            if c == 0:
+                grid.yticks(r, 0, len(rows), ticks, [rows[i] for i in ticks], "expert")
             if r == len(page) - 1:
                 grid.numeric_xticks(r, 2 * c, binned.shape[-1] * per, "neuron")
             text = texts[pos] if pos < len(texts) else str(pos)
@@ -466,20 +485,21 @@ def _fig5_image(v: StoreView, inp: str, page: list[int], chunk: list[int], defau
             size = min(ZOOM_NEURONS, routed_width)
             window = cell[:, start:start + size]
             data[("zoom", v.label, layer, pos)] = (start, window)
-            grid.heatmap(r, 2 * c + 1, window, [str(start + i) for i in range(size)], labels, cmap, *scale.limits,
-                         xlabel="neuron", show_x=r == len(page) - 1, show_y=False, max_xticks=4)
+            grid.heatmap(r, 2 * c + 1, _thicken(window, labels, wide)[0], [str(start + i) for i in range(size)], rows,
+                         cmap, *scale.limits, xlabel="neuron", show_x=r == len(page) - 1, show_y=False, max_xticks=4)
             grid.title(r, 2 * c + 1, f"zoom: neurons {start}–{start + size - 1}\n(most active window)")
     grid.colorbar(im, "|act(W_gate x)|", extend=scale.extend)
     path = out / f"fig5_intermediate_{inp}_{slug(v.label)}_{page_name(page)}{token_part(chunk, default)}.png"
     shown = tokens_text(chunk, total)
     title = f"Fig 5: intermediate states ({inp} input, {shown}) — {v.label}, layers {page[0]}–{page[-1]}"
-    wide = [lab for lab, w in zip(labels, widths.reshape(-1, len(labels)).max(axis=0)) if w > routed_width]
     return grid.save("fig5_intermediate", path, title, data,
-                     f"{shown} of the {inp} input (the store keeps the first {len(default) if len(default) else 0} or "
-                     f"more: dynamic.intermediate_tokens); left of each pair every neuron, a column holding the largest "
-                     f"of its neurons where they outnumber the pixels; right, the {ZOOM_NEURONS} most active neurons; "
+                     f"{shown} of the {inp} input (the store keeps the first tokens' states: "
+                     f"dynamic.intermediate_tokens); left of each pair every neuron, a column holding the largest "
+                     f"of its neurons where they outnumber the pixels; right, the most active window of "
+                     f"{min(ZOOM_NEURONS, routed_width)} neurons; "
                      + (f"{', '.join(wide)} {'is' if len(wide) == 1 else 'are'} wider than the routed experts "
-                        f"({routed_width:,} neurons): the neuron axis is to scale, routed rows end at {routed_width:,}; "
+                        f"({routed_width:,} neurons): the neuron axis is to scale, routed rows end at {routed_width:,}, "
+                        f"and {'its row is' if len(wide) == 1 else 'their rows are'} drawn thicker; "
                         if wide else "")
                      + f"colour from 0 to the largest |value| of all this model's layers ({scale.hi:.3g}); "
                        f"{scale_note(views)}.")
