@@ -558,6 +558,11 @@ def _figure_html(figure: Figure, anchor: str | None = None) -> str:
             f'loading="lazy"></a><figcaption>{caption}</figcaption></figure>')
 
 
+def _text_cell(value) -> str:
+    """A cell of running text (a finding's observation, its test) reads left-aligned; numbers stay right."""
+    return " class='text'" if isinstance(value, str) and len(value) > 16 else ""
+
+
 def _table_html(table: Table) -> str:
     formats = table.formats or [None] * len(table.columns)
     if table.header_groups:
@@ -566,8 +571,8 @@ def _table_html(table: Table) -> str:
         head = f"<tr>{top}</tr><tr>{sub}</tr>"
     else:
         head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr>"
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(T.fmt(x, f))}</td>" for x, f in zip(row, formats)) + "</tr>"
-                   for row in table.rows)
+    rows = "".join("<tr>" + "".join(f"<td{_text_cell(x)}>{html.escape(T.fmt(x, f))}</td>" for x, f in zip(row, formats))
+                   + "</tr>" for row in table.rows)
     note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
     return (f"<h3>{html.escape(table.title)}</h3><div class='scroll'><table><thead>{head}</thead><tbody>{rows}"
             f"</tbody></table></div>{note}<p><a href='tables/{table.csv.name}'>{table.csv.name}</a> (full precision)</p>")
@@ -677,7 +682,7 @@ td:first-child{text-align:left}.missing{color:#a33}.remark{color:#444}figure{mar
 .tokens{font-family:monospace;font-size:13px}
 .state{border:2px solid #c60;background:#fff4e5;padding:.2em 1em;margin:1em 0}pre{white-space:pre-wrap}
 nav{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #ddd;z-index:1}nav a.here{font-weight:bold}
-nav.sections{position:static;border:0}.layers a{margin-right:.6em}"""
+nav.sections{position:static;border:0}td.text{text-align:left}.layers a{margin-right:.6em}"""
 
 
 def _state_banner(states: list[StoreState]) -> str:
