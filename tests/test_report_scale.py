@@ -119,7 +119,11 @@ def deep_dynamic(tmp_path_factory):
 def test_one_colour_range_per_model_over_all_pages(deep_dynamic, tmp_path):
     """Every image of a figure (three pages of layers) has the same range, spanning all layers: Fig 4's
     norms from 0 to the deepest layer's largest; Fig 2's diagonal (1) above the range, marked (extend)."""
-    report = render([deep_dynamic], tmp_path / "rep", parallel="none")
+    calls = []
+    report = render([deep_dynamic], tmp_path / "rep", parallel="none", on_figure=lambda *c: calls.append(c))
+    # on_figure: once per image as it is drawn, counting drawing tasks up to their total
+    assert sorted(c[2] for c in calls) == sorted(f.path.name for f in report.figures)
+    assert calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
     norms = xr.open_zarr(deep_dynamic, group="dynamic/short", consolidated=False)["expert_output_norms"].values
     fig4 = [f for f in report.figures if f.key == "fig4_norms_scores"]
     assert len(fig4) == 3
