@@ -241,6 +241,8 @@ def fig8_gate_and_neuron_avg(views: list[StoreView], out: Path) -> list[Figure]:
 
 
 SPECIAL_COLORS = {"F": "0.1", "SE": "0.5"}
+SPECIAL_MARKERS = {"F": "x", "SE": "+"}
+"""Fig 7 draws F's and SE's neurons as crosses over the experts' dots, so they can be told apart."""
 """Dense reference and shared expert in the PCA scatters: dark and mid grey, whatever the store."""
 
 
@@ -262,7 +264,7 @@ def _expert_colors(labels: list[str]) -> list:
             else turbo(int(lab) / max(n - 1, 1)) for lab in labels]
 
 
-def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0) -> dict:
+def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0, crosses: bool = False) -> dict:
     """Which colour is which expert, `pad` inches further right of the panels than usual: a legend naming
     each shown label (up to 10 routed experts), or a colour bar over the routed experts with a legend for
     F and SE. Returns what the key lists: {"legend": [labels], "colorbar": [first, last] or None}."""
@@ -276,7 +278,8 @@ def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0) -> di
     named = [lab for lab in labels if lab in shown and (not ranged or lab in SPECIAL_COLORS)]
     width = fig.get_size_inches()[0]
     if named:
-        handles = [Line2D([], [], marker="o", ls="", color=colors[lab], label=lab) for lab in named]
+        handles = [Line2D([], [], marker=SPECIAL_MARKERS.get(lab, "o") if crosses else "o", ls="", color=colors[lab],
+                          label=lab) for lab in named]
         fig.legend(handles=handles, title="expert", fontsize=TICK_FONT, title_fontsize=TICK_FONT, frameon=False,
                    loc="upper left", bbox_to_anchor=(fig.subplotpars.right + (0.1 + pad) / width, fig.subplotpars.top),
                    handletextpad=0.2, borderaxespad=0)
@@ -438,10 +441,15 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                             pts.append(p)
                             owner += [e] * len(p)
                     if pts:
-                        order = rng.permutation(len(owner))  # interleaved: no expert drawn last over the rest
-                        allp, owner = np.concatenate(pts)[order], np.asarray(owner)[order]
-                        ax.scatter(*allp.T, s=2, c=colors[owner], rasterized=True, alpha=0.6)
-                        data[("order", v.label, layer, m)] = [labels[e] for e in owner]
+                        allp, owner = np.concatenate(pts), np.asarray(owner)
+                        special = np.isin(owner, [e for e, lab in enumerate(labels) if lab in SPECIAL_COLORS])
+                        routed_p, routed_owner = allp[~special], owner[~special]
+                        order = rng.permutation(len(routed_owner))  # interleaved: no expert drawn last over the rest
+                        ax.scatter(*routed_p[order].T, s=2, c=colors[routed_owner[order]], rasterized=True, alpha=0.6)
+                        data[("order", v.label, layer, m)] = [labels[e] for e in routed_owner[order]]
+                        for e in sorted(set(owner[special].tolist())):  # F and SE on top, as crosses
+                            ax.scatter(*allp[owner == e].T, s=7, marker=SPECIAL_MARKERS[labels[e]], c=[colors[e]],
+                                       linewidths=0.6, rasterized=True)
                     ev = explained[r, mi]
                     ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=LABEL_FONT, labelpad=1)
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=LABEL_FONT, labelpad=1)
@@ -454,7 +462,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     panel_title(ax, f"layer {layer} · W_{m}")
                     data[(v.label, layer, m)] = drawn
                     shown.update(drawn)
-            data[("key",)] = _expert_key(fig, sorted(labels, key=_label_order), shown, pad=room)
+            data[("key",)] = _expert_key(fig, sorted(labels, key=_label_order), shown, pad=room, crosses=True)
             sampled = (f"every {stride}th neuron of each expert drawn ({MAX_POINTS_PER_PANEL:,} points at most a panel)"
                        if stride > 1 else "every neuron drawn")
             title = f"Fig 7: PCA of expert neurons ({dims}-D) — {v.label}, layers {page[0]}–{page[-1]}"
