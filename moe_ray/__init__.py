@@ -35,12 +35,13 @@ def __dir__() -> list[str]:
 
 
 def plot(stores: "str | list[str]", out: str = "report", parallel: str = "auto", shared_scale: bool = False,
-         progress: bool = True) -> "Path":
+         tokens: "list[int] | str | None" = None, progress: bool = True) -> "Path":
     """Figures and tables of the paper from one or several stores -> path of `out/index.html`
     (see `moe_ray.plotting`; imported lazily so Ray workers never load matplotlib). `parallel`:
     "auto" (Ray tasks on a cluster larger than this machine, else a process pool), "ray", "processes"
     or "none"; `shared_scale`: one colour range across the stores' images (default: each model its own);
-    `progress`: count the figures as they are drawn."""
+    `tokens`: the dynamic inputs' token positions Figs 2, 4, 5 and 10 show ("0-6", [0, 3], "all"; default
+    each figure's first ones); `progress`: count the figures as they are drawn."""
     from .plotting import plot as _plot
 
-    return _plot(stores, out, parallel, shared_scale, progress)
+    return _plot(stores, out, parallel, shared_scale, tokens, progress)

@@ -151,14 +151,18 @@ def _add_make_tiny(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=0.5, help="upcycled: relative noise added to the parent")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--shape", default=None, metavar="FAMILY:FLAVOR",
+                   help="the depth and expert counts of a real model at tiny width, e.g. mixtral:8x7B "
+                        "(32 layers x 8 experts), deepseek_moe:16B, grok1:314B")
 
 
 @command("make-tiny", "build a tiny test checkpoint in the real hub layout")(_add_make_tiny)
 def _make_tiny(args: argparse.Namespace) -> int:
-    from .checkpoint.tiny import make_tiny
+    from .checkpoint.tiny import make_tiny, shape_overrides
 
+    overrides = shape_overrides(args.family, args.shape) if args.shape else None
     tiny = make_tiny(args.family, args.variant, args.out, seed=args.seed, sigma=args.sigma,
-                     dtype=args.dtype, overwrite=args.overwrite)
+                     dtype=args.dtype, overwrite=args.overwrite, config_overrides=overrides)
     print(f"wrote {args.family} ({args.variant}) to {tiny.path}")
     if tiny.reference:
         print(f"wrote its dense parent to {tiny.reference} (use it as --reference)")
@@ -292,6 +296,9 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-scale", action="store_true",
                    help="one colour range across all stores' images of a figure (default: each model its own, "
                         "as in the paper)")
+    p.add_argument("--tokens", default=None,
+                   help="token positions Figs 2, 4, 5 and 10 draw, e.g. 0-6 or 0,3,10-12, or all (default: each "
+                        "figure's first tokens)")
 
 
 @command("plot", "render the paper's figures and tables from one or several stores")(_add_plot)
@@ -301,7 +308,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     figures = Callback("report figures", "drawing task", args.progress)
     try:
-        report = render(args.stores, args.out, args.parallel, args.shared_scale, on_figure=figures)
+        report = render(args.stores, args.out, args.parallel, args.shared_scale, args.tokens, on_figure=figures)
     finally:
         figures.close()
     print(report.summary())

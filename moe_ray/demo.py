@@ -5,7 +5,9 @@
 Writes `demo/checkpoints/*` (tiny models in the real hub layout), `demo/spec.toml` (rerun it with
 `moe-ray run demo/spec.toml`), `demo/results.zarr` (an upcycled Mixtral-style model with its dense
 parent as F: static, reorder, dynamic analyses and the causal checks on the first CAUSAL_SEQUENCES
-sequences of the built-in corpus), `demo/results-<name>.zarr` for the comparison models, and
+sequences of the built-in corpus), `demo/results-<name>.zarr` for the comparison models (a scratch
+Mixtral-style one; DeepSeekMoE-style, 64 experts + a shared expert, and Grok-1-style with GELU, both with
+static and dynamic analyses), and
 `demo/report/index.html` with the paper's figures and tables for all of them.
 """
 from __future__ import annotations
@@ -25,7 +27,9 @@ MODELS = {  # store name -> (family, variant, seed, analyses, DBSCAN eps)
     "results": ("mixtral", "upcycled", 0, ["static", "reorder", "dynamic", "causal"], None),
     "results-scratch": ("mixtral", "scratch", 1, ["static", "reorder", "dynamic", "causal"], None),
     # DBSCAN at the paper's eps 50 where the paper used it: DeepSeekMoE's 64 experts (App A.1)
-    "results-deepseek": ("deepseek_moe", "scratch", 2, ["static"], 50.0),
+    "results-deepseek": ("deepseek_moe", "scratch", 2, ["static", "dynamic"], 50.0),
+    # the paper's GELU model: Grok-1's layout and activation (its activation-ratio contrast, §5.3)
+    "results-grok": ("grok1", "scratch", 3, ["static", "dynamic"], None),
 }
 
 
@@ -51,9 +55,11 @@ def _spec_toml(model: Path, reference: Path | None, store: Path, analyses: list[
 
 def summarize(store: str) -> str:
     """A few lines a person can read: Tab 3 and the mean expert similarity per layer."""
+    from .plotting.common import expert_labels
+
     ds = xr.open_zarr(store, group="static")
-    labels = [str(v) for v in (ds.expert_i_label if "expert_i_label" in ds.coords else ds.expert_i).values]
-    experts = [i for i, lab in enumerate(labels) if lab not in ("F", "SE")]  # positions of the routed experts
+    labels = expert_labels(ds, "expert_i")
+    experts = [i for i, lab in enumerate(labels) if lab not in ("F", "SE")]
     sim = ds.matrix_similarity.isel(expert_i=experts, expert_j=experts).values
     mask = ~np.eye(len(experts), dtype=bool)
     lines = ["  Tab 3 mean R² (X, Y_m): " + ", ".join(

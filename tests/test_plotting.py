@@ -51,11 +51,24 @@ def _png_ok(path: Path) -> None:
 
 
 def _links_resolve(index: Path) -> list[str]:
-    text = index.read_text()
-    links = re.findall(r'(?:href|src)="([^"#][^"]*)"', text) + re.findall(r"href='([^']*)'", text)
-    for link in links:
-        assert (index.parent / link).is_file(), link
+    """Every link of every page of the report resolves (anchors to an id of the page linked)."""
+    links = []
+    for page in index.parent.glob("*.html"):
+        text = page.read_text()
+        found = re.findall(r'(?:href|src)="([^"#][^"]*)"', text) + re.findall(r"href='([^'#][^']*)'", text)
+        for link in found:
+            target, _, anchor = link.partition("#")
+            assert (index.parent / target).is_file(), (page.name, link)
+            if anchor and target.endswith(".html"):
+                assert f"id=\"{anchor}\"" in (index.parent / target).read_text() or \
+                    f"id='{anchor}'" in (index.parent / target).read_text(), (page.name, link)
+        links += found
     return links
+
+
+def _text(index: Path) -> str:
+    """The text of every page of the report: index.html, then the models' pages."""
+    return "".join(p.read_text() for p in [index] + sorted(index.parent.glob("model-*.html")))
 
 
 def test_report_two_real_stores(stores, tmp_path):
@@ -69,7 +82,7 @@ def test_report_two_real_stores(stores, tmp_path):
         assert f.min_font_pt >= 8 and f.size_px[0] <= 1300, (f.path.name, f.min_font_pt, f.size_px)
     links = _links_resolve(report.index)
     assert len([l for l in links if l.endswith(".png")]) >= len(report.figures)
-    text = report.index.read_text()
+    text = _text(report.index)
     assert "0.1.0" in text and "mixtral" in text and "deepseek_moe" in text and "dense-parent" in text
     assert "no reorder analyses" in text and "no dynamic analyses" in text
     # notes say what is missing where it matters, once: not "mixtral has no shared expert" in every section
@@ -104,12 +117,15 @@ def test_report_two_real_stores(stores, tmp_path):
     shared = render([mix, ds], tmp_path / "shared", shared_scale=True)
     ranges = {f.data[("range", "sim")] for f in shared.figures if f.key == "fig1_matrix_similarity"}
     assert len(ranges) == 1 and next(iter(ranges))[0] < 0 < 0.85 < next(iter(ranges))[1]
-    assert "share one colour range" in shared.index.read_text()
+    assert "share one colour range" in _text(shared.index)
 
-    # Fig 8 keeps SE in the neuron-average maps of deepseek, and the gate map has routed experts only.
+    # Fig 8 keeps SE in the neuron-average maps of deepseek; the gate map has values for routed experts only,
+    # on Y's labels (SE's row and column blank) so the panels line up column for column.
     fig8 = figure("fig8_gate_neuron_avg", ds_label)
     assert fig8.data[("labels", ds_label, 1, "Y_up")][0][-1] == "SE"
-    assert len(fig8.data[("labels", ds_label, 1, "X")][0]) == 64
+    assert fig8.data[("labels", ds_label, 1, "X")] == fig8.data[("labels", ds_label, 1, "Y_up")]
+    x_map = fig8.data[(ds_label, 1, "X")]
+    assert np.isnan(x_map[-1]).all() and np.isfinite(x_map[:64, :64]).all()
     assert set(k[1] for k in fig8.data if k[0] == "range") == {"x", "y"}  # a colour bar per quantity
 
     # Fig 6 lists DBSCAN-removed experts exactly as the store marks them, drawn inside the panel.
@@ -180,9 +196,9 @@ def test_partial_and_empty_store_api_and_cli(stores, tmp_path, capsys):
     index = moe_ray.plot(partial, tmp_path / "p")
     assert index == tmp_path / "p" / "index.html"
     _links_resolve(index)
-    assert "static layers [1] not finished" in index.read_text()
+    assert "static layers [1] not finished" in _text(index)
     fig1 = fig1_matrix_similarity([StoreView(partial)], tmp_path)[0]
-    assert {k[1] for k in fig1.data if k[0] not in ("labels", "range")} == {0, 2, 3}
+    assert {k[1] for k in fig1.data if k[0] not in ("labels", "range", "extend")} == {0, 2, 3}
 
     empty = _copy(mix, tmp_path / "empty.zarr")
     del zarr.open_group(empty, mode="r+")["static"]
@@ -293,12 +309,14 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
     upper = np.isfinite(w["before"])
     for table, mode, order in ((tab2, "separate", "100"), (tab2_joint, "joint", "1e-3")):
         (row,) = table.rows
-        assert row[:3] == [label, 2, E * (E - 1) // 2]
+        assert row[:3] == [label, 2, 2 * E * (E - 1) // 2]  # layers x pairs, in all
+        finite = ((w["afters"][mode] - w["before"]) / np.abs(w["before"]))[upper]
+        assert row[8] == f"{fmt(np.quantile(finite, 0.25), 'sig3')} – {fmt(np.quantile(finite, 0.75), 'sig3')}"
         assert row[3] == pytest.approx(np.median(w["before"][upper]))
         assert row[4] == pytest.approx(np.median(w["afters"][mode][upper]))
         assert row[5] == pytest.approx(100.0 if mode == "separate" else 1e-3, rel=1e-4)
         assert row[7] == pytest.approx(np.nanmedian(w["taus"][mode]))
-        assert f"<td>{order}</td>" in report.index.read_text()
+        assert f"<td>{order}</td>" in _text(report.index)
     assert "(after - before) / |before|" in tab2.note or "(similarity after - similarity before)" in tab2.note
 
     fig2 = next(f for f in report.figures if f.key == "fig2_output_similarity")
@@ -319,12 +337,16 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
     assert text.data[("quantity", label)] == "gate score of a top-k expert"
     np.testing.assert_allclose(text.data[(label, 1)][4, topk[1, 4]], scores[1, 4, topk[1, 4]])
 
-    # Fig 4: norms of every label (F too), gate scores of the routed experts, colour from 0 to their max.
+    # Fig 4: norms of every label (F too) on one scale for the model's layers, gate scores in the same
+    # columns (F's blank: no router), colour from 0 to their max over every layer.
     fig4 = next(f for f in report.figures if f.key == "fig4_norms_scores")
     norm_labels, score_labels, _ = fig4.data[("labels", label, 1)]
-    assert norm_labels == w["labels"] and score_labels == w["labels"][:E]
-    np.testing.assert_allclose(fig4.data[(label, 1, "score")], scores[1])
+    assert norm_labels == score_labels == w["labels"]
+    np.testing.assert_allclose(fig4.data[(label, 1, "score")][:, :E], scores[1])
+    assert np.isnan(fig4.data[(label, 1, "score")][:, E]).all()
     assert fig4.data[("range", "score")] == pytest.approx((0.0, scores.max()))
+    norms = xr.open_zarr(store, group="dynamic/short")["expert_output_norms"].values
+    assert fig4.data[("range", "norm")] == pytest.approx((0.0, norms.max()))
 
     fig9 = next(f for f in report.figures if f.key == "fig9_rank_counts_short")
     np.testing.assert_array_equal(fig9.data[(label, 1, "rank counts (short)")], w["counts"][1])
@@ -431,7 +453,12 @@ def test_deep_model_pages(deep_store, tmp_path):
     label = StoreView(deep_store).label
     for key in PAGED:
         figures = [f for f in report.figures if f.key == key]
-        assert [f.path.name.rsplit("_", 1)[1] for f in figures] == ["L0-3.png", "L4-5.png"], key
+        if key == "fig5_intermediate":  # two tokens an image (every neuron beside the zoom), 4 tokens kept
+            assert [f.path.name.split("_", 4)[4] for f in figures] == \
+                ["L0-3_T0-1.png", "L0-3_T2-3.png", "L4-5_T0-1.png", "L4-5_T2-3.png"]
+            figures = figures[::2]
+        assert [f.path.name.split("_T")[0].rsplit("_", 1)[1].replace(".png", "") for f in figures] == \
+            ["L0-3", "L4-5"], key
         assert "layers 0–3" in figures[0].title and "layers 4–5" in figures[1].title, key
         assert [sorted({k[1] for k in f.data if k[0] == label}) for f in figures] == [[0, 1, 2, 3], [4, 5]], key
         for f in figures:
@@ -513,33 +540,36 @@ PAGE_METRICS = """(async () => {
 
 
 def test_report_in_a_real_browser(synthetic, stores, chromium, tmp_path):
-    """index.html in headless chromium at a 1,400 px wide window, as a reader sees it: every image loads,
-    nothing overflows sideways, each figure is shown at its own width (not shrunk) so its smallest text is
-    at least 8 pt on the screen, and every table fits. Screenshots at that width go to tmp_path (and to
-    $MOE_RAY_SCREENSHOTS when set, to look at)."""
+    """Every page of the report (index.html and the models' pages) in headless chromium at a 1,400 px wide
+    window, as a reader sees it: every image loads, nothing overflows sideways, each figure is shown at its
+    own width (not shrunk) so its smallest text is at least 8 pt on the screen, and every table fits.
+    Screenshots at that width go to tmp_path (and to $MOE_RAY_SCREENSHOTS when set, to look at)."""
     store, _ = synthetic
     _, ds = stores
     report = render([store, ds], tmp_path / "rep")
     shots = Path(os.environ.get("MOE_RAY_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
+    assert report.pages[0] == report.index and len(report.pages) == 3  # index + one page per model
+    shown = []
     with Browser(chromium) as browser:
-        browser.open(report.index.as_uri(), width=1400, height=1000)
-        page = browser.evaluate(PAGE_METRICS)
-        browser.screenshot(shots / "report-top.png")
-        for key, top in page["sections"]:
-            browser.screenshot(shots / f"report-{key}.png", y=top, height=1400)
-    assert page["innerWidth"] == 1400
-    assert page["scrollWidth"] <= page["clientWidth"], "the page scrolls sideways at 1,400 px"
-    assert len(page["images"]) == len(report.figures)
+        for html_page in report.pages:
+            browser.open(html_page.as_uri(), width=1400, height=1000)
+            page = browser.evaluate(PAGE_METRICS)
+            browser.screenshot(shots / f"{html_page.stem}-top.png")
+            for key, top in page["sections"]:
+                browser.screenshot(shots / f"{html_page.stem}-{key}.png", y=top, height=1400)
+            assert page["innerWidth"] == 1400
+            assert page["scrollWidth"] <= page["clientWidth"], (html_page.name, "scrolls sideways at 1,400 px")
+            for width, room in page["tables"]:
+                assert width <= room + 0.5, (width, room)
+            assert page["smallestTextPx"] >= 12
+            shown += [{**img, "client": page["clientWidth"]} for img in page["images"]]
+    assert len(shown) == len(report.figures)
     sizes = {f.path.name: f.size_px for f in report.figures}
-    for img in page["images"]:
+    for img in shown:
         name = img["src"].rsplit("/", 1)[1]
         assert img["complete"] and (img["naturalWidth"], img["naturalHeight"]) == sizes[name], img
-        assert img["right"] <= page["clientWidth"] and img["left"] >= 0, img
+        assert img["right"] <= img["client"] and img["left"] >= 0, img
         scale = img["width"] / img["naturalWidth"]
         smallest_pt = img["minFontPt"] * img["dpi"] / 72 * scale * 72 / 96  # image pt -> screen px -> CSS pt
         assert scale > 0.99 and smallest_pt >= 8, (name, scale, smallest_pt)
-    for width, room in page["tables"]:
-        assert width <= room + 0.5, (width, room)
-    assert page["smallestTextPx"] >= 12
-    assert len(list(shots.glob("report-*.png"))) == len(page["sections"]) + 1

@@ -148,6 +148,24 @@ def _expert_tensors(family: type[Family], config: dict, layer: int, variant: str
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
+SHAPE_KEYS = ("num_hidden_layers", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+              "n_shared_experts", "first_k_dense_replace", "moe_layer_freq")
+"""What `--shape` takes from a real flavor: depth, expert counts, top-k and which layers are MoE; widths stay
+the tiny ones, so a checkpoint with Mixtral 8x7B's 32 layers x 8 experts is a few MB."""
+
+
+def shape_overrides(family: str, shape: str) -> dict:
+    """Config overrides giving the tiny `family` model the depth and expert counts of a real flavor,
+    `shape` = "FLAVOR" or "FAMILY:FLAVOR" (the flavors `moe-ray plan` knows, e.g. mixtral:8x7B)."""
+    adapter = get_family(family)
+    named, _, flavor = shape.rpartition(":")
+    if named and named != family:
+        raise MoeRayError(f"--shape {shape}: a {named} flavor for a {family} checkpoint; use {family}:FLAVOR")
+    if flavor not in adapter.flavors:
+        raise MoeRayError(f"unknown {family} flavor {flavor!r}; known: {', '.join(adapter.flavors) or 'none'}")
+    config = adapter.text_config(adapter.flavors[flavor])
+    return {k: config[k] for k in SHAPE_KEYS if k in config}
+
 
 def make_tiny(family: str, variant: str, out: str | Path, seed: int = 0, sigma: float = 0.5,
               dtype: str = "bfloat16", shard_bytes: int = 256 * 1024, config_overrides: dict | None = None,

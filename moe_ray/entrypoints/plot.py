@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
                              "else a process pool")
     parser.add_argument("--shared-scale", action="store_true",
                         help="one colour range across all stores' images of a figure (default: each its own)")
+    parser.add_argument("--tokens", default=None, help="token positions Figs 2, 4, 5, 10 draw (0-6, 0,3,10-12, all)")
     args = parser.parse_args(argv)
     try:
         if args.parallel == "ray" or (args.parallel == "auto" and os.environ.get("RAY_ADDRESS")):
             from moe_ray.distributed.cluster import connect
 
             print(f"drawing on {connect()}")
-        print(render(args.stores, args.out, args.parallel, args.shared_scale).summary())
+        print(render(args.stores, args.out, args.parallel, args.shared_scale, args.tokens).summary())
     except MoeRayError as exc:
         print(f"moe-ray: error: {exc}", file=sys.stderr)
         return 2

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (LABEL_FONT, MAX_WIDTH, RIGHT_MARGIN, TICK_FONT, Figure, StoreView, Table, expert_labels,
-                     figure_record, new_figure, pages, panel_title)
+from .common import (LABEL_FONT, MAX_WIDTH, RIGHT_MARGIN, TICK_FONT, Figure, StoreView, Table, figure_record,
+                     expert_labels, new_figure, pages, panel_title)
 from .grid import PanelGrid
 
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402 (after .common set the backend)

@@ -15,6 +15,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import matplotlib
@@ -83,6 +84,8 @@ class Figure:
     min_font_pt: float = 0.0
     """The smallest text drawn in the image, points (at DPI)."""
     size_px: tuple[int, int] = (0, 0)
+    store: str = ""
+    """The label of the store the image shows (set by the report)."""
 
 
 @dataclass
@@ -128,6 +131,19 @@ class StoreView:
         self._limit(inputs, layers)
         self._datasets: dict[str, xr.Dataset] = {}
         self._done: dict[str, tuple[list[int], np.ndarray]] = {}
+        self._scales: dict[str, tuple[float, float, float, float]] = {}
+        """Per quantity: (low, high of the colour range, smallest, largest value drawn) over all the model's
+        layers (`model_scale`), shared by the restricted copies of this view."""
+
+    tokens: "list[int] | str | None" = None
+    """The token positions per-token figures draw (Figs 2, 4, 5, 10): a list, "all", or None for each
+    figure's default (the input's first ones)."""
+
+    def unrestricted_tokens(self) -> "StoreView":
+        """This view with each figure's default tokens (to tell a chosen set from the default)."""
+        view = copy.copy(self)
+        view.tokens = None
+        return view
 
     def _limit(self, inputs: list[str] | None, layers: list[int] | None) -> None:
         self.inputs = None if inputs is None else list(inputs)
@@ -178,6 +194,13 @@ class StoreView:
             return []
         names = sorted(name for name, _ in self.root[parent].groups())
         return [n for n in names if n in self.inputs] if parent == "dynamic" and self.inputs is not None else names
+
+    def unrestricted(self) -> "StoreView":
+        """This view over all the model's layers (a drawing task's view holds one page of them), sharing what
+        it has opened, read and the colour scales it has computed: for ranges that span every page."""
+        view = copy.copy(self)
+        view.layers = None
+        return view
 
     def has(self, group: str) -> bool:
         return group in self.root
@@ -295,6 +318,80 @@ def shared_range(arrays: list[np.ndarray], exclude_diagonal: bool = True,
     return lo, hi
 
 
+OVER_COLOR = "0.82"
+"""Cells above a colour range (a similarity map's diagonal of 1, values clipped at a percentile): light grey,
+so they cannot be read as the range's top colour; the colour bar's arrow shows it."""
+UNDER_COLOR = "0.3"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A colour range and whether values lie beyond it (the colour bar's `extend`: "max", "min", "both",
+    "neither"), drawn in OVER_COLOR / UNDER_COLOR."""
+
+    lo: float
+    hi: float
+    extend: str = "neither"
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+def extend_of(lo: float, hi: float, smallest: float, largest: float) -> str:
+    """The colour bar's `extend` for a range [lo, hi] over values from `smallest` to `largest`."""
+    tol = 1e-9 * max(1.0, abs(hi - lo))
+    above, below = largest > hi + tol, smallest < lo - tol
+    return "both" if above and below else "max" if above else "min" if below else "neither"
+
+
+def value_span(arrays: list[np.ndarray]) -> tuple[float, float]:
+    """(smallest, largest) finite value of the arrays, diagonals included; (inf, -inf) when none."""
+    finite = [np.asarray(a, dtype=np.float64) for a in arrays]
+    finite = [a[np.isfinite(a)] for a in finite]
+    finite = [a for a in finite if a.size]
+    if not finite:
+        return math.inf, -math.inf
+    return min(float(a.min()) for a in finite), max(float(a.max()) for a in finite)
+
+
+def model_scale(views: list[StoreView], quantity: str, arrays_of: Callable[[StoreView], list[np.ndarray]],
+                exclude_diagonal: bool = True, limits: Callable[[list[np.ndarray]], tuple[float, float]] | None = None
+                ) -> Scale:
+    """One colour range for `quantity` over every layer (every page) of each model, so a 32-layer model's
+    images of a figure share one colour bar and its depth trends can be read across them (the paper gives
+    each model one bar); several views (a shared scale) share one range over all of them.
+
+    `arrays_of(view)` reads the quantity for every layer of an unrestricted view; `limits` turns the arrays
+    into (low, high) (default `shared_range`: finite values, diagonals of square maps excluded). Computed
+    once per view and quantity (cached on the view and its restricted copies)."""
+    spans = []
+    for v in views:
+        if quantity not in v._scales:
+            arrays = arrays_of(v.unrestricted())
+            lo, hi = (limits(arrays) if limits is not None else shared_range(arrays, exclude_diagonal))
+            v._scales[quantity] = (lo, hi, *value_span(arrays))
+        spans.append(v._scales[quantity])
+    if not spans:
+        return Scale(0.0, 1.0)
+    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+    return Scale(lo, hi, extend_of(lo, hi, min(s[2] for s in spans), max(s[3] for s in spans)))
+
+
+def colormap(name: str, extend: str = "neither", over: str = OVER_COLOR):
+    """The colour map `name` (a CMAPS value or any matplotlib name) with values beyond the range in `over`
+    / UNDER_COLOR where `extend` says there are some."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name] if isinstance(name, str) else name
+    extremes = {}
+    if extend in ("max", "both"):
+        extremes["over"] = over
+    if extend in ("min", "both"):
+        extremes["under"] = UNDER_COLOR
+    return cmap.with_extremes(**extremes) if extremes else cmap
+
+
 MIN_WIDTH = 6.0
 """Narrowest image (inches): a narrow grid is centred in it, so the figure title still fits."""
 RIGHT_MARGIN = 1.15
@@ -403,6 +500,26 @@ def side_colorbar(fig, im, label: str, right: float, top: float, bottom: float, 
     return cb
 
 
+QUANTISE = True
+"""Images are written as PNGs with a palette of at most 256 colours (Pillow's fast octree, no dithering): a
+colour map has 256 entries, so heat maps lose nothing; antialiased text and blended scatter points snap to
+the nearest of the image's colours. See benchmarks/bench_report_scale.py for the bytes it saves."""
+
+
+def write_quantised_png(fig, path: Path) -> None:
+    """The figure as a palette PNG (see QUANTISE)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    palette.save(path, format="PNG", compress_level=6)
+
+
 def save(fig, path: Path, title: str) -> tuple[float, tuple[int, int]]:
     """The figure title (smaller, down to 9 pt, where a long one would not fit), PNG at a fixed DPI, figure
     closed. Returns (the smallest text drawn, points; the image's size in pixels)."""
@@ -412,7 +529,10 @@ def save(fig, path: Path, title: str) -> tuple[float, tuple[int, int]]:
     fits = (width - 0.3) * 72 / (0.55 * len(title))  # a character is about 0.55 em wide
     fig.suptitle(title, fontsize=max(LABEL_FONT, min(TITLE_FONT, fits)), y=1 - 0.12 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})  # zlib level 3: a third faster, ~10% larger
+    if QUANTISE:
+        write_quantised_png(fig, path)
+    else:
+        fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})  # zlib level 3: a third faster, ~10% larger
     # after drawing: tick labels get their text when drawn
     sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     with path.open("rb") as png:  # the PNG header's width and height

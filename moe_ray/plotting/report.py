@@ -20,6 +20,7 @@ from ..errors import MoeRayError
 from ..outdir import PLOT_OUTPUT, claim_output_dir
 from . import causal as K
 from . import dynamic as D
+from . import findings as F
 from . import static as S
 from . import tables as T
 from .common import DPI, Figure, StoreView, Table, pages, token_label, unique_labels
@@ -41,6 +42,9 @@ class Section:
     paged_by: tuple[str, ...] | None = ("static",)
     """Groups ("{input}" for each dynamic input) whose layers the section pages over, one drawing task per
     page of layers; None: one image of every layer."""
+    also: tuple[str, ...] = ()
+    """Dynamic arrays that give the section too when the store has no `parent` group (the per-layer means
+    of a store with dynamic analyses only)."""
 
 
 HOW = {"static": "analyses = [\"static\"]", "reorder": "analyses = [\"reorder\"]",
@@ -97,10 +101,17 @@ SECTIONS = [
             "blank.", "dynamic", "topk_experts", draw=D.fig10_routing, paged_by=("dynamic/{input}",)),
     Section("trends", "Per-layer means", "The mean expert-expert (S_ee) and expert-F (S_ef) similarity per layer, "
             "of the weights (Fig 1) and of the outputs (Fig 3): the paper finds both fall with depth, the last "
-            "layer an outlier (§4.3, §5.4).", "static", "matrix_similarity", draw=S.layer_trends, per_store=True,
-            paged_by=None),
+            "layer an outlier (§4.3, §5.4); and the experts' output norms, which the paper finds grow with depth "
+            "(§5.2, §5.4).", "static", "matrix_similarity", draw=S.layer_trends, per_store=True, paged_by=None,
+            also=("expert_output_angular_mean", "expert_output_norms")),
     Section("comparison", "Comparison across models", "Headline numbers side by side.", "static",
-            "matrix_similarity", table=T.comparison, paged_by=None),
+            "matrix_similarity", table=T.comparison, paged_by=None,
+            also=("expert_output_similarity", "gate_scores", "activation_ratio")),
+    Section("findings", "Findings: the paper's observations tested on each model", "Each observation the paper "
+            "summarises (§4.3 for the weights, §5.4 for the outputs, with §5.2–§5.3's numbers), the number of this "
+            "model that tests it, whether it holds (by the threshold stated), and the paper's number for its model of "
+            "the same family.", "static", "matrix_similarity", table=F.findings_tables, paged_by=None,
+            also=("expert_output_norms", "expert_output_angular_mean", "intermediate_states")),
     Section("causal_summary", "Causal checks (beyond the paper)", "What the paper suggests, tested by intervening: "
             "the model's next-token loss over a corpus with its routing changed, every expert of every layer "
             "computed as in §5 (Topk = ALL). Losses in nats per predicted token; intervals are percentile "
@@ -119,6 +130,9 @@ SECTIONS = [
 
 def _has(view: StoreView, section: Section) -> tuple[bool, str]:
     """(whether the store can give this section, why not)."""
+    if section.also and any(name in view.dataset(f"dynamic/{inp}") for inp in view.groups("dynamic")
+                            for name in section.also):
+        return True, ""
     if section.parent == "causal":  # array is "<group>/<array>" below causal/ ("causal/..." for the root)
         sub, name = section.array.rsplit("/", 1)
         path = sub if sub == "causal" else f"causal/{sub}"
@@ -145,6 +159,39 @@ def _has(view: StoreView, section: Section) -> tuple[bool, str]:
     return True, ""
 
 
+@dataclass(frozen=True)
+class StoreState:
+    """What a store holds: the run's `state` (complete, running, failed or unknown), its one-line error, and
+    units done / planned per analysis (store.store_progress)."""
+
+    label: str
+    state: str
+    error: str | None
+    progress: dict[str, tuple[int, int]]
+
+    @property
+    def partial(self) -> dict[str, tuple[int, int]]:
+        """Analyses with units not done."""
+        return {a: (d, n) for a, (d, n) in self.progress.items() if d < n}
+
+    def text(self) -> str:
+        """One phrase: "complete", "partial (reorder 76/168 units)", "failed: <error> (static 2/4 units)"."""
+        units = ", ".join(f"{a} {d}/{n}" for a, (d, n) in self.partial.items())
+        if self.state == "failed":
+            return f"failed: {self.error or 'no error recorded'}" + (f" ({units} units done)" if units else "")
+        if self.state == "running":
+            return "still running or interrupted" + (f" ({units} units done)" if units else "")
+        return f"partial ({units} units done)" if units else "complete"
+
+
+def store_state(view: StoreView) -> StoreState:
+    """The store's state from its root attributes and live unit counts."""
+    from ..store import store_progress
+
+    state = str(view.attrs.get("state") or "unknown")
+    return StoreState(view.label, state, view.attrs.get("error"), store_progress(view.url))
+
+
 @dataclass
 class Report:
     """What `render` produced: the index page, every figure (with the data it drew) and table."""
@@ -154,10 +201,15 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    states: list[StoreState] = field(default_factory=list)
+    pages: list[Path] = field(default_factory=list)
+    """Every HTML page written: index.html first, then each model's page(s)."""
 
     def summary(self) -> str:
-        """One line: where the report is, what it holds, how long it took."""
-        return f"wrote {self.index}: {len(self.figures)} figures, {len(self.tables)} tables in {self.seconds:.1f} s"
+        """One line: where the report is, what it holds, how long it took, and every store not complete."""
+        line = f"wrote {self.index}: {len(self.figures)} figures, {len(self.tables)} tables in {self.seconds:.1f} s"
+        unfinished = [f"{s.label} {s.text()}" for s in self.states if s.text() != "complete"]
+        return line + (f"; {'; '.join(unfinished)}" if unfinished else "")
 
 
 PARALLEL = ("auto", "ray", "processes", "none")
@@ -171,9 +223,9 @@ tasks."""
 SECTION_BY_KEY = {s.key: s for s in SECTIONS}
 
 
-StoreRef = tuple[str, str, "tuple[str, ...] | None", "list[int] | None"]
+StoreRef = tuple[str, str, "tuple[str, ...] | None", "list[int] | None", "list[int] | str | None"]
 """What a drawing task gets of a store: (url, label, the dynamic inputs and the layers it draws, None
-for all)."""
+for all; the tokens per-token figures draw, see StoreView.tokens)."""
 Task = tuple[str, "list[StoreRef]"]
 """One unit of drawing: a section key and the stores it draws side by side."""
 
@@ -188,7 +240,8 @@ def section_tasks(section: Section, views: list[StoreView], shared_scale: bool =
         for group in groups:
             group = [v for v in group if inp is None or _input_has(v, inp, section.array)]
             for page in _task_pages(section, group, inp):
-                tasks.append((section.key, [(v.url, v.label, None if inp is None else (inp,), page) for v in group]))
+                tasks.append((section.key, [(v.url, v.label, None if inp is None else (inp,), page, v.tokens)
+                                             for v in group]))
     return tasks
 
 
@@ -225,11 +278,26 @@ def _sharing(views: list[StoreView]):
 def draw_section(key: str, stores: list[StoreRef]) -> list[tuple[Figure, bytes]]:
     """Draw one section for `stores` into a scratch directory: its figures and their PNG bytes, so a
     worker needs no access to the report directory (a Ray task may run on another node)."""
-    views = [_OPENED[url].restricted(label, inputs, layers) if url in _OPENED else StoreView(url, label, inputs, layers)
-             for url, label, inputs, layers in stores]
+    views = []
+    for url, label, inputs, layers, tokens in stores:
+        view = _OPENED[url].restricted(label, inputs, layers) if url in _OPENED else StoreView(url, label, inputs, layers)
+        view.tokens = tokens
+        views.append(view)
     with tempfile.TemporaryDirectory(prefix="moe-ray-plot-") as scratch:
         figures = SECTION_BY_KEY[key].draw(views, Path(scratch))
+        for f in figures:
+            f.store = figure_store(f, [v.label for v in views])
         return [(f, f.path.read_bytes()) for f in figures]
+
+
+def figure_store(figure: Figure, labels: list[str]) -> str:
+    """The label of the store an image shows: the only one drawn, else the one whose name is in its file
+    name (every figure is named `<figure>_..._<store>_<layers>.png`; the longest match wins)."""
+    if len(labels) == 1:
+        return labels[0]
+    name = figure.path.name
+    matches = [lab for lab in labels if f"_{S.slug(lab)}_" in name or f"_{S.slug(lab)}." in name]
+    return max(matches, key=len) if matches else labels[0]
 
 
 def usable_cpu_ids() -> set[int]:
@@ -298,15 +366,29 @@ def resolve_parallel(parallel: str, tasks: int) -> tuple[str, int]:
     return ("processes", idle) if idle > 1 else ("none", 1)
 
 
-def start_drawing(tasks: list[Task], parallel: str,
-                  on_done: Callable[[str], None] | None = None) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
+FigureCallback = Callable[[int, int, str], None]
+"""`on_figure(done, total, name)`: called as each image is drawn; `done` and `total` count drawing tasks
+(a section's page of layers for a store: one or a few images), `name` is the image's file name."""
+
+
+def start_drawing(tasks: list[Task], parallel: str, on_figure: FigureCallback | None = None
+                  ) -> Callable[[], list[list[tuple[Figure, bytes]]]]:
     """Start every drawing task; returns a function that waits for them and gives each task's
-    [(Figure, PNG bytes)] in task order, telling `on_done(section key)` as each task finishes. The
-    caller computes tables in the meantime."""
+    [(Figure, PNG bytes)] in task order, calling `on_figure` as each task's images arrive. The caller
+    computes tables in the meantime."""
     mode, workers = resolve_parallel(parallel, len(tasks))
     done = on_done or (lambda key: None)
     if not tasks:
         return lambda: []
+    finished = [0]
+
+    def report(figures: list[tuple[Figure, bytes]]) -> list[tuple[Figure, bytes]]:
+        finished[0] += 1
+        if on_figure is not None:
+            for figure, _ in figures:
+                on_figure(finished[0], len(tasks), figure.path.name)
+        return figures
+
     if mode == "ray":
         ray = _ray_session()
         if ray is None:
@@ -315,12 +397,11 @@ def start_drawing(tasks: list[Task], parallel: str,
         refs = [remote.remote(key, stores) for key, stores in tasks]
 
         def wait_ray() -> list:
-            index = {ref: i for i, ref in enumerate(refs)}
-            pending = list(refs)
+            results, pending = {}, list(refs)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                done(tasks[index[ready[0]]][0])
-            return ray.get(refs)
+                results[ready[0]] = report(ray.get(ready[0]))
+            return [results[r] for r in refs]
         return wait_ray
     if mode == "processes":
         import multiprocessing
@@ -332,57 +413,50 @@ def start_drawing(tasks: list[Task], parallel: str,
 
         def wait() -> list:
             try:
-                key_of = {f: key for f, (key, _) in zip(futures, tasks)}
-                for f in as_completed(futures):
-                    done(key_of[f])
-                return [f.result() for f in futures]
+                results = {f: report(f.result()) for f in as_completed(futures)}
+                return [results[f] for f in futures]
             finally:
                 pool.shutdown(cancel_futures=True)
         return wait
-
-    def serial() -> list:
-        out = []
-        for key, stores in tasks:
-            out.append(draw_section(key, stores))
-            done(key)
-        return out
-    return serial
+    return lambda: [report(draw_section(key, stores)) for key, stores in tasks]
 
 
 def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", shared_scale: bool = False,
-           on_figure: Callable[[int, int, str], None] | None = None) -> Report:
+           tokens: "list[int] | str | None" = None, on_figure: FigureCallback | None = None) -> Report:
     """Render every figure and table the stores hold into `out` and write `out/index.html`.
 
     Every image shows one store; its colour ranges are that store's own (the paper: figures of different
     models do not share a colour bar) unless `shared_scale`, which gives all stores' images of a figure and
     page one range. Sections are drawn in parallel (see PARALLEL); each reads only the arrays, layers and
-    tokens it shows. `on_figure(done, total, name)` is told as each drawing task (a section's figures
-    for some stores) is finished, for progress.
+    tokens it shows. `tokens`: the token positions Figs 2, 4, 5 and 10 draw (a list, or "all"; default each
+    figure's first ones). `on_figure(done, total, name)` is called as images are drawn (FigureCallback).
     """
     started = time.monotonic()
+    tokens = parse_tokens(tokens)
     if not stores:
         raise MoeRayError("no store given: moe-ray plot STORE [STORE ...] --out DIR")
     views = [StoreView(s) for s in stores]
     unique_labels(views)
+    for v in views:
+        v.tokens = tokens
+    states = [store_state(v) for v in views]
+    for v, state in zip(views, states):
+        v.state = state
+    status = {s.key: {v.label: _has(v, s) for v in views} for s in SECTIONS}
+    have = {s.key: [v for v in views if status[s.key][v.label][0]] for s in SECTIONS}
+    failed = [s for s in states if s.state == "failed"]
+    if failed and not any(have.values()):
+        raise MoeRayError(f"nothing to draw: {'; '.join(f'{s.label} {s.text()}' for s in failed)}")
     output = claim_output_dir(out, PLOT_OUTPUT)  # empty or moe-ray's; never over files it did not write
     out = output.path
     fig_dir, tab_dir = out / "figures", out / "tables"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(out / "index.html")
-    status = {s.key: {v.label: _has(v, s) for v in views} for s in SECTIONS}
-    have = {s.key: [v for v in views if status[s.key][v.label][0]] for s in SECTIONS}
+    report = Report(out / "index.html", states=states)
     tasks = [t for s in SECTIONS if s.draw is not None and have[s.key]
              for t in section_tasks(s, have[s.key], shared_scale)]
     with _sharing(views):
-        finished: list[str] = []
-
-        def drawn_one(key: str) -> None:
-            finished.append(key)
-            if on_figure is not None:
-                on_figure(len(finished), len(tasks), key)
-
-        wait = start_drawing(tasks, parallel, drawn_one)
+        wait = start_drawing(tasks, parallel, on_figure)
         try:
             tables = {s.key: section_tables(s, have[s.key], tab_dir) for s in SECTIONS
                       if s.table is not None and have[s.key]}
@@ -391,35 +465,22 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", sh
             drawn: dict[str, list[tuple[Figure, bytes]]] = {}
             for (key, _), figures in zip(tasks, wait()):
                 drawn.setdefault(key, []).extend(figures)
-    body = []
+    sections = []
     for section in SECTIONS:
         notes, remarks = _notes(section, have[section.key], status[section.key])
         report.missing[section.key] = notes
-        items = []
-        for table in tables.get(section.key, []):
-            report.tables.append(table)
-            items.append(_table_html(table))
+        section_tables_ = tables.get(section.key, [])
+        report.tables += section_tables_
+        figures = []
         for figure, png in drawn.get(section.key, []):
             figure.path = fig_dir / figure.path.name
             figure.path.write_bytes(png)
             report.figures.append(figure)
-            items.append(_figure_html(figure))
-        if not have[section.key]:
-            items.append('<p class="missing">Not in any store.</p>')
-        body.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>'
-                    f"<p>{html.escape(section.caption)}</p>"
-                    + (f'<ul class="missing">{"".join(f"<li>{html.escape(n)}</li>" for n in notes)}</ul>' if notes else "")
-                    + (f'<ul class="remark">{"".join(f"<li>{html.escape(n)}</li>" for n in remarks)}</ul>' if remarks
-                       else "")
-                    + "".join(items) + "</section>")
+            figures.append(figure)
+        sections.append(SectionOut(section, notes, remarks, section_tables_, figures, bool(have[section.key])))
     report.seconds = time.monotonic() - started
-    report.index.write_text(_page(views, inputs_html, body, report, shared_scale))
-    output.finish()  # (written into a staging folder, moved into place here)
-    report.index = output.final_path(report.index)
-    for figure in report.figures:
-        figure.path = output.final_path(figure.path)
-    for table in report.tables:
-        table.csv = output.final_path(table.csv) if table.csv else table.csv
+    report.pages = write_pages(views, sections, report, inputs_html, shared_scale, out)
+    output.finish()
     return report
 
 
@@ -440,9 +501,15 @@ def _notes(section: Section, have: list[StoreView], status: dict[str, tuple[bool
     figures on purpose and why). Labels a model does not have (SE of a model without shared experts, F
     without a reference) are said once, in the store's description, not in every section."""
     notes = [f"{label}: {why}" for label, (ok, why) in status.items() if not ok]
+    analysis = section.parent
+    for v in have:
+        done, planned = v.state.progress.get(analysis, (0, 0)) if analysis != "static" else (0, 0)
+        if done < planned:
+            notes.append(f"{v.label}: partial store: {analysis} {done}/{planned} units done, so these numbers cover "
+                         f"only those (rerun the same spec to resume)")
     remarks = []
     for v in have:
-        if section.parent != "static":
+        if section.parent != "static" or not v.has("static"):
             continue
         missing_layers = v.done_layers("static")[1]
         if missing_layers:
@@ -456,7 +523,7 @@ def _notes(section: Section, have: list[StoreView], status: dict[str, tuple[bool
 
 
 def plot(stores: list[str | Path] | str | Path, out: str | Path = "report", parallel: str = "auto",
-         shared_scale: bool = False, progress: bool = True) -> Path:
+         shared_scale: bool = False, tokens: "list[int] | str | None" = None, progress: bool = True) -> Path:
     """Render the report for one or several stores (side by side); return the path of index.html.
     With `progress`, the drawing tasks are counted as they finish (`moe_ray.progress`)."""
     from ..progress import Callback
@@ -465,19 +532,43 @@ def plot(stores: list[str | Path] | str | Path, out: str | Path = "report", para
         stores = [stores]
     figures = Callback("report figures", "drawing task", progress)
     try:
-        return render(list(stores), out, parallel, shared_scale, on_figure=figures).index
+        return render(list(stores), out, parallel, shared_scale, tokens, on_figure=figures).index
     finally:
         figures.close()
 
 
-def _figure_html(figure: Figure) -> str:
+def parse_tokens(tokens: "list[int] | str | None") -> "list[int] | str | None":
+    """`plot --tokens`: None (each figure's first tokens), "all", or positions as a list or text such as
+    "0-6" or "0,3,10-12"; one clear error for anything else."""
+    if tokens is None or tokens == "all":
+        return tokens
+    if isinstance(tokens, str):
+        positions: list[int] = []
+        for part in tokens.replace(" ", "").split(","):
+            first, dash, last = part.partition("-")
+            if not first.isdigit() or (dash and not last.isdigit()):
+                raise MoeRayError(f"--tokens {tokens!r}: give positions such as 0-6 or 0,3,10-12, or all")
+            positions += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+        tokens = positions
+    if not tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens):
+        raise MoeRayError(f"tokens {tokens!r}: give token positions (0 or more) or 'all'")
+    return sorted(set(tokens))
+
+
+def _figure_html(figure: Figure, anchor: str | None = None) -> str:
     name = html.escape(figure.path.name)
     width, height = figure.size_px
     caption = html.escape(figure.title) + (f"<br><span class='cap'>{html.escape(figure.caption)}</span>"
                                            if figure.caption else "")
-    return (f'<figure><a href="figures/{name}"><img src="figures/{name}" alt="{html.escape(figure.title)}" '
+    ident = f' id="{anchor}"' if anchor else ""
+    return (f'<figure{ident}><a href="figures/{name}"><img src="figures/{name}" alt="{html.escape(figure.title)}" '
             f'width="{width}" height="{height}" data-min-font-pt="{figure.min_font_pt:g}" data-dpi="{DPI}" '
             f'loading="lazy"></a><figcaption>{caption}</figcaption></figure>')
+
+
+def _text_cell(value) -> str:
+    """A cell of running text (a finding's observation, its test) reads left-aligned; numbers stay right."""
+    return " class='text'" if isinstance(value, str) and len(value) > 16 else ""
 
 
 def _table_html(table: Table) -> str:
@@ -488,8 +579,8 @@ def _table_html(table: Table) -> str:
         head = f"<tr>{top}</tr><tr>{sub}</tr>"
     else:
         head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr>"
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(T.fmt(x, f))}</td>" for x, f in zip(row, formats)) + "</tr>"
-                   for row in table.rows)
+    rows = "".join("<tr>" + "".join(f"<td{_text_cell(x)}>{html.escape(T.fmt(x, f))}</td>" for x, f in zip(row, formats))
+                   + "</tr>" for row in table.rows)
     note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
     return (f"<h3>{html.escape(table.title)}</h3><div class='scroll'><table><thead>{head}</thead><tbody>{rows}"
             f"</tbody></table></div>{note}<p><a href='tables/{table.csv.name}'>{table.csv.name}</a> (full precision)</p>")
@@ -565,7 +656,7 @@ def _provenance(view: StoreView) -> str:
     labels = [str(x) for x in ((view.dataset("static").attrs.get("params") or {}).get("labels") or [])] \
         if view.has("static") else []
     shared = "a shared expert (SE)" if "SE" in labels or model.get("shared_d_mid") else "no shared expert"
-    rows = [("store", view.url)]
+    rows = [("store", view.url), ("state", view.state.text() if getattr(view, "state", None) else "?")]
     if view.synthetic is not None:
         planted = view.synthetic
         detail = ", ".join(f"{k} {planted[k]}" for k in ("variant", "sigma", "seed") if k in planted)
@@ -596,20 +687,186 @@ border:1px solid #ddd}table{border-collapse:collapse;margin:.5em 0}td,th{border:
 font-size:14px;text-align:right}th{background:#f4f4f4;text-align:center}.prov th,.prov td{text-align:left}
 td:first-child{text-align:left}.missing{color:#a33}.remark{color:#444}figure{margin:1.2em 0}figcaption{font-size:14px}
 .cap{color:#444}.note{font-size:14px;color:#333;max-width:75em}nav a{margin-right:1em}.scroll{overflow-x:auto}
-.tokens{font-family:monospace;font-size:13px}pre{white-space:pre-wrap}"""
+.tokens{font-family:monospace;font-size:13px}
+.state{border:2px solid #c60;background:#fff4e5;padding:.2em 1em;margin:1em 0}pre{white-space:pre-wrap}
+nav{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #ddd;z-index:1}nav a.here{font-weight:bold}
+nav.sections{position:static;border:0}td.text{text-align:left}.layers a{margin-right:.6em}"""
 
 
-def _page(views: list[StoreView], inputs_html: str, body: list[str], report: Report, shared_scale: bool) -> str:
-    nav = "".join(f'<a href="#{s.key}">{html.escape(s.title.split(":")[0])}</a>' for s in SECTIONS)
-    prov = "".join(_provenance(v) for v in views)
-    title = "moe-ray report: " + ", ".join(v.label for v in views)
+def _state_banner(states: list[StoreState]) -> str:
+    """A warning above everything when a store is partial, failed or still running: its figures and tables
+    cover only the units it finished."""
+    unfinished = [s for s in states if s.text() != "complete"]
+    if not unfinished:
+        return ""
+    items = "".join(f"<li><b>{html.escape(s.label)}</b>: {html.escape(s.text())}</li>" for s in unfinished)
+    return (f"<div class='state'><p>Not every store is complete: what is shown covers only the units each one "
+            f"finished (rerun the same spec to resume).</p><ul>{items}</ul></div>")
+
+
+PAGE_BUDGET = 5_000_000
+"""Bytes a page may weigh with the images it shows: a model whose figures weigh more gets a page per section
+(and a section heavier than this, pages of its images)."""
+
+
+@dataclass
+class SectionOut:
+    """A section as drawn: its notes, tables and figures (every store's)."""
+
+    section: Section
+    notes: list[str]
+    remarks: list[str]
+    tables: list[Table]
+    figures: list[Figure]
+    present: bool
+
+
+def model_page_name(label: str, part: str = "") -> str:
+    return f"model-{S.slug(label)}{'-' + part if part else ''}.html"
+
+
+def _layer_anchor(section: str, figure: Figure) -> str | None:
+    """The figure's page of layers as an anchor id (`fig1-L4-7`), None for a figure of all layers."""
+    match = re.search(r"_(L\d+(?:-\d+)?)(?:_T\d+-\d+)?\.png$", figure.path.name)
+    return f"{section}-{match.group(1)}" if match else None
+
+
+def _section_html(out: SectionOut, figures: list[Figure], links: dict[str, str] | None = None,
+                  labels: list[str] | None = None, anchor_pages: dict[str, str] | None = None) -> str:
+    """A section: title, caption, notes (only those of `labels`' stores when given), tables, figures with a
+    line of layer links; `links` (model label -> page) says where its figures are when they are elsewhere."""
+    section = out.section
+    notes = [n for n in out.notes if labels is None or any(n.startswith(lab + ":") for lab in labels)]
+    remarks = [n for n in out.remarks if labels is None or any(n.startswith(lab + ":") for lab in labels)]
+    not_run = [n for n in notes if "(run with " in n]
+    notes = [n for n in notes if n not in not_run]
+    items = [_table_html(table) for table in out.tables] if labels is None else []
+    anchors, seen = [], set()
+    for figure in figures:
+        anchor = _layer_anchor(section.key, figure)
+        first = anchor is not None and anchor not in seen
+        seen.add(anchor)
+        if first:
+            anchors.append(anchor)
+        items.append(_figure_html(figure, anchor if first else None))
+    every = anchor_pages or {a: "" for a in anchors}  # the section's layer pages, over all its HTML pages
+    layer_nav = ("<p class='layers'>layers: " + " ".join(f"<a href='{page}#{a}'>{a.split('-', 1)[1]}</a>"
+                                                         for a, page in every.items()) + "</p>") if len(every) > 1 else ""
+    where = ""
+    if links:
+        where = "<p>Figures: " + " · ".join(f"<a href='{html.escape(page)}#{section.key}'>{html.escape(label)}</a>"
+                                             for label, page in links.items()) + "</p>"
+    if not out.present:
+        items.append('<p class="remark">Not in any store.</p>')
+    if links:  # the figures are on the models' pages, with what is left out of them
+        remarks = []
+    return (f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2><p>{html.escape(section.caption)}</p>'
+            + _list("missing", notes) + _list("remark", not_run + remarks) + where + layer_nav + "".join(items)
+            + "</section>")
+
+
+def _list(cls: str, items: list[str]) -> str:
+    return f'<ul class="{cls}">' + "".join(f"<li>{html.escape(n)}</li>" for n in items) + "</ul>" if items else ""
+
+
+def _split(figures: list[Figure], budget: int) -> list[list[Figure]]:
+    """Figures in runs of at most `budget` bytes (a figure heavier than that alone)."""
+    runs: list[list[Figure]] = [[]]
+    size = 0
+    for figure in figures:
+        weight = figure.path.stat().st_size
+        if runs[-1] and size + weight > budget:
+            runs.append([])
+            size = 0
+        runs[-1].append(figure)
+        size += weight
+    return runs
+
+
+def write_pages(views: list[StoreView], sections: list[SectionOut], report: Report, inputs_html: str,
+                shared_scale: bool, out: Path) -> list[Path]:
+    """index.html (stores, inputs, every table, where each figure is) and the models' pages: one per model
+    holding its figures, or, where they weigh more than PAGE_BUDGET, one per section (and part). Every page
+    has the same navigation by model and section; a section's figures are linked by their layers."""
+    labels = [v.label for v in views]
+    # which page holds each (model, section)'s figures
+    plan: dict[str, list[tuple[str, list[tuple[SectionOut, list[Figure]]]]]] = {}
+    for label in labels:
+        mine = [(s, [f for f in s.figures if f.store == label]) for s in sections]
+        mine = [(s, figs) for s, figs in mine if figs]
+        total = sum(f.path.stat().st_size for _, figs in mine for f in figs)
+        if total <= PAGE_BUDGET:
+            plan[label] = [(model_page_name(label), mine)] if mine else []
+        else:
+            pages_: list = []
+            for s, figs in mine:
+                runs = _split(figs, PAGE_BUDGET)
+                for n, run in enumerate(runs):
+                    part = s.section.key + (f"-{n + 1}" if len(runs) > 1 else "")
+                    pages_.append((model_page_name(label, part), [(s, run)]))
+            plan[label] = pages_
+    where = {(label, s.section.key): page for label, pages_ in plan.items() for page, held in pages_ for s, _ in held}
+
+    index_parts = {"stores": True, "inputs": bool(inputs_html),
+                   **{key: any(s.section.key == key and s.present for s in sections) for key in ("findings", "comparison")}}
+
+    def nav(current: str) -> str:
+        models = []
+        for label in labels:
+            first = plan[label][0][0] if plan[label] else None
+            if first is None:
+                continue
+            cls = " class='here'" if any(page == current for page, _ in plan[label]) else ""
+            models.append(f"<a href='{first}'{cls}>{html.escape(label)}</a>")
+        parts = "".join(f"<a href='index.html#{key}'>{key.capitalize()}</a>" for key, shown in index_parts.items()
+                        if shown)
+        return f"<nav><a href='index.html'>Overview</a>{parts} | models: " + "".join(models) + "</nav>"
+
+    def section_nav(label: str) -> str:
+        links = [f"<a href='{where[(label, s.section.key)]}#{s.section.key}'>{html.escape(s.section.title.split(':')[0])}"
+                 "</a>" for s in sections if (label, s.section.key) in where]
+        return f"<nav class='sections'>{html.escape(label)}: {''.join(links)}</nav>" if links else ""
+
+    written = []
+    body = []
+    for s in sections:
+        links = {label: where[(label, s.section.key)] for label in labels if (label, s.section.key) in where}
+        body.append(_section_html(s, [], links))
+    title = "moe-ray report: " + ", ".join(labels)
     scale = ("All models' images of a figure share one colour range (--shared-scale)." if shared_scale else
-             "Each model's images have their own colour range, as in the paper (moe-ray plot --shared-scale shares "
-             "one across models).")
+             "Each model's images have one colour range per figure over all its layers, as in the paper (moe-ray "
+             "plot --shared-scale shares one across models).")
+    prov = "".join(_provenance(v) for v in views)
+    model_list = "".join(f"<li>{section_nav(label)}</li>" for label in labels if plan[label])
+    index = (f"<h1>{html.escape(title)}</h1><p>Figures and tables of <i>A Closer Look into Mixture-of-Experts in Large "
+             f"Language Models</i> (arXiv 2406.18219); {len(report.figures)} figures on {sum(map(len, plan.values()))} "
+             f"model pages, {len(report.tables)} tables, rendered in {report.seconds:.1f}s. {scale}</p>"
+             f"{_state_banner(report.states)}{nav('index.html')}<h2>Models</h2><ul class='models'>{model_list}</ul>"
+             f"<h2 id='stores'>Stores</h2>{prov}{inputs_html}{''.join(body)}")
+    report.index.write_text(_document(title, index))
+    written.append(report.index)
+    anchor_pages: dict[tuple[str, str], dict[str, str]] = {}  # (model, section) -> {layer anchor: page}
+    for label, pages_ in plan.items():
+        for page, held in pages_:
+            for s, figs in held:
+                for f in figs:
+                    anchor = _layer_anchor(s.section.key, f)
+                    if anchor is not None:
+                        anchor_pages.setdefault((label, s.section.key), {}).setdefault(anchor, page)
+    for label, pages_ in plan.items():
+        for page, held in pages_:
+            parts = "".join(_section_html(s, figs, labels=[label], anchor_pages={
+                a: ("" if p == page else p) for a, p in anchor_pages.get((label, s.section.key), {}).items()})
+                for s, figs in held)
+            heading = f"{label}" + (f": {held[0][0].section.title}" if len(pages_) > 1 else "")
+            text = (f"<h1>{html.escape(heading)}</h1>{_state_banner([st for st in report.states if st.label == label])}"
+                    f"{nav(page)}{section_nav(label)}{parts}")
+            (out / page).write_text(_document(f"moe-ray report: {heading}", text))
+            written.append(out / page)
+    return written
+
+
+def _document(title: str, body: str) -> str:
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
             f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            "<p>Figures and tables of <i>A Closer Look into Mixture-of-Experts in Large Language Models</i> "
-            f"(arXiv 2406.18219); {len(report.figures)} figures, {len(report.tables)} tables, rendered in "
-            f"{report.seconds:.1f}s. {scale}</p><nav>{nav}</nav><h2>Stores</h2>{prov}{inputs_html}"
-            f"{''.join(body)}</body></html>")
+            f"<style>{CSS}</style></head><body>{body}</body></html>")

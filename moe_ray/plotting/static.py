@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (BLOCK_GAP, CMAPS, LABEL_FONT, TICK_FONT, Figure, StoreView, colorbar, expert_labels,
-                     figure_record, fit_panel, grid_labels, new_figure, nonempty_labels, page_name, pages, panel_title, shared_range)
+from .common import (BLOCK_GAP, CMAPS, LABEL_FONT, TICK_FONT, Figure, StoreView, colorbar, figure_record,
+                     colormap, expert_labels, fit_panel, grid_labels, model_scale, new_figure, nonempty_labels, page_name, pages, panel_title, shared_range)
 from .grid import PanelGrid
 
 MATRICES = ("up", "gate", "down")
@@ -51,8 +51,8 @@ def slug(label: str) -> str:
 
 def scale_note(views: list[StoreView]) -> str:
     """How the colour ranges of a drawing call's images were chosen (one store: its own; several: shared)."""
-    return ("colour range shared by every model's image of these layers (shared scale)" if len(views) > 1
-            else "colour range of this model's layers shown (each model its own, as in the paper)")
+    return ("one colour range for all models and all their layers (shared scale)" if len(views) > 1
+            else "one colour range for all this model's layers and images (each model its own, as in the paper)")
 
 
 def dense_note(view: StoreView, page: list[int], first: bool) -> str:
@@ -76,17 +76,21 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
     value a diverging map is centred on.
     """
     per_view = [(v, pages(layers_for(v))) for v in views]
+    scales = {}
+    for col in columns:
+        if col.group not in scales:
+            group_cols = [c for c in columns if c.group == col.group]
+            scales[col.group] = model_scale(
+                views, f"{key}:{col.group}",
+                lambda full, cols=group_cols: [m for c in cols for m in _read_all(full, c, layers_for)],
+                exclude_diagonal)
     figures = []
     for index in range(max((len(p) for _, p in per_view), default=0)):
         drawn_by_view = {}
         for v, view_pages in per_view:
             if index < len(view_pages):
                 drawn_by_view[v.label] = _read_square(v, view_pages[index], columns, layers_for)
-        ranges = {}
-        for col in columns:
-            ranges.setdefault(col.group, []).extend(
-                m for drawn in drawn_by_view.values() for k, m in drawn.items() if k[0] != "labels" and k[2] == col.title)
-        ranges = {g: shared_range(ms, exclude_diagonal) for g, ms in ranges.items()}
+        ranges = {col.group: scales[col.group] for col in columns}
         centers = {}
         for col in columns:
             if col.center is not None:
@@ -98,12 +102,19 @@ def square_pages(views: list[StoreView], out: Path, key: str, title: str, column
             if index >= len(view_pages):
                 continue
             page, drawn = view_pages[index], drawn_by_view[v.label]
-            drawn.update({("range", g): r for g, r in ranges.items()})
+            drawn.update({("range", g): r.limits for g, r in ranges.items()})
+            drawn.update({("extend", g): r.extend for g, r in ranges.items()})
             drawn.update({("center", g): c for g, c in centers.items()})
             figures.append(_draw_square(v, page, drawn, out, key, title, columns, bar_labels, ranges, centers,
                                         f"{what}{'; ' if what else ''}{scale_note(views)}"
                                         f"{dense_note(v, page, index == 0)}."))
     return figures
+
+
+def _read_all(view: StoreView, col: Column, layers_for) -> list[np.ndarray]:
+    """The column's matrices for every layer the (unrestricted) view has."""
+    sel = sorted(set(layers_for(view)) & (set(col.layers(view)) if col.layers is not None else set(layers_for(view))))
+    return list(col.read(view, sel)[0]) if sel else []
 
 
 def _read_square(v: StoreView, page: list[int], columns: list[Column], layers_for) -> dict:
@@ -160,36 +171,52 @@ def _draw_square(v: StoreView, page: list[int], drawn: dict, out: Path, key: str
             grid.note(r, c, f"{name}:\nnot computed")
             continue
         rows, cols = drawn[("labels", v.label, layer, col.title)]
-        lo, hi = ranges[col.group]
+        scale = ranges[col.group]
+        lo, hi = scale.limits
         norm = None
         if col.group in centers:
             center = centers[col.group]
             norm = matplotlib.colors.TwoSlopeNorm(center, min(lo, center - 1e-9), max(hi, center + 1e-9))
-        images[col.group] = grid.heatmap(r, c, drawn[(v.label, layer, col.title)], cols, rows, CMAPS[col.cmap]
-                                         if col.cmap in CMAPS else col.cmap, lo, hi, col.xlabel, col.ylabel,
-                                         *shown[(r, c)], norm=norm)
+        cmap = colormap(CMAPS[col.cmap] if col.cmap in CMAPS else col.cmap, scale.extend)
+        images[col.group] = grid.heatmap(r, c, drawn[(v.label, layer, col.title)], cols, rows, cmap, lo, hi,
+                                         col.xlabel, col.ylabel, *shown[(r, c)], norm=norm)
         grid.title(r, c, name)
     for first, last in blocks:
         group = columns[0].group if across else columns[first].group
         if group in images:
-            grid.block_colorbar(images[group], bar_labels.get(group, group), last)
+            grid.block_colorbar(images[group], bar_labels.get(group, group), last, extend=ranges[group].extend)
     full = f"{title} — {v.label}, layers {page[0]}–{page[-1]}"
     return grid.save(key, out / f"{key}_{slug(v.label)}_{page_name(page)}.png", full, drawn, caption)
 
 
-def static_square(name: str, matrix: str | None) -> Getter:
-    """Read `static/<name>` for some layers (one matrix), dropping labels with no values (F/SE absent)."""
+def static_square(name: str, matrix: str | None, like: Getter | None = None) -> Getter:
+    """Read `static/<name>` for some layers (one matrix), dropping labels with no values (F/SE absent); with
+    `like`, on that getter's labels instead (blank rows and columns where this map has none), so the panels of
+    one figure line up column for column (Fig 8's X beside Y with F and SE, Fig 3's weights beside outputs)."""
     def read(view: StoreView, layers: list[int]):
         da = view.dataset("static")[name].sel(layer=layers)
         if matrix is not None:
             da = da.sel(matrix=matrix)
         values = np.asarray(da.values, dtype=np.float64)
         labels = expert_labels(da, "expert_i")
+        if like is not None:
+            return align(values, labels, like(view, layers)[1])
         keep = nonempty_labels(values, labels)
         values = values[:, keep][:, :, keep]
         kept = [labels[i] for i in keep]
         return values, kept, kept
     return read
+
+
+def align(values: np.ndarray, labels: list[str], target: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """[layer, label, label] maps on `target`'s labels: NaN (blank) rows and columns for labels this map lacks."""
+    out = np.full(values.shape[:-2] + (len(target), len(target)), np.nan)
+    where = {lab: i for i, lab in enumerate(labels)}
+    src = [where.get(lab) for lab in target]
+    pick = [k for k, s in enumerate(src) if s is not None]
+    have = [src[k] for k in pick]
+    out[..., np.ix_(pick, pick)[0], np.ix_(pick, pick)[1]] = values[..., np.ix_(have, have)[0], np.ix_(have, have)[1]]
+    return out, list(target), list(target)
 
 
 def fig1_matrix_similarity(views: list[StoreView], out: Path) -> list[Figure]:
@@ -203,16 +230,19 @@ def fig1_matrix_similarity(views: list[StoreView], out: Path) -> list[Figure]:
 def fig8_gate_and_neuron_avg(views: list[StoreView], out: Path) -> list[Figure]:
     """Fig 8 (§4.2, App B/C): gate-embedding similarity X beside neuron-averaging similarity Y_m, each
     quantity with its own colour map and colour bar."""
-    cols = [Column("X", static_square("gate_embedding_similarity", None), "x", "gate")]
+    cols = [Column("X", static_square("gate_embedding_similarity", None,
+                                      like=static_square("neuron_avg_similarity", "up")), "x", "gate")]
     cols += [Column(f"Y_{m}", static_square("neuron_avg_similarity", m), "y", "similarity") for m in MATRICES]
     return square_pages(views, out, "fig8_gate_neuron_avg", "Fig 8: gate embedding X and neuron averaging Y", cols,
                         lambda v: layers_of(v, "static"),
                         {"x": "X: cosine of router rows", "y": "Y_m: cosine of mean neurons"},
-                        what="X: routed experts only (F and SE have no router row); Y: F and SE where the store "
-                             "has them")
+                        what="X: routed experts only (F and SE have no router row: blank, so X's cells line up with "
+                             "Y's); Y: F and SE where the store has them")
 
 
 SPECIAL_COLORS = {"F": "0.1", "SE": "0.5"}
+SPECIAL_MARKERS = {"F": "x", "SE": "+"}
+"""Fig 7 draws F's and SE's neurons as crosses over the experts' dots, so they can be told apart."""
 """Dense reference and shared expert in the PCA scatters: dark and mid grey, whatever the store."""
 
 
@@ -234,7 +264,7 @@ def _expert_colors(labels: list[str]) -> list:
             else turbo(int(lab) / max(n - 1, 1)) for lab in labels]
 
 
-def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0) -> dict:
+def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0, crosses: bool = False) -> dict:
     """Which colour is which expert, `pad` inches further right of the panels than usual: a legend naming
     each shown label (up to 10 routed experts), or a colour bar over the routed experts with a legend for
     F and SE. Returns what the key lists: {"legend": [labels], "colorbar": [first, last] or None}."""
@@ -248,7 +278,8 @@ def _expert_key(fig, labels: list[str], shown: set[str], pad: float = 0.0) -> di
     named = [lab for lab in labels if lab in shown and (not ranged or lab in SPECIAL_COLORS)]
     width = fig.get_size_inches()[0]
     if named:
-        handles = [Line2D([], [], marker="o", ls="", color=colors[lab], label=lab) for lab in named]
+        handles = [Line2D([], [], marker=SPECIAL_MARKERS.get(lab, "o") if crosses else "o", ls="", color=colors[lab],
+                          label=lab) for lab in named]
         fig.legend(handles=handles, title="expert", fontsize=TICK_FONT, title_fontsize=TICK_FONT, frameon=False,
                    loc="upper left", bbox_to_anchor=(fig.subplotpars.right + (0.1 + pad) / width, fig.subplotpars.top),
                    handletextpad=0.2, borderaxespad=0)
@@ -410,10 +441,15 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                             pts.append(p)
                             owner += [e] * len(p)
                     if pts:
-                        order = rng.permutation(len(owner))  # interleaved: no expert drawn last over the rest
-                        allp, owner = np.concatenate(pts)[order], np.asarray(owner)[order]
-                        ax.scatter(*allp.T, s=2, c=colors[owner], rasterized=True, alpha=0.6)
-                        data[("order", v.label, layer, m)] = [labels[e] for e in owner]
+                        allp, owner = np.concatenate(pts), np.asarray(owner)
+                        special = np.isin(owner, [e for e, lab in enumerate(labels) if lab in SPECIAL_COLORS])
+                        routed_p, routed_owner = allp[~special], owner[~special]
+                        order = rng.permutation(len(routed_owner))  # interleaved: no expert drawn last over the rest
+                        ax.scatter(*routed_p[order].T, s=2, c=colors[routed_owner[order]], rasterized=True, alpha=0.6)
+                        data[("order", v.label, layer, m)] = [labels[e] for e in routed_owner[order]]
+                        for e in sorted(set(owner[special].tolist())):  # F and SE on top, as crosses
+                            ax.scatter(*allp[owner == e].T, s=7, marker=SPECIAL_MARKERS[labels[e]], c=[colors[e]],
+                                       linewidths=0.6, rasterized=True)
                     ev = explained[r, mi]
                     ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=LABEL_FONT, labelpad=1)
                     ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=LABEL_FONT, labelpad=1)
@@ -426,7 +462,7 @@ def fig7_neuron_pca(views: list[StoreView], out: Path, dims: int = 2) -> list[Fi
                     panel_title(ax, f"layer {layer} · W_{m}")
                     data[(v.label, layer, m)] = drawn
                     shown.update(drawn)
-            data[("key",)] = _expert_key(fig, sorted(labels, key=_label_order), shown, pad=room)
+            data[("key",)] = _expert_key(fig, sorted(labels, key=_label_order), shown, pad=room, crosses=True)
             sampled = (f"every {stride}th neuron of each expert drawn ({MAX_POINTS_PER_PANEL:,} points at most a panel)"
                        if stride > 1 else "every neuron drawn")
             title = f"Fig 7: PCA of expert neurons ({dims}-D) — {v.label}, layers {page[0]}–{page[-1]}"
@@ -445,23 +481,41 @@ def fig7_neuron_pca_3d(views: list[StoreView], out: Path) -> list[Figure]:
 def _pair_means(values: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per layer of [layer, label, label] maps: the mean over routed-expert pairs i≠j (S_ee) and over the
     routed experts' similarity to F (S_ef, NaN without F)."""
+    see, sef = _pair_values(values, labels)
+    return _nan_stat(see, np.mean), _nan_stat(sef, np.mean)
+
+
+def _pair_values(values: np.ndarray, labels: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer: the finite values over routed-expert pairs i≠j, and over the routed experts' similarity to
+    F (empty without F)."""
     routed = [i for i, lab in enumerate(labels) if lab.isdigit()]
     sub = values[:, routed][:, :, routed]
     off = ~np.eye(len(routed), dtype=bool)
-    see = np.array([np.nanmean(m[off]) if np.isfinite(m[off]).any() else np.nan for m in sub])
+    see = [m[off][np.isfinite(m[off])] for m in sub]
     if "F" in labels:
-        f = labels.index("F")
-        ef = values[:, routed, f]
-        sef = np.array([np.nanmean(row) if np.isfinite(row).any() else np.nan for row in ef])
+        ef = values[:, routed, labels.index("F")]
+        sef = [row[np.isfinite(row)] for row in ef]
     else:
-        sef = np.full(len(values), np.nan)
+        sef = [np.zeros(0) for _ in values]
     return see, sef
+
+
+def _nan_stat(groups: list[np.ndarray], stat, *args) -> np.ndarray:
+    """`stat(group, *args)` per layer, NaN for a layer with no values."""
+    return np.array([stat(g, *args) if g.size else np.nan for g in groups], dtype=np.float64)
+
+
+MIN_TREND_SPAN = 0.1
+"""The per-layer trend axes of similarities span at least this much: a change of ±0.001 is drawn as the flat
+line it is, not zoomed into a trend with depth."""
 
 
 def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
     """Per layer, the mean expert-expert similarity S_ee and expert-F similarity S_ef of the weights (each
-    matrix, Fig 1's maps) and of the outputs (mean angular similarity, Fig 3's maps, per input): the
-    per-layer means the paper's depth claims rest on (§4.1.1, §4.3, §5.1)."""
+    matrix, Fig 1's maps) and of the outputs (mean angular similarity, Fig 3's maps, per input), each with the
+    interquartile range of its pairs as a band, and the experts' output L2 norms (median and IQR over tokens
+    and routed experts; F and SE beside): the per-layer means the paper's depth claims rest on (§4.1.1, §4.3,
+    §5.1, §5.2)."""
     from .dynamic import group as dyn_group, ordered_inputs
 
     figures = []
@@ -469,10 +523,13 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
         has_static = v.has("static") and "matrix_similarity" in v.dataset("static")
         inputs = [i for i in ordered_inputs(v.groups("dynamic"))
                   if "expert_output_angular_mean" in v.dataset(dyn_group(i))]
-        if not has_static and not inputs:
+        norm_inputs = [i for i in ordered_inputs(v.groups("dynamic"))
+                       if "expert_output_norms" in v.dataset(dyn_group(i))]
+        if not has_static and not inputs and not norm_inputs:
             continue
-        ncols = int(has_static) + int(bool(inputs))
-        fig, axes = new_figure(1, ncols, panel=(4.0, 2.8), gap=(1.1, 0.9), top=0.75, bottom=1.45, right=0.4)
+        ncols = int(has_static) + int(bool(inputs)) + int(bool(norm_inputs))
+        panel = (4.0, 2.8) if ncols < 3 else (2.75, 2.6)
+        fig, axes = new_figure(1, ncols, panel=panel, gap=(1.0, 0.9), top=0.75, bottom=1.45, right=0.4)
         data: dict = {}
         col = 0
         if has_static:
@@ -489,6 +546,7 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
             _trend_axes(ax, layers)
         if inputs:
             ax = axes[0, col]
+            col += 1
             for k, inp in enumerate(inputs):
                 layers = layers_of(v, dyn_group(inp))
                 da = v.dataset(dyn_group(inp))["expert_output_angular_mean"].sel(layer=layers)
@@ -497,36 +555,84 @@ def layer_trends(views: list[StoreView], out: Path) -> list[Figure]:
             ax.set_ylabel("mean angular similarity", fontsize=LABEL_FONT)
             panel_title(ax, "expert outputs (mean over tokens)")
             _trend_axes(ax, layers)
+        if norm_inputs:
+            ax = axes[0, col]
+            for k, inp in enumerate(norm_inputs):
+                layers = layers_of(v, dyn_group(inp))
+                da = v.dataset(dyn_group(inp))["expert_output_norms"].sel(layer=layers)
+                data.update(_norm_lines(ax, layers, np.asarray(da.values, dtype=np.float64), expert_labels(da, "expert"),
+                                        f"C{3 + k}", inp, (v.label, "norms", inp)))
+            ax.set_ylabel("output L2 norm", fontsize=LABEL_FONT)
+            panel_title(ax, "expert output norms")
+            _trend_axes(ax, layers, similarity=False)
         title = f"Per-layer means — {v.label}"
         figures.append(figure_record(
             fig, "layer_trends", out / f"layer_trends_{slug(v.label)}.png", title, data,
-            "S_ee: mean over routed-expert pairs i≠j; S_ef: mean similarity of the routed experts to F (dashed)"
+            "S_ee: mean over routed-expert pairs i≠j; "
+            + ("S_ef: mean similarity of the routed experts to F (dashed); " if any(
+                k[-1] == "S_ef" for k in data) else "no F in this store, so no S_ef; ")
+            + "bands: the interquartile range of the pairs (norms: of tokens × routed experts, line = median); "
+            f"similarity axes span at least {MIN_TREND_SPAN}, so noise is not drawn as a trend"
             + dense_note(v, [0, int(v.model.get("num_layers") or 1) - 1], True) + "."))
     return figures
 
 
 def _trend_lines(ax, layers: list[int], similarity, labels: list[str], color: str, name: str,
                  key: tuple) -> dict:
-    """Draw one quantity's per-layer S_ee (solid) and, where F is there, S_ef (dashed) in `color`;
-    return the plotted values keyed `key + ("S_ee",)` / `key + ("S_ef",)`."""
-    see, sef = _pair_means(np.asarray(similarity, dtype=np.float64), labels)
-    ax.plot(layers, see, "-o", color=color, ms=3, label=f"S_ee {name}")
-    drawn = {key + ("S_ee",): see}
-    if np.isfinite(sef).any():
-        ax.plot(layers, sef, "--s", color=color, ms=3, label=f"S_ef {name}")
-        drawn[key + ("S_ef",)] = sef
+    """Draw one quantity's per-layer S_ee (solid) and, where F is there, S_ef (dashed) in `color`, each with
+    its pairs' interquartile range as a band; return the plotted values keyed `key + ("S_ee",)` /
+    `key + ("S_ef",)` (and `+ ("S_ee", "iqr")`: [layer, (q25, q75)])."""
+    see_values, sef_values = _pair_values(np.asarray(similarity, dtype=np.float64), labels)
+    drawn = {}
+    for name_, groups, style in (("S_ee", see_values, "-o"), ("S_ef", sef_values, "--s")):
+        mean = _nan_stat(groups, np.mean)
+        if not np.isfinite(mean).any():
+            continue
+        q = np.stack([_nan_stat(groups, np.quantile, 0.25), _nan_stat(groups, np.quantile, 0.75)], axis=-1)
+        ax.plot(layers, mean, style, color=color, ms=3, label=f"{name_} {name}")
+        ax.fill_between(layers, q[:, 0], q[:, 1], color=color, alpha=0.15 if name_ == "S_ee" else 0.08, lw=0)
+        drawn[key + (name_,)] = mean
+        drawn[key + (name_, "iqr")] = q
     return drawn
 
 
-def _trend_axes(ax, layers: list[int]) -> None:
+def _norm_lines(ax, layers: list[int], norms: np.ndarray, labels: list[str], color: str, name: str,
+                key: tuple) -> dict:
+    """Per layer the median output norm of the routed experts over tokens (solid, IQR band) and F's and SE's
+    median (dashed, dotted); [layer, token, label] norms in."""
+    routed = [i for i, lab in enumerate(labels) if lab.isdigit()]
+    groups = [m[np.isfinite(m)] for m in norms[:, :, routed].reshape(len(layers), -1)]
+    median = _nan_stat(groups, np.median)
+    q = np.stack([_nan_stat(groups, np.quantile, 0.25), _nan_stat(groups, np.quantile, 0.75)], axis=-1)
+    ax.plot(layers, median, "-o", color=color, ms=3, label=f"experts {name}")
+    ax.fill_between(layers, q[:, 0], q[:, 1], color=color, alpha=0.15, lw=0)
+    drawn = {key + ("experts",): median, key + ("experts", "iqr"): q}
+    for lab, style in (("F", "--s"), ("SE", ":^")):
+        if lab in labels:
+            values = norms[:, :, labels.index(lab)]
+            med = _nan_stat([r[np.isfinite(r)] for r in values], np.median)
+            if np.isfinite(med).any():
+                ax.plot(layers, med, style, color=color, ms=3, label=f"{lab} {name}")
+                drawn[key + (lab,)] = med
+    return drawn
+
+
+def _trend_axes(ax, layers: list[int], similarity: bool = True) -> None:
     ax.set_xlabel("layer", fontsize=LABEL_FONT)
     ax.tick_params(labelsize=TICK_FONT)
     if len(layers) <= 16:
         ax.set_xticks(layers)
+    if similarity:
+        lo, hi = ax.get_ylim()
+        if hi - lo < MIN_TREND_SPAN:
+            mid = (lo + hi) / 2
+            ax.set_ylim(mid - MIN_TREND_SPAN / 2, mid + MIN_TREND_SPAN / 2)
+    else:
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)  # norms from 0: their size with depth, not zoomed
     # one column per colour (a matrix or an input), S_ee above S_ef, when every colour has both
     colours = [line.get_color() for line in ax.get_lines()]
     per_colour = {colours.count(c) for c in colours}
     ncol = len(set(colours)) if len(per_colour) == 1 else len(colours)
-    ax.legend(fontsize=TICK_FONT, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
+    ax.legend(fontsize=TICK_FONT, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(ncol, 3),
               borderaxespad=0, columnspacing=1.0, handlelength=2.2)
     ax.grid(alpha=0.3)
