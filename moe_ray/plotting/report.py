@@ -377,7 +377,6 @@ def start_drawing(tasks: list[Task], parallel: str, on_figure: FigureCallback | 
     [(Figure, PNG bytes)] in task order, calling `on_figure` as each task's images arrive. The caller
     computes tables in the meantime."""
     mode, workers = resolve_parallel(parallel, len(tasks))
-    done = on_done or (lambda key: None)
     if not tasks:
         return lambda: []
     finished = [0]
@@ -480,7 +479,13 @@ def render(stores: list[str | Path], out: str | Path, parallel: str = "auto", sh
         sections.append(SectionOut(section, notes, remarks, section_tables_, figures, bool(have[section.key])))
     report.seconds = time.monotonic() - started
     report.pages = write_pages(views, sections, report, inputs_html, shared_scale, out)
-    output.finish()
+    output.finish()  # (written into a staging folder, moved into place here)
+    report.index = output.final_path(report.index)
+    report.pages = [output.final_path(page) for page in report.pages]
+    for figure in report.figures:
+        figure.path = output.final_path(figure.path)
+    for table in report.tables:
+        table.csv = output.final_path(table.csv) if table.csv else table.csv
     return report
 
 
