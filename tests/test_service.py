@@ -56,6 +56,16 @@ def _free_range(n: int) -> int:
     raise RuntimeError("no free port range")
 
 
+def head_ports() -> list:
+    """`start-head.sh` flags giving every port of a head a free one (tests start heads beside others)."""
+    workers = _free_range(16)
+    return ["--port", _free_port(), "--ray-client-server-port", _free_port(),
+            "--node-manager-port", _free_port(), "--object-manager-port", _free_port(),
+            "--dashboard-agent-listen-port", _free_port(), "--dashboard-agent-grpc-port", _free_port(),
+            "--metrics-export-port", _free_port(), "--runtime-env-agent-port", _free_port(),
+            "--min-worker-port", workers, "--max-worker-port", workers + 15]
+
+
 @pytest.fixture(scope="module")
 def head():
     """A token-authenticated local head for this module; stopped (by process id) at the end."""
@@ -67,12 +77,7 @@ def head():
     env = dict(os.environ, PYTHON=sys.executable, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path()))
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
-    workers = _free_range(16)
-    ports = ["--port", _free_port(), "--ray-client-server-port", _free_port(),
-             "--node-manager-port", _free_port(), "--object-manager-port", _free_port(),
-             "--dashboard-agent-listen-port", _free_port(), "--dashboard-agent-grpc-port", _free_port(),
-             "--metrics-export-port", _free_port(), "--runtime-env-agent-port", _free_port(),
-             "--min-worker-port", workers, "--max-worker-port", workers + 15]
+    ports = head_ports()
     cmd = [str(SCRIPTS / "start-head.sh"), "--dashboard-port", str(dashboard), "--temp-dir", str(temp / "ray"),
            "--num-cpus", "2", "--num-gpus", "1", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
     try:
