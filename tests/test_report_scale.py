@@ -5,6 +5,7 @@ dims (no pipeline run), so the module stays fast."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -296,6 +297,8 @@ def test_real_depth_pages_in_a_browser(tmp_path, monkeypatch):
             assert f'id="{anchor}"' in text or f"id='{anchor}'" in text, (page.name, target, anchor)
     chromium = find_chromium()
     if chromium is None:
+        if os.environ.get("MOE_RAY_BROWSER_REQUIRED"):
+            pytest.fail("chromium not found: make test installs Debian's chromium (apt-get install chromium)")
         pytest.skip("chromium not installed (make test installs it)")
     with Browser(chromium) as browser:
         for page in report.pages:
