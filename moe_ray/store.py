@@ -1008,14 +1008,16 @@ class IncompleteStoreWarning(UserWarning):
 
 
 def _netcdf_attrs(attrs: dict) -> dict:
-    """Attributes netCDF takes: strings, numbers and lists of them as they are; anything else (tables,
-    lists of tables, None, booleans) as its JSON text."""
+    """Attributes netCDF takes: strings, numbers and lists of numbers as they are; anything else (tables,
+    lists of strings or of tables, None, booleans) as its JSON text."""
     def plain(v: Any) -> bool:
         return isinstance(v, (str, int, float)) and not isinstance(v, bool)
 
-    return {k: v if plain(v) or (isinstance(v, list) and v and all(plain(x) for x in v)
-                                  and len({type(x) for x in v}) == 1) else json.dumps(v, default=str)
-            for k, v in attrs.items()}
+    def numbers(v: Any) -> bool:  # netCDF attributes may be lists of numbers, not of strings
+        return isinstance(v, list) and bool(v) and all(plain(x) and not isinstance(x, str) for x in v) \
+            and len({type(x) for x in v}) == 1
+
+    return {k: v if plain(v) or numbers(v) else json.dumps(v, default=str) for k, v in attrs.items()}
 
 
 def _as_xarray_expects(ds: "xr.Dataset") -> "xr.Dataset":

@@ -153,7 +153,7 @@ def test_submit_from_the_wheel_equals_a_local_run(wheel_head, fresh_venv, ray_se
                           "--runtime-env", "env.yaml"], cwd=user, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "SUCCEEDED" in out.stdout
-    assert f"moe-ray {moe_ray.__version__} ({fresh_venv}/lib/" in out.stdout  # the job's moe_ray: the wheel's
+    assert f"moe-ray: this job runs moe-ray {moe_ray.__version__} from {fresh_venv}/lib/" in out.stdout  # the job's moe_ray: the wheel's
     # the job ran with the user's runtime_env merged into moe-ray's own, and nothing shipped
     (job_id,) = re.findall(r"submitted job (raysubmit_\w+)", out.stdout)
     from ray.job_submission import JobSubmissionClient
@@ -186,7 +186,7 @@ def test_submitter_of_another_version_is_refused_unless_it_ships_its_package(whe
 
     shipped = moe_ray.submit(spec, address, ship_package=True)
     assert shipped.wait(timeout=300).state == "SUCCEEDED", shipped.logs()[-3000:]
-    (ran,) = re.findall(r"^moe-ray \S+ \((.*)\)$", shipped.logs(), re.M)
+    (ran,) = re.findall(r"^moe-ray: this job runs moe-ray \S+ from (.*)$", shipped.logs(), re.M)
     assert "runtime_resources/py_modules_files" in ran and "moe-ray-wheel-" not in ran  # Ray's copy of ours
 
 

@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="the spec as a JSON object, or a TOML file on the head")
     parser.add_argument("--submitter-version", help="fail unless this job's moe-ray is this version")
     args = parser.parse_args(argv)
-    print(f"moe-ray {moe_ray.__version__} ({Path(moe_ray.__file__).parent})", flush=True)  # which one runs
+    print(f"moe-ray: this job runs moe-ray {moe_ray.__version__} from {Path(moe_ray.__file__).parent}",
+          flush=True)  # which one runs
     try:
         check_version(args.submitter_version)
         if args.spec.lstrip().startswith("{"):
