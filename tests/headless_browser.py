@@ -31,6 +31,19 @@ def find_chromium() -> str | None:
     return None
 
 
+def require_chromium() -> str:
+    """The chromium to test with. `make test` installs it (MOE_RAY_BROWSER_REQUIRED=1), so there a missing
+    browser fails the test; elsewhere the test is skipped, saying why."""
+    import pytest
+
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("MOE_RAY_BROWSER_REQUIRED"):
+            pytest.fail("chromium not found: make test installs Debian's chromium (apt-get install chromium)")
+        pytest.skip("chromium not installed (make test installs it)")
+    return path
+
+
 class Browser:
     """One headless Chromium with a fresh profile and one page; use as a context manager."""
 

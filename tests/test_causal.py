@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -467,7 +466,7 @@ def test_cli_runs_the_checks_and_the_report_shows_them(ray_session, tiny, tmp_pa
     from moe_ray.cli import main
     from moe_ray.plotting import render
     from moe_ray.plotting.common import MAX_WIDTH, DPI
-    from headless_browser import Browser, find_chromium
+    from headless_browser import Browser, require_chromium
     from test_plotting import PAGE_METRICS
 
     t = tiny("mixtral", "upcycled")
@@ -493,11 +492,7 @@ def test_cli_runs_the_checks_and_the_report_shows_them(ray_session, tiny, tmp_pa
         assert "predicted tokens" in f.caption and "2 sequences" in f.caption
     top = next(tb for tb in report.tables if tb.key == "causal_ablation_top")
     assert top.rows[0][3] == pytest.approx(float(np.nanmax(ab.delta_loss.values[..., 0])))
-    chromium = find_chromium()
-    if chromium is None:
-        if os.environ.get("MOE_RAY_BROWSER_REQUIRED"):
-            pytest.fail("chromium not found: make test installs Debian's chromium")
-        pytest.skip("chromium not installed (make test installs it)")
+    chromium = require_chromium()
     with Browser(chromium) as browser:
         browser.open(report.index.as_uri(), width=1400, height=1000)
         page = browser.evaluate(PAGE_METRICS)

@@ -5,7 +5,6 @@ dims (no pipeline run), so the module stays fast."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import numpy as np
@@ -265,7 +264,7 @@ def test_real_depth_pages_in_a_browser(tmp_path, monkeypatch):
     """Grok-1's depth (64 layers x 8 experts) beside a second model: index.html and a page per model, split
     per section past the page budget (set small here); every page's links and layer anchors resolve, images
     load lazily and are shown unscaled at 1,400 px in headless chromium; one colour range over 16 images."""
-    from headless_browser import Browser, find_chromium
+    from headless_browser import Browser, require_chromium
 
     from moe_ray.plotting import report as R
 
@@ -295,11 +294,7 @@ def test_real_depth_pages_in_a_browser(tmp_path, monkeypatch):
         for target, anchor in re.findall(r"href='([^'#]+\.html)#([^']+)'", page.read_text()):
             text = (page.parent / target).read_text()
             assert f'id="{anchor}"' in text or f"id='{anchor}'" in text, (page.name, target, anchor)
-    chromium = find_chromium()
-    if chromium is None:
-        if os.environ.get("MOE_RAY_BROWSER_REQUIRED"):
-            pytest.fail("chromium not found: make test installs Debian's chromium (apt-get install chromium)")
-        pytest.skip("chromium not installed (make test installs it)")
+    chromium = require_chromium()
     with Browser(chromium) as browser:
         for page in report.pages:
             browser.open(page.as_uri(), width=1400, height=1000)
