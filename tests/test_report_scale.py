@@ -4,7 +4,6 @@ all its pages, token choice, a failed store's `plot`. Stores are written here wi
 dims (no pipeline run), so the module stays fast."""
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
