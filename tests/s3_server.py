@@ -5,7 +5,6 @@ AWS or MinIO. Credentials and endpoint go the standard way (AWS_* variables, or 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,11 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 @dataclass
@@ -68,7 +63,7 @@ class S3Server:
 
 def start_s3_server(log_dir: Path, timeout_s: float = 30.0) -> S3Server:
     """Start `python -m moto.server` on 127.0.0.1 (a free port) and wait until it answers."""
-    port = _free_port()
+    port = free_port()
     log = log_dir / "moto-server.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

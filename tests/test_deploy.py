@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from test_multinode import _assert_same, tiny_dynamic  # noqa: F401 (a fixture of this module too)
-from test_service import _free_port, head_ports
+from ports import free_port, head_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "cluster" / "local"
@@ -119,7 +119,7 @@ def wheel_head(fresh_venv):
     ensure_token_auth()  # the head's token is this process's, so the tests submit in-process too
     env = _env(fresh_venv, PYTHON=str(fresh_venv / "bin" / "python"), RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token_path()), RAY_TMPDIR=str(temp))
-    dashboard, ports = _free_port(), head_ports()
+    dashboard, ports = free_port(), head_ports()
     cmd = [str(SCRIPTS / "start-head.sh"), "--dashboard-port", str(dashboard), "--temp-dir", str(temp / "ray"),
            "--num-cpus", "2", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
     try:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from moe_ray.checkpoint.tiny import make_tiny
 from moe_ray.cli import main
 from moe_ray.outdir import MARKER
 from moe_ray.store import store_progress
+
+from ports import free_port
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -420,15 +421,9 @@ def test_plot_of_a_damaged_store_is_one_line(made, tmp_path, capsys):
 
 # ---- Ray that is not there: one line in seconds ----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", ["run", "submit", "status"])
 def test_unreachable_ray_fails_in_seconds(command, base, tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     spec = tmp_path / "job.toml"
     spec.write_text(f'model = "{base.path}"\nstore = "{tmp_path / "s.zarr"}"\n')
     argv = {"run": ["run", str(spec), "--address", address],
@@ -466,7 +461,7 @@ def test_submit_refuses_other_weights_before_sending(made, tmp_path, capsys):
     spec = tmp_path / "job.toml"
     spec.write_text(f'model = "{copy}"\nreference = "{ref}"\nstore = "{store}"\nlayers = [0, 1]\n')
     before = _snapshot(store)
-    _assert_one_line(*_cli(["submit", str(spec), "--address", f"http://127.0.0.1:{_free_port()}"], capsys),
+    _assert_one_line(*_cli(["submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}"], capsys),
                      ["other weights: the model's tensor model.layers.0.block_sparse_moe.experts.1.w2.weight"])
     assert _snapshot(store) == before
 

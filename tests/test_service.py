@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,43 +25,10 @@ from moe_ray.checkpoint.tiny import make_tiny
 from moe_ray.service import store_progress
 from moe_ray.errors import CheckpointError, JobError, SpecError
 
+from ports import free_port, head_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "cluster" / "local"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_range(n: int) -> int:
-    """The first of `n` consecutive ports that are all free now."""
-    for _ in range(100):
-        base = random.randrange(30000, 60000 - n)
-        try:
-            socks = []
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def head_ports() -> list:
-    """`start-head.sh` flags giving every port of a head a free one (tests start heads beside others)."""
-    workers = _free_range(16)
-    return ["--port", _free_port(), "--ray-client-server-port", _free_port(),
-            "--node-manager-port", _free_port(), "--object-manager-port", _free_port(),
-            "--dashboard-agent-listen-port", _free_port(), "--dashboard-agent-grpc-port", _free_port(),
-            "--metrics-export-port", _free_port(), "--runtime-env-agent-port", _free_port(),
-            "--min-worker-port", workers, "--max-worker-port", workers + 15]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +41,7 @@ def head():
     ensure_token_auth()
     env = dict(os.environ, PYTHON=sys.executable, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path()))
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
+    dashboard = free_port()
     ports = head_ports()
     cmd = [str(SCRIPTS / "start-head.sh"), "--dashboard-port", str(dashboard), "--temp-dir", str(temp / "ray"),
            "--num-cpus", "2", "--num-gpus", "1", "--object-store-memory", str(200 * 2**20), *map(str, ports)]
