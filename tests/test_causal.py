@@ -555,6 +555,24 @@ def test_cli_runs_the_checks_and_the_report_shows_them(ray_session, tiny, tmp_pa
         assert "predicted tokens" in f.caption and "2 sequences" in f.caption
     top = next(tb for tb in report.tables if tb.key == "causal_ablation_top")
     assert top.rows[0][3] == pytest.approx(float(np.nanmax(ab.delta_loss.values[..., 0])))
+    # the corrected count leads, the uncorrected one beside it: figure marks, caption, summary table
+    corrected = ab.p_holm.values <= 0.05
+    assert ab.p_holm.attrs["tests"] == corrected.size
+    cells = {(int(r), int(c)) for r, c in zip(*np.nonzero(corrected))}
+    assert set(fig.data[(label, "corrected")]) == cells
+    boot = (ab.delta_loss.values[..., 1] > 0) | (ab.delta_loss.values[..., 2] < 0)
+    assert set(fig.data[(label, "excludes_0_uncorrected_only")]) == {
+        (int(r), int(c)) for r, c in zip(*np.nonzero(boot & ~corrected))}
+    count = f"{int(corrected.sum())} of {corrected.size} experts change the loss (corrected: Holm-Bonferroni"
+    assert count[0].upper() + count[1:] in fig.caption and f"uncorrected, {int(boot.sum())} bootstrap" in fig.caption
+    summary = next(tb for tb in report.tables if tb.key == "causal_summary")
+    row = dict(zip(summary.columns, summary.rows[0]))
+    assert row["experts that change the loss (corrected)"] == (f"{int(corrected.sum())} of {corrected.size} "
+                                                              "(Holm-Bonferroni, α 0.05)")
+    assert row["ablations whose interval excludes 0 (uncorrected)"] == f"{int(boot.sum())} of {boot.size}"
+    li, ei = (int(x) for x in np.unravel_index(np.nanargmax(ab.delta_loss.values[..., 0]), corrected.shape))
+    assert top.rows[0][6:] == [pytest.approx(float(ab.p_value.values[li, ei])),
+                               pytest.approx(float(ab.p_holm.values[li, ei]))]
     chromium = require_chromium()
     with Browser(chromium) as browser:
         browser.open(report.index.as_uri(), width=1400, height=1000)
