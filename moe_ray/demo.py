@@ -72,9 +72,11 @@ def summarize(store: str) -> str:
             ef = ds.matrix_similarity.sel(layer=layer).isel(expert_i=experts, expert_j=labels.index("F")).values
             text += f"; vs F {np.nanmean(ef):+.3f}"
         lines.append(text)
+    from math import nan
+
     import zarr
 
-    from .analysis.summary import format_order
+    from .analysis.summary import order_reading
 
     group = zarr.open_group(store, mode="r")
     if "causal" in group:
@@ -92,9 +94,10 @@ def summarize(store: str) -> str:
     for mode, what in (("separate", "the paper's, each matrix on its own"), ("joint", "moe-ray's joint")):
         if f"reorder/{mode}" in group:
             tab2 = group[f"reorder/{mode}"].attrs.get("tab2", {})
+            order = order_reading(tab2["growth_median"], tab2.get("growth_q25", nan), tab2.get("growth_q75", nan))
             lines.append(f"  Tab 2 {mode} reordering ({what}): similarity {tab2['similarity_before']:.3f} -> "
-                         f"{tab2['similarity_after']:.3f}, relative growth {tab2['growth_median']:.3g} (order "
-                         f"{format_order(tab2['order_of_growth'])}), Kendall tau {tab2['tau_median']:.4f} "
+                         f"{tab2['similarity_after']:.3f}, relative growth {tab2['growth_median']:.3g} ("
+                         f"{order}), Kendall tau {tab2['tau_median']:.4f} "
                          "(medians over layers, pairs and matrices)")
     return "\n".join(lines)
 
