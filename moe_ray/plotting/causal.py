@@ -25,6 +25,8 @@ LEFT = 0.9
 """Inches left of the ablation map (layer labels)."""
 ABLATION_ROWS_PER_IMAGE = 32
 """Layers per ablation image: a 64-layer model gives two."""
+LEGEND_LINE = 0.2
+"""Inches per line of the ablation map's dot legend."""
 DELTA_CMAP = "PuOr_r"
 """Changes of loss: diverging around 0 (orange: the loss grows without the expert), not used elsewhere."""
 
@@ -165,7 +167,7 @@ def ablation(views: list[StoreView], out: Path) -> list[Figure]:
             values = delta[page, :, 0]
             cell = min(0.45, (MAX_WIDTH - LEFT - RIGHT_MARGIN) / len(labels))
             grid = PanelGrid(1, 1, panel=(max(1.5, cell * len(labels)), max(1.2, 0.3 * len(page))), top=0.75,
-                             bottom=0.75, left=LEFT)
+                             bottom=0.75 + (LEGEND_LINE * 2 if tests else 0), left=LEFT)
             im = grid.heatmap(0, 0, values, labels, [str(layers[i]) for i in page], DELTA_CMAP, -m, m,
                               ylabel="layer")
             sure = [(r, c) for r, i in enumerate(page) for c in range(len(labels)) if corrected[i, c]]
@@ -173,6 +175,13 @@ def ablation(views: list[StoreView], out: Path) -> list[Figure]:
                                 if uncorrected[i, c] and not corrected[i, c]]
             grid.mark(0, 0, values.shape, only_uncorrected)
             grid.mark(0, 0, values.shape, sure, filled=True)
+            if tests:  # the two dots explained under the map
+                for line, (kind, text) in enumerate(((grid.filled_marks, f"changes the loss after the correction "
+                                                      f"({tests[1]['method']}, α {float(tests[1]['alpha']):g})"),
+                                                     (grid.marks, "interval excludes 0, uncorrected only"))):
+                    y = grid.height - LEGEND_LINE * (2 - line) + 0.05
+                    kind.append((0.25, y))
+                    grid.canvas.text(0.4, y, text, fontsize=TICK_FONT, va="center")
             bar = grid.colorbar(im, "Δ loss (nats / token)", extend="both" if beyond else "neither")
             bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # no offset text beyond the image
             shown = [layers[i] for i in page]

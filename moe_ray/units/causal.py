@@ -477,7 +477,7 @@ def write_summaries(store: ResultStore, plan: CausalPlan) -> str:
         ResultStore.set_attrs(g, bootstrap=boot)
         li, ei = np.unravel_index(np.nanargmax(d[..., 0]), d.shape[:2])
         parts.append(f"largest ablation Δloss {d[li, ei, 0]:+.4f} (layer {plan.layers[li]} expert {plan.labels[ei]})")
-        parts.append(write_ablation_tests(g, normal, 1 - opts.confidence, d))
+        parts.append(write_ablation_tests(g, normal, round(1 - opts.confidence, 12), d))  # 0.05, not 0.0500…044
     if AGREEMENT in root:
         g = root[AGREEMENT]
         sums = np.asarray(g["output_similarity_sum"][...], dtype=np.float64)
