@@ -87,6 +87,10 @@ def summarize(store: str) -> str:
             d = group["causal/norm_routing_all"].attrs
             line += (f"; gate/norm top-k agreement {agreement.min():.2f}-{agreement.max():.2f}, every layer routed by "
                      f"norm: Δ loss {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+        mc = group["causal/ablation"].attrs.get("multiple_comparison") if "causal/ablation" in group else None
+        if mc:
+            line += (f"; {mc['significant']} of {mc['tests']} expert ablations change the loss ({mc['method']}, "
+                     f"α {mc['alpha']:g}; {mc['interval_excludes_0']} uncorrected)")
         if "causal/agreement" in group:
             r2 = group["causal/agreement"].attrs["r2_mean"]
             line += f"; weights vs outputs mean R² (W_gate, angular) {r2['gate/angular']:.2f}"

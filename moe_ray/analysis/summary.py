@@ -87,14 +87,14 @@ def format_order_marked(order: float, low: float, high: float) -> str:
 
 
 def order_reading(median: float, low: float, high: float) -> str:
-    """One phrase for a line of text: "order 100 (median 99)", or, where the IQR straddles a boundary,
-    "order 10 (median 31; IQR 25 – 40 straddles 31.6: the order reads 10 to 100)"."""
-    text = f"order {format_order(order_of_growth(median))} (median {median:.3g}"
+    """The order of `median` for a line of text that prints the median just before it: "order 100", or, where
+    the IQR (low, high) straddles a boundary, "order 10; IQR 25 – 40 straddles 31.6: the order reads 10 to 100"."""
+    text = f"order {format_order(order_of_growth(median))}"
     crossed = order_boundaries(low, high)
     if crossed:
         text += (f"; IQR {low:.3g} – {high:.3g} straddles {', '.join(f'{b:.3g}' for b in crossed)}: the order reads "
                  f"{format_order(order_of_growth(low))} to {format_order(order_of_growth(high))}")
-    return text + ")"
+    return text
 
 
 def tab2_summary(before, after, growth, tau) -> dict[str, float]:
