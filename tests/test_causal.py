@@ -573,6 +573,21 @@ def test_cli_runs_the_checks_and_the_report_shows_them(ray_session, tiny, tmp_pa
     li, ei = (int(x) for x in np.unravel_index(np.nanargmax(ab.delta_loss.values[..., 0]), corrected.shape))
     assert top.rows[0][6:] == [pytest.approx(float(ab.p_value.values[li, ei])),
                                pytest.approx(float(ab.p_holm.values[li, ei]))]
+    # a store written before the correction: the uncorrected dots as before, and the caption says what is missing
+    import shutil
+    import zarr
+    from moe_ray.plotting import causal as PC
+    from moe_ray.plotting.common import StoreView
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    for name in ("p_value", "p_holm"):
+        del zarr.open_group(str(old / "causal" / "ablation"), mode="r+")[name]
+    (fig_old,) = PC.ablation([StoreView(old)], tmp_path)
+    assert "no multiple-comparison correction in this store" in fig_old.caption
+    assert fig_old.data[(label, "corrected")] == []
+    assert set(fig_old.data[(label, "excludes_0_uncorrected_only")]) == {
+        (int(r), int(c)) for r, c in zip(*np.nonzero(boot))}
     chromium = require_chromium()
     with Browser(chromium) as browser:
         browser.open(report.index.as_uri(), width=1400, height=1000)

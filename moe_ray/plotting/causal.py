@@ -76,7 +76,7 @@ def corrected_count_text(view: StoreView) -> str:
     """"N of M experts change the loss (corrected: Holm-Bonferroni, α 0.05)", or what the store lacks."""
     tests = ablation_tests(view)
     if tests is None:
-        return "no multiple-comparison correction in this store (written by an older moe-ray)"
+        return "no multiple-comparison correction in this store (written by an older moe-ray; a new run computes it)"
     adjusted, mc = tests
     alpha = float(mc["alpha"])
     return (f"{int((adjusted <= alpha).sum())} of {int(mc['tests'])} experts change the loss (corrected: "
