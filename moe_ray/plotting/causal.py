@@ -298,7 +298,8 @@ def summary_table(views: list[StoreView]) -> list[Table]:
                        "ablations whose paired t-test on the per-sequence loss differences stays significant after "
                        "the Holm-Bonferroni correction over every (layer, expert) ablation, at family-wise error rate α "
                        "= 1 - the interval level (0.05 for 95% intervals); the uncorrected count beside it is how "
-                       "many bootstrap intervals exclude 0, of which about α × the number of ablations would do so by chance alone.")]
+                       "many bootstrap intervals exclude 0, of which about α × the number of ablations would do so "
+                       "by chance alone.")]
 
 
 def norm_routing_table(views: list[StoreView]) -> list[Table]:
