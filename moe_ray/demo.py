@@ -72,9 +72,11 @@ def summarize(store: str) -> str:
             ef = ds.matrix_similarity.sel(layer=layer).isel(expert_i=experts, expert_j=labels.index("F")).values
             text += f"; vs F {np.nanmean(ef):+.3f}"
         lines.append(text)
+    from math import nan
+
     import zarr
 
-    from .analysis.summary import format_order
+    from .analysis.summary import order_reading
 
     group = zarr.open_group(store, mode="r")
     if "causal" in group:
@@ -85,6 +87,10 @@ def summarize(store: str) -> str:
             d = group["causal/norm_routing_all"].attrs
             line += (f"; gate/norm top-k agreement {agreement.min():.2f}-{agreement.max():.2f}, every layer routed by "
                      f"norm: Δ loss {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+        mc = group["causal/ablation"].attrs.get("multiple_comparison") if "causal/ablation" in group else None
+        if mc:
+            line += (f"; {mc['significant']} of {mc['tests']} expert ablations change the loss ({mc['method']}, "
+                     f"α {mc['alpha']:g}; {mc['interval_excludes_0']} uncorrected)")
         if "causal/agreement" in group:
             r2 = group["causal/agreement"].attrs["r2_mean"]
             line += f"; weights vs outputs mean R² (W_gate, angular) {r2['gate/angular']:.2f}"
@@ -92,9 +98,10 @@ def summarize(store: str) -> str:
     for mode, what in (("separate", "the paper's, each matrix on its own"), ("joint", "moe-ray's joint")):
         if f"reorder/{mode}" in group:
             tab2 = group[f"reorder/{mode}"].attrs.get("tab2", {})
+            order = order_reading(tab2["growth_median"], tab2.get("growth_q25", nan), tab2.get("growth_q75", nan))
             lines.append(f"  Tab 2 {mode} reordering ({what}): similarity {tab2['similarity_before']:.3f} -> "
-                         f"{tab2['similarity_after']:.3f}, relative growth {tab2['growth_median']:.3g} (order "
-                         f"{format_order(tab2['order_of_growth'])}), Kendall tau {tab2['tau_median']:.4f} "
+                         f"{tab2['similarity_after']:.3f}, relative growth {tab2['growth_median']:.3g} ("
+                         f"{order}), Kendall tau {tab2['tau_median']:.4f} "
                          "(medians over layers, pairs and matrices)")
     return "\n".join(lines)
 

@@ -192,7 +192,8 @@ class CausalOptions:
         "help": "bootstrap resamples of the corpus's sequences for the intervals of every loss change"})
     bootstrap_seed: int = field(default=0, metadata={"help": "seed of the bootstrap resamples"})
     confidence: float = field(default=0.95, metadata={
-        "help": "level of the bootstrap intervals (percentile intervals over sequences)"})
+        "help": "level of the bootstrap intervals (percentile intervals over sequences); 1 - confidence is also "
+                "the family-wise error rate of the Holm-corrected count of ablations that change the loss"})
     batch_tokens: int = field(default=16384, metadata={
         "help": "interventions of one sequence pushed through the layers together: at most this many "
                 "tokens (interventions x sequence length) in one batch"})

@@ -242,6 +242,13 @@ CAUSAL_SCHEMA: dict[str, dict[str, Quantity]] = {
         "delta_loss": Quantity(
             ("layer", "expert", "stat"), "change of the corpus's loss per token (nats) from removing this "
             "expert: the estimate and its bootstrap interval over sequences"),
+        "p_value": Quantity(
+            ("layer", "expert"), "two-sided p-value of a paired t-test on the per-sequence loss differences "
+            "(H0: removing this expert leaves the expected loss unchanged), before any correction", "float64"),
+        "p_holm": Quantity(
+            ("layer", "expert"), "p_value adjusted by Holm-Bonferroni over every (layer, expert) ablation of this "
+            "group (the array's attributes: method, alpha, tests); <= alpha: the ablation changes the loss at "
+            "family-wise error rate alpha", "float64"),
     },
     "causal/agreement": {
         "tokens": Quantity(

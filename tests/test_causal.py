@@ -95,6 +95,58 @@ def test_bootstrap_is_token_weighted_seeded_and_vectorised():
     assert np.isnan(holes[1]).all()
 
 
+def test_paired_t_pvalues_by_hand():
+    """Closed forms of Student's t: df 1, p = 1 - (2/π) atan|t|; df 2, p = 1 - |t| / sqrt(2 + t²)."""
+    normal = np.array([10.0, 20.0, 30.0])
+    # d = (1, 3): mean 2, sd √2, t = 2 / (√2 / √2) = 2, df 1
+    p = C.paired_t_pvalues(np.array([11.0, 23.0]), normal[:2])
+    assert p == pytest.approx(1 - 2 / math.pi * math.atan(2.0), rel=1e-10)
+    # d = (1, 2, 6) and its negative: mean ±3, sd √7, t = 3√3/√7, df 2 (two-sided: the sign does not matter)
+    t = 3 * math.sqrt(3) / math.sqrt(7)
+    rows = C.paired_t_pvalues(np.stack([normal + [1, 2, 6], normal - [1, 2, 6], normal + 0.5 * np.array([2, 2, 2]),
+                                        normal, np.array([11.0, np.nan, 30.0])]), normal)
+    assert rows.shape == (5,)
+    np.testing.assert_allclose(rows[:2], 1 - t / math.sqrt(2 + t * t), rtol=1e-10)
+    assert rows[2] == 0.0 and rows[3] == 1.0 and np.isnan(rows[4])  # no spread; unchanged; not computed
+    assert np.isnan(C.paired_t_pvalues(np.array([[3.0]]), np.array([2.0]))).all()  # one sequence: no test
+
+
+def test_holm_adjusted_p_values_by_hand():
+    """p = (0.01, 0.04, 0.03, 0.005), M = 4, sorted 0.005 < 0.01 < 0.03 < 0.04: scaled 4·0.005 = 0.02,
+    3·0.01 = 0.03, 2·0.03 = 0.06, 1·0.04 = 0.04, then the running maximum: 0.02, 0.03, 0.06, 0.06. At α 0.05
+    the step-down rejects 0.005 (<= 0.05/4) and 0.01 (<= 0.05/3), stops at 0.03 (> 0.05/2): two tests."""
+    adjusted = C.holm_adjusted(np.array([0.01, 0.04, 0.03, 0.005]))
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02], rtol=1e-12)
+    assert (adjusted <= 0.05).sum() == 2
+    # NaN is no test (M = 2 here), shape is kept, adjusted values are capped at 1
+    grid = C.holm_adjusted(np.array([[0.02, np.nan], [0.6, np.nan]]))
+    np.testing.assert_allclose(grid, [[0.04, np.nan], [0.6, np.nan]])
+    assert C.holm_adjusted(np.array([0.7, 0.9])).tolist() == [1.0, 1.0]
+    assert np.isnan(C.holm_adjusted(np.full(3, np.nan))).all()
+
+
+def test_null_ablations_are_rarely_significant_after_holm_and_a_planted_one_still_is():
+    """Planted truths, seeded: M = 400 interventions that change nothing in expectation (per-sequence noise
+    of ±1 nat around the unmodified loss) and one that adds 0.01 nats per token (about 1.2 nats a sequence).
+    Uncorrected, about αM = 20 nulls fall below α (bootstrap intervals and t-test alike); after Holm at most
+    a handful, and the planted one is still significant, its adjusted p far below α."""
+    rng = np.random.default_rng(7)
+    S, M, alpha = 60, 400, 0.05
+    tokens = rng.integers(50, 200, S)
+    normal = rng.uniform(2.0, 4.0, S) * tokens
+    intervened = normal + rng.normal(0.0, 1.0, (M + 1, S))
+    intervened[M] = normal + 0.01 * tokens + rng.normal(0.0, 1.0, S)
+    p = C.paired_t_pvalues(intervened, normal)
+    adjusted = C.holm_adjusted(p)
+    boot = C.bootstrap_delta(intervened, normal, tokens, resamples=1000, seed=1)
+    nulls_t = int((p[:M] <= alpha).sum())
+    nulls_boot = int(((boot[:M, 1] > 0) | (boot[:M, 2] < 0)).sum())
+    assert 10 <= nulls_t <= 32 and 10 <= nulls_boot <= 36, (nulls_t, nulls_boot)  # αM = 20, binomial sd 4.4
+    assert (adjusted[:M] <= alpha).sum() <= 2
+    assert adjusted[M] < 1e-6 and p[M] < alpha / (M + 1)
+    assert boot[M, 1] > 0
+
+
 def test_corpus_loss_is_token_weighted():
     assert C.corpus_loss(np.array([10.0, 30.0]), np.array([5, 5])) == pytest.approx(4.0)
     assert C.corpus_loss(np.array([10.0, 30.0]), np.array([1, 9])) == pytest.approx(4.0)
@@ -402,6 +454,17 @@ def test_ablating_either_copy_of_an_expert_changes_the_loss_alike(ray_session, t
     assert loss[2, 0] == pytest.approx(mixtral_reference_nll(ckpt, ids, layer=1, removed=2), rel=1e-5)
     assert root.sequence_tokens.values[0] == len(ids) - 1
     assert (ab.unit_done.values == 1).all() and (root.unit_done.values == 1).all()
+    # the multiple-comparison correction round-trips: named dims, the stored p-values are the t-test's of the
+    # stored losses, Holm over the 8 ablations, the method, alpha and number of tests in the attributes
+    assert ab.p_value.dims == ("layer", "expert") and ab.p_holm.dims == ("layer", "expert")
+    p = C.paired_t_pvalues(ab.loss.values, root.loss.values)
+    np.testing.assert_array_equal(ab.p_value.values, p)
+    np.testing.assert_array_equal(ab.p_holm.values, C.holm_adjusted(p))
+    assert {k: ab.p_holm.attrs[k] for k in ("method", "alpha", "tests")} == {"method": "Holm-Bonferroni",
+                                                                             "alpha": pytest.approx(0.05), "tests": 8}
+    mc = json.loads(ab.attrs["multiple_comparison"])  # open_results gives nested attributes as JSON text
+    assert mc["tests"] == 8 and mc["significant"] == int((C.holm_adjusted(p) <= 0.05).sum())
+    assert mc["interval_excludes_0"] == int(((d[..., 1] > 0) | (d[..., 2] < 0)).sum())
 
 
 def test_two_shards_equal_one_and_a_resume_recomputes_only_what_is_missing(ray_session, tmp_path, mixtral32, capsys):
@@ -492,6 +555,38 @@ def test_cli_runs_the_checks_and_the_report_shows_them(ray_session, tiny, tmp_pa
         assert "predicted tokens" in f.caption and "2 sequences" in f.caption
     top = next(tb for tb in report.tables if tb.key == "causal_ablation_top")
     assert top.rows[0][3] == pytest.approx(float(np.nanmax(ab.delta_loss.values[..., 0])))
+    # the corrected count leads, the uncorrected one beside it: figure marks, caption, summary table
+    corrected = ab.p_holm.values <= 0.05
+    assert ab.p_holm.attrs["tests"] == corrected.size
+    cells = {(int(r), int(c)) for r, c in zip(*np.nonzero(corrected))}
+    assert set(fig.data[(label, "corrected")]) == cells
+    boot = (ab.delta_loss.values[..., 1] > 0) | (ab.delta_loss.values[..., 2] < 0)
+    assert set(fig.data[(label, "excludes_0_uncorrected_only")]) == {
+        (int(r), int(c)) for r, c in zip(*np.nonzero(boot & ~corrected))}
+    count = f"{int(corrected.sum())} of {corrected.size} experts change the loss (corrected: Holm-Bonferroni"
+    assert count[0].upper() + count[1:] in fig.caption and f"uncorrected, {int(boot.sum())} bootstrap" in fig.caption
+    summary = next(tb for tb in report.tables if tb.key == "causal_summary")
+    row = dict(zip(summary.columns, summary.rows[0]))
+    assert row["experts that change the loss (Holm-corrected)"] == f"{int(corrected.sum())} of {corrected.size}"
+    assert row["ablations whose interval excludes 0 (uncorrected)"] == f"{int(boot.sum())} of {boot.size}"
+    li, ei = (int(x) for x in np.unravel_index(np.nanargmax(ab.delta_loss.values[..., 0]), corrected.shape))
+    assert top.rows[0][6:] == [pytest.approx(float(ab.p_value.values[li, ei])),
+                               pytest.approx(float(ab.p_holm.values[li, ei]))]
+    # a store written before the correction: the uncorrected dots as before, and the caption says what is missing
+    import shutil
+    import zarr
+    from moe_ray.plotting import causal as PC
+    from moe_ray.plotting.common import StoreView
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    for name in ("p_value", "p_holm"):
+        del zarr.open_group(str(old / "causal" / "ablation"), mode="r+")[name]
+    (fig_old,) = PC.ablation([StoreView(old)], tmp_path)
+    assert "no multiple-comparison correction in this store" in fig_old.caption
+    assert fig_old.data[(label, "corrected")] == []
+    assert set(fig_old.data[(label, "excludes_0_uncorrected_only")]) == {
+        (int(r), int(c)) for r, c in zip(*np.nonzero(boot))}
     chromium = require_chromium()
     with Browser(chromium) as browser:
         browser.open(report.index.as_uri(), width=1400, height=1000)

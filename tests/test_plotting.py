@@ -321,6 +321,7 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
 
     fig2 = next(f for f in report.figures if f.key == "fig2_output_similarity")
     assert fig2.data[("topk", label, 1, 3)] == list(topk[1, 3])
+    assert "‡" in tab2.note and "31.6" in tab2.note and "‡" not in "".join(map(str, tab2.rows[0]))
 
     # Fig 10: the routed experts only (no F row), each token's top-k routing weights, others blank,
     # coloured from 0 to the largest weight of the page.
@@ -366,6 +367,31 @@ def test_synthetic_reorder_and_dynamic(synthetic, tmp_path):
     assert "all 5 tokens of the short input" in next(f for f in report.figures if f.key == "fig2_output_similarity").caption
     # Fig 2 shows the short input before the long one, as the paper does
     assert [f.title.split("(")[1].split()[0] for f in report.figures if f.key == "fig10_routing"] == ["short", "text"]
+
+def test_tab2_marks_an_order_whose_iqr_straddles_a_rounding_boundary(synthetic, tmp_path):
+    """Medians 31 (IQR 26 – 36, straddling 10^1.5 = 31.6) and 32 (IQR 31.9 – 32.1): the paper's orders 10 and
+    100, the first marked ‡ with its boundary and its ends' orders, in Tab 2 and the comparison across models."""
+    from moe_ray.plotting import tables as T
+    from moe_ray.plotting.report import _table_html
+
+    store = _copy(synthetic[0], tmp_path / "boundary.zarr")
+    upper = np.triu(np.ones((4, 4), dtype=bool), 1)
+    coords = {"layer": [0, 1], "matrix": ["up", "gate", "down"], "expert_i": list("0123"), "expert_j": list("0123")}
+    for mode, (low, high) in (("separate", (21.0, 41.0)), ("joint", (31.8, 32.2))):
+        growth = np.full((2, 3, 4, 4), np.nan)
+        growth[:, :, upper] = np.linspace(low, high, 36).reshape(2, 3, 6)  # median (low + high) / 2
+        _write(store, f"reorder/{mode}", xr.Dataset(
+            {"growth": (("layer", "matrix", "expert_i", "expert_j"), growth)}, coords=coords))
+    view = StoreView(store, label="m")
+    (separate,), (joint,) = T.tab2_rows([view], "separate"), T.tab2_rows([view], "joint")
+    assert separate[5] == pytest.approx(31.0) and separate[6] == "10 ‡"
+    assert separate[8] == "26.0 – 36.0 ‡ straddles 31.6: orders 10 to 100"
+    assert joint[5] == pytest.approx(32.0) and joint[6] == "100" and joint[8] == "31.9 – 32.1"
+    tab2 = next(t for t in T.tab2_reorder([view]) if t.key == "tab2_reorder")
+    T.write_csv(tab2, tmp_path)
+    assert "<td>31.0</td><td>10 ‡</td>" in _table_html(tab2)
+    rows = {row[0]: row[1] for row in T.comparison([view])[0].rows}
+    assert rows["Tab 2: order of growth"] == "10 ‡"
 
 
 def test_parallel_modes_draw_the_same(synthetic, ray_session):

@@ -246,3 +246,25 @@ def test_tab2_relative_growth_median_and_order():
     assert row["growth_median"] == pytest.approx(99.0) and row["order_of_growth"] == 100.0
     assert row["tau_median"] == 0.0 and row["n_values"] == 18
     assert row["similarity_before"] == pytest.approx(1e-4) and row["similarity_after"] == pytest.approx(1e-2)
+
+
+def test_order_of_growth_near_a_rounding_boundary():
+    """The paper's order 10^round(log10|x|) flips at 10^1.5 = 31.6: medians of 31 and 32 read 10 and 100 (kept:
+    the paper's numbers are compared with it); an IQR that straddles 31.6 (or 0) is found and marked, one on
+    either side of it is not."""
+    from moe_ray.analysis.summary import (format_order_marked, order_boundaries, order_of_growth, order_reading,
+                                          tab2_summary)
+
+    assert order_of_growth(31.0) == 10.0 and order_of_growth(32.0) == 100.0
+    assert order_boundaries(25.0, 40.0) == [pytest.approx(10 ** 1.5)]
+    assert order_boundaries(32.0, 40.0) == [] and order_boundaries(28.0, 31.0) == []  # either side of 31.6
+    assert order_boundaries(5.0, 500.0) == [pytest.approx(10 ** 1.5), pytest.approx(10 ** 2.5)]
+    assert order_boundaries(-40.0, -25.0) == [pytest.approx(-(10 ** 1.5))] and order_boundaries(-0.5, 2.0) == [0.0]
+    assert order_boundaries(float("nan"), 40.0) == []
+    assert format_order_marked(10.0, 25.0, 40.0) == "10 ‡" and format_order_marked(100.0, 32.0, 40.0) == "100"
+    assert format_order_marked(10.0, 28.0, 31.0) == "10"
+    assert order_reading(31.0, 25.0, 40.0) == "order 10; IQR 25 – 40 straddles 31.6: the order reads 10 to 100"
+    assert order_reading(32.0, 31.8, 32.2) == "order 100"
+    growth = np.array([21.0, 26.0, 31.0, 36.0, 41.0])  # median 31, IQR 26 – 36
+    row = tab2_summary(growth, growth, growth, growth)
+    assert (row["growth_median"], row["growth_q25"], row["growth_q75"], row["order_of_growth"]) == (31, 26, 36, 10)

@@ -25,6 +25,8 @@ LEFT = 0.9
 """Inches left of the ablation map (layer labels)."""
 ABLATION_ROWS_PER_IMAGE = 32
 """Layers per ablation image: a 64-layer model gives two."""
+LEGEND_LINE = 0.2
+"""Inches per line of the ablation map's dot legend."""
 DELTA_CMAP = "PuOr_r"
 """Changes of loss: diverging around 0 (orange: the loss grows without the expert), not used elsewhere."""
 
@@ -53,6 +55,32 @@ def interval_text(view: StoreView, group: str) -> str:
 
 def _delta(view: StoreView, group: str) -> np.ndarray:
     return np.asarray(view.dataset(group)["delta_loss"].values, dtype=np.float64)
+
+
+def excludes_0(delta: np.ndarray) -> np.ndarray:
+    """[..., stat] -> where the bootstrap interval (low, high) excludes 0: the uncorrected criterion."""
+    return (delta[..., 1] > 0) | (delta[..., 2] < 0)
+
+
+def ablation_tests(view: StoreView) -> tuple[np.ndarray, dict] | None:
+    """(the Holm-adjusted p-values [layer, expert], the group's `multiple_comparison` attributes: method,
+    alpha, tests, ...), or None for a store written before moe-ray corrected the counts."""
+    ds = view.dataset(ABLATION)
+    mc = ds.attrs.get("multiple_comparison")
+    if "p_holm" not in ds or not isinstance(mc, dict):
+        return None
+    return np.asarray(ds["p_holm"].values, dtype=np.float64), mc
+
+
+def corrected_count_text(view: StoreView) -> str:
+    """"N of M experts change the loss (corrected: Holm-Bonferroni, α 0.05)", or what the store lacks."""
+    tests = ablation_tests(view)
+    if tests is None:
+        return "no multiple-comparison correction in this store (written by an older moe-ray; a new run computes it)"
+    adjusted, mc = tests
+    alpha = float(mc["alpha"])
+    return (f"{int((adjusted <= alpha).sum())} of {int(mc['tests'])} experts change the loss (corrected: "
+            f"{mc['method']} over the {int(mc['tests'])} paired t-tests, α {alpha:g})")
 
 
 def norm_routing(views: list[StoreView], out: Path) -> list[Figure]:
@@ -109,7 +137,9 @@ def norm_routing(views: list[StoreView], out: Path) -> list[Figure]:
 
 def ablation(views: list[StoreView], out: Path) -> list[Figure]:
     """The change of loss with each expert (and SE) of each layer removed: a map of layers x experts on a
-    diverging colour map centred on 0 (this model's range), a dot where the interval excludes 0."""
+    diverging colour map centred on 0 (this model's range); a black dot where the ablation changes the loss
+    after the multiple-comparison correction, a white one where only the uncorrected bootstrap interval
+    excludes 0. The caption leads with the corrected count, the uncorrected one beside it."""
     figures = []
     for v in views:
         if not done(v, ABLATION):
@@ -121,28 +151,50 @@ def ablation(views: list[StoreView], out: Path) -> list[Figure]:
         routed = [i for i, lab in enumerate(labels) if lab.isdigit()]
         m = float(np.nanmax(np.abs(delta[:, routed, 0]))) or 1e-9  # SE can dwarf the routed experts
         beyond = bool(np.nanmax(np.abs(delta[..., 0])) > m)
+        uncorrected = excludes_0(delta)
+        tests = ablation_tests(v)
+        corrected = tests[0] <= float(tests[1]["alpha"]) if tests else np.zeros(uncorrected.shape, dtype=bool)
+        count = corrected_count_text(v)
+        if tests:
+            counts = (f"{count[0].upper()}{count[1:]}, in all layers; uncorrected, {int(uncorrected.sum())} bootstrap "
+                      "intervals exclude 0. ")
+            marks = ("black dots: a change of the loss after the correction; white dots: the "
+                     f"{interval_text(v, ABLATION)} exclude 0 without it")
+        else:
+            counts = ""
+            marks = f"a dot where the {interval_text(v, ABLATION)} exclude 0 (uncorrected; {count})"
         for page in pages(list(range(len(layers))), ABLATION_ROWS_PER_IMAGE):
             values = delta[page, :, 0]
             cell = min(0.45, (MAX_WIDTH - LEFT - RIGHT_MARGIN) / len(labels))
             grid = PanelGrid(1, 1, panel=(max(1.5, cell * len(labels)), max(1.2, 0.3 * len(page))), top=0.75,
-                             bottom=0.75, left=LEFT)
+                             bottom=0.75 + (LEGEND_LINE * 2 if tests else 0), left=LEFT)
             im = grid.heatmap(0, 0, values, labels, [str(layers[i]) for i in page], DELTA_CMAP, -m, m,
                               ylabel="layer")
-            sure = [(r, c) for r, i in enumerate(page) for c in range(len(labels))
-                    if delta[i, c, 1] > 0 or delta[i, c, 2] < 0]
-            grid.mark(0, 0, values.shape, sure)
+            sure = [(r, c) for r, i in enumerate(page) for c in range(len(labels)) if corrected[i, c]]
+            only_uncorrected = [(r, c) for r, i in enumerate(page) for c in range(len(labels))
+                                if uncorrected[i, c] and not corrected[i, c]]
+            grid.mark(0, 0, values.shape, only_uncorrected)
+            grid.mark(0, 0, values.shape, sure, filled=True)
+            if tests:  # the two dots explained under the map
+                for line, (kind, text) in enumerate(((grid.filled_marks, f"changes the loss after the correction "
+                                                      f"({tests[1]['method']}, α {float(tests[1]['alpha']):g})"),
+                                                     (grid.marks, "interval excludes 0, uncorrected only"))):
+                    y = grid.height - LEGEND_LINE * (2 - line) + 0.05
+                    kind.append((0.25, y))
+                    grid.canvas.text(0.4, y, text, fontsize=TICK_FONT, va="center")
             bar = grid.colorbar(im, "Δ loss (nats / token)", extend="both" if beyond else "neither")
             bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # no offset text beyond the image
             shown = [layers[i] for i in page]
-            data = {(v.label, "delta_loss"): delta[page], (v.label, "layers"): shown, (v.label, "excludes_0"): sure}
+            data = {(v.label, "delta_loss"): delta[page], (v.label, "layers"): shown, (v.label, "corrected"): sure,
+                    (v.label, "excludes_0_uncorrected_only"): only_uncorrected}
             name = f"L{shown[0]}" if len(shown) == 1 else f"L{shown[0]}-{shown[-1]}"
             semantics = v.dataset("causal").attrs.get("interventions") or {}
-            caption = (f"{corpus_text(v)}. Each cell: the change of the loss with that expert removed from that "
-                       f"layer's routing ({semantics.get('ablation', '')}"
+            caption = (f"{corpus_text(v)}. {counts}Each cell: the change of the loss with that expert removed from "
+                       f"that layer's routing ({semantics.get('ablation', '')}"
                        + ("; SE: " + semantics.get("shared_expert_ablation", "") if "SE" in labels else "")
                        + f"). Colour range ±{m:.2g}, this model's largest among routed experts"
                        + ("; SE's larger change is drawn in the end colour (its value: the table below)" if beyond else "")
-                       + f"; a dot where the {interval_text(v, ABLATION)} exclude 0.")
+                       + f"; {marks}.")
             figures.append(grid.save("causal_ablation", out / f"causal_ablation_{slug(v.label)}_{name}.png",
                                      f"Expert ablation — {v.label}, layers {shown[0]}–{shown[-1]}", data, caption))
     return figures
@@ -222,23 +274,32 @@ def summary_table(views: list[StoreView]) -> list[Table]:
             a = v.dataset(ABLATION)
             delta = _delta(v, ABLATION)
             li, ei = np.unravel_index(np.nanargmax(delta[..., 0]), delta.shape[:2])
-            sure = int(((delta[..., 1] > 0) | (delta[..., 2] < 0)).sum())
+            sure = int(excludes_0(delta).sum())
+            tests = ablation_tests(v)
+            corrected = (f"{int((tests[0] <= float(tests[1]['alpha'])).sum())} of {int(tests[1]['tests'])}"
+                         if tests else None)
             row += [f"layer {int(a['layer'].values[li])} expert {a['expert'].values[ei]}", float(delta[li, ei, 0]),
-                    f"{sure} of {delta.shape[0] * delta.shape[1]}"]
+                    corrected, f"{sure} of {delta.shape[0] * delta.shape[1]}"]
         else:
-            row += [None, None, None]
+            row += [None, None, None, None]
         r2 = (v.dataset(AGREEMENT).attrs.get("r2_mean") or {}) if done(v, AGREEMENT) else {}
         row += [r2.get("gate/angular")]
         rows.append(row)
     columns = ["model", "sequences", "tokens", "loss (nats/token)", "gate/norm top-k agreement (mean over layers)",
-               "Δ loss, every layer by norm", "low", "high", "largest ablation Δ at", "Δ loss", "ablations whose "
-               "interval excludes 0", "mean R² (S1 W_gate, D2 angular)"]
+               "Δ loss, every layer by norm", "low", "high", "largest ablation Δ at", "Δ loss",
+               "experts that change the loss (Holm-corrected)", "ablations whose interval excludes 0 (uncorrected)",
+               "mean R² (S1 W_gate, D2 angular)"]
     return [Table("causal_summary", "Causal checks (beyond the paper): summary", columns, rows,
-                  formats=[None, None, None, ".3f", ".3f", "sig3", "sig3", "sig3", None, "sig3", None, ".2f"],
+                  formats=[None, None, None, ".3f", ".3f", "sig3", "sig3", "sig3", None, "sig3", None, None, ".2f"],
                   note="Δ loss: the change of the corpus's next-token loss per predicted token (nats) from an "
                        "intervention, with its percentile bootstrap interval over sequences (see each store's "
                        "causal attributes). Agreement: the share of each token's gate top-k that are also its "
-                       "top-k experts by output norm, averaged over tokens and layers.")]
+                       "top-k experts by output norm, averaged over tokens and layers. Experts that change the loss: "
+                       "ablations whose paired t-test on the per-sequence loss differences stays significant after "
+                       "the Holm-Bonferroni correction over every (layer, expert) ablation, at family-wise error rate α "
+                       "= 1 - the interval level (0.05 for 95% intervals); the uncorrected count beside it is how "
+                       "many bootstrap intervals exclude 0, of which about α × the number of ablations would do so "
+                       "by chance alone.")]
 
 
 def norm_routing_table(views: list[StoreView]) -> list[Table]:
@@ -268,13 +329,21 @@ def ablation_table(views: list[StoreView], top: int = 10) -> list[Table]:
         ds = v.dataset(ABLATION)
         delta = _delta(v, ABLATION)
         order = np.argsort(-np.nan_to_num(delta[..., 0], nan=-np.inf), axis=None)[:top]
+        tests = ablation_tests(v)
+        p = np.asarray(ds["p_value"].values, dtype=np.float64) if tests else None
         for flat in order:
             li, ei = np.unravel_index(flat, delta.shape[:2])
-            rows.append([v.label, int(ds["layer"].values[li]), expert_labels(ds, "expert")[ei], *map(float, delta[li, ei])])
+            rows.append([v.label, int(ds["layer"].values[li]), expert_labels(ds, "expert")[ei],
+                         *map(float, delta[li, ei]), float(p[li, ei]) if tests else None,
+                         float(tests[0][li, ei]) if tests else None])
     return [Table("causal_ablation_top", f"Expert ablation: the {top} removals that raise the loss most",
-                  ["model", "layer", "expert", "Δ loss (nats/token)", "low", "high"], rows,
-                  formats=[None, None, None, "sig3", "sig3", "sig3"],
-                  note="All (layer, expert) changes are in the store (causal/ablation/delta_loss) and the figure.")]
+                  ["model", "layer", "expert", "Δ loss (nats/token)", "low", "high", "p (paired t)",
+                   "p, Holm-adjusted"], rows,
+                  formats=[None, None, None, "sig3", "sig3", "sig3", "sig3", "sig3"],
+                  note="All (layer, expert) changes are in the store (causal/ablation/delta_loss, p_value, p_holm) and "
+                       "the figure. p: two-sided paired t-test on the per-sequence loss differences; Holm-adjusted "
+                       "over every ablation of the store: the ablation changes the loss where it is <= α (the "
+                       "summary's count).")]
 
 
 def weight_output_table(views: list[StoreView]) -> list[Table]:

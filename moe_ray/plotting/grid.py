@@ -44,6 +44,7 @@ class PanelGrid:
         self.frames: list[Rectangle] = []
         self.ticks: list[list[tuple[float, float]]] = []
         self.marks: list[tuple[float, float]] = []
+        self.filled_marks: list[tuple[float, float]] = []
 
     def _fix_limits(self) -> None:
         self.canvas.set_xlim(0, self.width)
@@ -115,11 +116,13 @@ class PanelGrid:
         self.canvas.text(x + self.panel_w / 2, y + self.panel_h / 2, text, fontsize=LABEL_FONT, ha="center",
                          va="center", wrap=True)
 
-    def mark(self, r: int, c: int, shape: tuple[int, int], cells: list[tuple[int, int]]) -> None:
-        """A dot on each (row, column) cell of panel (r, c), whose heat map has `shape`."""
+    def mark(self, r: int, c: int, shape: tuple[int, int], cells: list[tuple[int, int]], filled: bool = False) -> None:
+        """A dot on each (row, column) cell of panel (r, c), whose heat map has `shape`: white with a black
+        edge, or (`filled`) a larger black one, for a second, stronger criterion."""
         x, y = self.corner(r, c)
-        self.marks += [(x + (col + 0.5) * self.panel_w / shape[1], y + (row + 0.5) * self.panel_h / shape[0])
-                       for row, col in cells]
+        (self.filled_marks if filled else self.marks).extend(
+            (x + (col + 0.5) * self.panel_w / shape[1], y + (row + 0.5) * self.panel_h / shape[0])
+            for row, col in cells)
 
     def _fractions(self) -> tuple[float, float]:
         """The grid's top and bottom edges as figure fractions."""
@@ -149,6 +152,9 @@ class PanelGrid:
         if self.marks:
             self.canvas.scatter(*zip(*self.marks), s=9, facecolors="white", edgecolors="black", linewidths=0.5,
                                 zorder=3)
+        if self.filled_marks:
+            self.canvas.scatter(*zip(*self.filled_marks), s=16, facecolors="black", edgecolors="white", linewidths=0.5,
+                                zorder=4)
         self._fix_limits()
         return figure_record(self.fig, key, path, title, data, caption)
 

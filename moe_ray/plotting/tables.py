@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
+from ..analysis.summary import (GROWTH_DEFINITION, ORDER_MARK, format_order, format_order_marked, order_boundaries,
+                                order_of_growth, tab2_summary)
 from .common import StoreView, Table, expert_labels
 from .static import MATRICES, layers_of
 
@@ -34,9 +35,15 @@ def _routed(da) -> list[int]:
 TAB2_COLUMNS = ["model", "layers", "expert pairs (all layers)", "similarity before (median)",
                 "similarity after (median)", "relative growth (median)", "order of growth", "Kendall τ (median)",
                 "relative growth IQR"]
-TAB2_FORMATS = [None, None, None, "sig3", "sig3", "sig3", "order", ".4f", None]
+TAB2_FORMATS = [None, None, None, "sig3", "sig3", "sig3", None, ".4f", None]
 """Similarities and growth to 3 significant digits (the paper's DeepSeek and Grok similarities are about 1e-4,
-which fixed decimals would print as 0), the order as the paper writes it, tau to 4 decimals (its -0.0002)."""
+which fixed decimals would print as 0), the order as the paper writes it (text: `order_cells`), tau to 4
+decimals (its -0.0002)."""
+ORDER_NOTE = ("The order of growth is the paper's, 10^round(log10|median|), so that it compares with the paper's "
+              "numbers; it flips at 10^(n+½) (… 0.316, 3.16, 31.6, 316 …), so medians of 31 and 32 read 10 and "
+              "100. "
+              f"{ORDER_MARK}: the relative growth's interquartile range straddles such a boundary (or 0), and the "
+              "order reads either way: read the median beside it.")
 
 
 def tab2_rows(views: list[StoreView], mode: str) -> list[list]:
@@ -59,12 +66,26 @@ def tab2_rows(views: list[StoreView], mode: str) -> list[list]:
         computed = np.isfinite(growth)  # [layer, (matrix,) i, j]: a (layer, pair) counts once
         if computed.ndim == 4:
             computed = computed.any(axis=1)
-        finite = growth[np.isfinite(growth)]
-        iqr = (f"{fmt(float(np.quantile(finite, 0.25)), 'sig3')} – {fmt(float(np.quantile(finite, 0.75)), 'sig3')}"
-               if finite.size else "—")
+        order, iqr = order_cells(row)
         rows.append([v.label, len(layers), int(computed.sum()), row["similarity_before"], row["similarity_after"],
-                     row["growth_median"], row["order_of_growth"], row["tau_median"], iqr])
+                     row["growth_median"], order, row["tau_median"], iqr])
     return rows
+
+
+def order_cells(tab2: dict) -> tuple[str, str]:
+    """Tab 2's order of growth and IQR cells: the paper's order of the median (compared with the paper's
+    numbers), marked ‡ where the IQR straddles a rounding boundary of the order, and the IQR saying which
+    boundary and which orders its ends have."""
+    q25, q75 = tab2["growth_q25"], tab2["growth_q75"]
+    order = format_order_marked(tab2["order_of_growth"], q25, q75)
+    if not (math.isfinite(q25) and math.isfinite(q75)):
+        return order, "—"
+    iqr = f"{fmt(q25, 'sig3')} – {fmt(q75, 'sig3')}"
+    crossed = order_boundaries(q25, q75)
+    if crossed:
+        iqr += (f" {ORDER_MARK} straddles {', '.join(fmt(b, 'sig3') for b in crossed)}: orders "
+                f"{format_order(order_of_growth(q25))} to {format_order(order_of_growth(q75))}")
+    return order, iqr
 
 
 def tab2_reorder(views: list[StoreView]) -> list[Table]:
@@ -77,7 +98,7 @@ def tab2_reorder(views: list[StoreView]) -> list[Table]:
                             "separately, as in the paper)", TAB2_COLUMNS, separate, formats=TAB2_FORMATS,
                             note=GROWTH_DEFINITION + ". τ: Kendall's tau between the identity order and the optimal "
                             "permutation (1 = order unchanged). The paper: Mixtral 1e-3 and τ 0.75, DeepSeek and "
-                            "Grok 100 and τ ≈ 0."))
+                            "Grok 100 and τ ≈ 0. " + ORDER_NOTE))
     joint = tab2_rows(views, "joint")
     if joint:
         tables.append(Table("tab2_reorder_joint", "Tab 2 (moe-ray extension, not in the paper): joint reordering, "
@@ -85,7 +106,7 @@ def tab2_reorder(views: list[StoreView]) -> list[Table]:
                             formats=TAB2_FORMATS,
                             note="The same quantities with one permutation shared by the three matrices, which "
                             "keeps the expert's function; each matrix's similarity grows less than when it is "
-                            "reordered on its own. " + GROWTH_DEFINITION + "."))
+                            "reordered on its own. " + GROWTH_DEFINITION + ". " + ORDER_NOTE))
     return tables
 
 
@@ -195,8 +216,9 @@ def comparison(views: list[StoreView]) -> list[Table]:
     return [Table("comparison", "Comparison across models", columns, rows, formats=[None] + ["sig3"] * len(views),
                   note="Tab 2: the median relative growth of the flattened similarity after reordering (mode separate, "
                        "as the paper) over every layer, pair and matrix, and its order (the paper: Mixtral 1e-3, "
-                       "DeepSeek and Grok 100). Dynamic rows from the short input where the store has it, else the "
-                       "first input; routed experts only (the paper's activation ratios: Mixtral 99.6%, DeepSeek "
+                       f"DeepSeek and Grok 100; {ORDER_MARK}: its IQR straddles a rounding boundary, see Tab 2). "
+                       "Dynamic rows from the short input where the store has it, else the first input; routed "
+                       "experts only (the paper's activation ratios: Mixtral 99.6%, DeepSeek "
                        "99.7%, Grok 25.3%).")]
 
 

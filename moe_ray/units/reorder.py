@@ -28,7 +28,7 @@ import torch
 
 from ..analysis import assignment as A
 from ..analysis import reorder as R
-from ..analysis.summary import GROWTH_DEFINITION, format_order, tab2_summary
+from ..analysis.summary import GROWTH_DEFINITION, order_reading, tab2_summary
 from ..checkpoint import MATRICES, Checkpoint, ModelFacts, get_family, open_checkpoint
 from ..distributed.fanout import Unit
 from ..errors import CheckpointError, SpecError
@@ -326,8 +326,9 @@ class ReorderJob(TaskJob):
         parts = []
         for mode in self.plan.modes:
             tab = finish(store, self.plan, mode)
-            parts.append(f"{mode}: relative growth {tab['growth_median']:.3g} (order "
-                         f"{format_order(tab['order_of_growth'])}), tau {tab['tau_median']:+.3f}")
+            parts.append(f"{mode}: relative growth {tab['growth_median']:.3g} "
+                         f"({order_reading(tab['growth_median'], tab['growth_q25'], tab['growth_q75'])}), "
+                         f"tau {tab['tau_median']:+.3f}")
         return "reorder Tab 2 medians: " + "; ".join(parts)
 
 
