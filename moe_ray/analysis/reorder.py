@@ -150,6 +150,21 @@ def solve_max(similarity: np.ndarray | torch.Tensor, chunk_elements: int = CHUNK
     return Assignment(solution.perm, n * peak - solution.cost, solution.gap_bound)
 
 
+def solve_max_batch(similarities: torch.Tensor, workers: int = 1,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> list[Assignment]:
+    """`solve_max` of every matrix of a batch [B, n, n] at once (`assignment.solve_sparse_batch`: the
+    n² steps batched where the costs are, the host's work on `workers` threads); overwritten likewise
+    with the costs max(S) - S, each with its own max."""
+    count, n = similarities.shape[0], similarities.shape[-1]
+    if count == 0:
+        return []
+    peaks = similarities.reshape(count, -1).amax(dim=1) if n else torch.zeros(count)
+    similarities.neg_().add_(peaks[:, None, None])
+    peaks = peaks.to(device="cpu", dtype=torch.float64).numpy()
+    solutions = assignment.solve_sparse_batch(similarities, workers, chunk_elements=chunk_elements)
+    return [Assignment(s.perm, n * float(p) - s.cost, s.gap_bound) for s, p in zip(solutions, peaks)]
+
+
 def kendall_tau(perm: np.ndarray) -> float:
     """Kendall's tau between the identity order and `perm` (no ties): 1 - 4·inversions / (n(n-1)).
 
@@ -207,9 +222,9 @@ def _check_matrices(matrices: Sequence[str]) -> None:
         raise ValueError(f"matrices must be among {MATRICES}, not {tuple(matrices)}")
 
 
-def _timed_solve(similarity: torch.Tensor, chunk_elements: int) -> tuple[Assignment, float]:
+def _timed_solve(similarities: torch.Tensor, workers: int, chunk_elements: int) -> tuple[list[Assignment], float]:
     started = time.perf_counter()
-    return solve_max(similarity, chunk_elements), time.perf_counter() - started
+    return solve_max_batch(similarities, workers, chunk_elements), time.perf_counter() - started
 
 
 def _pair_result(a: Neurons, b: Neurons, matrices: tuple[str, ...], solved: tuple[Assignment, float],
@@ -233,14 +248,18 @@ three; separate: one)."""
 
 def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: Sequence[Problem],
                   device: str | torch.device = "cpu", overlap: bool = False,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[Problem, PairResult]]:
+                  chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1,
+                  workers: int = 1) -> Iterator[tuple[Problem, PairResult]]:
     """S4 for several assignments among one layer's experts, yielding (problem, result) in order.
 
     `load(e)` returns expert e's matrices (any float dtype, at least those the problems name); each
     expert is loaded and prepared on `device` once, and dropped after the last problem that uses it.
-    With `overlap`, the solver runs on a host thread (lapjv, scipy and numba's kernels release the GIL) while `device` builds the
-    next problem's similarity into a second host buffer: on a GPU the build then hides behind the
-    solve; on the CPU both compete for the task's cores, so overlap pays only with more than one.
+    The problems are built and solved `batch` at a time (`solve_max_batch`: the n² steps of the solver
+    batched on the device, the host's work on `workers` threads; `batch_size` says how many).
+    With `overlap`, a batch is solved on a host thread (lapjv, scipy and numba's kernels release the
+    GIL) while `device` builds the next batch's similarities into a second buffer: on a GPU the build
+    then hides behind the solve; on the CPU both compete for the task's cores, so overlap pays only with
+    more than one.
     """
     problems = list(problems)
     if not problems:
@@ -251,6 +270,8 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
     last_use = {e: k for k, (i, j, _) in enumerate(problems) for e in (i, j)}
     experts: dict[int, Neurons] = {}
     buffers: list[torch.Tensor] = []
+    batch = max(1, min(batch, len(problems)))
+    groups = [range(start, min(len(problems), start + batch)) for start in range(0, len(problems), batch)]
     # On a GPU the costs stay there: the solver picks candidates and checks its certificate on the
     # device, and only O(n) vectors cross to the host.
     on_device = torch.device(device).type == "cuda"
@@ -260,35 +281,47 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
             experts[e] = prepare_expert(load(e), matrices, device, chunk_elements)
         return experts[e]
 
-    def buffer(k: int, n: int) -> torch.Tensor:
-        while len(buffers) < (2 if overlap else 1):
-            buffers.append(torch.empty((n, n), dtype=torch.float32, device=device if on_device else "cpu"))
-        return buffers[k % len(buffers)]
+    def buffer(g: int, n: int) -> torch.Tensor:
+        while len(buffers) < (2 if overlap and len(groups) > 1 else 1):
+            buffers.append(torch.empty((batch, n, n), dtype=torch.float32, device=device if on_device else "cpu"))
+        return buffers[g % len(buffers)]
 
-    def finish(k: int, job: Future | tuple, a: Neurons, b: Neurons, build: float) -> tuple[Problem, PairResult]:
-        solved = job.result() if isinstance(job, Future) else job
-        result = _pair_result(a, b, problems[k][2], solved, build, chunk_elements)
-        for e in problems[k][:2]:
-            if last_use[e] == k:
-                experts.pop(e, None)
-        return problems[k], result
+    def build(g: int) -> tuple[torch.Tensor, list[tuple[Neurons, Neurons]], float]:
+        started = time.perf_counter()
+        pairs = []
+        for slot, k in enumerate(groups[g]):
+            i, j, ms = problems[k]
+            a, b = neurons(i), neurons(j)
+            costs = buffer(g, a[ms[0]].shape[0])
+            build_similarity(costs[slot], a, b, ms, chunk_elements)
+            pairs.append((a, b))
+        return costs[:len(groups[g])], pairs, time.perf_counter() - started
+
+    def finish(g: int, job: Future | tuple, pairs: list[tuple[Neurons, Neurons]],
+               built: float) -> list[tuple[Problem, PairResult]]:
+        solved, seconds = job.result() if isinstance(job, Future) else job
+        count = len(groups[g])
+        out = []
+        for k, (a, b), one in zip(groups[g], pairs, solved):
+            out.append((problems[k], _pair_result(a, b, problems[k][2], (one, seconds / count), built / count,
+                                                  chunk_elements)))
+            for e in problems[k][:2]:
+                if last_use[e] == k:
+                    experts.pop(e, None)
+        return out
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="assignment") as solver:
         pending = None
-        for k, (i, j, ms) in enumerate(problems):
-            a, b = neurons(i), neurons(j)
-            started = time.perf_counter()
-            cost = build_similarity(buffer(k, a[ms[0]].shape[0]), a, b, ms, chunk_elements)
-            build = time.perf_counter() - started
+        for g in range(len(groups)):
+            costs, pairs, built = build(g)
             if not overlap:
-                yield finish(k, _timed_solve(cost, chunk_elements), a, b, build)
+                yield from finish(g, _timed_solve(costs, workers, chunk_elements), pairs, built)
                 continue
-            done = finish(*pending) if pending is not None else None  # solved while this cost was built
-            pending = (k, solver.submit(_timed_solve, cost, chunk_elements), a, b, build)
-            if done is not None:
-                yield done
+            done = finish(*pending) if pending is not None else []  # solved while this batch was built
+            pending = (g, solver.submit(_timed_solve, costs, workers, chunk_elements), pairs, built)
+            yield from done
         if pending is not None:
-            yield finish(*pending)
+            yield from finish(*pending)
 
 
 def reorder_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], matrices: tuple[str, ...],
