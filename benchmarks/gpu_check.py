@@ -155,8 +155,8 @@ def check_reorder(work: Path, device: str, sizes: dict) -> bool:
         _, (job,), result = _jobs(str(ck.path), store, layers=[layer], analyses=["reorder"], device=where,
                                   reorder={"reorder_mode": "both", "pairs": ["0-1", "2-3", "0-2"]})
         for unit in job.prepare(result, True):
-            plan, mode, lay, cells, _, overlap = unit.args
-            RU.run_batch(plan, mode, lay, cells, _request(unit, where), overlap=True)
+            plan, mode, lay, cells, _, overlap, cpus = unit.args
+            RU.run_batch(plan, mode, lay, cells, _request(unit, where), overlap=True, cpus=cpus)
         stores[where] = store
     import zarr
 
@@ -245,8 +245,8 @@ def speed_static_and_reorder(work: Path, device: str, sizes: dict) -> None:
             met=got["seconds"] / read <= 1.5, layer_bytes=ckpt.nbytes(keys), **_memory(got, unit))
 
     unit = reorder.prepare(result, True)[0]
-    plan, mode, layer, cells, _, overlap = unit.args
-    got = run_unit(RU.run_batch, (plan, mode, layer, cells, _request(unit, device), overlap), work,
+    plan, mode, layer, cells, _, overlap, cpus = unit.args
+    got = run_unit(RU.run_batch, (plan, mode, layer, cells, _request(unit, device), overlap, cpus), work,
                    warm_cuda=device == "cuda")
     build, solve = got["summary"]["build_seconds"], got["summary"]["solve_seconds"]
     # the same build on one CPU thread, on a slab of 1/fraction of the rows, scaled up

@@ -102,9 +102,9 @@ def _experts(count: int, n: int = 48, d: int = 20, seed: int = 0) -> dict[int, d
 
 
 def test_a_batch_with_and_without_overlap_equals_pair_by_pair():
-    """Several pairs (joint and single-matrix problems mixed) through one batch, with the solve on a
-    thread while the next cost builds, give exactly what each pair gives on its own; each expert is
-    loaded once."""
+    """Several pairs (joint and single-matrix problems mixed) through one task, with the solve on a
+    thread while the next cost builds, and several solved as one batch on two threads, give exactly what
+    each pair gives on its own; each expert is loaded once."""
     experts = _experts(5)
     loads = []
 
@@ -113,9 +113,10 @@ def test_a_batch_with_and_without_overlap_equals_pair_by_pair():
         return experts[e]
 
     problems = [(0, 1, R.MATRICES), (0, 2, ("up",)), (1, 3, R.MATRICES), (2, 4, ("down",)), (3, 4, R.MATRICES)]
-    for overlap in (False, True):
+    for overlap, batch in ((False, 1), (True, 1), (False, 3), (True, 2)):
         loads.clear()
-        got = list(R.reorder_pairs(load, problems, overlap=overlap, chunk_elements=7 * 48))
+        got = list(R.reorder_pairs(load, problems, overlap=overlap, chunk_elements=7 * 48, batch=batch,
+                                   workers=2 if batch > 1 else 1))
         assert [p for p, _ in got] == problems and sorted(loads) == [0, 1, 2, 3, 4]
         for (i, j, ms), result in got:
             alone = R.reorder_pair(experts[i], experts[j], ms)
@@ -205,7 +206,7 @@ def test_units_declare_what_they_take_on_each_device(tiny):
         assert all(u.gpus == 0 and u.gpu_memory_bytes == 0 and u.memory_bytes > 0 for u in cpu)
         assert all(0 < u.gpus < 0.1 and u.gpu_memory_bytes > GIB and u.resources()["GPU"] == u.gpus for u in cuda)
         assert all(u.gpus == gpus_for(u.gpu_memory_bytes, None, 80 * GIB) for u in cuda)
-        assert all(u.args[-1 if job is static else -2].device == "cuda" for u in cuda)
+        assert all(u.args[-1 if job is static else -3].device == "cuda" for u in cuda)
     assert sum(u.cells for u in reorder.units_on("cpu")) == 4 * 28  # done flags: layers x pairs
     assert len(reorder.units_on("cpu")) < 4 * 28                       # tiny pairs share a task
     gpu_node, cpu_node = {"CPU": 4.0, "GPU": 1.0, "memory": 8 * GIB}, {"CPU": 4.0, "memory": 8 * GIB}

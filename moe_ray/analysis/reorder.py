@@ -347,21 +347,21 @@ def _chunk_rows(n: int, width: int, chunk_elements: int) -> int:
 
 def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
                  overlap: bool = False, on_host: bool = True, stored_bytes: int = 2,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid, beside the
-    worker process itself.
+                 chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1, workers: int = 1) -> int:
+    """Peak host memory of one `reorder_pairs` task at n neurons and hidden size d_hid, beside the
+    worker process itself, solving `batch` assignments at once on `workers` threads.
 
-    The n×n float32 cost buffers (two with `overlap`; on a GPU they stay there, and one is kept for
-    the costs' copy should the solver fall back to lapjv, which solves float32 in place), one
-    expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64 chunk of the
-    certificate and the solver's O(n·candidates) workspace; when the experts are prepared on the host
-    (`on_host`) also the prepared experts (at most `experts_held` at once), the chunk being built and
-    the two temporaries of the before/after cosines.
+    The batch's n×n float32 cost buffers (two batches with `overlap`; on a GPU they stay there, and a
+    copy per thread is kept should the solver fall back to lapjv, which solves float32 on the host), one expert's matrices as read (memory-mapped, `stored_bytes` per element), a float64 chunk
+    of the certificate per thread and the solver's O(n·candidates) workspace per pair of the batch; when
+    the experts are prepared on the host (`on_host`) also the prepared experts (at most `experts_held`
+    at once), the chunk being built and the two temporaries of the before/after cosines.
     """
-    cost = (2 if overlap and on_host else 1) * 4 * n * n
+    matrices = (2 if overlap else 1) * batch if on_host else min(batch, workers)  # a GPU's: lapjv's copies
+    cost = matrices * 4 * n * n
     reading = n_matrices * n * d_hid * stored_bytes
-    certificate = _chunk_rows(n, n, chunk_elements) * n * 8
-    host = cost + reading + certificate + assignment.workspace_bytes(n)
+    certificate = min(batch, workers) * _chunk_rows(n, n, chunk_elements) * n * 8
+    host = cost + reading + certificate + batch * assignment.workspace_bytes(n)
     if on_host:
         host += experts_held * expert_bytes(n, d_hid, n_matrices) + _working_chunks(n, d_hid, chunk_elements)
     return host
@@ -373,15 +373,17 @@ def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
 
 
 def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
-                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Peak memory on a GPU of one `reorder_pairs` batch: the prepared experts, one expert arriving
-    in its stored dtype, two n×n float32 cost buffers (the one solved and, with overlap, the one being
-    built), the solver's chunk, the chunk being built and the before/after cosines' temporaries
-    (torch's allocator; the CUDA context comes on top, see `units.sizing`)."""
+                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1) -> int:
+    """Peak memory on a GPU of one `reorder_pairs` task solving `batch` assignments at once: the
+    prepared experts, one expert arriving in its stored dtype, two batches of n×n float32 costs (the one
+    solved and, with overlap, the one being built), the solver's batched chunks (its float32 screen, the
+    candidates' comparison and their indices), the chunk being built and the before/after cosines'
+    temporaries (torch's allocator; the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
-    costs = 2 * 4 * n * n + 2 * _chunk_rows(n, n, chunk_elements) * n * 4
-    return weights + reading + costs + _working_chunks(n, d_hid, chunk_elements)
+    costs = 2 * batch * 4 * n * n + 2 * _chunk_rows(n, n, chunk_elements) * n * 4
+    solver = chunk_elements * (4 + 1) + batch * n * (assignment.NEAREST + 8) * 8 * 4
+    return weights + reading + costs + solver + _working_chunks(n, d_hid, chunk_elements)
 
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------
@@ -436,3 +438,24 @@ def tile_batches(pairs: Sequence[tuple[int, int]], side: int) -> list[list[tuple
     for i, j in sorted(pairs):
         tiles.setdefault((i // side, j // side), []).append((i, j))
     return [tiles[tile] for tile in sorted(tiles)]
+
+
+BATCH_BYTES = 512 * 2**20
+"""The n×n float32 costs of one batch (`batch_size`) on a GPU at most: 32 pairs at DeepSeek-V3's
+n = 2,048; one pair from n = 11,586 up."""
+BATCH_MAX = 32
+"""Assignments of one batch at most on a GPU: enough that launches and copies are a small part of a
+pair's time at n = 2,048 (benchmarks/gpu_check.sh measures)."""
+
+
+def batch_size(n: int, problems: int, device: str, cpus: float = 1) -> int:
+    """How many of a task's `problems` assignments `reorder_pairs` builds and solves at once: on a GPU as
+    many as BATCH_MAX and BATCH_BYTES allow (the batched steps then cost a few launches for all); on a
+    CPU one per core the task declared (the host kernels solve pair by pair, a batch only feeds the
+    threads). At least one. The task's declared memory (`memory_bytes`, `device_memory_bytes`) counts
+    these buffers, and the task runs with the same number."""
+    if device == "cuda":
+        most = min(BATCH_MAX, BATCH_BYTES // max(1, 4 * n * n))
+    else:
+        most = int(cpus)
+    return max(1, min(problems, most))
