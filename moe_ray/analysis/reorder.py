@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from ..lazy import torch  # imported on first use (moe-ray plan needs none)
 
+from .. import estimate
 from . import assignment
 from .summary import relative_growth
 
@@ -388,14 +389,6 @@ def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), exp
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------
 
-CPU_BUILD_FLOPS = 60e9
-"""float32 GEMM per CPU core building S: measured 76-91 GFLOP/s on an AVX2 core with little else
-running, 30-40 under load (benchmarks/bench_reorder.py, bench_fullwidth.py)."""
-GPU_BUILD_FLOPS = 20e12
-"""float32 GEMM of one GPU, assumed (an A100 does 19.5 TFLOP/s without TF32; benchmarks/gpu_check.sh
-measures the real build)."""
-LAPJV_SECONDS_8192 = 11.6
-"""lapjv on one core at n = 8,192 on random-like costs (the slow case), measured; time grows as n^2.05."""
 TARGET_TASK_SECONDS = 60.0
 """What a batch of pairs aims at: long enough that a task's start (worker, imports, reading its
 experts) is small beside it, short enough that retries and the last tasks stay cheap."""
@@ -404,10 +397,11 @@ EXPERTS_BUDGET_BYTES = 8 * 2**30
 
 
 def pair_seconds(n: int, d_hid: int, n_matrices: int, device: str, cpus: float = 1) -> float:
-    """Estimated seconds of one assignment: the build on `device` (cuda or cpu) plus the lapjv solve."""
-    flops = 2 * n * n * d_hid * n_matrices
-    build = flops / (GPU_BUILD_FLOPS if device == "cuda" else CPU_BUILD_FLOPS * max(1.0, cpus))
-    return build + LAPJV_SECONDS_8192 * (n / 8192) ** 2.05
+    """Estimated seconds of one assignment: the build on `device` (cuda, or cpu on `cpus` cores) plus the
+    certified solve on a host core, from the measured rates `moe-ray plan` quotes (`estimate.RATES`,
+    each with its source: one place for them)."""
+    build, solve = estimate.assignment_seconds(n, d_hid, n_matrices, device == "cuda")
+    return (build if device == "cuda" else build / max(1.0, cpus)) + solve
 
 
 def pairs_per_task(n: int, d_hid: int, mode: str, device: str, cpus: float = 1,
