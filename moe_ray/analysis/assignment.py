@@ -242,7 +242,7 @@ def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_dua
     checked_device = torch.from_numpy(checked).to(device)
     # on a CPU, chunks that stay in cache; on a GPU, big ones (each is a few kernel launches)
     in_cache = chunk_elements if device.type == "cuda" else min(chunk_elements, CACHE_ELEMENTS)
-    step = max(1, min(n, in_cache // max(1, n)))
+    step = max(1, min(n, checked.size, in_cache // max(1, n)))  # a few rows (a batch's rechecks): a small buffer
     buffer = torch.empty((step, n), dtype=torch.float32, device=device)
     near_rows = []
     for start in range(0, checked.size, step):
