@@ -374,16 +374,19 @@ def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
 
 
 def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
-                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1) -> int:
-    """Peak memory on a GPU of one `reorder_pairs` task solving `batch` assignments at once: the
-    prepared experts, one expert arriving in its stored dtype, two batches of n×n float32 costs (the one
-    solved and, with overlap, the one being built), the solver's batched chunks (its float32 screen, the
-    candidates' comparison and their indices), the chunk being built and the before/after cosines'
-    temporaries (torch's allocator; the CUDA context comes on top, see `units.sizing`)."""
+                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1,
+                        workers: int = 1) -> int:
+    """Peak memory on a GPU of one `reorder_pairs` task solving `batch` assignments at once on `workers`
+    threads: the prepared experts, one expert arriving in its stored dtype, two batches of n×n float32
+    costs (the one solved and, with overlap, the one being built), the solver's batched chunks (its
+    float32 screen, the candidates' comparison and their indices), a float64 chunk of the certificate
+    per thread, the chunk being built and the before/after cosines' temporaries (torch's allocator;
+    the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
-    costs = 2 * batch * 4 * n * n + 2 * _chunk_rows(n, n, chunk_elements) * n * 4
-    solver = chunk_elements * (4 + 1) + batch * n * (assignment.NEAREST + 8) * 8 * 4
+    costs = 2 * batch * 4 * n * n
+    solver = chunk_elements * (4 + 1) + batch * n * (assignment.NEAREST + 8) * 8 * 4 \
+        + min(batch, workers) * _chunk_rows(n, n, chunk_elements) * n * 8
     return weights + reading + costs + solver + _working_chunks(n, d_hid, chunk_elements)
 
 

@@ -84,6 +84,6 @@ def reorder_unit_memory(n: int, d_hid: int, stored_bytes: int, experts_held: int
                               workers=workers) + PROCESS_BYTES, 0
     host = R.memory_bytes(n, d_hid, m, experts_held, overlap, False, stored_bytes, batch=batch,
                           workers=workers) + PROCESS_BYTES + CUDA_HOST_BYTES
-    gpu = ALLOCATOR_FACTOR * R.device_memory_bytes(n, d_hid, m, experts_held, stored_bytes, batch=batch) \
-        + CUDA_CONTEXT_BYTES
+    gpu = ALLOCATOR_FACTOR * R.device_memory_bytes(n, d_hid, m, experts_held, stored_bytes, batch=batch,
+                                                   workers=workers) + CUDA_CONTEXT_BYTES
     return host, gpu
