@@ -507,8 +507,8 @@ def solve_sparse_batch(costs: np.ndarray | torch.Tensor, workers: int = 1, k: in
         graphs = batch_candidates(tensor, k, q, chunk_elements)
         scales = batch_scales(tensor)
         firsts = list(pool.map(lambda graph: _first_solve(n, *graph, threaded), graphs))
-        screened = batch_screen(tensor, [perm for perm, _ in firsts], [duals for _, duals in firsts], scales,
-                                chunk_elements)
+        perms = [perm if duals is not None else np.arange(n) for perm, duals in firsts]  # no duals: lapjv's
+        screened = batch_screen(tensor, perms, [duals for _, duals in firsts], scales, chunk_elements)
         return list(pool.map(lambda b: _certified(tensor[b], *graphs[b], float(scales[b]), firsts[b], screened[b],
                                                   chunk_elements, max_rounds, backend), range(count)))
 
