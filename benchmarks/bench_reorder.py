@@ -134,7 +134,8 @@ def bench_batch(n: int, d_hid: int, pairs: int, kind: str, device: str, workers:
     _sync(dev)
     t_build = time.perf_counter() - started
     host = costs.cpu().numpy().copy()
-    t_lapjv = t_one = t_batch = float("inf")
+    t_lapjv = t_one = t_batch = t_torch_batch = t_torch_one = float("inf")
+    worst_torch = None
     for _ in range(repeats):  # alternating, best of: load hits all three alike
         lap, seconds = timed(lambda: [A.solve_lapjv(c.copy()) for c in host])
         t_lapjv = min(t_lapjv, seconds)
@@ -142,6 +143,12 @@ def bench_batch(n: int, d_hid: int, pairs: int, kind: str, device: str, workers:
         t_one = min(t_one, seconds)
         batched, seconds = timed(lambda: (A.solve_sparse_batch(costs, workers=workers), _sync(dev))[0])
         t_batch = min(t_batch, seconds)
+        if dev.type == "cpu":  # the GPU's code path (batched torch ops) on the CPU, against it pair by pair
+            on_torch, seconds = timed(lambda: A.solve_sparse_batch(costs, workers=workers, backend="torch"))
+            t_torch_batch = min(t_torch_batch, seconds)
+            torch_one, seconds = timed(lambda: [A.solve_sparse(c, backend="torch") for c in costs])
+            t_torch_one = min(t_torch_one, seconds)
+            worst_torch = max(abs(s.cost - l.cost) for s, l in zip(on_torch + torch_one, lap + lap))
     worst = max(abs(s.cost - l.cost) for s, l in zip(batched, lap))
     return {"what": "batch", "n": n, "d_hid": d_hid, "kind": kind, "pairs": pairs, "device": device,
             "workers": workers, "repeats": repeats, "build_s_per_pair": round(t_build / pairs, 4),
@@ -149,7 +156,12 @@ def bench_batch(n: int, d_hid: int, pairs: int, kind: str, device: str, workers:
             "batch_s_per_pair": round(t_batch / pairs, 4), "speedup_batch_vs_lapjv": round(t_lapjv / t_batch, 2),
             "speedup_batch_vs_sparse_one_at_a_time": round(t_one / t_batch, 2),
             "rounds_max": max(s.rounds for s in batched), "fallbacks": sum(s.solver == "lapjv" for s in batched),
-            "max_cost_diff": worst, "max_gap_bound": max(s.gap_bound for s in batched)}
+            "max_cost_diff": worst, "max_gap_bound": max(s.gap_bound for s in batched),
+            **({} if worst_torch is None else {
+                "torch_path_batch_s_per_pair": round(t_torch_batch / pairs, 4),
+                "torch_path_one_at_a_time_s_per_pair": round(t_torch_one / pairs, 4),
+                "torch_path_speedup_batch_vs_one_at_a_time": round(t_torch_one / t_torch_batch, 2),
+                "torch_path_max_cost_diff": worst_torch})}
 
 
 def _sync(device: torch.device) -> None:

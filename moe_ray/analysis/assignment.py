@@ -442,7 +442,8 @@ def batch_candidates(costs: torch.Tensor, k: int = CANDIDATES, q: int = NEAREST,
 
 def batch_scales(costs: torch.Tensor) -> np.ndarray:
     """`cost_scale` of every matrix of a batch, in one reduction."""
-    low, high = torch.aminmax(costs.reshape(costs.shape[0], -1), dim=1)
+    flat = costs.reshape(costs.shape[0], -1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)  # torch.aminmax along a dim: 13x slower on a CPU
     return np.maximum(np.abs(_host_float64(low)), np.abs(_host_float64(high)))
 
 
