@@ -216,7 +216,8 @@ def cost_scale(cost: torch.Tensor) -> float:
 
 def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_duals: np.ndarray,
             chunk_elements: int = CHUNK_ELEMENTS, max_violations: int | None = None,
-            scale: float | None = None, backend: str = "auto", rows: np.ndarray | None = None) -> Certificate:
+            scale: float | None = None, backend: str = "auto", rows: np.ndarray | None = None,
+            screened: bool = False) -> Certificate:
     """Check reduced costs c - u - v on every entry of `cost` (of `rows` only, if given), where the
     costs are: the host kernel in float64, or torch in row chunks.
 
@@ -224,8 +225,9 @@ def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_dua
     whose least is above u[i] by more than a few float32 ulps of the entries' scale has no negative
     reduced cost; the others (near-ties, violations: with optimal duals about half the rows have a
     tight entry beside their match) are recomputed in float64 where the costs are (the same IEEE
-    operations as on the host), so the bound is exact up to float64 rounding either way. Gap bound: -sum_i min(0, min_j reduced[i, j]) over the rows
-    checked (`Certificate.worst_per_row`)."""
+    operations as on the host), so the bound is exact up to float64 rounding either way. Gap bound:
+    -sum_i min(0, min_j reduced[i, j]) over the rows checked (`Certificate.worst_per_row`).
+    `screened`: `rows` are what a float32 pass already left (`batch_screen`), checked in float64 at once."""
     n = perm.size
     device = cost.device
     checked = np.arange(n, dtype=np.int64) if rows is None else rows.astype(np.int64)
@@ -245,8 +247,8 @@ def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_dua
     in_cache = chunk_elements if device.type == "cuda" else min(chunk_elements, CACHE_ELEMENTS)
     step = max(1, min(n, checked.size, in_cache // max(1, n)))  # a few rows (a batch's rechecks): a small buffer
     buffer = torch.empty((step, n), dtype=torch.float32, device=device)
-    near_rows = []
-    for start in range(0, checked.size, step):
+    near_rows = [checked] if screened else []
+    for start in range(0, 0 if screened else checked.size, step):
         stop = min(checked.size, start + step)
         chosen = checked_device[start:stop]
         block = cost[chosen] if rows is not None else cost[start:stop]
@@ -352,7 +354,7 @@ def _certified(tensor: torch.Tensor, rows: np.ndarray, cols: np.ndarray, values:
         matched = _gather(tensor, np.arange(n), perm)
         row_duals = matched - col_duals[perm]
         certificate = certify(tensor, perm, row_duals, col_duals, chunk_elements, max(n, rows.size), scale,
-                              backend, recheck)
+                              backend, recheck, screened=screened is not None and rounds == 1)
         worst_per_row[certificate.rows] = certificate.worst_per_row
         new_rows, new_cols = certificate.violations
         if new_rows.size == 0:

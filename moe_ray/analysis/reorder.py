@@ -353,8 +353,9 @@ def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_he
     worker process itself, solving `batch` assignments at once on `workers` threads.
 
     The batch's n×n float32 cost buffers (two batches with `overlap`; on a GPU they stay there, and a
-    copy per thread is kept should the solver fall back to lapjv, which solves float32 on the host), one expert's matrices as read (memory-mapped, `stored_bytes` per element), a float64 chunk
-    of the certificate per thread and the solver's O(n·candidates) workspace per pair of the batch; when
+    copy per thread is kept should the solver fall back to lapjv, which solves float32 on the host),
+    one expert's matrices as read (memory-mapped, `stored_bytes` per element), a float64 chunk of the
+    certificate per thread and the solver's O(n·candidates) workspace per pair of the batch; when
     the experts are prepared on the host (`on_host`) also the prepared experts (at most `experts_held`
     at once), the chunk being built and the two temporaries of the before/after cosines.
     """
