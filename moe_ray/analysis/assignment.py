@@ -23,6 +23,13 @@ default solver ("sparse") works on a sparse candidate graph and proves the resul
    until the duals are feasible everywhere (gap bound 0 up to float64 rounding): the same certificate
    as lapjv's duals, so exactness is never traded for speed.
 
+Many pairs at once (`solve_sparse_batch`, DeepSeek-V3's 32,640 pairs a layer at n = 2,048): the steps
+that read all n² entries (1, the scales and the float32 pass of 4) run on a [B, n, n] batch as batched
+torch ops where the costs are, so a GPU pays a few launches and copies for B pairs; the host's work
+(2-3, the float64 checks, the repairs) runs on a thread pool, the first solves there by
+`assignment_cpu.sparse_jv` (scipy's LAPJVsp holds the GIL). Each pair keeps its own certificate and
+its own fallback.
+
 "lapjv" solves the dense matrix with the Jonker-Volgenant algorithm (the `lapjv` package) and checks
 its own duals the same way; it is the reference and the fallback when the repair rounds do not settle.
 `SOLVER` says which one S4 uses, chosen from `benchmarks/bench_reorder.py`'s measurements.

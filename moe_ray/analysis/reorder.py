@@ -22,10 +22,11 @@ Conventions: `perm[k]` is the neuron of b matched to neuron k of a, so `W_b[perm
 up/gate, columns of down) lines up with `W_a`. Kendall's tau is between the identity order and
 `perm` (1 = order unchanged).
 
-Where it runs: S is built with torch where the experts are (a GPU when the caller has one), in row
-chunks copied to one host buffer; the solver runs on the host. `reorder_pairs` takes several pairs of
-one layer, prepares each expert once (float32 neuron rows divided by the matrix norm) and, with
-`overlap`, builds the next pair's S while the current one is solved on a second thread.
+Where it runs: S is built with torch where the experts are (a GPU when the caller has one, where it
+stays; on a CPU in row chunks into a host buffer). `reorder_pairs` takes several pairs of one layer,
+prepares each expert once (float32 neuron rows divided by the matrix norm), builds and solves them a
+batch at a time (`batch_size`; `assignment.solve_sparse_batch`) and, with `overlap`, builds the next
+batch while the current one is solved on a second thread.
 
 Pure torch/numpy: no Ray, no Zarr.
 """
