@@ -170,6 +170,29 @@ def test_pairs_per_task_is_sized_from_the_plan():
     assert R.pairs_per_task(1408, 2048, "separate", "cpu") < R.pairs_per_task(1408, 2048, "joint", "cpu")
 
 
+def test_batch_size_and_what_a_task_declares_for_it():
+    """A GPU task solves up to 32 pairs at once (512 MiB of costs at most), a CPU task one per core; the
+    memory it declares (`reorder_unit_memory`, as `moe-ray plan` and the job size it) holds the batch's
+    cost matrices and the solver's per-pair workspace, by hand."""
+    from moe_ray.analysis import assignment as A
+    from moe_ray.units.sizing import ALLOCATOR_FACTOR, reorder_unit_memory
+
+    assert R.batch_size(2048, 576, "cuda") == 32 and R.batch_size(2048, 5, "cuda") == 5
+    assert R.batch_size(8192, 100, "cuda") == 2 and R.batch_size(14336, 16, "cuda") == 1
+    assert R.batch_size(2048, 576, "cpu", cpus=4) == 4 and R.batch_size(2048, 576, "cpu") == 1
+    n, d_hid = 2048, 7168
+    one = R.device_memory_bytes(n, d_hid, experts_held=48, batch=1)
+    many = R.device_memory_bytes(n, d_hid, experts_held=48, batch=32)
+    assert many - one == 31 * (2 * 4 * n * n + n * (A.NEAREST + 8) * 8 * 4)
+    host_one, gpu_one = reorder_unit_memory(n, d_hid, 2, 48, "cuda", True, problems=1)
+    host_many, gpu_many = reorder_unit_memory(n, d_hid, 2, 48, "cuda", True, problems=576)
+    assert gpu_many - gpu_one == ALLOCATOR_FACTOR * (many - one)
+    assert host_many - host_one == 31 * A.workspace_bytes(n)  # one thread: lapjv's one copy either way
+    cpu_one = reorder_unit_memory(n, d_hid, 2, 8, "cpu", True, problems=16, cpus=1)[0]
+    cpu_four = reorder_unit_memory(n, d_hid, 2, 8, "cpu", True, problems=16, cpus=4)[0]
+    assert cpu_four - cpu_one == 3 * (2 * 4 * n * n + A.workspace_bytes(n) + 2048 * n * 8)
+
+
 # ---- GPUs and their memory in the fit check ---------------------------------------------------------
 
 def test_gpu_share_from_declared_gpu_memory():
