@@ -4,6 +4,7 @@ build, many small pairs, Ray scaling, memory, overlap of the solve with the next
     PYTHONPATH=. python benchmarks/bench_reorder.py --quick          # < 5 minutes: solvers at 1,024 and 4,096
     PYTHONPATH=. python benchmarks/bench_reorder.py --sizes 1408,4096 --d-hid 1024
     PYTHONPATH=. python benchmarks/bench_reorder.py --only-solve --sizes 14336 --d-hid 256 --repeats 1
+    PYTHONPATH=. python benchmarks/bench_reorder.py --only-batch [--device cuda]   # 32 pairs at 2,048 as one batch
 
 Prints one JSON line per measurement and a projection table. All timings are single-threaded
 (torch.set_num_threads(1)), like a Ray task with num_cpus=1. Ratios (lapjv / scipy, 2 / 1 workers,
@@ -100,6 +101,72 @@ def bench_many(n: int, d_hid: int, pairs: int) -> dict:
     return {"what": "many", "n": n, "pairs": pairs, "lapjv_s_per_pair": round(t_lapjv / pairs, 4),
             "sparse_s_per_pair": round(t_sparse / pairs, 4), "speedup": round(t_lapjv / t_sparse, 2),
             "max_cost_diff": worst, "max_gap_bound": max(s.gap_bound for s in sparse)}
+
+
+def bench_batch(n: int, d_hid: int, pairs: int, kind: str, device: str, workers: int, repeats: int = 1) -> dict:
+    """DeepSeek-V3-like: `pairs` pairs of one layer at n = 2,048 (`kind`: from scratch, or children of one
+    parent as permuted noisy copies), their costs built as one batch on `device`, then solved as one
+    batch (`assignment.solve_sparse_batch` on `workers` threads) against lapjv one pair at a time on a
+    host core on the same costs, and the sparse solver one pair at a time (best of `repeats`,
+    alternating); same optima checked."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"up": (n, d_hid), "gate": (n, d_hid), "down": (d_hid, n)}
+    parent = {m: torch.randn(s, generator=gen) for m, s in shapes.items()}
+
+    def child() -> dict:
+        if kind == "scratch":
+            return {m: torch.randn(s, generator=gen) for m, s in shapes.items()}
+        perm = torch.randperm(n, generator=gen)
+        return {m: (w[:, perm] if m == "down" else w[perm]) + 0.5 * torch.randn(w.shape, generator=gen)
+                for m, w in parent.items()}
+
+    first = R.prepare_expert(parent if kind == "upcycled" else child(), R.MATRICES, dev)
+    others = [R.prepare_expert(child(), R.MATRICES, dev) for _ in range(pairs)]
+    costs = torch.empty((pairs, n, n), dtype=torch.float32, device=dev)
+    A.solve_sparse_batch(torch.rand((2, 64, 64), device=dev), workers=workers)  # warm: kernels, threads
+    _sync(dev)
+    started = time.perf_counter()
+    for b in range(pairs):
+        R.build_similarity(costs[b], first, others[b], R.MATRICES)
+    peaks = costs.reshape(pairs, -1).amax(dim=1)
+    costs.neg_().add_(peaks[:, None, None])
+    _sync(dev)
+    t_build = time.perf_counter() - started
+    host = costs.cpu().numpy().copy()
+    t_lapjv = t_one = t_batch = t_torch_batch = t_torch_one = float("inf")
+    worst_torch = None
+    for _ in range(repeats):  # alternating, best of: load hits all three alike
+        lap, seconds = timed(lambda: [A.solve_lapjv(c.copy()) for c in host])
+        t_lapjv = min(t_lapjv, seconds)
+        one, seconds = timed(lambda: [A.solve_sparse(c) for c in host])
+        t_one = min(t_one, seconds)
+        batched, seconds = timed(lambda: (A.solve_sparse_batch(costs, workers=workers), _sync(dev))[0])
+        t_batch = min(t_batch, seconds)
+        if dev.type == "cpu":  # the GPU's code path (batched torch ops) on the CPU, against it pair by pair
+            on_torch, seconds = timed(lambda: A.solve_sparse_batch(costs, workers=workers, backend="torch"))
+            t_torch_batch = min(t_torch_batch, seconds)
+            torch_one, seconds = timed(lambda: [A.solve_sparse(c, backend="torch") for c in costs])
+            t_torch_one = min(t_torch_one, seconds)
+            worst_torch = max(abs(s.cost - l.cost) for s, l in zip(on_torch + torch_one, lap + lap))
+    worst = max(abs(s.cost - l.cost) for s, l in zip(batched, lap))
+    return {"what": "batch", "n": n, "d_hid": d_hid, "kind": kind, "pairs": pairs, "device": device,
+            "workers": workers, "repeats": repeats, "build_s_per_pair": round(t_build / pairs, 4),
+            "lapjv_s_per_pair": round(t_lapjv / pairs, 4), "sparse_one_at_a_time_s_per_pair": round(t_one / pairs, 4),
+            "batch_s_per_pair": round(t_batch / pairs, 4), "speedup_batch_vs_lapjv": round(t_lapjv / t_batch, 2),
+            "speedup_batch_vs_sparse_one_at_a_time": round(t_one / t_batch, 2),
+            "rounds_max": max(s.rounds for s in batched), "fallbacks": sum(s.solver == "lapjv" for s in batched),
+            "max_cost_diff": worst, "max_gap_bound": max(s.gap_bound for s in batched),
+            **({} if worst_torch is None else {
+                "torch_path_batch_s_per_pair": round(t_torch_batch / pairs, 4),
+                "torch_path_one_at_a_time_s_per_pair": round(t_torch_one / pairs, 4),
+                "torch_path_speedup_batch_vs_one_at_a_time": round(t_torch_one / t_torch_batch, 2),
+                "torch_path_max_cost_diff": worst_torch})}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bench_memory(n: int, d_hid: int) -> dict:
@@ -222,6 +289,12 @@ def main() -> None:
     parser.add_argument("--overlap-pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="solves per solver and pair (best of)")
     parser.add_argument("--many-pairs", type=int, default=8, help="DeepSeek-V3-like pairs at n = 2,048")
+    parser.add_argument("--batch-pairs", type=int, default=32,
+                        help="DeepSeek-V3-like pairs at n = 2,048 solved as one batch (0: none)")
+    parser.add_argument("--batch-workers", type=int, default=os.cpu_count() or 1,
+                        help="threads of the batched solve (a task's declared CPUs)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the batch's costs are")
+    parser.add_argument("--only-batch", action="store_true", help="only the batched rows")
     parser.add_argument("--only-solve", action="store_true", help="only the solver rows")
     parser.add_argument("--quick", action="store_true",
                         help="the solver rows at n = 1,024 and 4,096 (d_hid 256) and 8 pairs at 2,048: < 5 min")
@@ -231,6 +304,12 @@ def main() -> None:
     torch.set_num_threads(1)
     A.solve_sparse(np.random.default_rng(0).random((64, 64), dtype=np.float32))  # compile the kernels
     rows = []
+    for kind in ("scratch", "upcycled") if args.batch_pairs else ():
+        rows.append(bench_batch(2048, min(args.d_hid, 256), args.batch_pairs, kind, args.device, args.batch_workers,
+                                min(args.repeats, 2)))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.only_batch:
+        return
     for n in map(int, args.sizes.split(",")):
         for kind in ("upcycled", "scratch"):
             row = bench_solve(n, args.d_hid, kind, n <= args.scipy_max_n, args.repeats)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issues 13 and 25 (benchmarks/gpu_check.py): correctness of static, reorder and dynamic
 # on cuda against the CPU path, then speed and memory (static vs its read, a reorder pair at n = 14,336
-# built and solved, DeepSeek-V3-like pairs solved on the device vs lapjv). Under 10 minutes on one H100/H200.
+# built and solved, DeepSeek-V3-like pairs solved on the device vs lapjv, one at a time and batched).
+# Under 10 minutes on one H100/H200.
 #
 #   benchmarks/gpu_check.sh wheels            # HERE, once: the packages a GPU image may lack, as
 #                                             # wheels in .whl/ (in .gitignore), for Python 3.12

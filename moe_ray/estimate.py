@@ -3,6 +3,8 @@ and cores per node), from rates the benchmarks measured. Each rate below names i
 benchmark, the machine and the date; where a rate is an upper bound (measured on a loaded machine) or
 stands in for one not measured (a GPU's host-side solve), it says so. Rates move as the code does:
 re-measure with the named benchmark and update the number and its source here, and nowhere else.
+Reorder tasks are sized from the same rates (`analysis.reorder.pair_seconds`), so a task's planned
+length and `moe-ray plan`'s times agree.
 
 The model, per analysis (`units/sizing.py` sizes memory; this sizes time):
 - static: one task per MoE layer, bound by its layer's bytes as stored; a CPU task takes one core,

@@ -287,7 +287,8 @@ def task_sizing(facts: ModelFacts, gpu_mem_gib: float = 80.0, cpus: int = 1,
         per_task = R.pairs_per_task(facts.d_mid, facts.d_hid, "joint", device, cpus)
         batches = R.tile_batches(pairs, R.tile_side(per_task))
         experts = max(len({e for pair in batch for e in pair}) for batch in batches)
-        host, gpu = reorder_unit_memory(facts.d_mid, facts.d_hid, BF16, experts, device, overlaps(device, cpus))
+        host, gpu = reorder_unit_memory(facts.d_mid, facts.d_hid, BF16, experts, device, overlaps(device, cpus),
+                                        max(map(len, batches)), cpus)
         gpus = gpus_for(gpu, None, per_gpu) if device == "cuda" else 0
         out.append(TaskSizing("reorder joint", device, n_moe * len(batches), max(map(len, batches)), host, gpus, gpu))
     return tuple(out)

@@ -3,6 +3,7 @@ structures S4 meets, the certificate's bound on a hand-computed case, the repair
 fallback, and the torch path (the one a GPU runs) against the host kernels."""
 from __future__ import annotations
 
+import lapjv
 import numpy as np
 import pytest
 import torch
@@ -97,3 +98,103 @@ def test_solve_min_rejects_bad_input():
         A.solve_min(np.zeros((3, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="solver must be one of"):
         A.solve_min(np.zeros((3, 3), dtype=np.float32), solver="hungarian")
+
+
+# ---- many pairs at once -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batch_costs() -> np.ndarray:
+    """Six pairs' costs at n = 300: from-scratch and upcycled (permuted noisy copies), alternating."""
+    return np.stack([_costs("scratch" if b % 2 else "upcycled", 300, seed=10 + b) for b in range(6)])
+
+
+@pytest.mark.parametrize("backend, workers", [("auto", 1), ("auto", 3), ("torch", 1), ("torch", 3)])
+def test_batch_equals_one_at_a_time(batch_costs, backend, workers):
+    """Each pair of a batch gets what `solve_sparse` gives it alone (perm and cost), is the optimum
+    (scipy), and carries its own certificate; several workers take the GIL-free first solve."""
+    alone = [A.solve_sparse(c) for c in batch_costs]
+    batched = A.solve_sparse_batch(batch_costs, workers=workers, backend=backend)
+    assert len(batched) == len(alone)
+    for cost, one, solution in zip(batch_costs, alone, batched):
+        np.testing.assert_array_equal(solution.perm, one.perm)
+        assert solution.cost == pytest.approx(one.cost, abs=1e-9)
+        assert solution.cost == pytest.approx(_optimum(cost), abs=1e-9 * solution.cost)
+        assert solution.solver == "sparse" and 0.0 <= solution.gap_bound <= 1e-9 * solution.cost
+
+
+@pytest.mark.parametrize("backend", A.BACKENDS)
+def test_batch_pairs_needing_repairs_end_certified(batch_costs, backend):
+    """k = q = 1 (the row's least entry and the diagonal): from-scratch pairs of the batch need repair
+    rounds; each pair ends at its optimum with its own certificate, and with no rounds left each falls
+    back to lapjv on its own."""
+    solutions = A.solve_sparse_batch(batch_costs, workers=2, k=1, q=1, max_rounds=50, backend=backend)
+    assert all(s.rounds > 1 for s in solutions[1::2])
+    for cost, solution in zip(batch_costs, solutions):
+        assert solution.solver == "sparse"
+        assert solution.cost == pytest.approx(_optimum(cost), abs=1e-9 * solution.cost)
+        assert solution.gap_bound <= 1e-9 * solution.cost
+    fallen = A.solve_sparse_batch(batch_costs[1::2], workers=2, k=1, q=1, max_rounds=0, backend=backend)
+    assert [s.solver for s in fallen] == ["lapjv"] * 3
+    for cost, solution in zip(batch_costs[1::2], fallen):
+        np.testing.assert_array_equal(solution.perm, A.solve_lapjv(cost).perm)
+
+
+def test_batch_candidates_and_screen_match_the_single_pair_steps(batch_costs):
+    """The batched torch steps pick each pair's candidates as `segment_candidates` does, and the screen
+    leaves for float64 exactly the rows whose float32 margin `certify` could not clear (planted: a dual
+    raised on one row makes that row's reduced costs negative)."""
+    tensor = torch.from_numpy(batch_costs)
+    graphs = A.batch_candidates(tensor, k=8, q=3)
+    as_set = lambda rows, cols: set(zip(rows.tolist(), cols.tolist()))  # noqa: E731
+    for b, (rows, cols, values) in enumerate(graphs):
+        assert as_set(rows, cols) == as_set(*A.segment_candidates(tensor[b], k=8, q=3))
+        np.testing.assert_array_equal(values, batch_costs[b][rows, cols].astype(np.float64))
+    np.testing.assert_allclose(A.batch_scales(tensor), [A.cost_scale(t) for t in tensor])
+    lap = [A.solve_lapjv(c) for c in batch_costs[:2]]
+    duals = []
+    for cost in batch_costs[:2]:
+        _, _, (_, _, v) = lapjv.lapjv(cost.copy())
+        duals.append(np.asarray(v, dtype=np.float64))
+    duals[1] = duals[1].copy()
+    duals[1][lap[1].perm[7]] -= 1.0  # row 7's u rises by 1: its other entries go negative
+    near = A.batch_screen(tensor[:2], [s.perm for s in lap], duals, A.batch_scales(tensor[:2]))
+    assert 7 in near[1].tolist() and near[0].size < 300 and near[1].size < 300
+    worst = A.certify(tensor[1], lap[1].perm, batch_costs[1][np.arange(300), lap[1].perm] - duals[1][lap[1].perm],
+                      duals[1])
+    assert set(np.flatnonzero(worst.worst_per_row < 0).tolist()) <= set(near[1].tolist())
+
+
+def test_sparse_jv_is_optimal_with_duals_that_prove_it():
+    """The GIL-free sparse solve (the threads' first solve): on a sparse graph (each row's 5 cheapest
+    entries and the diagonal, one row with its diagonal alone) the optimum scipy finds on the same
+    graph, and column duals with c - u - v >= 0 on every edge and 0 on the matching."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    from moe_ray.analysis import assignment_cpu
+
+    n = 120
+    cost = _costs("scratch", n, seed=9).astype(np.float64)
+    keep = np.zeros((n, n), dtype=bool)
+    keep[np.arange(n)[:, None], np.argsort(cost, axis=1)[:, :5]] = True
+    keep[np.arange(n), np.arange(n)] = True
+    keep[17] = False
+    keep[17, 17] = True
+    rows, cols = np.nonzero(keep)
+    values = cost[rows, cols]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    perm, col_duals, settled = assignment_cpu.sparse_jv(indptr, cols, values)
+    assert settled and sorted(perm.tolist()) == list(range(n)) and perm[17] == 17
+    graph = csr_matrix((values + 1.0, (rows, cols)), shape=(n, n))
+    reference = min_weight_full_bipartite_matching(graph)[1]
+    assert cost[np.arange(n), perm].sum() == pytest.approx(cost[np.arange(n), reference].sum(), abs=1e-9)
+    row_duals = cost[np.arange(n), perm] - col_duals[perm]
+    reduced = values - row_duals[rows] - col_duals[cols]
+    assert reduced.min() >= -1e-12
+
+
+def test_batch_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[B, n, n\]"):
+        A.solve_sparse_batch(np.zeros((3, 3), dtype=np.float32))
+    assert A.solve_sparse_batch(np.zeros((0, 4, 4), dtype=np.float32)) == []

@@ -32,6 +32,21 @@ def test_mixtral_reorder_and_static_by_hand():
         joint.wall_seconds / 2)
 
 
+def test_reorder_tasks_are_sized_from_the_same_rates():
+    """One source for the solver's and the build's rates: a reorder task's pair time (which sizes its
+    batch of pairs) is the plan's build + solve, by hand (a CPU build on the task's cores)."""
+    from moe_ray.analysis import reorder as R
+
+    n, d_hid = 2048, 7168
+    build_gpu = 2 * n * n * d_hid * 3 / E.RATES["build_gpu_flops"].value
+    build_cpu = 2 * n * n * d_hid * 3 / E.RATES["build_cpu_flops"].value
+    solve = E.RATES["solve_s_at_4096"].value * (n / 4096) ** 2
+    assert R.pair_seconds(n, d_hid, 3, "cuda") == pytest.approx(build_gpu + solve)
+    assert R.pair_seconds(n, d_hid, 3, "cpu", cpus=4) == pytest.approx(build_cpu / 4 + solve)
+    per_task = R.pairs_per_task(n, d_hid, "joint", "cpu")
+    assert per_task == int(R.TARGET_TASK_SECONDS // (build_cpu + solve))
+
+
 def test_plan_report_has_the_time_section_and_every_source():
     report = plan_model("grok1:314B", gpus_per_node=8, cores_per_node=32).report()
     section = report[report.index("  time (estimated"):]

@@ -102,9 +102,9 @@ def _experts(count: int, n: int = 48, d: int = 20, seed: int = 0) -> dict[int, d
 
 
 def test_a_batch_with_and_without_overlap_equals_pair_by_pair():
-    """Several pairs (joint and single-matrix problems mixed) through one batch, with the solve on a
-    thread while the next cost builds, give exactly what each pair gives on its own; each expert is
-    loaded once."""
+    """Several pairs (joint and single-matrix problems mixed) through one task, with the solve on a
+    thread while the next cost builds, and several solved as one batch on two threads, give exactly what
+    each pair gives on its own; each expert is loaded once."""
     experts = _experts(5)
     loads = []
 
@@ -113,9 +113,10 @@ def test_a_batch_with_and_without_overlap_equals_pair_by_pair():
         return experts[e]
 
     problems = [(0, 1, R.MATRICES), (0, 2, ("up",)), (1, 3, R.MATRICES), (2, 4, ("down",)), (3, 4, R.MATRICES)]
-    for overlap in (False, True):
+    for overlap, batch in ((False, 1), (True, 1), (False, 3), (True, 2)):
         loads.clear()
-        got = list(R.reorder_pairs(load, problems, overlap=overlap, chunk_elements=7 * 48))
+        got = list(R.reorder_pairs(load, problems, overlap=overlap, chunk_elements=7 * 48, batch=batch,
+                                   workers=2 if batch > 1 else 1))
         assert [p for p, _ in got] == problems and sorted(loads) == [0, 1, 2, 3, 4]
         for (i, j, ms), result in got:
             alone = R.reorder_pair(experts[i], experts[j], ms)
@@ -169,6 +170,29 @@ def test_pairs_per_task_is_sized_from_the_plan():
     assert R.pairs_per_task(1408, 2048, "separate", "cpu") < R.pairs_per_task(1408, 2048, "joint", "cpu")
 
 
+def test_batch_size_and_what_a_task_declares_for_it():
+    """A GPU task solves up to 32 pairs at once (512 MiB of costs at most), a CPU task one per core; the
+    memory it declares (`reorder_unit_memory`, as `moe-ray plan` and the job size it) holds the batch's
+    cost matrices and the solver's per-pair workspace, by hand."""
+    from moe_ray.analysis import assignment as A
+    from moe_ray.units.sizing import ALLOCATOR_FACTOR, reorder_unit_memory
+
+    assert R.batch_size(2048, 576, "cuda") == 32 and R.batch_size(2048, 5, "cuda") == 5
+    assert R.batch_size(8192, 100, "cuda") == 2 and R.batch_size(14336, 16, "cuda") == 1
+    assert R.batch_size(2048, 576, "cpu", cpus=4) == 4 and R.batch_size(2048, 576, "cpu") == 1
+    n, d_hid = 2048, 7168
+    one = R.device_memory_bytes(n, d_hid, experts_held=48, batch=1)
+    many = R.device_memory_bytes(n, d_hid, experts_held=48, batch=32)
+    assert many - one == 31 * (2 * 4 * n * n + n * (A.NEAREST + 8) * 8 * 4)
+    host_one, gpu_one = reorder_unit_memory(n, d_hid, 2, 48, "cuda", True, problems=1)
+    host_many, gpu_many = reorder_unit_memory(n, d_hid, 2, 48, "cuda", True, problems=576)
+    assert gpu_many - gpu_one == ALLOCATOR_FACTOR * (many - one)
+    assert host_many - host_one == 31 * A.workspace_bytes(n)  # one thread: lapjv's one copy either way
+    cpu_one = reorder_unit_memory(n, d_hid, 2, 8, "cpu", True, problems=16, cpus=1)[0]
+    cpu_four = reorder_unit_memory(n, d_hid, 2, 8, "cpu", True, problems=16, cpus=4)[0]
+    assert cpu_four - cpu_one == 3 * (2 * 4 * n * n + A.workspace_bytes(n) + 2048 * n * 8)
+
+
 # ---- GPUs and their memory in the fit check ---------------------------------------------------------
 
 def test_gpu_share_from_declared_gpu_memory():
@@ -205,7 +229,7 @@ def test_units_declare_what_they_take_on_each_device(tiny):
         assert all(u.gpus == 0 and u.gpu_memory_bytes == 0 and u.memory_bytes > 0 for u in cpu)
         assert all(0 < u.gpus < 0.1 and u.gpu_memory_bytes > GIB and u.resources()["GPU"] == u.gpus for u in cuda)
         assert all(u.gpus == gpus_for(u.gpu_memory_bytes, None, 80 * GIB) for u in cuda)
-        assert all(u.args[-1 if job is static else -2].device == "cuda" for u in cuda)
+        assert all(u.args[-1 if job is static else -3].device == "cuda" for u in cuda)
     assert sum(u.cells for u in reorder.units_on("cpu")) == 4 * 28  # done flags: layers x pairs
     assert len(reorder.units_on("cpu")) < 4 * 28                       # tiny pairs share a task
     gpu_node, cpu_node = {"CPU": 4.0, "GPU": 1.0, "memory": 8 * GIB}, {"CPU": 4.0, "memory": 8 * GIB}

@@ -87,6 +87,28 @@ def test_separate_and_joint_differ_when_matrices_disagree():
     assert min(joint.similarity_after.values()) < 0.9
 
 
+def test_a_batch_of_planted_pairs_recovers_each_permutation():
+    """Six children of one parent, each a permuted noisy copy (upcycled-like), solved as batches of four
+    on two threads: every pair (parent, child) gives back its child's planted permutation exactly, with
+    each pair's own certificate, as one pair at a time does."""
+    n, d = 256, 64
+    gen = torch.Generator().manual_seed(7)
+    parent = {"up": torch.randn(n, d, generator=gen), "gate": torch.randn(n, d, generator=gen),
+              "down": torch.randn(d, n, generator=gen)}
+    planted = [torch.randperm(n, generator=gen) for _ in range(6)]
+    experts = {0: parent}
+    for e, pi in enumerate(planted, start=1):
+        experts[e] = {m: (w[:, pi] if m == "down" else w[pi]) + 0.3 * torch.randn(w.shape, generator=gen)
+                      for m, w in parent.items()}
+    problems = [(0, e, MATRICES) for e in range(1, 7)]
+    batched = list(R.reorder_pairs(experts.__getitem__, problems, batch=4, workers=2, overlap=True))
+    alone = list(R.reorder_pairs(experts.__getitem__, problems))
+    for ((_, e, _), got), (_, one), pi in zip(batched, alone, planted):
+        np.testing.assert_array_equal(got.perm, np.argsort(pi.numpy()), err_msg=f"child {e}")
+        np.testing.assert_array_equal(got.perm, one.perm)
+        assert got.similarity_after == one.similarity_after and 0.0 <= got.gap_bound <= 1e-9 * n
+
+
 # ---- through the Ray job ---------------------------------------------------------------------------
 
 def test_permuted_planted_permutation_recovered(ray_session, tiny, tmp_path):
@@ -154,7 +176,8 @@ def test_store_round_trip_and_resume(ray_session, tiny, tmp_path):
 
 def test_store_chunks_are_the_tasks_tiles_and_a_resume_keeps_them(ray_session, tiny, tmp_path):
     """pairs_per_task 4: tasks take 2x2 tiles of the pair triangle and the store's chunks are those
-    tiles (10 chunk files per array for 8 experts, not 28), with the same values as a chunk per pair.
+    tiles (10 chunk files per array for 8 experts, not 28), with the same values as a chunk per pair,
+    also where a task of 2 CPUs solves its pairs two at a time.
     A resume with another pairs_per_task keeps the store's tiles and writes a tile's pairs together:
     a pair not done is computed, a done pair of the same chunk keeps what the store holds."""
     import zarr
@@ -171,6 +194,12 @@ def test_store_chunks_are_the_tasks_tiles_and_a_resume_keeps_them(ray_session, t
     a, b = xr.open_zarr(str(single), group="reorder/joint"), xr.open_zarr(str(tiled), group="reorder/joint")
     for name in a.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    # two CPUs a task: its pairs solved two at a time on two threads (R.batch_size), the same store
+    batched = tmp_path / "batched.zarr"
+    _run(ckpt, batched, layers=[1], pairs_per_task=4, resources={"cpus_per_task": 2})
+    two = xr.open_zarr(str(batched), group="reorder/joint")
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, two[name].values, err_msg=f"{name}, 2 CPUs a task")
 
     # tile (0, 1) holds pairs 0-2, 0-3, 1-2, 1-3: 0-2 not done (its results gone), 1-3 done with a sentinel
     group["unit_done"][0, 0, 2] = 0

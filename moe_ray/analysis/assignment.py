@@ -23,6 +23,13 @@ default solver ("sparse") works on a sparse candidate graph and proves the resul
    until the duals are feasible everywhere (gap bound 0 up to float64 rounding): the same certificate
    as lapjv's duals, so exactness is never traded for speed.
 
+Many pairs at once (`solve_sparse_batch`, DeepSeek-V3's 32,640 pairs a layer at n = 2,048): the steps
+that read all n² entries (1, the scales and the float32 pass of 4) run on a [B, n, n] batch as batched
+torch ops where the costs are, so a GPU pays a few launches and copies for B pairs; the host's work
+(2-3, the float64 checks, the repairs) runs on a thread pool, the first solves there by
+`assignment_cpu.sparse_jv` (scipy's LAPJVsp holds the GIL). Each pair keeps its own certificate and
+its own fallback.
+
 "lapjv" solves the dense matrix with the Jonker-Volgenant algorithm (the `lapjv` package) and checks
 its own duals the same way; it is the reference and the fallback when the repair rounds do not settle.
 `SOLVER` says which one S4 uses, chosen from `benchmarks/bench_reorder.py`'s measurements.
@@ -31,7 +38,8 @@ Pure torch/numpy/scipy: no Ray, no Zarr.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lapjv
@@ -215,15 +223,18 @@ def cost_scale(cost: torch.Tensor) -> float:
 
 def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_duals: np.ndarray,
             chunk_elements: int = CHUNK_ELEMENTS, max_violations: int | None = None,
-            scale: float | None = None, backend: str = "auto", rows: np.ndarray | None = None) -> Certificate:
+            scale: float | None = None, backend: str = "auto", rows: np.ndarray | None = None,
+            screened: bool = False) -> Certificate:
     """Check reduced costs c - u - v on every entry of `cost` (of `rows` only, if given), where the
     costs are: the host kernel in float64, or torch in row chunks.
 
     torch compares, in float32, each row's least c[i, j] - v[j] off the matching with u[i]: a row
     whose least is above u[i] by more than a few float32 ulps of the entries' scale has no negative
-    reduced cost; the others (near-ties, violations) are recomputed in float64, so the bound is exact
-    up to float64 rounding either way. Gap bound: -sum_i min(0, min_j reduced[i, j]) over the rows
-    checked (`Certificate.worst_per_row`)."""
+    reduced cost; the others (near-ties, violations: with optimal duals about half the rows have a
+    tight entry beside their match) are recomputed in float64 where the costs are (the same IEEE
+    operations as on the host), so the bound is exact up to float64 rounding either way. Gap bound:
+    -sum_i min(0, min_j reduced[i, j]) over the rows checked (`Certificate.worst_per_row`).
+    `screened`: `rows` are what a float32 pass already left (`batch_screen`), checked in float64 at once."""
     n = perm.size
     device = cost.device
     checked = np.arange(n, dtype=np.int64) if rows is None else rows.astype(np.int64)
@@ -241,10 +252,10 @@ def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_dua
     checked_device = torch.from_numpy(checked).to(device)
     # on a CPU, chunks that stay in cache; on a GPU, big ones (each is a few kernel launches)
     in_cache = chunk_elements if device.type == "cuda" else min(chunk_elements, CACHE_ELEMENTS)
-    step = max(1, min(n, in_cache // max(1, n)))
+    step = max(1, min(n, checked.size, in_cache // max(1, n)))  # a few rows (a batch's rechecks): a small buffer
     buffer = torch.empty((step, n), dtype=torch.float32, device=device)
-    near_rows = []
-    for start in range(0, checked.size, step):
+    near_rows = [checked] if screened else []
+    for start in range(0, 0 if screened else checked.size, step):
         stop = min(checked.size, start + step)
         chosen = checked_device[start:stop]
         block = cost[chosen] if rows is not None else cost[start:stop]
@@ -255,17 +266,20 @@ def certify(cost: torch.Tensor, perm: np.ndarray, row_duals: np.ndarray, col_dua
     near = np.concatenate(near_rows) if near_rows else np.zeros(0, dtype=np.int64)
     worst_per_row = np.zeros(n)
     found_rows, found_cols, found_values = [], [], []
+    if near.size:  # float64 where the costs are: only the worst per row and the violations cross to the host
+        u_device = torch.from_numpy(u64).to(device)
+        v_device = torch.from_numpy(v64).to(device)
     for start, stop in _row_chunks(near.size, n, chunk_elements):
-        chosen = near[start:stop]
-        exact = _host_float64(cost[torch.from_numpy(chosen).to(device)])
-        exact -= u64[chosen, None]
-        exact -= v64[None, :]
-        exact[np.arange(chosen.size), perm[chosen]] = 0.0  # the matching: 0 by construction of u
-        worst_per_row[chosen] = np.minimum(exact.min(axis=1), 0.0)
-        bad_rows, bad_cols = np.nonzero(exact < -tolerance)
-        found_rows.append(chosen[bad_rows])
-        found_cols.append(bad_cols)
-        found_values.append(exact[bad_rows, bad_cols])
+        chosen = torch.from_numpy(near[start:stop]).to(device)
+        exact = cost[chosen].to(torch.float64)
+        exact -= u_device[chosen, None]
+        exact -= v_device[None, :]
+        exact[torch.arange(chosen.shape[0], device=device), perm_device[chosen]] = 0.0  # 0 by construction of u
+        worst_per_row[near[start:stop]] = _host_float64(exact.amin(dim=1).clamp(max=0.0))
+        bad = (exact < -tolerance).nonzero()
+        found_rows.append(near[start:stop][bad[:, 0].cpu().numpy()])
+        found_cols.append(bad[:, 1].cpu().numpy().astype(np.int64))
+        found_values.append(_host_float64(exact[bad[:, 0], bad[:, 1]]))
     bad_rows, bad_cols, values = (np.concatenate(x) if x else np.zeros(0, dtype=dtype)
                                   for x, dtype in ((found_rows, np.int64), (found_cols, np.int64),
                                                    (found_values, float)))
@@ -301,26 +315,53 @@ def solve_lapjv(cost: np.ndarray | torch.Tensor, chunk_elements: int = CHUNK_ELE
 
 def solve_sparse(cost: np.ndarray | torch.Tensor, k: int = CANDIDATES, q: int = NEAREST,
                  chunk_elements: int = CHUNK_ELEMENTS, max_rounds: int = MAX_REPAIR_ROUNDS,
-                 backend: str = "auto") -> Solution:
+                 backend: str = "auto", threaded: bool = False) -> Solution:
     """Candidates, sparse optimum, duals, dense certificate, repairs (see the module doc);
-    falls back to `solve_lapjv` if `max_rounds` sparse solves leave a violated entry."""
+    falls back to `solve_lapjv` if `max_rounds` sparse solves leave a violated entry. `threaded`: the
+    first sparse solve by `assignment_cpu.sparse_jv`, which runs without the GIL (for solves on
+    several threads at once, `solve_sparse_batch`), instead of scipy's, which holds it."""
     tensor = _as_tensor(cost)
     n = tensor.shape[0]
     if n == 0:
         return Solution(np.zeros(0, dtype=np.int64), 0.0, 0.0, "sparse")
     rows, cols = segment_candidates(tensor, k, q, chunk_elements, backend)
     values = _gather(tensor, rows, cols)
-    scale = cost_scale(tensor)
-    perm = _sparse_optimum(n, rows, cols, values)
-    col_duals = _column_duals(perm, rows, cols, values)
+    first = _first_solve(n, rows, cols, values, threaded)
+    return _certified(tensor, rows, cols, values, cost_scale(tensor), first, None, chunk_elements, max_rounds,
+                      backend)
+
+
+def _first_solve(n: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+                 threaded: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sparse optimum and its column duals (None where they show it is not optimal, or the graph
+    has no perfect matching): scipy's LAPJVsp and Bellman-Ford, or with `threaded` the GIL-free
+    `assignment_cpu.sparse_jv` (same optimum, measured as fast at n = 2,048)."""
+    if not threaded:
+        perm = _sparse_optimum(n, rows, cols, values)
+        return perm, _column_duals(perm, rows, cols, values)
+    order = np.argsort(rows, kind="stable")
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    perm, col_duals, settled = _cpu().sparse_jv(indptr, cols[order], values[order])
+    return perm, col_duals if settled else None
+
+
+def _certified(tensor: torch.Tensor, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, scale: float,
+               first: tuple[np.ndarray, np.ndarray | None], screened: np.ndarray | None, chunk_elements: int,
+               max_rounds: int, backend: str) -> Solution:
+    """From the first sparse optimum and its duals: the dense certificate and the repair rounds, or
+    lapjv. `screened`: the rows the first certificate checks, where a batched check (`solve_sparse_batch`)
+    has already proved every other row's reduced costs >= 0 (None: all rows)."""
+    n = tensor.shape[0]
+    perm, col_duals = first
     rounds = 1
     worst_per_row = np.zeros(n)
-    recheck = None  # all rows
+    recheck = screened  # None: all rows
     while col_duals is not None and rounds <= max_rounds:
         matched = _gather(tensor, np.arange(n), perm)
         row_duals = matched - col_duals[perm]
         certificate = certify(tensor, perm, row_duals, col_duals, chunk_elements, max(n, rows.size), scale,
-                              backend, recheck)
+                              backend, recheck, screened=screened is not None and rounds == 1)
         worst_per_row[certificate.rows] = certificate.worst_per_row
         new_rows, new_cols = certificate.violations
         if new_rows.size == 0:
@@ -354,6 +395,132 @@ def _reaugment(n: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, p
     owner[perm[assigned]] = assigned
     return _cpu().augment(indptr, cols[order], values[order], perm, owner, matched, col_duals,
                                   free_rows.astype(np.int64), moved)
+
+
+# ---- many pairs at once ------------------------------------------------------------------------------
+
+def _as_batch(costs: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.from_numpy(costs) if isinstance(costs, np.ndarray) else costs
+    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
+        raise ValueError(f"a batch of cost matrices must be [B, n, n], not {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"the cost matrices must hold floats, not {tensor.dtype}")
+    return tensor
+
+
+def _split_by_pair(pair: np.ndarray, count: int, *columns: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Rows of (pair, columns...) as one tuple of columns per pair 0..count-1."""
+    order = np.argsort(pair, kind="stable")
+    bounds = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pair, minlength=count), out=bounds[1:])
+    ordered = [c[order] for c in columns]
+    return [tuple(c[bounds[b]:bounds[b + 1]] for c in ordered) for b in range(count)]
+
+
+def batch_candidates(costs: torch.Tensor, k: int = CANDIDATES, q: int = NEAREST,
+                     chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`segment_candidates` of every matrix of a batch [B, n, n] at once, as torch ops where the costs
+    are (on a GPU: a few kernel launches and one copy to the host for the whole batch, not per pair),
+    with their values: per pair (rows, cols, float64 values)."""
+    count, n = costs.shape[0], costs.shape[1]
+    width = -(-n // min(k, n))
+    full = n // width
+    q = min(q, -(-n // width))
+    step = max(1, min(n, chunk_elements // max(1, count * n)))
+    found: list[torch.Tensor] = []
+    found_values: list[torch.Tensor] = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = costs[:, start:stop]
+        minima = block[:, :, :full * width].unflatten(2, (full, width)).amin(dim=3)
+        if full * width < n:  # the last, narrower block
+            minima = torch.cat([minima, block[:, :, full * width:].amin(dim=2, keepdim=True)], dim=2)
+        bar = minima.kthvalue(q, dim=2).values
+        near = (block <= bar[..., None]).nonzero()
+        local = torch.arange(stop - start, device=costs.device)
+        missing = (~(block[:, local, local + start] <= bar)).nonzero()  # diagonals above the bar
+        pair = torch.cat([near[:, 0], missing[:, 0]])
+        row = torch.cat([near[:, 1], missing[:, 1]])
+        col = torch.cat([near[:, 2], missing[:, 1] + start])
+        found_values.append(block[pair, row, col].to(torch.float64).cpu())
+        found.append(torch.stack([pair, row + start, col]).cpu())
+    index = torch.cat(found, dim=1).numpy().astype(np.int64)
+    values = torch.cat(found_values).numpy()
+    return _split_by_pair(index[0], count, index[1], index[2], values)
+
+
+def batch_scales(costs: torch.Tensor) -> np.ndarray:
+    """`cost_scale` of every matrix of a batch, in one reduction."""
+    flat = costs.reshape(costs.shape[0], -1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)  # torch.aminmax along a dim: 13x slower on a CPU
+    return np.maximum(np.abs(_host_float64(low)), np.abs(_host_float64(high)))
+
+
+def batch_screen(costs: torch.Tensor, perms: Sequence[np.ndarray], col_duals: Sequence[np.ndarray | None],
+                 scales: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> list[np.ndarray | None]:
+    """The float32 pass of `certify` for a whole batch at once, where the costs are: per pair, the rows
+    whose least c[i, j] - v[j] off the matching is not clearly above u[i] (the same margin as `certify`),
+    which `certify` then checks in float64; every other row's reduced costs are >= 0. None for a pair
+    without duals."""
+    count, n = costs.shape[0], costs.shape[1]
+    device = costs.device
+    matched = torch.gather(costs, 2, torch.from_numpy(np.stack(perms)).to(device)[:, :, None])[:, :, 0]
+    matched = _host_float64(matched)
+    v64 = np.zeros((count, n))
+    threshold = np.full((count, n), -np.inf)  # a pair without duals: no row is near
+    for b in range(count):
+        if col_duals[b] is None:
+            continue
+        v64[b] = col_duals[b]
+        u64 = matched[b] - v64[b][perms[b]]
+        scale = scales[b] + float(np.abs(u64).max(initial=0)) + float(np.abs(v64[b]).max(initial=0))
+        threshold[b] = u64 + scale * 2.0**-18
+    v32 = torch.from_numpy(v64).to(device=device, dtype=torch.float32)
+    threshold32 = torch.from_numpy(threshold).to(device=device, dtype=torch.float32)
+    perm_device = torch.from_numpy(np.stack(perms)).to(device)
+    in_cache = chunk_elements if device.type == "cuda" else min(chunk_elements, CACHE_ELEMENTS)
+    step = max(1, min(n, in_cache // max(1, count * n)))
+    buffer = torch.empty((count, step, n), dtype=torch.float32, device=device)
+    near = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = torch.sub(costs[:, start:stop], v32[:, None, :], out=buffer[:, :stop - start])
+        block.scatter_(2, perm_device[:, start:stop, None], torch.inf)
+        hit = (block.amin(dim=2) < threshold32[:, start:stop]).nonzero()
+        near.append((hit + torch.tensor([0, start], device=device)).cpu())
+    hits = torch.cat(near).numpy().astype(np.int64)
+    rows = _split_by_pair(hits[:, 0], count, hits[:, 1])
+    return [None if col_duals[b] is None else rows[b][0] for b in range(count)]
+
+
+def solve_sparse_batch(costs: np.ndarray | torch.Tensor, workers: int = 1, k: int = CANDIDATES,
+                       q: int = NEAREST, chunk_elements: int = CHUNK_ELEMENTS,
+                       max_rounds: int = MAX_REPAIR_ROUNDS, backend: str = "auto") -> list[Solution]:
+    """`solve_sparse` of every matrix of a batch [B, n, n] (numpy, or a torch tensor on any device),
+    each exact with its own certificate and its own lapjv fallback.
+
+    Where the costs are, the steps that touch all n² entries run for the whole batch at once as torch
+    ops (candidates with their values, scales, the certificate's float32 pass: on a GPU a few kernel
+    launches and copies for B pairs instead of per pair); the host's work (the sparse solves, the
+    float64 checks of the rows the screen left, the repairs) runs on `workers` threads, the first solves
+    by the GIL-free `assignment_cpu.sparse_jv` when there are several. Costs on the host (the numba
+    kernels, `backend` "auto") are solved pair by pair on the threads, each pair's whole solve at once."""
+    tensor = _as_batch(costs)
+    count, n = tensor.shape[0], tensor.shape[1]
+    if count == 0:
+        return []
+    threaded = workers > 1
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, count)), thread_name_prefix="solve") as pool:
+        if n == 0 or _kernels(tensor[0], backend):
+            return list(pool.map(lambda b: solve_sparse(tensor[b], k, q, chunk_elements, max_rounds, backend,
+                                                        threaded), range(count)))
+        graphs = batch_candidates(tensor, k, q, chunk_elements)
+        scales = batch_scales(tensor)
+        firsts = list(pool.map(lambda graph: _first_solve(n, *graph, threaded), graphs))
+        perms = [perm if duals is not None else np.arange(n) for perm, duals in firsts]  # no duals: lapjv's
+        screened = batch_screen(tensor, perms, [duals for _, duals in firsts], scales, chunk_elements)
+        return list(pool.map(lambda b: _certified(tensor[b], *graphs[b], float(scales[b]), firsts[b], screened[b],
+                                                  chunk_elements, max_rounds, backend), range(count)))
 
 
 def workspace_bytes(n: int, q: int = NEAREST) -> int:

@@ -213,3 +213,99 @@ def augment(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_to_co
             done[col] = False
             parent[col] = -1
     return True
+
+
+ROW_REDUCTION_PASSES = 6
+"""Passes of augmenting row reduction in `sparse_jv` (measured at n = 2,048: 2 passes leave ~48 free
+rows, 4 ~22, 6 ~13, 8 ~10)."""
+
+
+@numba.njit(cache=True, nogil=True)
+def sparse_jv(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The minimum-cost perfect matching of a sparse square graph in CSR form by rows, and column duals
+    v that prove it on the graph (c - u - v >= 0 on every edge, 0 on the matching, with
+    u[i] = c[i, perm[i]] - v[perm[i]]): Jonker-Volgenant's column reduction and two passes of
+    augmenting row reduction, then shortest augmenting paths (`augment`) for the rows still free.
+    What scipy's LAPJVsp computes (which makes two passes of row reduction, this ROW_REDUCTION_PASSES),
+    but without the GIL, so a batch's solves run on several threads, and with the duals (no
+    Bellman-Ford afterwards). False if the graph has no perfect matching."""
+    n = indptr.size - 1
+    col_duals = np.full(n, np.inf)
+    col_owner = np.full(n, -1, dtype=np.int64)
+    for i in range(n):  # column reduction: v[j] = the column's least cost, the column to its argmin row
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]
+            if data[e] < col_duals[j]:
+                col_duals[j] = data[e]
+                col_owner[j] = i
+    row_to_col = np.full(n, -1, dtype=np.int64)
+    col_to_row = np.full(n, -1, dtype=np.int64)
+    matched_cost = np.zeros(n)
+    for j in range(n - 1, -1, -1):
+        i = col_owner[j]
+        if i < 0:
+            return row_to_col, col_duals, False  # an empty column
+        if row_to_col[i] < 0:
+            row_to_col[i] = j
+            col_to_row[j] = i
+    for j in range(n):
+        if col_to_row[j] >= 0:
+            i = col_to_row[j]
+            for e in range(indptr[i], indptr[i + 1]):
+                if indices[e] == j:
+                    matched_cost[i] = data[e]
+    # Augmenting row reduction: a free row takes its least reduced-cost column, lowering that column's
+    # dual to the row's second least (so the row is tight and every other row's reduced costs only
+    # grow); the column's owner, if any, becomes free. LAPJV makes two passes over the free rows; here
+    # six: each further pass costs ~0.7 ms at n = 2,048 and halves the rows left for the shortest paths
+    # (~250 us each): 48 rows after two, ~13 after six, 1.4x faster in all (bench: benchmarks/README).
+    free = np.flatnonzero(row_to_col < 0)
+    for _ in range(ROW_REDUCTION_PASSES):
+        pending = free.size
+        queue = free.copy()
+        count = 0
+        head = 0
+        steps = 0
+        next_free = np.empty(n, dtype=np.int64)
+        while head < pending:
+            i = queue[head]
+            head += 1
+            best, second = np.inf, np.inf
+            best_col, second_col = -1, -1
+            for e in range(indptr[i], indptr[i + 1]):
+                reduced = data[e] - col_duals[indices[e]]
+                if reduced < second:
+                    if reduced >= best:
+                        second, second_col = reduced, indices[e]
+                    else:
+                        second, second_col = best, best_col
+                        best, best_col = reduced, indices[e]
+            if best_col < 0:
+                return row_to_col, col_duals, False  # an empty row
+            if second_col < 0:
+                second = best  # one edge: its dual stays (lowering it by an infinite amount proves nothing)
+            j = best_col
+            previous = col_to_row[j]
+            if best < second:
+                col_duals[j] -= second - best
+            elif previous >= 0 and second_col >= 0:
+                j = second_col  # a tie: take the other column, whose owner may be free-able
+                previous = col_to_row[j]
+            row_to_col[i] = j
+            col_to_row[j] = i
+            for e in range(indptr[i], indptr[i + 1]):
+                if indices[e] == j:
+                    matched_cost[i] = data[e]
+            if previous >= 0:
+                row_to_col[previous] = -1
+                steps += 1
+                if best < second and steps <= 4 * n:  # the freed row goes on at once (bounded: ties, rounding)
+                    head -= 1
+                    queue[head] = previous
+                else:
+                    next_free[count] = previous
+                    count += 1
+        free = next_free[:count].copy()
+    moved = np.zeros(n, dtype=np.bool_)
+    return row_to_col, col_duals, augment(indptr, indices, data, row_to_col, col_to_row, matched_cost,
+                                          col_duals, free, moved)

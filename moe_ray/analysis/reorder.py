@@ -22,10 +22,11 @@ Conventions: `perm[k]` is the neuron of b matched to neuron k of a, so `W_b[perm
 up/gate, columns of down) lines up with `W_a`. Kendall's tau is between the identity order and
 `perm` (1 = order unchanged).
 
-Where it runs: S is built with torch where the experts are (a GPU when the caller has one), in row
-chunks copied to one host buffer; the solver runs on the host. `reorder_pairs` takes several pairs of
-one layer, prepares each expert once (float32 neuron rows divided by the matrix norm) and, with
-`overlap`, builds the next pair's S while the current one is solved on a second thread.
+Where it runs: S is built with torch where the experts are (a GPU when the caller has one, where it
+stays; on a CPU in row chunks into a host buffer). `reorder_pairs` takes several pairs of one layer,
+prepares each expert once (float32 neuron rows divided by the matrix norm), builds and solves them a
+batch at a time (`batch_size`; `assignment.solve_sparse_batch`) and, with `overlap`, builds the next
+batch while the current one is solved on a second thread.
 
 Pure torch/numpy: no Ray, no Zarr.
 """
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from ..lazy import torch  # imported on first use (moe-ray plan needs none)
 
+from .. import estimate
 from . import assignment
 from .summary import relative_growth
 
@@ -150,6 +152,21 @@ def solve_max(similarity: np.ndarray | torch.Tensor, chunk_elements: int = CHUNK
     return Assignment(solution.perm, n * peak - solution.cost, solution.gap_bound)
 
 
+def solve_max_batch(similarities: torch.Tensor, workers: int = 1,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> list[Assignment]:
+    """`solve_max` of every matrix of a batch [B, n, n] at once (`assignment.solve_sparse_batch`: the
+    n² steps batched where the costs are, the host's work on `workers` threads); overwritten likewise
+    with the costs max(S) - S, each with its own max."""
+    count, n = similarities.shape[0], similarities.shape[-1]
+    if count == 0:
+        return []
+    peaks = similarities.reshape(count, -1).amax(dim=1) if n else torch.zeros(count)
+    similarities.neg_().add_(peaks[:, None, None])
+    peaks = peaks.to(device="cpu", dtype=torch.float64).numpy()
+    solutions = assignment.solve_sparse_batch(similarities, workers, chunk_elements=chunk_elements)
+    return [Assignment(s.perm, n * float(p) - s.cost, s.gap_bound) for s, p in zip(solutions, peaks)]
+
+
 def kendall_tau(perm: np.ndarray) -> float:
     """Kendall's tau between the identity order and `perm` (no ties): 1 - 4·inversions / (n(n-1)).
 
@@ -207,9 +224,9 @@ def _check_matrices(matrices: Sequence[str]) -> None:
         raise ValueError(f"matrices must be among {MATRICES}, not {tuple(matrices)}")
 
 
-def _timed_solve(similarity: torch.Tensor, chunk_elements: int) -> tuple[Assignment, float]:
+def _timed_solve(similarities: torch.Tensor, workers: int, chunk_elements: int) -> tuple[list[Assignment], float]:
     started = time.perf_counter()
-    return solve_max(similarity, chunk_elements), time.perf_counter() - started
+    return solve_max_batch(similarities, workers, chunk_elements), time.perf_counter() - started
 
 
 def _pair_result(a: Neurons, b: Neurons, matrices: tuple[str, ...], solved: tuple[Assignment, float],
@@ -233,14 +250,18 @@ three; separate: one)."""
 
 def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: Sequence[Problem],
                   device: str | torch.device = "cpu", overlap: bool = False,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[Problem, PairResult]]:
+                  chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1,
+                  workers: int = 1) -> Iterator[tuple[Problem, PairResult]]:
     """S4 for several assignments among one layer's experts, yielding (problem, result) in order.
 
     `load(e)` returns expert e's matrices (any float dtype, at least those the problems name); each
     expert is loaded and prepared on `device` once, and dropped after the last problem that uses it.
-    With `overlap`, the solver runs on a host thread (lapjv, scipy and numba's kernels release the GIL) while `device` builds the
-    next problem's similarity into a second host buffer: on a GPU the build then hides behind the
-    solve; on the CPU both compete for the task's cores, so overlap pays only with more than one.
+    The problems are built and solved `batch` at a time (`solve_max_batch`: the n² steps of the solver
+    batched on the device, the host's work on `workers` threads; `batch_size` says how many).
+    With `overlap`, a batch is solved on a host thread (lapjv, scipy and numba's kernels release the
+    GIL) while `device` builds the next batch's similarities into a second buffer: on a GPU the build
+    then hides behind the solve; on the CPU both compete for the task's cores, so overlap pays only with
+    more than one.
     """
     problems = list(problems)
     if not problems:
@@ -251,6 +272,8 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
     last_use = {e: k for k, (i, j, _) in enumerate(problems) for e in (i, j)}
     experts: dict[int, Neurons] = {}
     buffers: list[torch.Tensor] = []
+    batch = max(1, min(batch, len(problems)))
+    groups = [range(start, min(len(problems), start + batch)) for start in range(0, len(problems), batch)]
     # On a GPU the costs stay there: the solver picks candidates and checks its certificate on the
     # device, and only O(n) vectors cross to the host.
     on_device = torch.device(device).type == "cuda"
@@ -260,35 +283,47 @@ def reorder_pairs(load: Callable[[int], Mapping[str, torch.Tensor]], problems: S
             experts[e] = prepare_expert(load(e), matrices, device, chunk_elements)
         return experts[e]
 
-    def buffer(k: int, n: int) -> torch.Tensor:
-        while len(buffers) < (2 if overlap else 1):
-            buffers.append(torch.empty((n, n), dtype=torch.float32, device=device if on_device else "cpu"))
-        return buffers[k % len(buffers)]
+    def buffer(g: int, n: int) -> torch.Tensor:
+        while len(buffers) < (2 if overlap and len(groups) > 1 else 1):
+            buffers.append(torch.empty((batch, n, n), dtype=torch.float32, device=device if on_device else "cpu"))
+        return buffers[g % len(buffers)]
 
-    def finish(k: int, job: Future | tuple, a: Neurons, b: Neurons, build: float) -> tuple[Problem, PairResult]:
-        solved = job.result() if isinstance(job, Future) else job
-        result = _pair_result(a, b, problems[k][2], solved, build, chunk_elements)
-        for e in problems[k][:2]:
-            if last_use[e] == k:
-                experts.pop(e, None)
-        return problems[k], result
+    def build(g: int) -> tuple[torch.Tensor, list[tuple[Neurons, Neurons]], float]:
+        started = time.perf_counter()
+        pairs = []
+        for slot, k in enumerate(groups[g]):
+            i, j, ms = problems[k]
+            a, b = neurons(i), neurons(j)
+            costs = buffer(g, a[ms[0]].shape[0])
+            build_similarity(costs[slot], a, b, ms, chunk_elements)
+            pairs.append((a, b))
+        return costs[:len(groups[g])], pairs, time.perf_counter() - started
+
+    def finish(g: int, job: Future | tuple, pairs: list[tuple[Neurons, Neurons]],
+               built: float) -> list[tuple[Problem, PairResult]]:
+        solved, seconds = job.result() if isinstance(job, Future) else job
+        count = len(groups[g])
+        out = []
+        for k, (a, b), one in zip(groups[g], pairs, solved):
+            out.append((problems[k], _pair_result(a, b, problems[k][2], (one, seconds / count), built / count,
+                                                  chunk_elements)))
+            for e in problems[k][:2]:
+                if last_use[e] == k:
+                    experts.pop(e, None)
+        return out
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="assignment") as solver:
         pending = None
-        for k, (i, j, ms) in enumerate(problems):
-            a, b = neurons(i), neurons(j)
-            started = time.perf_counter()
-            cost = build_similarity(buffer(k, a[ms[0]].shape[0]), a, b, ms, chunk_elements)
-            build = time.perf_counter() - started
+        for g in range(len(groups)):
+            costs, pairs, built = build(g)
             if not overlap:
-                yield finish(k, _timed_solve(cost, chunk_elements), a, b, build)
+                yield from finish(g, _timed_solve(costs, workers, chunk_elements), pairs, built)
                 continue
-            done = finish(*pending) if pending is not None else None  # solved while this cost was built
-            pending = (k, solver.submit(_timed_solve, cost, chunk_elements), a, b, build)
-            if done is not None:
-                yield done
+            done = finish(*pending) if pending is not None else []  # solved while this batch was built
+            pending = (g, solver.submit(_timed_solve, costs, workers, chunk_elements), pairs, built)
+            yield from done
         if pending is not None:
-            yield finish(*pending)
+            yield from finish(*pending)
 
 
 def reorder_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], matrices: tuple[str, ...],
@@ -314,21 +349,22 @@ def _chunk_rows(n: int, width: int, chunk_elements: int) -> int:
 
 def memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
                  overlap: bool = False, on_host: bool = True, stored_bytes: int = 2,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Peak host memory of one `reorder_pairs` batch at n neurons and hidden size d_hid, beside the
-    worker process itself.
+                 chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1, workers: int = 1) -> int:
+    """Peak host memory of one `reorder_pairs` task at n neurons and hidden size d_hid, beside the
+    worker process itself, solving `batch` assignments at once on `workers` threads.
 
-    The n×n float32 cost buffers (two with `overlap`; on a GPU they stay there, and one is kept for
-    the costs' copy should the solver fall back to lapjv, which solves float32 in place), one
-    expert's matrices as read (memory-mapped, `stored_bytes` per element), one float64 chunk of the
-    certificate and the solver's O(n·candidates) workspace; when the experts are prepared on the host
-    (`on_host`) also the prepared experts (at most `experts_held` at once), the chunk being built and
-    the two temporaries of the before/after cosines.
+    The batch's n×n float32 cost buffers (two batches with `overlap`; on a GPU they stay there, and a
+    copy per thread is kept should the solver fall back to lapjv, which solves float32 on the host),
+    one expert's matrices as read (memory-mapped, `stored_bytes` per element), a float64 chunk of the
+    certificate per thread and the solver's O(n·candidates) workspace per pair of the batch; when
+    the experts are prepared on the host (`on_host`) also the prepared experts (at most `experts_held`
+    at once), the chunk being built and the two temporaries of the before/after cosines.
     """
-    cost = (2 if overlap and on_host else 1) * 4 * n * n
+    matrices = (2 if overlap else 1) * batch if on_host else min(batch, workers)  # a GPU's: lapjv's copies
+    cost = matrices * 4 * n * n
     reading = n_matrices * n * d_hid * stored_bytes
-    certificate = _chunk_rows(n, n, chunk_elements) * n * 8
-    host = cost + reading + certificate + assignment.workspace_bytes(n)
+    certificate = min(batch, workers) * _chunk_rows(n, n, chunk_elements) * n * 8
+    host = cost + reading + certificate + batch * assignment.workspace_bytes(n)
     if on_host:
         host += experts_held * expert_bytes(n, d_hid, n_matrices) + _working_chunks(n, d_hid, chunk_elements)
     return host
@@ -340,27 +376,24 @@ def _working_chunks(n: int, d_hid: int, chunk_elements: int) -> int:
 
 
 def device_memory_bytes(n: int, d_hid: int, n_matrices: int = len(MATRICES), experts_held: int = 2,
-                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Peak memory on a GPU of one `reorder_pairs` batch: the prepared experts, one expert arriving
-    in its stored dtype, two n×n float32 cost buffers (the one solved and, with overlap, the one being
-    built), the solver's chunk, the chunk being built and the before/after cosines' temporaries
-    (torch's allocator; the CUDA context comes on top, see `units.sizing`)."""
+                        stored_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS, batch: int = 1,
+                        workers: int = 1) -> int:
+    """Peak memory on a GPU of one `reorder_pairs` task solving `batch` assignments at once on `workers`
+    threads: the prepared experts, one expert arriving in its stored dtype, two batches of n×n float32
+    costs (the one solved and, with overlap, the one being built), the solver's batched chunks (its
+    float32 screen, the candidates' comparison and their indices), a float64 chunk of the certificate
+    per thread, the chunk being built and the before/after cosines' temporaries (torch's allocator;
+    the CUDA context comes on top, see `units.sizing`)."""
     weights = experts_held * expert_bytes(n, d_hid, n_matrices)
     reading = n_matrices * n * d_hid * stored_bytes
-    costs = 2 * 4 * n * n + 2 * _chunk_rows(n, n, chunk_elements) * n * 4
-    return weights + reading + costs + _working_chunks(n, d_hid, chunk_elements)
+    costs = 2 * batch * 4 * n * n
+    solver = chunk_elements * (4 + 1) + batch * n * (assignment.NEAREST + 8) * 8 * 4 \
+        + min(batch, workers) * _chunk_rows(n, n, chunk_elements) * n * 8
+    return weights + reading + costs + solver + _working_chunks(n, d_hid, chunk_elements)
 
 
 # ---- batching: several pairs of a layer per task ---------------------------------------------------
 
-CPU_BUILD_FLOPS = 60e9
-"""float32 GEMM per CPU core building S: measured 76-91 GFLOP/s on an AVX2 core with little else
-running, 30-40 under load (benchmarks/bench_reorder.py, bench_fullwidth.py)."""
-GPU_BUILD_FLOPS = 20e12
-"""float32 GEMM of one GPU, assumed (an A100 does 19.5 TFLOP/s without TF32; benchmarks/gpu_check.sh
-measures the real build)."""
-LAPJV_SECONDS_8192 = 11.6
-"""lapjv on one core at n = 8,192 on random-like costs (the slow case), measured; time grows as n^2.05."""
 TARGET_TASK_SECONDS = 60.0
 """What a batch of pairs aims at: long enough that a task's start (worker, imports, reading its
 experts) is small beside it, short enough that retries and the last tasks stay cheap."""
@@ -369,10 +402,11 @@ EXPERTS_BUDGET_BYTES = 8 * 2**30
 
 
 def pair_seconds(n: int, d_hid: int, n_matrices: int, device: str, cpus: float = 1) -> float:
-    """Estimated seconds of one assignment: the build on `device` (cuda or cpu) plus the lapjv solve."""
-    flops = 2 * n * n * d_hid * n_matrices
-    build = flops / (GPU_BUILD_FLOPS if device == "cuda" else CPU_BUILD_FLOPS * max(1.0, cpus))
-    return build + LAPJV_SECONDS_8192 * (n / 8192) ** 2.05
+    """Estimated seconds of one assignment: the build on `device` (cuda, or cpu on `cpus` cores) plus the
+    certified solve on a host core, from the measured rates `moe-ray plan` quotes (`estimate.RATES`,
+    each with its source: one place for them)."""
+    build, solve = estimate.assignment_seconds(n, d_hid, n_matrices, device == "cuda")
+    return (build if device == "cuda" else build / max(1.0, cpus)) + solve
 
 
 def pairs_per_task(n: int, d_hid: int, mode: str, device: str, cpus: float = 1,
@@ -403,3 +437,24 @@ def tile_batches(pairs: Sequence[tuple[int, int]], side: int) -> list[list[tuple
     for i, j in sorted(pairs):
         tiles.setdefault((i // side, j // side), []).append((i, j))
     return [tiles[tile] for tile in sorted(tiles)]
+
+
+BATCH_BYTES = 512 * 2**20
+"""The n×n float32 costs of one batch (`batch_size`) on a GPU at most: 32 pairs at DeepSeek-V3's
+n = 2,048; one pair from n = 11,586 up."""
+BATCH_MAX = 32
+"""Assignments of one batch at most on a GPU: enough that launches and copies are a small part of a
+pair's time at n = 2,048 (benchmarks/gpu_check.sh measures)."""
+
+
+def batch_size(n: int, problems: int, device: str, cpus: float = 1) -> int:
+    """How many of a task's `problems` assignments `reorder_pairs` builds and solves at once: on a GPU as
+    many as BATCH_MAX and BATCH_BYTES allow (the batched steps then cost a few launches for all); on a
+    CPU one per core the task declared (the host kernels solve pair by pair, a batch only feeds the
+    threads). At least one. The task's declared memory (`memory_bytes`, `device_memory_bytes`) counts
+    these buffers, and the task runs with the same number."""
+    if device == "cuda":
+        most = min(BATCH_MAX, BATCH_BYTES // max(1, 4 * n * n))
+    else:
+        most = int(cpus)
+    return max(1, min(problems, most))

@@ -77,9 +77,12 @@ Cell = tuple[int, int, "str | None"]
 """One done flag: experts (i, j) and, in separate mode, the matrix (None in joint mode)."""
 
 
-def unit_memory(plan: ReorderPlan, experts_held: int, device: str, overlap: bool) -> tuple[int, int]:
-    """(host, GPU) bytes of a batch of this plan holding `experts_held` experts on `device`."""
-    return reorder_unit_memory(plan.facts.d_mid, plan.facts.d_hid, plan.stored_bytes, experts_held, device, overlap)
+def unit_memory(plan: ReorderPlan, experts_held: int, device: str, overlap: bool, problems: int = 1,
+                cpus: float = 1) -> tuple[int, int]:
+    """(host, GPU) bytes of a batch of this plan holding `experts_held` experts on `device` and solving
+    `problems` assignments (`R.batch_size` of them at once) on `cpus` threads."""
+    return reorder_unit_memory(plan.facts.d_mid, plan.facts.d_hid, plan.stored_bytes, experts_held, device, overlap,
+                               problems, cpus)
 
 
 def plan_reorder(ckpt: Checkpoint, spec: Spec, layers: tuple[int, ...]) -> ReorderPlan:
@@ -172,10 +175,11 @@ def write_cells(array, cells: list[tuple[tuple[int, ...], object]]) -> None:
 
 
 def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
-              request: DeviceRequest = DeviceRequest(), overlap: bool = False) -> dict:
+              request: DeviceRequest = DeviceRequest(), overlap: bool = False, cpus: int = 1) -> dict:
     """Reorder every cell (pair, and matrix in separate mode) of one tile of one layer in `cells` and
-    store them together once all are solved (a Ray task of about a minute). Cells already done are
-    skipped; a task retried after its worker died redoes its tile."""
+    store them together once all are solved (a Ray task of about a minute), `R.batch_size` cells at a
+    time on the `cpus` the task declared. Cells already done are skipped; a task retried after its
+    worker died redoes its tile."""
     started = time.monotonic()
     device, note = request.resolve()
     group = ResultStore(plan.store).root[f"{GROUP}/{mode}"]
@@ -199,7 +203,8 @@ def run_batch(plan: ReorderPlan, mode: str, layer: int, cells: tuple[Cell, ...],
     before, after, taus = [], [], []
     build = solve = 0.0
     try:
-        for (i, j, matrices), result in R.reorder_pairs(load, problems, device, overlap):
+        batch = R.batch_size(plan.facts.d_mid, len(problems), device.type, cpus)  # as `unit_memory` declared
+        for (i, j, matrices), result in R.reorder_pairs(load, problems, device, overlap, batch=batch, workers=cpus):
             for m in matrices:
                 mi = MATRICES.index(m)
                 writes["similarity_before"].append(((li, mi, i, j), result.similarity_before[m]))
@@ -270,8 +275,10 @@ class ReorderJob(TaskJob):
         (its chunks are those tiles), else from `per_task`, halved while a tile's memory exceeds the
         spec's memory_per_task_gb (which every task then declares)."""
         budget = self.spec.resources.memory_per_task_gb
+        cpus = self.spec.resources.cpus_per_task
+        cells = 1 if mode == "joint" else len(MATRICES)
         fits = lambda t: budget is None or unit_memory(self.plan, min(2 * t, self.plan.facts.num_experts),
-                                                       device, overlap)[0] <= budget * 2**30
+                                                       device, overlap, t * t * cells, cpus)[0] <= budget * 2**30
         stored = None if self.spec.overwrite else stored_tile_side(self.spec.store, mode)
         if stored is not None:
             if stored > 1 and not fits(stored):
@@ -297,11 +304,14 @@ class ReorderJob(TaskJob):
                 for batch in batches:
                     cells = tuple((i, j, m) for i, j in batch for m in ((None,) if mode == "joint" else MATRICES))
                     held = len({e for pair in batch for e in pair})
-                    request, resources = self.request(device, *unit_memory(self.plan, held, device, overlap))
+                    cpus = self.spec.resources.cpus_per_task
+                    request, resources = self.request(device, *unit_memory(self.plan, held, device, overlap,
+                                                                           len(cells), cpus))
                     pairs = (f"pair {batch[0][0]}-{batch[0][1]}" if len(batch) == 1 else
                              f"pairs {batch[0][0]}-{batch[0][1]}..{batch[-1][0]}-{batch[-1][1]} ({len(batch)})")
                     units.append(Unit(f"reorder {mode} layer {layer} {pairs}",
-                                      (self.plan, mode, layer, cells, request, overlap), cells=len(cells), **resources))
+                                      (self.plan, mode, layer, cells, request, overlap, cpus), cells=len(cells),
+                                      **resources))
         return units
 
     def prepare(self, store: ResultStore, overwrite: bool) -> list[Unit]:
@@ -313,10 +323,11 @@ class ReorderJob(TaskJob):
             pending |= prepare(store, self.plan, mode, self.tile_side(mode, device, overlap), overwrite)
         out = []
         for unit in self.units():
-            plan, mode, layer, cells, request, overlap = unit.args
+            plan, mode, layer, cells, request, overlap, cpus = unit.args
             todo = tuple(c for c in cells if (mode, layer, *c) in pending)
             if todo:
-                out.append(dataclasses.replace(unit, args=(plan, mode, layer, todo, request, overlap), cells=len(todo)))
+                out.append(dataclasses.replace(unit, args=(plan, mode, layer, todo, request, overlap, cpus),
+                                               cells=len(todo)))
         return out
 
     def unit_function(self):

@@ -73,12 +73,17 @@ def overlaps(device: str, cpus: float) -> bool:
 
 
 def reorder_unit_memory(n: int, d_hid: int, stored_bytes: int, experts_held: int, device: str,
-                        overlap: bool) -> tuple[int, int]:
-    """(host, GPU) bytes of a reorder batch holding `experts_held` prepared experts at n neurons; each
-    expert is prepared with all three matrices (separate mode solves them one by one from them)."""
+                        overlap: bool, problems: int = 1, cpus: float = 1) -> tuple[int, int]:
+    """(host, GPU) bytes of a reorder batch holding `experts_held` prepared experts at n neurons and
+    solving its `problems` assignments `R.batch_size` at a time on `cpus` threads; each expert is
+    prepared with all three matrices (separate mode solves them one by one from them)."""
     m = len(R.MATRICES)
+    batch, workers = R.batch_size(n, problems, device, cpus), max(1, int(cpus))
     if device != "cuda":
-        return R.memory_bytes(n, d_hid, m, experts_held, overlap, True, stored_bytes) + PROCESS_BYTES, 0
-    host = R.memory_bytes(n, d_hid, m, experts_held, overlap, False, stored_bytes) + PROCESS_BYTES + CUDA_HOST_BYTES
-    gpu = ALLOCATOR_FACTOR * R.device_memory_bytes(n, d_hid, m, experts_held, stored_bytes) + CUDA_CONTEXT_BYTES
+        return R.memory_bytes(n, d_hid, m, experts_held, overlap, True, stored_bytes, batch=batch,
+                              workers=workers) + PROCESS_BYTES, 0
+    host = R.memory_bytes(n, d_hid, m, experts_held, overlap, False, stored_bytes, batch=batch,
+                          workers=workers) + PROCESS_BYTES + CUDA_HOST_BYTES
+    gpu = ALLOCATOR_FACTOR * R.device_memory_bytes(n, d_hid, m, experts_held, stored_bytes, batch=batch,
+                                                   workers=workers) + CUDA_CONTEXT_BYTES
     return host, gpu
