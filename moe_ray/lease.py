@@ -23,6 +23,8 @@ Every step is atomic where the lease lives:
   renaming it to a name of the taker's own (one rename wins) and checking it was the one judged stale;
 - S3: `PUT` with `If-None-Match: *` (an exclusive create, S3's conditional writes) and a stale lease
   removed with `DELETE` `If-Match: <its ETag>` (only the document judged stale is removed);
+- GCS: every write conditional on the object's generation (`ifGenerationMatch`: 0 to create, the
+  generation read to renew or to take a stale lease over, in one write);
 - other fsspec filesystems: their exclusive create (`pipe_file(mode="create")`) where they have one.
 """
 from __future__ import annotations
@@ -93,9 +95,11 @@ class _Local:
             return None, None
         return _parse(raw), raw
 
-    def create(self, data: bytes) -> bool:
+    def create(self, data: bytes, parents: bool = True) -> bool:
+        """Create the lease document exclusively (False: one is there); `parents`: make its folder too."""
         parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        if parents:
+            os.makedirs(parent, exist_ok=True)
         tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -126,6 +130,10 @@ class _Local:
         os.unlink(aside)
         return False
 
+    def swap(self, data: bytes, version: Any) -> Any:
+        """No conditional replace on a local disk: a stale lease is removed (`remove_if`), then created."""
+        return None
+
     def replace(self, data: bytes, version: Any) -> Any:
         """Replace the lease with `data` (an atomic rename over it: readers never find it missing, so a
         watcher never takes a live holder's lease in between); the holder read it as its own just before."""
@@ -144,8 +152,47 @@ class _Fsspec:
 
         self.fs, self.path = filesystem(url)  # with the run's storage options (moe_ray.fs)
         self.s3 = type(self.fs).__name__ == "S3FileSystem"
+        self.gcs = not self.s3 and bool({"gs", "gcs"} & set(_protocols(self.fs)))
+
+    # GCS: every step conditional on the object's generation (`ifGenerationMatch`; 0: no object yet)
+    def _gcs_object(self) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(self.path)
+        return bucket, key
+
+    def _gcs_read(self) -> tuple[dict | None, Any]:
+        bucket, key = self._gcs_object()
+        for _ in range(5):
+            try:
+                meta = self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+                _, raw = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media", generation=meta["generation"])
+            except FileNotFoundError:
+                continue  # gone, or replaced between the two requests: look again
+            return _parse(raw), str(meta["generation"])
+        return None, None
+
+    def _gcs_upload(self, data: bytes, generation: str) -> str | None:
+        """Upload `data` if the object's generation is `generation` (0: absent); its new generation,
+        or None if the precondition failed."""
+        from urllib.parse import quote
+
+        bucket, key = self._gcs_object()
+        body = (b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n' + json.dumps({"name": key}).encode()
+                + b"\n--==0==\nContent-Type: application/json\n\n" + data + b"\n--==0==--")
+        try:  # a multipart upload, as gcsfs's own pipe_file, with the precondition
+            out = self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                               uploadType="multipart", ifGenerationMatch=generation, data=body, json_out=True,
+                               headers={"Content-Type": 'multipart/related; boundary="==0=="'})
+        except FileExistsError:  # gcsfs's name for 412 Precondition Failed
+            return None
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return None
+            raise
+        return str(out["generation"])
 
     def read(self) -> tuple[dict | None, Any]:
+        if self.gcs:
+            return self._gcs_read()
         if self.s3:
             bucket, key, _ = self.fs.split_path(self.path)
             try:
@@ -159,7 +206,9 @@ class _Fsspec:
             return None, None
         return _parse(raw), raw
 
-    def create(self, data: bytes) -> bool:
+    def create(self, data: bytes, parents: bool = True) -> bool:
+        if self.gcs:
+            return self._gcs_upload(data, "0") is not None
         if self.s3:
             bucket, key, _ = self.fs.split_path(self.path)
             try:
@@ -176,6 +225,17 @@ class _Fsspec:
             return False
 
     def remove_if(self, version: Any) -> bool:
+        if self.gcs:
+            bucket, key = self._gcs_object()
+            try:
+                self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+                return True
+            except (FileNotFoundError, FileExistsError):
+                return False
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
         if self.s3:
             bucket, key, _ = self.fs.split_path(self.path)
             try:
@@ -192,13 +252,25 @@ class _Fsspec:
         self.fs.rm_file(self.path)
         return True
 
+    def swap(self, data: bytes, version: Any) -> Any:
+        """Replace the document `version` by `data` in one conditional write (GCS: `ifGenerationMatch`);
+        its new version, or None (not this document any more, or no such write here: `remove_if`)."""
+        return self._gcs_upload(data, version) if self.gcs else None
+
     def replace(self, data: bytes, version: Any) -> Any:
+        if self.gcs:
+            return self._gcs_upload(data, version)
         if self.s3:
             bucket, key, _ = self.fs.split_path(self.path)
             out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
             return out.get("ETag")
         self.fs.pipe_file(self.path, data)
         return data
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = getattr(fs, "protocol", ())
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _read_body(fs, body) -> bytes:
@@ -323,7 +395,7 @@ class Lease:
             data = self._document()
             if self._backend.create(data):
                 self._version = data
-                if isinstance(self._backend, _Fsspec) and self._backend.s3:
+                if isinstance(self._backend, _Fsspec) and (self._backend.s3 or self._backend.gcs):
                     self._version = self._backend.read()[1]
                 self._start_heartbeat()
                 return self
@@ -338,6 +410,12 @@ class Lease:
                                 f"{stale:.0f}s after its last heartbeat)")
             if why == "":
                 continue  # the document changed hands (released, taken): look again
+            swapped = self._backend.swap(self._document(), version)  # in one conditional write, where there is one
+            if swapped is not None:
+                self._version = swapped
+                self.took_over = f"took over the lease of {holder_text(doc)}: {why}"
+                self._start_heartbeat()
+                return self
             if self._backend.remove_if(version):
                 self.took_over = f"took over the lease of {holder_text(doc)}: {why}"
         raise LeaseHeld(f"{self.url}: could not take its lease ({self.lease_url}), other writers keep taking it")
@@ -379,7 +457,7 @@ class Lease:
                 if doc is None and not self._stop.is_set():
                     # gone: a taker that judged another version stale moves it aside and back, or a user
                     # removed it; ours again if nobody else's is there
-                    if self._backend.create(self._document()):
+                    if self._backend.create(self._document(), parents=False):  # not into a deleted folder
                         self._version = self._backend.read()[1]
                         continue
                     doc, version = self._backend.read()

@@ -15,6 +15,7 @@ import pytest
 import zarr
 
 import moe_ray
+import moe_ray.fs
 from moe_ray.errors import StoreError
 from moe_ray.lease import Lease, LeaseHeld, holder
 from moe_ray.outdir import PLOT_OUTPUT, claim_output_dir
@@ -33,15 +34,17 @@ def _dead_lease(path: str, **fields) -> None:
         json.dump(doc, f)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", "s3", "gcs"])
 def test_one_holder_a_second_is_refused_naming_it_and_a_dead_one_is_taken_over(where, tmp_path, request,
                                                                              monkeypatch):
-    if where == "s3":
-        server = request.getfixturevalue("s3_server")
+    if where in ("s3", "gcs"):
+        server = request.getfixturevalue(f"{where}_server")
         for key, value in server.env.items():
             monkeypatch.setenv(key, value)
         url = server.make_bucket("leases") + "/runs/a.zarr"
         fs = server.filesystem()
+        if where == "gcs":
+            monkeypatch.setattr(moe_ray.fs, "_options", dict(server.storage_options))  # anonymous
     else:
         url = str(tmp_path / "a.zarr")
         fs = None
@@ -63,7 +66,7 @@ def test_one_holder_a_second_is_refused_naming_it_and_a_dead_one_is_taken_over(w
                          (dict(stale, host=socket.gethostname(), heartbeat=time.time(), pid=2**22 + 7), None)):
         data = json.dumps(dict(doc, heartbeat=time.time()) if doc is unrenewed else doc).encode()
         if fs is not None:
-            fs.pipe_file(url.removeprefix("s3://") + ".lease", data)
+            fs.pipe_file(url.split("://", 1)[1] + ".lease", data)
         else:
             with open(url + ".lease", "wb") as f:
                 f.write(data)
