@@ -164,9 +164,12 @@ class _Fsspec:
         for _ in range(5):
             try:
                 meta = self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+            except FileNotFoundError:
+                return None, None
+            try:
                 _, raw = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media", generation=meta["generation"])
             except FileNotFoundError:
-                continue  # gone, or replaced between the two requests: look again
+                continue  # replaced (or removed) between the two requests: look again
             return _parse(raw), str(meta["generation"])
         return None, None
 

@@ -992,11 +992,6 @@ def missing_summaries(group: zarr.Group, arrays: "Iterable[str]",
     return first, corrupt
 
 
-def summaries_pending(group: zarr.Group) -> bool:
-    """Whether `group` has summaries (`SUMMARY_ARRAYS`) that its job has not written since its units
-    were last done: they are checked only once written (`SUMMARISED`), never while a job runs."""
-    return bool(group.attrs.get(SUMMARY_ARRAYS)) and not group.attrs.get(SUMMARISED)
-
 
 def unit_label(group: zarr.Group, unit_dims: "Iterable[str]", cell: "Iterable[int]") -> str:
     """A done unit named by its coordinates: `static layer 0`, `reorder/joint layer 1 expert_i 0 expert_j 2`."""
