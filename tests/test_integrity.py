@@ -270,11 +270,13 @@ def _damage(store: Path, kind: str) -> None:
 def test_a_damaged_causal_store_is_named_and_repaired_and_a_running_one_is_not_damaged(
         causal_clean, tmp_path, capsys, monkeypatch):
     """Causal groups are checked like the others: a deleted chunk, a deleted array, a corrupt chunk of a
-    done unit's results and a deleted summary are each named by `store_status`; a resume over all four
+    done unit's results and a deleted summary are each named by `store_status` (and by `moe-ray status`
+    of a job that has ended: `with_damage`); a resume over all four
     recomputes exactly the damaged units (5 of 24) and the summaries. A store whose units are all done
     but whose summaries are not written (its run stopped in `finish`) is failed, or running while a
     writer holds it, never damaged; the next run writes them and the store equals an uninterrupted run."""
     from moe_ray.lease import Lease
+    from moe_ray.service import JobStatus, with_damage
     from moe_ray.units.causal import CausalJob
 
     ck, reference = causal_clean
@@ -286,6 +288,8 @@ def test_a_damaged_causal_store_is_named_and_repaired_and_a_running_one_is_not_d
         _damage(store, kind)
         status = store_status(str(store))["causal"]
         assert status["state"] == "damaged" and status["damage"].startswith(named), (kind, status)
+        job = with_damage(JobStatus("raysubmit_1", "SUCCEEDED", "", str(store), {"causal": (24, 24)}))
+        assert job.line().startswith(f"raysubmit_1: SUCCEEDED (causal 24/24 units, store causal damaged: {named}")
     for kind in ("chunk", "array", "corrupt"):  # the summary is already gone
         _damage(store, kind)
     capsys.readouterr()
