@@ -435,7 +435,7 @@ class Lease:
         beat, stale = intervals(doc)
         age = _now() - float(doc.get("heartbeat", 0) or 0)
         window = min(stale, CONFIRM_BEATS * beat) if age > stale else stale
-        self._note(f"{self.url} is held by {holder_text(doc)} on another host: watching its heartbeat for up "
+        self._note(f"{self.url} is held by {holder_text(doc)}, on another host: watching its heartbeat for up "
                    f"to {window:.0f}s (it renews every {beat:g}s) before taking the lease over")
         deadline = time.monotonic() + window
         while True:
