@@ -20,7 +20,7 @@ from .fs import check_location, probe_write, use_storage_options
 from .interrupt import reassert as reassert_signal_handlers
 from .progress import step
 from .spec import Spec, parse_pair
-from .lease import Lease
+from .lease import Lease, LeaseHeld
 from .store import ResultStore, open_results, progress, progress_text
 from .units import reorder as reorder_unit
 from .units import static as static_unit
@@ -144,14 +144,14 @@ def _run(spec: Spec) -> str:
     with Lease(spec.store, "moe-ray run") as lease:  # one writer at a time, from before the first write
         if lease.took_over:
             say(f"{spec.store}: {lease.took_over}")
-        started, todo, total, summaries = _write(spec, jobs, ckpt, ref, identity, unit_keys, say)
+        started, todo, total, summaries = _write(spec, jobs, ckpt, ref, identity, unit_keys, say, lease)
     print(f"moe-ray: done in {time.monotonic() - started:.1f}s: {todo} units computed, {total - todo} "
           f"already done; {'; '.join(summaries)}; store {spec.store}")  # the result: shown even without progress
     return spec.store
 
 
 def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoint | None, identity: dict,
-           unit_keys: dict, say: Callable[..., None]) -> tuple[float, int, int, list[str]]:
+           unit_keys: dict, say: Callable[..., None], lease: Lease | None = None) -> tuple[float, int, int, list[str]]:
     """The writing part of `run`, under the store's lease: connect to Ray, create or reuse the store,
     prepare every job's group (repairing what a done unit lacks), run the pending units, finish."""
     target = f"the Ray cluster at {spec.address}" if spec.address else "Ray (a running local one, else a new one)"
@@ -164,7 +164,8 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
     store = ResultStore.create_or_reuse(
         spec.store, identity, spec.recorded(), overwrite=spec.overwrite, unit_keys=unit_keys,
         attrs={"model": ckpt.facts.to_dict(), "reference": ref.facts.to_dict() if ref else None})
-    forget_store = on_forced_exit(lambda signame: store.end_run(_interrupted_by(signame)))
+    lost = lambda: lease is not None and lease.lost is not None  # taken over: the store is another run's now
+    forget_store = on_forced_exit(lambda signame: None if lost() else store.end_run(_interrupted_by(signame)))
     try:
         pending = {job.name: job.prepare(store, spec.overwrite) for job in jobs}
         for repair in store.repairs:
@@ -186,6 +187,8 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
             if isinstance(exc, Exception):
                 raise _deleted_mid_run(store) from None
             raise
+        if lost():
+            raise  # its lease was taken over: nothing more is written (`Lease.on_lost` said why)
         store.end_run(_run_error(exc), _counts_or_none(store, spec))
         store.consolidate()
         raise
@@ -193,6 +196,8 @@ def _write(spec: Spec, jobs: list[AnalysisJob], ckpt: Checkpoint, ref: Checkpoin
         forget_store()
     if store.deleted():
         raise _deleted_mid_run(store)
+    if lost():
+        raise LeaseHeld(lease.lost)  # taken over while its last units ran: the store is the other run's
     store.end_run(counts=_counts_or_none(store, spec))
     store.consolidate()
     return started, todo, total, summaries

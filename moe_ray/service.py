@@ -42,7 +42,7 @@ from .distributed.placement import Demand, check_placement, reported_nodes
 from .errors import JobError, SpecError
 from .progress import counter
 from .spec import Spec
-from .store import JOB_ENV, open_results, progress_text, store_progress, store_runs
+from .store import JOB_ENV, open_results, progress_text, store_progress, store_runs, store_status
 from .units.job import AnalysisJob
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -253,7 +253,7 @@ class JobHandle:
             return self._client.get_job_info(self.id)
 
     def status(self) -> JobStatus:
-        return _job_status(self._info(), self.id)
+        return with_damage(_job_status(self._info(), self.id))
 
     def logs(self) -> str:
         with _job_server(self.address, f"send the logs of job {self.id}"):
@@ -420,6 +420,23 @@ def _job_status(info, job_id: str | None = None) -> JobStatus:
     job_id = job_id or info.submission_id
     progress, note = own_progress(store, job_id, analyses) if store else ({}, "")
     return JobStatus(job_id, info.status.value, info.message or "", store, progress, note)
+
+
+def with_damage(status: JobStatus) -> JobStatus:
+    """`status`, once its job has ended, with the first damage its store shows in the job's analyses
+    (a done unit lacking an array or chunk, or with one corrupt: `store_status`), which the counts do
+    not show; read once, at the end, not while the job runs."""
+    if not status.terminal or not status.store:
+        return status
+    try:
+        found = [f"{name} {s['text']}" for name, s in store_status(status.store).items()
+                 if s["state"] == "damaged" and (not status.progress or name in status.progress)]
+    except Exception:  # a store that cannot be looked at: the counts said what they could
+        return status
+    if not found:
+        return status
+    note = "; ".join(x for x in (status.note, f"store {found[0]}") if x)
+    return replace(status, note=note)
 
 
 def own_progress(store: str, job_id: str, analyses: list[str] | None = None) -> tuple[dict[str, tuple[int, int]], str]:

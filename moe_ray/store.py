@@ -18,7 +18,9 @@ written: another config or layout (`ResultStore.check_identity`), or any changed
 done unit read (`ResultStore.check_weights` recomputes the digests), naming the tensor. A store knows
 what it holds: every done unit must have its chunk of every array its group's units write (the
 group's `unit_arrays`); one that does not is damage (`missing_results`, `store_status`), and the next
-run recomputes exactly those units (`ResultStore.done_array`, `repairs`). One writer at a time: `run`
+run recomputes exactly those units (`ResultStore.done_array`, `check_units`, `repairs`). Arrays a job's
+`finish` writes whole over all units (a group's `summary_arrays`) are checked once it has written them
+(`summarised`; `check_summaries`), so a store mid-run is partial or running, never damaged. One writer at a time: `run`
 holds the store's lease (`moe_ray.lease`). A job whose units are all done writes nothing
 (`ResultStore.dry_run` finds that out without writing), so a read-only complete store works;
 otherwise each run is logged in the root's `runs`, and a run that fails leaves `state = "failed"`
@@ -69,6 +71,14 @@ PLANNED = "unit_planned"
 WEIGHTS = "unit_weights"
 """Per work unit, the content digests (`Checkpoint.digests`) of every tensor it read, as JSON
 `{"model": {tensor: digest}, "reference": {...}}`, written with its results before its done flag."""
+
+SUMMARY_ARRAYS = "summary_arrays"
+"""Group attribute: the arrays a job's `finish` writes whole from its done units (and those its driver
+writes once for the group); `missing_summaries` checks them once `SUMMARISED` is set."""
+SUMMARISED = "summarised"
+"""Group attribute, true once `finish` wrote the group's summaries over all its units; a job with units
+to (re)compute in the group clears it first (`ResultStore.check_summaries`), so a store mid-run (its
+summaries stale or not yet written) is partial or running, never damaged."""
 
 zarr.config.set({"array.write_empty_chunks": True})
 """Every chunk a unit writes is stored, even one that equals the fill value (zarr's default skips
@@ -664,7 +674,8 @@ class ResultStore:
             if tuple(arr.shape) != shape:
                 raise StoreError(f"{group.path}/{name} has shape {arr.shape} in the store, this job needs {shape}")
             return arr
-        if name in group.attrs.get("unit_arrays", ()) and DONE in group:
+        if (name in group.attrs.get("unit_arrays", ()) and DONE in group) or \
+                (name in (group.attrs.get(SUMMARY_ARRAYS) or ()) and group.attrs.get(SUMMARISED)):
             self._lost.setdefault(group.path, []).append(name)
         tile = chunks or {}
         chunks = tuple(min(n, tile.get(d, 1)) if d in unit_dims else n for d, n in zip(quantity.dims, shape))
@@ -711,18 +722,73 @@ class ResultStore:
                                 "role": BOOKKEEPING})
                 arr[...] = planned
         written = [n for n in dict.fromkeys(self._unit_arrays.pop(group.path, [])) if n != DONE]
-        self.set_attrs(group, unit_arrays=written)
-        lost = self._lost.pop(group.path, [])
-        damaged, why = missing_results(group, unit_dims, written, lost)
-        if why is not None:
-            self.repairs.append(f"{group.path}: {why}: {int(damaged.sum())} done units will be recomputed")
-            if self._scratch is not None:
-                self.needs_write = True
-            else:
-                flags = np.asarray(done[...])
-                flags[damaged] = 0
-                done[...] = flags
+        self.check_units(group, unit_dims, written)
+        self._lost.pop(group.path, None)
         return done
+
+    def check_units(self, group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterable[str]") -> None:
+        """Record `arrays` as those the group's units write (its `unit_arrays`, which `store_status`
+        checks) and find every done unit that lacks its chunk of one of them, or has it corrupt (a
+        deleted array or chunk): their flags are cleared (and the corrupt chunks deleted, so the
+        units never read them), so this run recomputes exactly them, and `repairs` says so. Called
+        once the group's arrays and `unit_done` exist (`done_array` does, for groups made with it)."""
+        written = list(dict.fromkeys(arrays))
+        self._unit_arrays.pop(group.path, None)
+        self._set_in(group, unit_arrays=written)
+        lost = self._lost.get(group.path, [])
+        damaged, why, corrupt = _unit_damage(group, unit_dims, written, lost)
+        if why is None:
+            return
+        self.repairs.append(f"{group.path}: {why}: {int(damaged.sum())} done units will be recomputed")
+        if self._scratch is not None:
+            self.needs_write = True
+            return
+        self._delete_keys(corrupt)
+        flags = np.asarray(group[DONE][...])
+        flags[damaged] = 0
+        group[DONE][...] = flags
+
+    def check_summaries(self, group: zarr.Group, arrays: "Iterable[str]", stale: bool = False) -> None:
+        """Record `arrays` as the group's summaries (`SUMMARY_ARRAYS`: what `finish` writes whole once
+        every unit is done). If they were written (`SUMMARISED`) and one is now missing or lacks a chunk
+        (named in `repairs`; corrupt chunks are deleted), or some unit of the group is not done (this
+        run computes it), or `stale` (this run computes units they depend on elsewhere), the mark is
+        cleared: they are written again at the end of this run, and until then the store is partial,
+        not damaged. Called after `check_units`."""
+        self._set_in(group, **{SUMMARY_ARRAYS: list(arrays)})
+        lost = self._lost.pop(group.path, [])
+        if not group.attrs.get(SUMMARISED):
+            if self._scratch is not None and unit_done(group).all():
+                self.needs_write = True  # every unit done, summaries never written: this run writes them
+            return
+        why, corrupt = missing_summaries(group, arrays, lost)
+        if why is not None:
+            self.repairs.append(f"{group.path}: {why}: its summaries will be computed again")
+        if why is None and not stale and unit_done(group).all():
+            return
+        if self._scratch is not None:
+            self.needs_write = True
+            return
+        self._delete_keys(corrupt)
+        group.attrs[SUMMARISED] = False
+
+    @staticmethod
+    def mark_summarised(group: zarr.Group) -> None:
+        """Say that `finish` has written the group's summaries over all its units (see `SUMMARISED`)."""
+        ResultStore.set_attrs(group, **{SUMMARISED: True})
+
+    def _set_in(self, group: zarr.Group, **values: Any) -> None:
+        """`set_attrs`, or in a rehearsal (`dry_run`), `needs_write` if any would change."""
+        if self._scratch is None:
+            self.set_attrs(group, **values)
+        elif any(group.attrs.get(k, _MISSING) != v for k, v in _jsonable(values).items()):
+            self.needs_write = True
+
+    def _delete_keys(self, keys: "Iterable[str]") -> None:
+        from zarr.core.sync import sync
+
+        for key in keys:
+            sync(self.root.store.delete(key))
 
     # ---- reading --------------------------------------------------------------------------
     def consolidate(self) -> None:
@@ -835,17 +901,42 @@ def _stored_chunks(array: zarr.Array) -> set[str]:
     return sync(keys())
 
 
+READ_LIMIT = 16 * 2**20
+"""Arrays of at most this many bytes (uncompressed) have the chunks they are checked for read, not only
+listed, so a corrupt chunk (one that no longer decodes) is damage too; larger ones are only listed."""
+
+
+def _unreadable(arr: zarr.Array, index: tuple[int, ...]) -> str | None:
+    """Why chunk `index` of `arr` does not decode (None: it does, or `arr` is too big to read here)."""
+    if arr.nbytes > READ_LIMIT:
+        return None
+    try:
+        arr.get_block_selection(index)
+        return None
+    except Exception as exc:
+        return _first_line(exc)
+
+
 def missing_results(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterable[str]",
                     lost: "Iterable[str]" = ()) -> tuple[np.ndarray, str | None]:
     """Which done units of `group` lack results: a bool array over the unit dims (True: marked done,
-    but one of `arrays` (the arrays its units write) is missing, or lacks that unit's chunk), and the
-    first thing missing, named (None: every done unit's chunks are there). `lost` are arrays known
-    to have been missing (made again empty since)."""
+    but one of `arrays` (the arrays its units write) is missing, or lacks that unit's chunk, or has it
+    corrupt), and the first thing missing, named (None: every done unit's chunks are there). `lost`
+    are arrays known to have been missing (made again empty since)."""
+    damaged, first, _ = _unit_damage(group, unit_dims, arrays, lost)
+    return damaged, first
+
+
+def _unit_damage(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterable[str]",
+                 lost: "Iterable[str]" = ()) -> tuple[np.ndarray, str | None, list[str]]:
+    """`missing_results`, and the store keys of the corrupt chunks it found (a repair deletes them, so
+    that the units rewriting them never have to read them)."""
     done = unit_done(group) if DONE in group else np.zeros(0, dtype=bool)
     damaged = np.zeros_like(done)
     first: str | None = None
+    corrupt: list[str] = []
     if not done.any():
-        return damaged, None
+        return damaged, None, corrupt
     cells = np.argwhere(done)
     members = dict(group.arrays())
     for name in arrays:
@@ -867,12 +958,46 @@ def missing_results(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iter
             for k, i in enumerate(unit_axes):
                 ranges[i] = range(int(chunk[k]), int(chunk[k]) + 1)
             for index in np.ndindex(*(len(r) for r in ranges)):
-                key = arr.metadata.encode_chunk_key(tuple(r[j] for r, j in zip(ranges, index)))
-                if f"{arr.path}/{key}" not in stored:
-                    damaged[tuple(cells[which.ravel() == u].T)] = True
-                    first = first or f"chunk {arr.path}/{key} is missing"
-                    break
-    return damaged, first
+                block = tuple(r[j] for r, j in zip(ranges, index))
+                key = arr.metadata.encode_chunk_key(block)
+                why = "is missing" if f"{arr.path}/{key}" not in stored else None
+                if why is None:
+                    broken = _unreadable(arr, block)
+                    if broken is None:
+                        continue
+                    why = f"cannot be read ({broken})"
+                    corrupt.append(f"{arr.path}/{key}")
+                damaged[tuple(cells[which.ravel() == u].T)] = True
+                first = first or f"chunk {arr.path}/{key} {why}"
+                break
+    return damaged, first, corrupt
+
+
+def missing_summaries(group: zarr.Group, arrays: "Iterable[str]",
+                      lost: "Iterable[str]" = ()) -> tuple[str | None, list[str]]:
+    """The first of `arrays` (a group's summaries: written whole once its units are done) that is
+    missing or lacks a chunk or has one corrupt, named (None: all whole), and the corrupt chunks' keys."""
+    members = dict(group.arrays())
+    corrupt: list[str] = []
+    first: str | None = None
+    for name in arrays:
+        arr = members.get(name)
+        if arr is None or name in lost:
+            first = first or f"{group.path}/{name} is missing"
+            continue
+        stored = _stored_chunks(arr)
+        for index in np.ndindex(*arr.cdata_shape):
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key(index)}"
+            if key not in stored:
+                first = first or f"chunk {key} is missing"
+                break
+            broken = _unreadable(arr, index)
+            if broken is not None:
+                corrupt.append(key)
+                first = first or f"chunk {key} cannot be read ({broken})"
+                break
+    return first, corrupt
+
 
 
 def unit_label(group: zarr.Group, unit_dims: "Iterable[str]", cell: "Iterable[int]") -> str:
@@ -940,9 +1065,10 @@ def unit_done(group: zarr.Group) -> np.ndarray:
 
 def store_status(url: str) -> dict[str, dict]:
     """Per analysis (the store's top-level groups), what the store holds: `state` (`complete`,
-    `partial` (a run stopped or failed before its end), `failed` (the last run failed), `running` (a
-    live writer holds the store's lease), or `damaged` (a unit marked done lacks an array or chunk of
-    its results)), `done` and `planned` units, `damage` (the first thing missing, else None) and
+    `partial` (a run stopped or failed before its end, its units or its summaries not all written),
+    `failed` (the last run failed), `running` (a live writer holds the store's lease), or `damaged` (a
+    unit marked done lacks an array or chunk of its results, or has it corrupt; or summaries marked
+    written lack one)), `done` and `planned` units, `damage` (the first thing missing, else None) and
     `text` (`complete`, `partial 76/168`, `damaged: chunk ... is missing`). Empty for a store that
     does not exist or cannot be read."""
     from .lease import holder
@@ -972,13 +1098,26 @@ def store_status(url: str) -> dict[str, dict]:
                     damage = f"{path} cannot be listed: {_first_line(exc)}"
                 if damage:
                     break
+        unsummarised = None
+        for path, group in groups:
+            if damage or not (path == name or path.startswith(name + "/")):
+                continue
+            summaries = group.attrs.get(SUMMARY_ARRAYS) or ()
+            try:
+                if summaries and group.attrs.get(SUMMARISED):
+                    damage = missing_summaries(group, summaries)[0]
+                elif summaries and DONE in group and unit_done(group).all():
+                    unsummarised = unsummarised or path
+            except Exception as exc:
+                damage = f"{path} cannot be listed: {_first_line(exc)}"
         if damage:
             state, text = "damaged", f"damaged: {damage}"
-        elif done == planned:
+        elif done == planned and unsummarised is None:
             state, text = "complete", "complete"
         else:
             state = "running" if live else "failed" if root_state == "failed" else "partial"
-            text = f"{state} {done}/{planned}"
+            text = f"{state} {done}/{planned}" + (f" ({unsummarised}: summaries not written)"
+                                                  if done == planned else "")
         out[name] = {"state": state, "done": done, "planned": planned, "damage": damage, "text": text}
     return out
 

@@ -137,6 +137,17 @@ def dynamic_store_in_process():
 
 
 @pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS API server (fake-gcs-server, from its PyPI wheel) on 127.0.0.1 for the whole session
+    (tests/gcs_server.py)."""
+    from gcs_server import start_gcs_server
+
+    server = start_gcs_server(tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 API server (moto's) on 127.0.0.1 for the whole session (tests/s3_server.py)."""
     from s3_server import start_s3_server

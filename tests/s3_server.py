@@ -16,17 +16,58 @@ from ports import free_port
 
 
 @dataclass
-class S3Server:
-    """A running moto server: its endpoint, the credentials it accepts (any, as S3 signs them), and the
-    environment a client needs to reach it."""
+class ObjectServer:
+    """An object-storage API server in a process of ours: its endpoint, buckets made once, stop."""
 
     endpoint_url: str
     process: subprocess.Popen
+    log: Path | None = None
+    _buckets: set[str] = field(default_factory=set)
+    scheme = "s3"
+
+    def filesystem(self):
+        raise NotImplementedError
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name` (once); its URL, <scheme>://name."""
+        if name not in self._buckets:
+            self.filesystem().mkdir(name)
+            self._buckets.add(name)
+        return f"{self.scheme}://{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def wait_until_answers(process: subprocess.Popen, probe: str, log: Path, name: str, timeout_s: float) -> None:
+    """Wait until `probe` (a URL of the server) answers; RuntimeError naming `name` if it exits or stays
+    silent for `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited at start ({process.returncode}): {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(probe, timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{name} did not answer at {probe} within {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+@dataclass
+class S3Server(ObjectServer):
+    """A running moto server: its endpoint, the credentials it accepts (any, as S3 signs them), and the
+    environment a client needs to reach it."""
+
     region: str = "eu-west-1"
     key: str = "moe-ray-test"
     secret: str = "moe-ray-test-secret"
-    log: Path | None = None
-    _buckets: set[str] = field(default_factory=set)
 
     @property
     def env(self) -> dict[str, str]:
@@ -46,19 +87,6 @@ class S3Server:
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
 
-    def make_bucket(self, name: str) -> str:
-        """Create bucket `name` (once); its URL, s3://name."""
-        if name not in self._buckets:
-            self.filesystem().mkdir(name)
-            self._buckets.add(name)
-        return f"s3://{name}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def start_s3_server(log_dir: Path, timeout_s: float = 30.0) -> S3Server:
@@ -69,15 +97,5 @@ def start_s3_server(log_dir: Path, timeout_s: float = 30.0) -> S3Server:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto's S3 server exited at start ({process.returncode}): {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            return S3Server(url, process, log=log)
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"moto's S3 server did not answer at {url} within {timeout_s:.0f} s")
-            time.sleep(0.2)
+    wait_until_answers(process, url + "/moto-api/", log, "moto's S3 server", timeout_s)
+    return S3Server(url, process, log=log)

@@ -216,3 +216,104 @@ def test_a_causal_resume_over_an_edited_tensor_is_refused(clean, tmp_path):
         moe_ray.run(spec)
     _edit_in_place(info.file, info.start, first)
     moe_ray.run(spec)  # the same bytes again: complete, nothing to do
+
+
+# ---- causal groups: their units' results per done unit, their summaries once written ------------------
+
+CAUSAL_UNITS = 24  # 2 sequences, norm routing 2 layers + 2 sequences, ablation 2 layers x 8 experts, agreement 2
+
+
+def _causal_spec(model, store, **kw) -> dict:
+    return {"model": str(model), "store": str(store), "progress": True, "analyses": ["causal"], "layers": [1, 2],
+            "dynamic": {"max_sequences": 2}, "causal": {"bootstrap_resamples": 20}, **kw}
+
+
+@pytest.fixture(scope="module")
+def causal_clean(ray_session, tiny, tmp_path_factory):
+    """A tiny mixtral and the store of an uninterrupted run of every causal check over it."""
+    ck = tiny("mixtral", "scratch", seed=21)
+    store = str(tmp_path_factory.mktemp("causal") / "clean.zarr")
+    moe_ray.run(_causal_spec(ck.path, store, progress=False))
+    return ck, store
+
+
+def _assert_close(a: str, b: str) -> None:
+    """Two causal stores hold the same results (float32 forwards batched differently: to 1e-5)."""
+    want, got = _arrays(a), _arrays(b)
+    assert sorted(want) == sorted(got)
+    for path in want:
+        if want[path].dtype.kind in "fc":
+            np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=path)
+        else:
+            assert (want[path] == got[path]).all(), path
+
+
+CAUSAL_DAMAGE = {  # what is done to a complete store -> what status names, and the units it costs
+    "chunk": ("causal/agreement/output_similarity_sum/c/1/0/0/0/0",
+              "chunk causal/agreement/output_similarity_sum/c/1/0/0/0/0 is missing", 1),
+    "array": ("causal/norm_routing_all/loss", "causal/norm_routing_all/loss is missing", 2),
+    "corrupt": ("causal/loss/c/0", "chunk causal/loss/c/0 cannot be read (", 2),
+    "summary": ("causal/ablation/delta_loss", "causal/ablation/delta_loss is missing", 0),
+}
+
+
+def _damage(store: Path, kind: str) -> None:
+    target = store / CAUSAL_DAMAGE[kind][0]
+    if kind == "corrupt":
+        target.write_bytes(b"not a zstd frame " * 4)
+    elif target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+
+
+def test_a_damaged_causal_store_is_named_and_repaired_and_a_running_one_is_not_damaged(
+        causal_clean, tmp_path, capsys, monkeypatch):
+    """Causal groups are checked like the others: a deleted chunk, a deleted array, a corrupt chunk of a
+    done unit's results and a deleted summary are each named by `store_status` (and by `moe-ray status`
+    of a job that has ended: `with_damage`); a resume over all four
+    recomputes exactly the damaged units (5 of 24) and the summaries. A store whose units are all done
+    but whose summaries are not written (its run stopped in `finish`) is failed, or running while a
+    writer holds it, never damaged; the next run writes them and the store equals an uninterrupted run."""
+    from moe_ray.lease import Lease
+    from moe_ray.service import JobStatus, with_damage
+    from moe_ray.units.causal import CausalJob
+
+    ck, reference = causal_clean
+    assert store_status(reference)["causal"]["text"] == "complete"
+    store = tmp_path / "s.zarr"
+    for kind, (_, named, _) in CAUSAL_DAMAGE.items():
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(reference, store)
+        _damage(store, kind)
+        status = store_status(str(store))["causal"]
+        assert status["state"] == "damaged" and status["damage"].startswith(named), (kind, status)
+        job = with_damage(JobStatus("raysubmit_1", "SUCCEEDED", "", str(store), {"causal": (24, 24)}))
+        assert job.line().startswith(f"raysubmit_1: SUCCEEDED (causal 24/24 units, store causal damaged: {named}")
+    for kind in ("chunk", "array", "corrupt"):  # the summary is already gone
+        _damage(store, kind)
+    capsys.readouterr()
+
+    def fails(self, store):
+        raise RuntimeError("stopped before the summaries")
+
+    monkeypatch.setattr(CausalJob, "finish", fails)
+    with pytest.raises(RuntimeError, match="stopped before the summaries"):
+        moe_ray.run(_causal_spec(ck.path, store))
+    out = capsys.readouterr().out
+    for kind, (_, named, units) in CAUSAL_DAMAGE.items():
+        redone = f"{units} done units will be recomputed" if units else "its summaries will be computed again"
+        line = next(line for line in out.splitlines() if named in line)
+        assert f"{store} is damaged: " in line and line.endswith(redone), (kind, line)
+    assert f"5 of {CAUSAL_UNITS} units to run" in out
+    status = store_status(str(store))["causal"]
+    assert status["state"] == "failed" and status["damage"] is None, status
+    assert status["text"].startswith(f"failed {CAUSAL_UNITS}/{CAUSAL_UNITS} (causal") and \
+        status["text"].endswith(": summaries not written)")
+    with Lease(str(store), "moe-ray run"):  # a live writer: running, whatever its summaries say
+        assert store_status(str(store))["causal"]["state"] == "running"
+    monkeypatch.undo()
+    moe_ray.run(_causal_spec(ck.path, store))
+    assert f"0 of {CAUSAL_UNITS} units to run" in capsys.readouterr().out
+    assert store_status(str(store))["causal"]["text"] == "complete"
+    _assert_close(reference, str(store))

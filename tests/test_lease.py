@@ -15,8 +15,9 @@ import pytest
 import zarr
 
 import moe_ray
+import moe_ray.fs
 from moe_ray.errors import StoreError
-from moe_ray.lease import STALE_S, Lease, LeaseHeld, holder
+from moe_ray.lease import Lease, LeaseHeld, holder
 from moe_ray.outdir import PLOT_OUTPUT, claim_output_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,15 +34,17 @@ def _dead_lease(path: str, **fields) -> None:
         json.dump(doc, f)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", "s3", "gcs"])
 def test_one_holder_a_second_is_refused_naming_it_and_a_dead_one_is_taken_over(where, tmp_path, request,
                                                                              monkeypatch):
-    if where == "s3":
-        server = request.getfixturevalue("s3_server")
+    if where in ("s3", "gcs"):
+        server = request.getfixturevalue(f"{where}_server")
         for key, value in server.env.items():
             monkeypatch.setenv(key, value)
         url = server.make_bucket("leases") + "/runs/a.zarr"
         fs = server.filesystem()
+        if where == "gcs":
+            monkeypatch.setattr(moe_ray.fs, "_options", dict(server.storage_options))  # anonymous
     else:
         url = str(tmp_path / "a.zarr")
         fs = None
@@ -54,24 +57,25 @@ def test_one_holder_a_second_is_refused_naming_it_and_a_dead_one_is_taken_over(w
     assert holder(url) is None
     again = Lease(url, "moe-ray run").acquire()  # free again once released
     again.release()
-    # a holder on another host whose heartbeat stopped, then a dead process on this host
+    # a holder on another host whose heartbeat stopped long ago (watched for 3 beats), one whose heartbeat
+    # looks fresh but that nobody renews (watched for its stated expiry), then a dead process on this host
     stale = {"owner": "bob@elsewhere", "host": "elsewhere", "pid": 1, "pid_started": 1.0, "command": "moe-ray run",
-             "token": "x", "heartbeat": time.time() - STALE_S - 5}
-    alive = dict(stale, heartbeat=time.time())
-    for doc, taken in ((alive, False), (stale, True),
-                       (dict(stale, host=socket.gethostname(), heartbeat=time.time(), pid=2**22 + 7), True)):
-        data = json.dumps(doc).encode()
+             "token": "x", "heartbeat": time.time() - 60, "heartbeat_s": 0.2, "stale_after_s": 1.0}
+    unrenewed = dict(stale, heartbeat=time.time())
+    for doc, watched in ((stale, (0.6, "no heartbeat for 1s")), (unrenewed, (1.0, "no heartbeat for 1s")),
+                         (dict(stale, host=socket.gethostname(), heartbeat=time.time(), pid=2**22 + 7), None)):
+        data = json.dumps(dict(doc, heartbeat=time.time()) if doc is unrenewed else doc).encode()
         if fs is not None:
-            fs.pipe_file(url.removeprefix("s3://") + ".lease", data)
+            fs.pipe_file(url.split("://", 1)[1] + ".lease", data)
         else:
             with open(url + ".lease", "wb") as f:
                 f.write(data)
-        if not taken:
-            with pytest.raises(LeaseHeld, match=r"being written by moe-ray run by bob@elsewhere \(pid 1\)"):
-                Lease(url, "moe-ray run").acquire()
-            continue
+        started = time.monotonic()
         lease = Lease(url, "moe-ray run").acquire()
+        took = time.monotonic() - started
         assert lease.took_over.startswith(f"took over the lease of moe-ray run by {doc['owner']}")
+        if watched is not None:
+            assert watched[0] <= took < watched[0] + 2 and watched[1] in lease.took_over, (took, lease.took_over)
         assert holder(url)["token"] == lease.token
         lease.release()
 
@@ -133,3 +137,65 @@ def test_a_dead_writers_lease_is_taken_over_and_said(ray_session, tiny, tmp_path
     assert holder(str(out))["command"] == "moe-ray plot"
     output.finish()
     assert holder(str(out)) is None and not os.path.exists(str(out) + ".lease")
+
+
+def _holder_elsewhere(url: str) -> tuple[subprocess.Popen, str]:
+    """A process holding the lease on `url` as if on another host (its recorded hostname faked), with a
+    short heartbeat and expiry stated in its lease; returns it and its token once it holds the lease."""
+    script = textwrap.dedent(f"""
+        import socket, time
+        import moe_ray.lease as lease
+        socket.gethostname = lambda: "elsewhere-host"
+        lease.HEARTBEAT_S, lease.STALE_S = 0.4, 2.0
+        held = lease.Lease({url!r}, "moe-ray run").acquire()
+        print("held", held.token, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    word, token = proc.stdout.readline().split()
+    assert word == "held"
+    return proc, token
+
+
+def test_a_holder_on_another_host_is_refused_while_alive_and_taken_over_once_killed_or_frozen(tmp_path):
+    """Two processes, the holder's host faked by the hostname its lease records: while it renews, a
+    second writer is refused within a heartbeat or two (never after its expiry, never taking it); frozen
+    (SIGSTOP) past its stated expiry, its lease is taken over, and once it runs again it finds that and
+    stops with one line, leaving the new holder's lease alone; killed (SIGKILL), its lease is taken over
+    within its stated expiry (2 s here; 15 s by default, was 120 s)."""
+    import signal
+
+    from moe_ray.lease import HEARTBEAT_S, STALE_S
+
+    assert (HEARTBEAT_S, STALE_S) == (2.0, 15.0)
+    url = str(tmp_path / "a.zarr")
+    proc, token = _holder_elsewhere(url)
+    try:
+        assert holder(url)["stale_after_s"] == 2.0 and holder(url)["host"] == "elsewhere-host"
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(LeaseHeld, match=r"being written by moe-ray run by \S+@elsewhere-host \(pid \d+\).*"
+                                                r"\(a holder that dies loses the lease 2s after its last heartbeat\)"):
+                Lease(url, "moe-ray run").acquire()
+            assert time.monotonic() - started < 1.5
+            assert holder(url)["token"] == token
+        os.kill(proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        taker = Lease(url, "moe-ray run").acquire()
+        assert 2.0 <= time.monotonic() - started < 3.5 and "no heartbeat for 2s on host elsewhere-host" in taker.took_over
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=10)
+        assert f"moe-ray: error: lost the lease on {url}: moe-ray run by " in err and "took it over; stopping" in err
+        assert proc.returncode == -signal.SIGTERM  # stopped as by `kill`: a moe-ray command unwinds, exit 143
+        assert holder(url)["token"] == taker.token
+        taker.release()
+    finally:
+        proc.kill()
+    proc, token = _holder_elsewhere(url)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    started = time.monotonic()
+    taker = Lease(url, "moe-ray run").acquire()
+    assert 2.0 <= time.monotonic() - started < 3.5, taker.took_over
+    assert holder(url)["token"] == taker.token
+    taker.release()

@@ -16,6 +16,7 @@ import numpy as np
 from .common import (LABEL_FONT, MAX_WIDTH, RIGHT_MARGIN, TICK_FONT, Figure, StoreView, Table, figure_record,
                      expert_labels, new_figure, pages, panel_title)
 from .grid import PanelGrid
+from ..store import SUMMARISED, SUMMARY_ARRAYS
 
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402 (after .common set the backend)
 from .static import MATRICES, slug
@@ -32,10 +33,13 @@ DELTA_CMAP = "PuOr_r"
 
 
 def done(view: StoreView, group: str) -> bool:
-    """Whether every unit of a causal group is done (summaries are written once all are)."""
+    """Whether every unit of a causal group is done and its summaries written over them (a run that
+    stopped before writing them leaves `summarised` unset: `store.SUMMARISED`)."""
     if not view.has(group):
         return False
     ds = view.dataset(group)
+    if ds.attrs.get(SUMMARY_ARRAYS) and ds.attrs.get(SUMMARISED) is not True:
+        return False
     return "unit_done" in ds and bool(np.asarray(ds["unit_done"].values).all())
 
 

@@ -55,6 +55,11 @@ UNIT_DIMS = {GROUP: ("sequence",), NORM: ("layer",), NORM_ALL: ("sequence",), AB
 CHUNKED_BY = {"output_similarity_sum": ("layer", "sequence"), "weight_similarity": ("layer",)}
 """Chunking of the arrays several writers fill (by the unit that writes them); every other causal array
 has one writer, the last shard (the driver's summaries come after it), and is one chunk."""
+SUMMARIES = {GROUP: ("sequence_tokens", "text"), NORM: ("agreement", "match_rate", "delta_loss"),
+             NORM_ALL: ("delta_loss",), ABLATION: ("delta_loss",), AGREEMENT: ("output_similarity", "correlation")}
+"""Each group's arrays written whole, not by its units: `finish`'s summaries over every unit (and the
+corpus facts the driver writes once). The store checks them only once `finish` has written them
+(`ResultStore.check_summaries`); every other array of a group is its units' results, checked per done unit."""
 OUTPUTS = ("cosine", "angular")
 """The `output` coordinate: D1's per-token cosine and D2's angular similarity, averaged over the corpus."""
 LAYER_TEMPORARIES = 16
@@ -167,7 +172,11 @@ def prepare(store: ResultStore, plan: CausalPlan, overwrite: bool = False) -> di
             store.array(group, name, quantity, CHUNKED_BY.get(name, ()))
         store.array(group, DONE, Quantity(UNIT_DIMS[path], "1 where this work unit's results are complete "
                                           "(resume skips those)", "uint8"), ())
+        store.check_units(group, UNIT_DIMS[path], [n for n in schema if n not in SUMMARIES[path]])
         done[path], groups[path] = unit_done(group), group
+    work = not all(d.all() for d in done.values())  # every group's summaries use the corpus's normal loss
+    for path, group in groups.items():
+        store.check_summaries(group, SUMMARIES[path], stale=work)
     root = groups[GROUP]
     record_weights(store, root, any(d.any() for d in done.values()), plan.base.model)
     if "text" not in root:  # what each sequence is (written once, with the group)
@@ -492,6 +501,8 @@ def write_summaries(store: ResultStore, plan: CausalPlan) -> str:
               for oi, o in enumerate(OUTPUTS)}
         ResultStore.set_attrs(g, r2_mean=r2, tokens=int(counts[0]) if len(counts) else 0)
         parts.append(f"weight-output R² (mean over layers) gate/angular {r2['gate/angular']:.2f}")
+    for path in groups_of(plan):  # last: the store checks the summaries from now on
+        ResultStore.mark_summarised(root[path])
     return "causal: " + "; ".join(parts)
 
 
