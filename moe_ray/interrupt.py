@@ -201,6 +201,12 @@ def handling_signals(describe: Callable[[str], str]) -> Iterator[None]:
         watchdog.close(signalled=bool(_received))
 
 
+def handling() -> bool:
+    """Whether moe-ray's handlers are open (`handling_signals`: a command or the job entrypoint), so that a
+    SIGTERM to this process unwinds the work with one line rather than ending it at once (Ray's handler)."""
+    return _describe is not None
+
+
 def reassert() -> None:
     """Put moe-ray's handlers back (after `ray.init` replaced SIGTERM's) if `handling_signals` is open."""
     if _describe is not None and threading.current_thread() is threading.main_thread():

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import interrupt
 from .errors import MoeRayError
 
 HEARTBEAT_S = 2.0
@@ -353,10 +354,14 @@ def stale_reason(doc: dict) -> str | None:
 
 def _stop_this_process(why: str) -> None:
     """What a holder does on finding its lease taken over: say so and stop, so that it never writes on
-    beside the new holder: SIGTERM to its main thread (a real signal: it also ends a blocking call),
-    which moe-ray's commands handle as any SIGTERM (`moe_ray.interrupt`: the work unwinds, exit 143)."""
+    beside the new holder. In moe-ray's commands, SIGTERM to its main thread (a real signal: it also ends a
+    blocking call), handled as any SIGTERM (`moe_ray.interrupt`: the work unwinds, exit 143). Called from
+    Python (`moe_ray.run` in a notebook), where a SIGTERM would meet Ray's handler and end the caller's
+    process: SIGINT instead, as if the user pressed Ctrl-C (a KeyboardInterrupt where Python handles it), so
+    that only the run stops."""
     print(f"moe-ray: error: {why}; stopping", file=sys.stderr, flush=True)
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    handled_as_ctrl_c = not interrupt.handling() and callable(signal.getsignal(signal.SIGINT))
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT if handled_as_ctrl_c else signal.SIGTERM)
 
 
 def _note(line: str) -> None:
