@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# gcsfs reads this once, when it is first imported (by any test, through fsspec): on, its filesystems probe
+# each bucket's type over gRPC, which the GCS test server does not speak, for 60 s per bucket and filesystem
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 from moe_ray.checkpoint.tiny import make_tiny
 
 
