@@ -390,8 +390,11 @@ def test_tab2_marks_an_order_whose_iqr_straddles_a_rounding_boundary(synthetic, 
     tab2 = next(t for t in T.tab2_reorder([view]) if t.key == "tab2_reorder")
     T.write_csv(tab2, tmp_path)
     assert "<td>31.0</td><td>10 ‡</td>" in _table_html(tab2)
-    rows = {row[0]: row[1] for row in T.comparison([view])[0].rows}
+    comparison = T.comparison([view])[0]
+    rows = {row[0]: row[1] for row in comparison.rows}
     assert rows["Tab 2: order of growth"] == "10 ‡"
+    T.write_csv(comparison, tmp_path)
+    assert "10 ‡</td>" in _table_html(comparison)  # text in a column of numbers, printed as it is
 
 
 def test_parallel_modes_draw_the_same(synthetic, ray_session):

@@ -298,6 +298,8 @@ def fmt(x, spec: str | None = None) -> str:
     missing or NaN."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
+    if isinstance(x, str):  # text in a column of numbers (an order marked ‡) is printed as it is
+        return x
     if spec == "order":
         return format_order(float(x))
     if spec == "sig3":  # 3 significant digits, trailing zeros kept, no exponent in a column of small
