@@ -92,12 +92,14 @@ def _row_chunks(n_rows: int, width: int, chunk_elements: int) -> Iterator[tuple[
         yield start, min(n_rows, start + step)
 
 
-def _as_tensor(cost: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _as_tensor(cost: np.ndarray | torch.Tensor, batch: bool = False) -> torch.Tensor:
+    """`cost` as a tensor, checked: one square float matrix [n, n], or with `batch` several [B, n, n]."""
     tensor = torch.from_numpy(cost) if isinstance(cost, np.ndarray) else cost
-    if tensor.ndim != 2 or tensor.shape[0] != tensor.shape[1]:
-        raise ValueError(f"the cost matrix must be square, not {tuple(tensor.shape)}")
+    if tensor.ndim != 2 + batch or tensor.shape[-2] != tensor.shape[-1]:
+        raise ValueError(f"a batch of cost matrices must be [B, n, n], not {tuple(tensor.shape)}" if batch else
+                         f"the cost matrix must be square, not {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
-        raise ValueError(f"the cost matrix must hold floats, not {tensor.dtype}")
+        raise ValueError(f"the cost matri{'ces' if batch else 'x'} must hold floats, not {tensor.dtype}")
     return tensor
 
 
@@ -399,15 +401,6 @@ def _reaugment(n: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, p
 
 # ---- many pairs at once ------------------------------------------------------------------------------
 
-def _as_batch(costs: np.ndarray | torch.Tensor) -> torch.Tensor:
-    tensor = torch.from_numpy(costs) if isinstance(costs, np.ndarray) else costs
-    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
-        raise ValueError(f"a batch of cost matrices must be [B, n, n], not {tuple(tensor.shape)}")
-    if not tensor.is_floating_point():
-        raise ValueError(f"the cost matrices must hold floats, not {tensor.dtype}")
-    return tensor
-
-
 def _split_by_pair(pair: np.ndarray, count: int, *columns: np.ndarray) -> list[tuple[np.ndarray, ...]]:
     """Rows of (pair, columns...) as one tuple of columns per pair 0..count-1."""
     order = np.argsort(pair, kind="stable")
@@ -505,7 +498,7 @@ def solve_sparse_batch(costs: np.ndarray | torch.Tensor, workers: int = 1, k: in
     float64 checks of the rows the screen left, the repairs) runs on `workers` threads, the first solves
     by the GIL-free `assignment_cpu.sparse_jv` when there are several. Costs on the host (the numba
     kernels, `backend` "auto") are solved pair by pair on the threads, each pair's whole solve at once."""
-    tensor = _as_batch(costs)
+    tensor = _as_tensor(costs, batch=True)
     count, n = tensor.shape[0], tensor.shape[1]
     if count == 0:
         return []
