@@ -107,8 +107,18 @@ def test_paired_t_pvalues_by_hand():
                                         normal, np.array([11.0, np.nan, 30.0])]), normal)
     assert rows.shape == (5,)
     np.testing.assert_allclose(rows[:2], 1 - t / math.sqrt(2 + t * t), rtol=1e-10)
-    assert rows[2] == 0.0 and rows[3] == 1.0 and np.isnan(rows[4])  # no spread; unchanged; not computed
+    # no spread: the sign test's 2^(1 - 3); unchanged; not computed
+    assert rows[2] == 0.25 and rows[3] == 1.0 and np.isnan(rows[4])
     assert np.isnan(C.paired_t_pvalues(np.array([[3.0]]), np.array([2.0]))).all()  # one sequence: no test
+    # a DeepSeekMoE-shaped run's ablation of an expert no token chose: each of two sequences' losses one float32
+    # step higher (the renormalised softmax moved), "no spread" but no resolved change either
+    normal, ablated = np.array([526.73291016, 351.23934937]), np.array([526.73297119, 351.2394104])
+    assert C.paired_t_pvalues(ablated, normal) == 0.5  # blind to the losses' precision: two equal changes, a sign test
+    assert C.paired_t_pvalues(ablated, normal, C.loss_resolution(normal)) == 1.0
+    np.testing.assert_allclose(C.loss_resolution(normal), 4 * np.array([2.0**-14, 2.0**-15]))  # float32 steps
+    # a resolved change keeps its test: d = (1, 3) as above, far above the steps of losses of 10 and 20
+    assert C.paired_t_pvalues(np.array([11.0, 23.0]), np.array([10.0, 20.0]),
+                              C.loss_resolution(np.array([10.0, 20.0]))) == pytest.approx(p)
 
 
 def test_holm_adjusted_p_values_by_hand():

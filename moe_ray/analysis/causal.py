@@ -118,7 +118,21 @@ def corpus_loss(nll: np.ndarray, tokens: np.ndarray) -> float:
 
 # ---- how many ablations change the loss: one test per (layer, expert), corrected for their number ---------
 
-def paired_t_pvalues(intervened: np.ndarray, normal: np.ndarray) -> np.ndarray:
+LOSS_ULPS = 4
+"""Float32 steps of a sequence's summed loss within which two losses are the same loss (`loss_resolution`)."""
+
+
+def loss_resolution(normal: np.ndarray) -> np.ndarray:
+    """Per sequence, the smallest change of its summed loss (nats) that the computation resolves. The token
+    losses come from float32 logits, so one computation and a minutely different one (an ablated expert that
+    no token chose still moves the softmax the family renormalises) differ by a float32 step or two of the
+    sequence's loss for no cause worth testing: LOSS_ULPS float32 steps of each sequence's loss."""
+    magnitude = np.abs(np.asarray(normal, dtype=np.float64)).astype(np.float32)
+    return LOSS_ULPS * np.spacing(magnitude).astype(np.float64)
+
+
+def paired_t_pvalues(intervened: np.ndarray, normal: np.ndarray,
+                     resolution: np.ndarray | float = 0.0) -> np.ndarray:
     """Two-sided p-value of a paired t-test on the per-sequence loss differences d_s = intervened_s - normal_s.
 
     intervened [..., S] and normal [S]: summed NLL per sequence (nats). H0: E[d_s] = 0, i.e. the intervention
@@ -128,8 +142,12 @@ def paired_t_pvalues(intervened: np.ndarray, normal: np.ndarray) -> np.ndarray:
     resamples cannot go below ~1/R, and a corrected threshold such as Holm's α/M is 3e-5 for DeepSeekMoE's
     1,755 ablations (> 10^5 resamples of every test to resolve). The t distribution with S - 1 degrees of
     freedom is exact for normal d_s and, by the central limit theorem over sequences, close for corpora of
-    tens of sequences or more. Degenerate rows: all d_s equal and non-zero -> 0 (the change has no spread);
-    all zero (an expert never routed to) -> 1; fewer than 2 sequences, or a NaN (not computed) -> NaN."""
+    tens of sequences or more. A difference within `resolution` (per sequence [S], or one number; see
+    `loss_resolution`) is no difference: without it, two sequences each one float32 step apart would be
+    "all equal, no spread" and the t-test certain. Degenerate rows: all d_s equal and non-zero (no spread, so no
+    t distribution: sequences sharing their first tokens can change by exactly the same amount) -> the exact
+    two-sided sign test's 2^(1 - S), every difference having the same sign; all zero (an expert never routed
+    to) -> 1; fewer than 2 sequences, or a NaN (not computed) -> NaN."""
     from scipy import stats
 
     intervened = np.asarray(intervened, dtype=np.float64)
@@ -138,6 +156,7 @@ def paired_t_pvalues(intervened: np.ndarray, normal: np.ndarray) -> np.ndarray:
     if normal.ndim != 1 or intervened.shape[-1] != S:
         raise ValueError(f"shapes differ: intervened {intervened.shape}, normal {normal.shape}")
     diff = (intervened - normal).reshape(-1, S)
+    diff[np.abs(diff) <= np.broadcast_to(np.asarray(resolution, dtype=np.float64), (S,))] = 0.0
     p = np.full(diff.shape[0], np.nan)
     if S < 2:
         return p.reshape(intervened.shape[:-1])
@@ -147,7 +166,7 @@ def paired_t_pvalues(intervened: np.ndarray, normal: np.ndarray) -> np.ndarray:
     spread[finite] = diff[finite].std(axis=1, ddof=1)
     # equal differences give spread 0 up to rounding (~1e-16 of the mean): no spread, no t distribution
     flat = finite & (spread <= 1e-12 * np.abs(diff).max(axis=1, initial=0.0, where=np.isfinite(diff)))
-    p[flat] = np.where(mean[flat] == 0, 1.0, 0.0)
+    p[flat] = np.where(mean[flat] == 0, 1.0, min(1.0, 2.0 ** (1 - S)))
     t_rows = finite & ~flat
     t = mean[t_rows] / (spread[t_rows] / np.sqrt(S))
     p[t_rows] = 2 * stats.t.sf(np.abs(t), df=S - 1)

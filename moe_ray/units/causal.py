@@ -511,7 +511,7 @@ def write_ablation_tests(group, normal: np.ndarray, alpha: float, delta: np.ndar
     ablations (`analysis.causal`), with what was done in the attributes (the group's `multiple_comparison`,
     and method, alpha, tests on `p_holm`); `delta` [layer, expert, stat] gives the uncorrected count beside
     (bootstrap intervals excluding 0). Returns the summary's phrase."""
-    p = C.paired_t_pvalues(np.asarray(group["loss"][...], dtype=np.float64), normal)
+    p = C.paired_t_pvalues(np.asarray(group["loss"][...], dtype=np.float64), normal, C.loss_resolution(normal))
     adjusted = C.holm_adjusted(p)
     group["p_value"][...] = p
     group["p_holm"][...] = adjusted
@@ -520,7 +520,8 @@ def write_ablation_tests(group, normal: np.ndarray, alpha: float, delta: np.ndar
     excludes_0 = int(((delta[..., 1] > 0) | (delta[..., 2] < 0)).sum())
     method = {"method": "Holm-Bonferroni", "alpha": float(alpha), "tests": tests}
     ResultStore.set_attrs(group, multiple_comparison={
-        **method, "test": "two-sided paired t-test on the per-sequence loss differences (S - 1 degrees of freedom)",
+        **method, "test": "two-sided paired t-test on the per-sequence loss differences (S - 1 degrees of freedom); "
+                          f"differences within {C.LOSS_ULPS} float32 steps of a sequence's loss count as 0",
         "significant": changed, "significant_uncorrected": int((p <= alpha).sum()),
         "interval_excludes_0": excludes_0,
         "why": "Holm controls the family-wise error rate under any dependence between the tests (they share the "
