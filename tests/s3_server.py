@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ports import free_port
 
 
 @dataclass
-class ObjectServer:
+class ObjectServer(ABC):
     """An object-storage API server in a process of ours: its endpoint, buckets made once, stop."""
 
     endpoint_url: str
@@ -25,8 +26,9 @@ class ObjectServer:
     _buckets: set[str] = field(default_factory=set)
     scheme = "s3"
 
+    @abstractmethod
     def filesystem(self):
-        raise NotImplementedError
+        """An fsspec filesystem talking to this server."""
 
     def make_bucket(self, name: str) -> str:
         """Create bucket `name` (once); its URL, <scheme>://name."""
