@@ -25,7 +25,7 @@ from typing import Any
 
 import fsspec
 
-from .errors import SpecError, StorageError
+from .errors import MoeRayError, SpecError, StorageError
 
 LOCAL_PROTOCOLS = ("file", "local")
 COMMON_PROTOCOLS = ("file", "s3", "gs", "hf", "az", "http")
@@ -205,6 +205,21 @@ def describe_error(exc: BaseException, location: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def storage_errors(location: str, error: type[MoeRayError], doing: str) -> Iterator[None]:
+    """Inside, an error about reaching storage (`describe_error`) becomes one line, `error(f"{doing}: {why}")`;
+    moe-ray's own errors and every other error (a bug, a format problem) pass unchanged."""
+    try:
+        yield
+    except MoeRayError:
+        raise
+    except Exception as exc:
+        why = describe_error(exc, location)
+        if why is None:
+            raise
+        raise error(f"{doing}: {why}") from None
+
+
 def probe_write(location: str) -> None:
     """Prove that a store can be created at (or written into) `location`, writing nothing that stays:
     a small object beside where the store's own documents will go, deleted at once. On a local disk
@@ -216,14 +231,9 @@ def probe_write(location: str) -> None:
         return
     fs, path = filesystem(location)
     probe = f"{path.rstrip('/')}/.moe-ray-write-probe-{uuid.uuid4().hex}"
-    try:
+    with storage_errors(location, StorageError, f"cannot write the store {location}"):
         fs.pipe_file(probe, b"moe-ray write probe")
         fs.rm_file(probe)
-    except Exception as exc:
-        why = describe_error(exc, location)
-        if why is None:
-            raise
-        raise StorageError(f"cannot write the store {location}: {why}") from None
 
 
 def _probe_local(path: str) -> None:

@@ -311,20 +311,14 @@ def _exists(url: str) -> bool:
     """Whether anything is at `url`. A location that cannot be looked at (no credentials, no bucket, a
     path under a regular file, a symlink loop) is a StoreError naming it, never "not there"."""
     fs, path = storage.filesystem(url)
-    try:
-        if storage.is_local(url):
+    with storage.storage_errors(url, StoreError, f"cannot look at the store {url}"):
+        if not storage.is_local(url):
+            return fs.exists(path)
+        try:
             os.stat(path)  # ELOOP, ENOTDIR, EACCES are errors here; os.path.exists says False
-            return True
-        return fs.exists(path)
-    except FileNotFoundError as exc:
-        if storage.is_local(url):
+        except FileNotFoundError:
             return False
-        raise StoreError(f"cannot look at the store {url}: {storage.describe_error(exc, url)}") from None
-    except Exception as exc:
-        why = storage.describe_error(exc, url)
-        if why is None:
-            raise
-        raise StoreError(f"cannot look at the store {url}: {why}") from None
+        return True
 
 
 ROOT_DOCUMENT = "zarr.json"

@@ -26,6 +26,8 @@ from moe_ray.checkpoint import open_checkpoint
 from moe_ray.errors import CheckpointError, StoreError
 from moe_ray.store import IncompleteStoreWarning, store_status
 
+from checkpoint_edits import set_tensor_value
+
 PAIRS = ["0-1", "2-3", "1-5"]
 
 
@@ -78,13 +80,7 @@ def test_a_resume_over_an_edited_tensor_is_refused_naming_it(clean, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(ck.path, model)
     ckpt = open_checkpoint(model)
-    nan_key = ckpt.family.expert_keys(3, 2)["up"]
-    shard = ckpt.info(nan_key).file
-    original = load_file(shard)
-    poisoned = dict(original)
-    poisoned[nan_key] = original[nan_key].clone()
-    poisoned[nan_key][5, 7] = float("nan")
-    save_file(poisoned, shard, metadata={"format": "pt"})
+    shard, original = set_tensor_value(model, ckpt.family.expert_keys(3, 2)["up"], (5, 7), float("nan"))
     store = tmp_path / "s.zarr"
     # static first, one task at a time (each asks for both CPUs): layers 0, 1, 2 finish, 3 fails
     with pytest.raises(CheckpointError, match=r"static layer 3: tensor .*experts\.2\.w3\.weight .* NaN/Inf"):

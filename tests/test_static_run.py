@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import moe_ray
 from moe_ray.analysis import static as S
 from moe_ray.checkpoint import open_checkpoint
 from moe_ray.errors import CheckpointError, MoeRayError, SpecError, StoreError
 from moe_ray.plotting.common import expert_labels
+
+from checkpoint_edits import set_tensor_value
 
 SIGMA = 0.5
 
@@ -147,14 +149,8 @@ def test_nan_weights_fail_the_job_and_mark_the_store_failed(ray_session, tiny, t
     reference_store = _run(tmp_path, clean, name="clean.zarr")
     broken = tmp_path / "broken"
     shutil.copytree(clean.path, broken)
-    ckpt = open_checkpoint(broken)
-    key = ckpt.family.expert_keys(2, 4)["down"]
-    shard = ckpt.info(key).file
-    original = load_file(shard)
-    poisoned = dict(original)
-    poisoned[key] = original[key].clone()
-    poisoned[key][0, 0] = float("inf")
-    save_file(poisoned, shard, metadata={"format": "pt"})
+    key = open_checkpoint(broken).family.expert_keys(2, 4)["down"]
+    shard, original = set_tensor_value(broken, key, (0, 0), float("inf"))
     store = str(tmp_path / "resumed.zarr")
     nan_error = r"static layer 2: tensor .*experts\.4\.w2\.weight .* NaN/Inf"
     with pytest.raises(CheckpointError, match=nan_error):

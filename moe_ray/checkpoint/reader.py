@@ -148,28 +148,22 @@ def _read_header(fs: fsspec.AbstractFileSystem, path: str, name: str) -> dict[st
     that safetensors itself checks when a task opens the file, found here, before anything runs."""
     require_regular_file(fs, path, f"safetensors file {name}")
     try:
-        size = fs.size(path)
-        # byte ranges, not fs.open: an object store's file reads ahead megabytes past the header
-        head = storage.read_range(fs, path, 0, min(8, size))
-        if len(head) < 8:
-            raise CheckpointError(f"corrupted safetensors file {name}: {len(head)} bytes, no header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100_000_000):
-            raise CheckpointError(f"corrupted safetensors file {name}: header length {header_len} "
-                                  f"does not fit in a {size}-byte file")
-        header = json.loads(storage.read_range(fs, path, 8, 8 + header_len))
+        with storage.storage_errors(path, CheckpointError, f"cannot read safetensors file {name}"):
+            size = fs.size(path)
+            # byte ranges, not fs.open: an object store's file reads ahead megabytes past the header
+            head = storage.read_range(fs, path, 0, min(8, size))
+            if len(head) < 8:
+                raise CheckpointError(f"corrupted safetensors file {name}: {len(head)} bytes, no header")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100_000_000):
+                raise CheckpointError(f"corrupted safetensors file {name}: header length {header_len} "
+                                      f"does not fit in a {size}-byte file")
+            header = json.loads(storage.read_range(fs, path, 8, 8 + header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"corrupted safetensors file {name}: unreadable header ({exc})") from None
     except RecursionError:
         raise CheckpointError(f"corrupted safetensors file {name}: its header JSON is nested too deeply "
                               "to be a safetensors header") from None
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        why = storage.describe_error(exc, path)
-        if why is None:
-            raise
-        raise CheckpointError(f"cannot read safetensors file {name}: {why}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupted safetensors file {name}: its header is a JSON "
                               f"{type(header).__name__}, not an object of tensors")

@@ -12,7 +12,6 @@ import tempfile
 
 from .. import fs as storage
 from ..data import InputError
-from ..errors import MoeRayError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 """One of these makes a checkpoint's tokenizer (the files of TOKENIZER_SUPPORT only help load it)."""
@@ -27,15 +26,8 @@ def load_tokenizer(location: str):
     from transformers.utils import logging as hf_logging
 
     with tempfile.TemporaryDirectory(prefix="moe-ray-tokenizer-") as local:
-        try:
+        with storage.storage_errors(location, InputError, f"cannot read the tokenizer of {location}"):
             copied = storage.fetch_files(location, list(TOKENIZER_FILES + TOKENIZER_SUPPORT), local)
-        except MoeRayError:
-            raise
-        except Exception as exc:
-            why = storage.describe_error(exc, location)
-            if why is None:
-                raise
-            raise InputError(f"cannot read the tokenizer of {location}: {why}") from None
         if not set(copied) & set(TOKENIZER_FILES):
             raise InputError(f"no tokenizer in {location} (tokenizer.json, tokenizer.model or a vocabulary "
                              "file); dynamic analyses need the checkpoint's tokenizer")
