@@ -35,7 +35,7 @@ import datetime as _dt
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -900,15 +900,28 @@ READ_LIMIT = 16 * 2**20
 listed, so a corrupt chunk (one that no longer decodes) is damage too; larger ones are only listed."""
 
 
-def _unreadable(arr: zarr.Array, index: tuple[int, ...]) -> str | None:
-    """Why chunk `index` of `arr` does not decode (None: it does, or `arr` is too big to read here)."""
+def _chunk_check(arr: zarr.Array) -> Callable[[tuple[int, ...]], str | None]:
+    """A function saying why chunk `index` of `arr` does not decode (None: it does, or `arr` is too big to
+    read here). The whole array is read once first (zarr fetches its chunks concurrently: one round of
+    requests on an object store, not one per unit); chunk by chunk only if that read fails."""
+    def fine(index: tuple[int, ...]) -> None:
+        return None
+
     if arr.nbytes > READ_LIMIT:
-        return None
+        return fine
     try:
-        arr.get_block_selection(index)
-        return None
-    except Exception as exc:
-        return _first_line(exc)
+        arr[...]
+        return fine
+    except Exception:
+        pass
+
+    def why(index: tuple[int, ...]) -> str | None:
+        try:
+            arr.get_block_selection(index)
+            return None
+        except Exception as exc:
+            return _first_line(exc)
+    return why
 
 
 def missing_results(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterable[str]",
@@ -942,7 +955,7 @@ def _unit_damage(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterabl
         dims = list(arr.metadata.dimension_names or ())
         if not set(unit_dims) <= set(dims):
             continue
-        stored = _stored_chunks(arr)
+        stored, unreadable = _stored_chunks(arr), _chunk_check(arr)
         unit_axes = [i for i, d in enumerate(dims) if d in unit_dims]
         # each done cell's chunk coordinates along the unit dims (a tile holds several cells)
         coords = np.stack([cells[:, unit_dims.index(dims[i])] // arr.chunks[i] for i in unit_axes], axis=1)
@@ -956,7 +969,7 @@ def _unit_damage(group: zarr.Group, unit_dims: tuple[str, ...], arrays: "Iterabl
                 key = arr.metadata.encode_chunk_key(block)
                 why = "is missing" if f"{arr.path}/{key}" not in stored else None
                 if why is None:
-                    broken = _unreadable(arr, block)
+                    broken = unreadable(block)
                     if broken is None:
                         continue
                     why = f"cannot be read ({broken})"
@@ -979,13 +992,13 @@ def missing_summaries(group: zarr.Group, arrays: "Iterable[str]",
         if arr is None or name in lost:
             first = first or f"{group.path}/{name} is missing"
             continue
-        stored = _stored_chunks(arr)
+        stored, unreadable = _stored_chunks(arr), _chunk_check(arr)
         for index in np.ndindex(*arr.cdata_shape):
             key = f"{arr.path}/{arr.metadata.encode_chunk_key(index)}"
             if key not in stored:
                 first = first or f"chunk {key} is missing"
                 break
-            broken = _unreadable(arr, index)
+            broken = unreadable(index)
             if broken is not None:
                 corrupt.append(key)
                 first = first or f"chunk {key} cannot be read ({broken})"
